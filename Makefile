@@ -1,0 +1,31 @@
+# make demo: fetch the demo models and corpus, build the index, serve, ask, stop (first run ~10 min on 2 cores).
+# make test: the test suite (tiny random models, plus one real-model smoke test).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test install protos clean
+
+$(INSTALLED): pyproject.toml requirements.lock requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/rag demo
+
+test: $(INSTALLED)
+	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python -m pytest
+
+# Regenerate rag/v1 from protos/rag/v1 (the stubs are committed; `make test` fails when they are stale).
+protos: $(INSTALLED)
+	$(BIN)/python scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

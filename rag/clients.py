@@ -1,0 +1,49 @@
+"""Client channels: the same options everywhere, round-robin over every address a DNS name resolves to
+(a headless Kubernetes Service gives one per pod), so requests spread over replicas."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_options(max_message_mb: int = 16) -> list[tuple[str, object]]:
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=channel_options())
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options())
+
+
+def is_serving(address: str, timeout: float = 2.0) -> bool:
+    try:
+        with channel(address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def wait_until_serving(address: str, timeout: float, poll: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_serving(address):
+            return True
+        time.sleep(poll)
+    return False

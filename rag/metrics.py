@@ -1,0 +1,42 @@
+"""Prometheus metrics shared by the services. Labels never carry user text or ids."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+
+REQUESTS = Counter("rag_requests_total", "RPCs handled, by full method name and status code.", ["method", "code"])
+REQUEST_SECONDS = Histogram(
+    "rag_request_duration_seconds", "RPC latency as the server sees it.", ["method"], buckets=_LATENCY_BUCKETS
+)
+STAGE_SECONDS = Histogram(
+    "rag_stage_duration_seconds",
+    "Latency per pipeline stage: encode and search (retriever), generate and score (generator), "
+    "retrieve, generate_call and end_to_end (gateway).",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+INDEX_INFO = Gauge("rag_index_info", "1 for the index version a retriever serves.", ["name", "version"])
+PASSAGES_SERVED = Counter("rag_passages_served_total", "Passages returned by the retriever.")
+GENERATOR_QUEUE = Gauge("rag_generator_queue_depth", "Generate/Score requests waiting for or using the model.")
+GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - start)
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Expose /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks a free one)."""
+    server, _ = start_http_server(port, addr=host)
+    return int(server.server_port)

@@ -1,0 +1,195 @@
+"""The gRPC server scaffolding every service shares.
+
+- `ServerConfig`: listen address, limits and drain time, each a flag with an env mirror (rag.config);
+- `new_server`: a grpc.aio server with the status interceptor, message-size limits, keepalive, bounded
+  concurrency, grpc.health.v1 (NOT_SERVING until the service says it is ready) and server reflection;
+- `StatusInterceptor`: the one place domain errors become gRPC statuses, and where request metrics are taken;
+- `run_forever`: serve until SIGINT/SIGTERM, then report NOT_SERVING, drain for `grace_seconds` and stop;
+- `ServerThread`: host services on a background event loop (tests, benchmarks, in-process use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rag import metrics
+from rag.config import option
+from rag.errors import RagError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 inside containers)")
+    port: int = option(0, "gRPC port (0 picks a free one)")
+    metrics_port: int = option(9090, "Prometheus /metrics HTTP port; 0 turns metrics off")
+    max_concurrent_rpcs: int = option(64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED")
+    max_message_mb: int = option(16, "largest request or response, in MiB")
+    grace_seconds: float = option(10.0, "on SIGTERM, how long in-flight RPCs may take to finish")
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps RagError to its status code, anything else to INTERNAL (logged: it is a bug), and counts RPCs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith("/rag."):
+            return handler
+        inner = handler.unary_unary
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except RagError as err:
+                code = err.code
+                await context.abort(err.code, str(err))
+            except grpc.aio.AbortError:  # the servicer aborted with a status of its own
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as err:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("bug while serving %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); see server logs")
+            finally:
+                metrics.REQUESTS.labels(method, code.name).inc()
+                metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class Served:
+    """A started server: its port, its health servicer, and the task that loads its model or index."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    loading: asyncio.Task[None] | None = None
+
+    async def mark_serving(self) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.loading is not None and not self.loading.done():
+            self.loading.cancel()
+
+
+async def new_server(
+    config: ServerConfig, service_names: tuple[str, ...], register: Callable[[grpc.aio.Server], None]
+) -> Served:
+    """Create a server, `register` its servicers, bind and start it; its services report NOT_SERVING until
+    `mark_serving`."""
+    limit = config.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor()],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    return Served(server, port, health_servicer, service_names)
+
+
+def start_loading(served: Served, load: Callable[[], Awaitable[None]]) -> None:
+    """Run `load` in the background; the service turns SERVING when it succeeds."""
+
+    async def load_then_serve() -> None:
+        await load()
+        await served.mark_serving()
+
+    served.loading = asyncio.get_running_loop().create_task(load_then_serve())
+
+
+async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
+    """Serve until SIGINT/SIGTERM or a failed load; then drain and stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if config.metrics_port:
+        metrics_port = metrics.serve_metrics(config.host, config.metrics_port)
+        log.info("%s metrics on http://%s:%d/metrics", name, config.host, metrics_port)
+    print(f"{name} listening on {config.host}:{served.port}", flush=True)
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if served.loading is not None:
+        waiters.append(served.loading)  # type: ignore[arg-type]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    failed = served.loading is not None and served.loading.done() and served.loading.exception() is not None
+    if failed:
+        assert served.loading is not None
+        log.error("%s failed to load: %s", name, served.loading.exception())
+    else:
+        await stop.wait()
+        log.info("%s draining for up to %.0fs", name, config.grace_seconds)
+    await served.stop(config.grace_seconds)
+    if failed:
+        sys.exit(1)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+
+
+class ServerThread:
+    """An event loop on a daemon thread, for hosting aio servers next to synchronous code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-servers", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
