@@ -1,0 +1,19 @@
+"""Generator settings: each field is a `rag serve generator` flag with an env mirror."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rag import paths
+from rag.config import option
+from rag.serving import ServerConfig
+
+
+@dataclass
+class GeneratorConfig(ServerConfig):
+    port: int = option(50053, "gRPC port (0 picks a free one)")
+    generator: str = option(paths.demo_generator_spec(), "model directory, facebook/rag-* checkpoint or .gguf file")
+    max_new_tokens: int = option(32, "max_new_tokens when a request leaves it unset")
+    score_temperature: float = option(1.0, "temperature of p(z|x) when a request leaves it unset (1 = transformers)")
+    max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
+    threads: int = option(0, "torch threads for the model; 0 = one per core")

@@ -1,0 +1,404 @@
+"""Generator families behind one interface: an LM that reads one passage per row.
+
+`PassageLM` is all the RAG math (generator_svc.rag_math) needs:
+- `encode` turns B questions x K passages into per-row contexts, computed once per request
+  (encoder states for BART/T5, a prompt KV cache for decoder-only LMs);
+- `start` / `step` / `reorder` decode rows incrementally with a KV cache;
+- `token_logprobs` teacher-forces given answers, reusing the contexts.
+
+Two families implement it: `EncoderDecoderLM` (BART/T5, including the generator inside an unchanged
+`facebook/rag-*` checkpoint) and `DecoderOnlyLM` (chat/instruct LMs such as Qwen2.5 or SmolLM2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from generator_svc.rag_math import DecodingRules
+from rag.errors import FailedPrecondition
+from rag.types import Passage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Contexts:
+    """Encoded inputs of B questions x K passages; row b*K + k is question b with passage k."""
+
+    num_questions: int
+    n_docs: int
+    attention_mask: torch.Tensor  # [B*K, L]
+
+
+class PassageLM(ABC):
+    tokenizer: PreTrainedTokenizerBase
+    rules: DecodingRules
+    bos_token_id: int | None
+    name: str
+
+    @abstractmethod
+    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Contexts:
+        """Contexts for each question with each of its passages (the same number of passages per question)."""
+
+    @abstractmethod
+    def start(self, ctx: Contexts, rows: torch.Tensor) -> Any:
+        """A decoding state with one row per entry of `rows` (indices into the context rows)."""
+
+    @abstractmethod
+    def step(self, state: Any, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Feed one token per row (None at the first step); log p(next token) as float32 [rows, V]."""
+
+    @abstractmethod
+    def reorder(self, state: Any, index: torch.Tensor) -> None:
+        """Row i continues the history of row index[i]; index only moves rows among rows of the same context."""
+
+    @abstractmethod
+    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk."""
+
+    @abstractmethod
+    def answer_token_ids(self, answer: str) -> list[int]:
+        """The tokens the model would generate for `answer`, end-of-sequence included."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _rules_from(config: GenerationConfig, tokenizer: PreTrainedTokenizerBase, decoder_prompt: tuple[int, ...]) -> DecodingRules:
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    if None in eos_ids:
+        raise FailedPrecondition("the generator defines no end-of-sequence token")
+    pad = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    return DecodingRules(
+        eos_token_ids=eos_ids,
+        pad_token_id=pad if pad is not None else eos_ids[0],
+        decoder_prompt=decoder_prompt,
+        forced_bos_token_id=config.forced_bos_token_id,
+        forced_eos_token_id=config.forced_eos_token_id,
+        no_repeat_ngram_size=config.no_repeat_ngram_size or 0,
+        min_new_tokens=config.min_new_tokens or 0,
+        length_penalty=config.length_penalty if config.length_penalty is not None else 1.0,
+        early_stopping=config.early_stopping if config.early_stopping is not None else False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoder-decoder (BART, T5)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderContexts(Contexts):
+    encoder_states: torch.Tensor  # [B*K, L, H]
+
+
+@dataclass
+class EncoderDecoderState:
+    cache: EncoderDecoderCache
+    encoder_states: torch.Tensor
+    attention_mask: torch.Tensor
+    started: bool = False
+
+
+class EncoderDecoderLM(PassageLM):
+    """BART/T5 reading `title / text // question`, as transformers' RagRetriever builds it."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        generation_config: GenerationConfig,
+        name: str,
+        max_input_tokens: int = 300,
+        title_sep: str = " / ",
+        doc_sep: str = " // ",
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_input_tokens = max_input_tokens
+        self.title_sep, self.doc_sep = title_sep, doc_sep
+        self.prefix = getattr(model.config, "prefix", None) or ""
+        start = generation_config.decoder_start_token_id
+        if start is None:
+            start = model.config.decoder_start_token_id
+        self.decoder_start = int(start)
+        self.rules = _rules_from(generation_config, tokenizer, (self.decoder_start,))
+        self.bos_token_id = generation_config.bos_token_id
+
+    def input_text(self, question: str, passage: Passage) -> str:
+        title = passage.title.removeprefix('"').removesuffix('"')
+        return (self.prefix + title + self.title_sep + passage.text + self.doc_sep + question).replace("  ", " ")
+
+    @torch.inference_mode()
+    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> EncoderContexts:
+        texts = [self.input_text(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        batch = self.tokenizer(
+            texts, max_length=self.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
+        )
+        states = self.model.get_encoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
+        ).last_hidden_state
+        return EncoderContexts(len(questions), len(passages[0]), batch["attention_mask"], states)
+
+    def start(self, ctx: Contexts, rows: torch.Tensor) -> EncoderDecoderState:
+        assert isinstance(ctx, EncoderContexts)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return EncoderDecoderState(cache, ctx.encoder_states[rows], ctx.attention_mask[rows])
+
+    @torch.inference_mode()
+    def step(self, state: EncoderDecoderState, tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:
+            tokens = torch.full((state.encoder_states.shape[0],), self.decoder_start, dtype=torch.long)
+        out = self.model(
+            encoder_outputs=(state.encoder_states,),
+            attention_mask=state.attention_mask,
+            decoder_input_ids=tokens[:, None],
+            past_key_values=state.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        state.cache = out.past_key_values
+        return _log_softmax(out.logits[:, -1])
+
+    def reorder(self, state: EncoderDecoderState, index: torch.Tensor) -> None:
+        # Rows only move among rows of the same passage, so encoder states and cross-attention caches stay put.
+        state.cache.self_attention_cache.reorder_cache(index)
+
+    @torch.inference_mode()
+    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert isinstance(ctx, EncoderContexts)
+        start = torch.full((targets.shape[0], 1), self.decoder_start, dtype=torch.long)
+        out = self.model(
+            encoder_outputs=(ctx.encoder_states[rows],),
+            attention_mask=ctx.attention_mask[rows],
+            decoder_input_ids=torch.cat([start, targets[:, :-1]], dim=1),
+            use_cache=False,
+            return_dict=True,
+        )
+        return _log_softmax(out.logits).gather(-1, targets[:, :, None]).squeeze(-1)
+
+    def answer_token_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=True)["input_ids"]
+        if not ids or ids[-1] not in self.rules.eos_token_ids:
+            ids = ids + [self.rules.eos_token_ids[0]]
+        return ids
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoder-only (chat LMs)
+# --------------------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "You answer questions from one Wikipedia passage. Reply with the shortest answer the passage supports, "
+    "a name, number or short phrase, not a sentence."
+)
+
+
+@dataclass
+class PromptContexts(Contexts):
+    """Left-padded prompts, one per (question, passage), and their KV cache after the prompt."""
+
+    prompt_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B*K, heads, L, d]
+    next_position: torch.Tensor  # [B*K] position id of the first answer token
+    first_logprobs: torch.Tensor  # [B*K, V] log p(first answer token | prompt)
+
+
+@dataclass
+class DecoderOnlyState:
+    ctx: PromptContexts
+    rows: torch.Tensor
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    position: torch.Tensor
+    started: bool = False
+
+
+class DecoderOnlyLM(PassageLM):
+    """A causal LM prompted with one passage and the question (through its chat template when it has one)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        generation_config: GenerationConfig,
+        name: str,
+        max_passage_tokens: int = 256,
+        system_prompt: str = SYSTEM_PROMPT,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.max_passage_tokens = max_passage_tokens
+        self.system_prompt = system_prompt
+        self.rules = _rules_from(generation_config, tokenizer, ())
+        self.bos_token_id = None  # decoder-only answers carry no BOS of their own
+
+    def _truncate(self, text: str) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= self.max_passage_tokens else self.tokenizer.decode(ids[: self.max_passage_tokens])
+
+    def prompt_ids(self, question: str, passage: Passage) -> list[int]:
+        user = f"Passage: {passage.title}\n{self._truncate(passage.text)}\n\nQuestion: {question}"
+        if self.tokenizer.chat_template:
+            messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"{self.system_prompt}\n\n{user}\nAnswer:"
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> PromptContexts:
+        prompts = [self.prompt_ids(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.rules.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), length, dtype=torch.long)
+        for r, prompt in enumerate(prompts):  # left padding: every prompt ends where the answer begins
+            input_ids[r, length - len(prompt) :] = torch.tensor(prompt)
+            mask[r, length - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, return_dict=True
+        )
+        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PromptContexts(
+            len(questions), len(passages[0]), mask, cache, mask.sum(-1), _log_softmax(out.logits[:, -1])
+        )
+
+    def _cache_for(self, ctx: PromptContexts, rows: torch.Tensor) -> DynamicCache:
+        return DynamicCache([(k[rows], v[rows]) for k, v in ctx.prompt_cache], config=self.model.config)
+
+    def start(self, ctx: Contexts, rows: torch.Tensor) -> DecoderOnlyState:
+        assert isinstance(ctx, PromptContexts)
+        return DecoderOnlyState(ctx, rows, self._cache_for(ctx, rows), ctx.attention_mask[rows], ctx.next_position[rows])
+
+    @torch.inference_mode()
+    def step(self, state: DecoderOnlyState, tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:  # the prompt pass already predicted the first token
+            return state.ctx.first_logprobs[state.rows]
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=state.attention_mask,
+            position_ids=state.position[:, None],
+            past_key_values=state.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        state.position = state.position + 1
+        state.cache = out.past_key_values
+        return _log_softmax(out.logits[:, -1])
+
+    def reorder(self, state: DecoderOnlyState, index: torch.Tensor) -> None:
+        # Prompt masks and positions are per context row, which reordering preserves; the cache holds history.
+        state.cache.reorder_cache(index)
+
+    @torch.inference_mode()
+    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert isinstance(ctx, PromptContexts)
+        first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
+        if targets.shape[1] == 1:
+            return first
+        fed = targets[:, :-1]
+        mask = torch.cat([ctx.attention_mask[rows], ctx.attention_mask.new_ones(fed.shape)], dim=1)
+        positions = ctx.next_position[rows, None] + torch.arange(fed.shape[1])
+        out = self.model(
+            input_ids=fed,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache_for(ctx, rows),
+            use_cache=True,
+            return_dict=True,
+        )
+        rest = _log_softmax(out.logits).gather(-1, targets[:, 1:, None]).squeeze(-1)
+        return torch.cat([first, rest], dim=1)
+
+    def answer_token_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_generator(spec: str) -> PassageLM:
+    """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
+    directory (safetensors), or a `.gguf` file. Only safetensors/GGUF weights are read; no remote code runs."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FailedPrecondition(f"generator {spec!r} does not exist; give a local model directory or .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FailedPrecondition(f"generator {spec!r} is a file but not .gguf; give a model directory")
+        return _load_gguf(path)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise FailedPrecondition(f"generator directory {spec!r} has no config.json")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") == "rag":
+        return _load_rag_checkpoint(path)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.get("is_encoder_decoder"):
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+        return EncoderDecoderLM(model, tokenizer, model.generation_config, name=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return DecoderOnlyLM(model, tokenizer, model.generation_config, name=path.name)
+
+
+def _load_rag_checkpoint(path: Path) -> EncoderDecoderLM:
+    """The generator of a RagToken/RagSequence checkpoint, with its tokenizer and the RAG input conventions."""
+    from transformers import RagConfig, RagTokenForGeneration
+
+    rag_config = RagConfig.from_pretrained(path)
+    rag = RagTokenForGeneration.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+    tokenizer_dir = path / "generator_tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir.exists() else path)
+    return EncoderDecoderLM(
+        rag.rag.generator,
+        tokenizer,
+        rag.generation_config,
+        name=path.name,
+        max_input_tokens=rag_config.max_combined_length,
+        title_sep=rag_config.title_sep,
+        doc_sep=rag_config.doc_sep,
+    )
+
+
+def _load_gguf(path: Path) -> DecoderOnlyLM:
+    log.info("loading GGUF %s (dequantising; save a safetensors copy to load faster)", path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return DecoderOnlyLM(model, tokenizer, model.generation_config, name=path.stem)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as safetensors (with its tokenizer) into `out_dir`."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

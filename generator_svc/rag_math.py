@@ -1,0 +1,385 @@
+"""The RAG math of Lewis et al. 2020, written once for every generator family.
+
+Notation: B questions, K passages per question (rows question-major: row b*K + k), N beams, V vocabulary.
+
+    prior        log p(z_k|x)            = log_softmax(doc_scores / tau)
+    RAG-Token    log p(y|x)              = sum_t logsumexp_k [ log p(z_k|x) + log p(y_t|x,z_k,y<t) ]
+    RAG-Sequence log p(y|x)              = logsumexp_k [ log p(z_k|x) + sum_t log p(y_t|x,z_k,y<t) ]
+    posterior    p(z_k|x,y)              = softmax_k [ log p(z_k|x) + sum_t log p(y_t|x,z_k,y<t) ]
+
+The model behind p(y_t|x,z_k,y<t) is a `PassageLM` (generator_svc.models): one row per (question, passage),
+encoder-decoder or decoder-only. It is asked for exactly three things: the next-token log-probabilities of
+each row (`step`), a reordering of rows between beams (`reorder`), and teacher-forced log-probabilities
+of given answers (`token_logprobs`). Everything below is independent of the family.
+
+Greedy and beam search reproduce transformers' `generate` step for step (same candidate counts, length
+penalty, early-stopping heuristic and forced tokens), so RAG-Token matches `RagTokenForGeneration.generate`
+and RAG-Sequence "thorough" matches `RagSequenceForGeneration.generate` token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from rag.types import DecodingOptions, Mode
+
+if TYPE_CHECKING:
+    from generator_svc.models import Contexts, PassageLM
+
+NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums stay comparable
+
+
+def log_prior(doc_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(z|x) over each question's K passages. [B, K] -> [B, K]."""
+    return torch.log_softmax(doc_scores.float() / temperature, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding rules: the generation-config constraints transformers applies as logits processors.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodingRules:
+    """What the checkpoint's generation config imposes on every decode (transformers semantics)."""
+
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    # Tokens the decoder starts from and that n-gram blocking sees (the decoder start token for BART/T5).
+    decoder_prompt: tuple[int, ...] = ()
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+
+def constrain(scores: torch.Tensor, generated: torch.Tensor, max_new_tokens: int, rules: DecodingRules) -> torch.Tensor:
+    """Apply the rules to next-token scores [R, V]; `generated` [R, t] holds the tokens so far."""
+    step = generated.shape[1]
+    if rules.no_repeat_ngram_size > 0:
+        scores = _block_repeated_ngrams(scores, generated, rules)
+    if step < rules.min_new_tokens:
+        scores = scores.index_fill(1, torch.tensor(rules.eos_token_ids), float("-inf"))
+    forced = None
+    if step == 0 and rules.forced_bos_token_id is not None:
+        forced = rules.forced_bos_token_id
+    if step == max_new_tokens - 1 and rules.forced_eos_token_id is not None:
+        forced = rules.forced_eos_token_id
+    if forced is not None:  # the forced token gets probability 1, as in transformers' Forced*LogitsProcessor
+        scores = torch.full_like(scores, float("-inf"))
+        scores[:, forced] = 0.0
+    return scores
+
+
+def _block_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, rules: DecodingRules) -> torch.Tensor:
+    n = rules.no_repeat_ngram_size
+    prompt = torch.tensor(rules.decoder_prompt, dtype=torch.long).expand(generated.shape[0], -1)
+    seen = torch.cat([prompt, generated], dim=1)
+    if seen.shape[1] < n:
+        return scores
+    # A token is banned when the last n-1 tokens followed by it already occurred as an n-gram.
+    suffix = seen[:, seen.shape[1] + 1 - n :]
+    windows = seen.unfold(1, n, 1)
+    matches = (windows[..., :-1] == suffix.unsqueeze(1)).all(dim=-1)
+    vocab = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool)
+    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    return scores.masked_fill(banned[:, :vocab], float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Search: greedy and beam, over any next-token distribution.
+# --------------------------------------------------------------------------------------------------------
+
+# next_logprobs(tokens, origin) feeds the tokens just chosen (None before the first step) to the rows, after
+# moving row histories so that row i continues row origin[i] (None: no move), and returns log-probs [rows, V].
+NextLogprobs = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tokens: tuple[int, ...]
+    # Sum of the unconstrained log-probs of `tokens` under the searched distribution.
+    log_prob: float
+
+
+def greedy_search(
+    next_logprobs: NextLogprobs, num_rows: int, max_new_tokens: int, rules: DecodingRules
+) -> list[list[Candidate]]:
+    """The argmax token per step; finished rows are fed padding until every row has ended."""
+    generated = torch.empty(num_rows, 0, dtype=torch.long)
+    unfinished = torch.ones(num_rows, dtype=torch.bool)
+    total = torch.zeros(num_rows)
+    tokens = None
+    eos = torch.tensor(rules.eos_token_ids)
+    for _ in range(max_new_tokens):
+        logprobs = next_logprobs(tokens, None)
+        chosen = constrain(logprobs, generated, max_new_tokens, rules).argmax(dim=-1)
+        chosen = torch.where(unfinished, chosen, rules.pad_token_id)
+        total += torch.where(unfinished, logprobs.gather(1, chosen[:, None]).squeeze(1), 0.0)
+        generated = torch.cat([generated, chosen[:, None]], dim=1)
+        unfinished &= ~torch.isin(chosen, eos)
+        tokens = chosen
+        if not unfinished.any():
+            break
+    lengths = _lengths(generated, rules.eos_token_ids)
+    return [[Candidate(tuple(generated[r, : lengths[r]].tolist()), float(total[r]))] for r in range(num_rows)]
+
+
+def _lengths(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """Length of each row up to and including its first end-of-sequence token (or the whole row)."""
+    ends = torch.isin(generated, torch.tensor(eos_token_ids))
+    first_end = torch.where(ends.any(dim=1), ends.int().argmax(dim=1) + 1, generated.shape[1])
+    return first_end.tolist()
+
+
+def beam_search(
+    next_logprobs: NextLogprobs,
+    num_groups: int,
+    num_beams: int,
+    max_new_tokens: int,
+    rules: DecodingRules,
+    num_return: int,
+) -> list[list[Candidate]]:
+    """transformers' vectorised beam search (GenerationMixin._beam_search), one group of beams per input.
+
+    Rows are group-major: row g*N + n is beam n of group g. Returns each group's best `num_return`
+    finished hypotheses, best first.
+    """
+    G, N, T = num_groups, num_beams, max_new_tokens
+    eos = torch.tensor(rules.eos_token_ids)
+    keep = max(2, 1 + len(rules.eos_token_ids)) * N  # enough candidates that N can always continue
+    is_top_n = torch.arange(keep) < N
+    early_stopping = rules.early_stopping
+
+    def gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        while index.dim() < tensor.dim():
+            index = index.unsqueeze(-1)
+        return torch.take_along_dim(tensor, index, dim=1)
+
+    # Running beams: only the first beam of a group is live at the start, so the first step picks distinct tokens.
+    run_seqs = torch.full((G, N, T), rules.pad_token_id, dtype=torch.long)
+    run_scores = torch.zeros(G, N)
+    run_scores[:, 1:] = NEG_INF
+    run_raw = torch.zeros(G, N)
+    # Finished hypotheses, kept sorted by length-penalised score.
+    fin_seqs = run_seqs.clone()
+    fin_scores = torch.full((G, N), NEG_INF)
+    fin_raw = torch.zeros(G, N)
+    fin_lengths = torch.zeros(G, N, dtype=torch.long)
+    fin_done = torch.zeros(G, N, dtype=torch.bool)
+    improvable = torch.ones(G, 1, dtype=torch.bool)
+
+    tokens, origin = None, None
+    for t in range(T):
+        raw = next_logprobs(tokens, origin)  # [G*N, V]
+        vocab = raw.shape[-1]
+        scores = constrain(torch.log_softmax(raw, dim=-1), run_seqs[:, :, :t].reshape(G * N, t), T, rules)
+        totals = (scores.view(G, N, vocab) + run_scores[:, :, None]).view(G, N * vocab)
+
+        # The `keep` best continuations over all beams of a group.
+        top_scores, top_index = torch.topk(totals, keep)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        top_seqs = gather(run_seqs, top_beam)
+        top_seqs[:, :, t] = top_token
+        top_raw = gather(run_raw, top_beam) + raw.view(G, N * vocab).gather(1, top_index)
+        ends = torch.isin(top_token, eos) | (t + 1 >= T)
+
+        # Continue with the N best that did not end.
+        live_scores = top_scores + ends.float() * NEG_INF
+        best = torch.topk(live_scores, N).indices
+        run_seqs, run_scores, run_raw = gather(top_seqs, best), gather(live_scores, best), gather(top_raw, best)
+        origin = (gather(top_beam, best) + torch.arange(G)[:, None] * N).view(-1)
+        tokens = run_seqs[:, :, t].reshape(-1)
+
+        # Keep the N best finished among the old ones and those that just ended within the top N.
+        just_ended = ends & is_top_n
+        ended_scores = top_scores / ((t + 1) ** rules.length_penalty)
+        ended_scores = ended_scores + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG_INF
+        ended_scores = ended_scores + (~improvable).float() * NEG_INF + (~just_ended).float() * NEG_INF
+        merged = torch.topk(torch.cat([fin_scores, ended_scores], 1), N).indices
+        fin_seqs = gather(torch.cat([fin_seqs, top_seqs], 1), merged)
+        fin_scores = gather(torch.cat([fin_scores, ended_scores], 1), merged)
+        fin_raw = gather(torch.cat([fin_raw, top_raw], 1), merged)
+        fin_lengths = gather(torch.cat([fin_lengths, torch.full((G, keep), t + 1)], 1), merged)
+        fin_done = gather(torch.cat([fin_done, just_ended], 1), merged)
+
+        # Stop when no running beam can beat the finished ones (transformers' default heuristic).
+        best_length = T if (early_stopping == "never" and rules.length_penalty > 0) else t + 1
+        best_possible = run_scores[:, :1] / (best_length**rules.length_penalty)
+        worst_finished = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, NEG_INF)
+        improvable = improvable & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        all_full = fin_done.all() & (early_stopping is True)
+        if not improvable.any() or all_full or ends.all():
+            break
+
+    return [
+        [
+            Candidate(tuple(fin_seqs[g, i, : fin_lengths[g, i]].tolist()), float(fin_raw[g, i]))
+            for i in range(num_return)
+        ]
+        for g in range(G)
+    ]
+
+
+def search(
+    next_logprobs: NextLogprobs, num_groups: int, options: DecodingOptions, rules: DecodingRules, num_return: int
+) -> list[list[Candidate]]:
+    """Greedy for one beam (as transformers does), beam search otherwise."""
+    if options.num_beams == 1:
+        return greedy_search(next_logprobs, num_groups, options.max_new_tokens, rules)
+    return beam_search(next_logprobs, num_groups, options.num_beams, options.max_new_tokens, rules, num_return)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring: log-likelihoods and posteriors of given answers, under every passage.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Scores of H answers, each under the K passages of its question."""
+
+    token_logprobs: torch.Tensor  # [H, K, T] log p(y_t|x,z_k,y<t), 0 beyond each answer's length
+    mask: torch.Tensor  # [H, T] true on the answer's tokens
+    prior: torch.Tensor  # [H, K] log p(z_k|x)
+
+    def passage_loglik(self) -> torch.Tensor:
+        """log p(y|x,z_k). [H, K]"""
+        return self.token_logprobs.sum(-1)
+
+    def rag_sequence(self) -> torch.Tensor:
+        """log p(y|x) = logsumexp_k [log p(z_k|x) + log p(y|x,z_k)]. [H]"""
+        return torch.logsumexp(self.prior + self.passage_loglik(), dim=-1)
+
+    def rag_token(self) -> torch.Tensor:
+        """log p(y|x) = sum_t logsumexp_k [log p(z_k|x) + log p(y_t|x,z_k,y<t)]. [H]"""
+        per_token = torch.logsumexp(self.prior[:, :, None] + self.token_logprobs, dim=1)
+        return torch.where(self.mask, per_token, 0.0).sum(-1)
+
+    def log_prob(self, mode: Mode) -> torch.Tensor:
+        return self.rag_token() if mode is Mode.TOKEN else self.rag_sequence()
+
+    def posterior(self) -> torch.Tensor:
+        """p(z_k|x,y): which passages the answer rests on. [H, K]"""
+        return torch.softmax(self.prior + self.passage_loglik(), dim=-1)
+
+
+def score_answers(
+    lm: PassageLM,
+    ctx: Contexts,
+    prior: torch.Tensor,
+    questions: Sequence[int],
+    answers: Sequence[Sequence[int]],
+    skip_leading_bos: bool = False,
+) -> AnswerScores:
+    """Teacher-force answer h (of question questions[h]) under each of that question's K passages.
+
+    `skip_leading_bos` leaves a leading BOS token unscored, as transformers does when it ranks RAG-Sequence
+    hypotheses: a forced BOS says nothing about the answer.
+    """
+    K = ctx.n_docs
+    H, T = len(answers), max(len(a) for a in answers)
+    targets = torch.full((H, T), lm.rules.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(H, T, dtype=torch.bool)
+    for h, answer in enumerate(answers):
+        targets[h, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[h, : len(answer)] = True
+    if skip_leading_bos and lm.bos_token_id is not None:
+        mask[:, 0] &= targets[:, 0] != lm.bos_token_id
+    question_index = torch.tensor(questions, dtype=torch.long)
+    rows = (question_index[:, None] * K + torch.arange(K)).view(-1)  # (answer h, passage k) -> context row
+    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0)).view(H, K, T)
+    logprobs = torch.where(mask[:, None, :], logprobs, 0.0)
+    return AnswerScores(logprobs, mask, prior[question_index])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding: RAG-Token and RAG-Sequence.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generated:
+    tokens: tuple[int, ...]
+    log_prob: float  # marginal log p(y|x) under the decoding mode
+    posterior: tuple[float, ...]  # p(z_k|x,y)
+
+
+def generate(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list[Generated]]:
+    """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first."""
+    if options.mode is Mode.TOKEN:
+        chosen = _rag_token_search(lm, ctx, prior, options)
+    else:
+        chosen = _rag_sequence_search(lm, ctx, prior, options)
+    # Report exact marginals and posteriors of the chosen answers (one teacher-forced pass).
+    questions = [b for b, answers in enumerate(chosen) for _ in answers]
+    flat = [answer for answers in chosen for answer in answers]
+    scores = score_answers(lm, ctx, prior, questions, flat)
+    log_probs, posteriors = scores.log_prob(options.mode).tolist(), scores.posterior().tolist()
+    results: list[list[Generated]] = [[] for _ in chosen]
+    for h, (b, tokens) in enumerate(zip(questions, flat, strict=True)):
+        results[b].append(Generated(tuple(tokens), log_probs[h], tuple(posteriors[h])))
+    return results
+
+
+def _rag_token_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
+    """Search over the per-step marginal: one decoder row per (question, beam, passage)."""
+    B, K, N = ctx.num_questions, ctx.n_docs, options.num_beams
+    passages = torch.arange(K)
+    rows = (torch.arange(B)[:, None, None] * K + passages).expand(B, N, K).reshape(-1)
+    state = lm.start(ctx, rows)
+    beam_prior = prior.repeat_interleave(N, dim=0)[:, :, None]  # [B*N, K, 1]
+
+    def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:
+        if origin is not None:  # every passage row of a beam follows its beam
+            lm.reorder(state, (origin[:, None] * K + passages).view(-1))
+        fed = None if tokens is None else tokens.repeat_interleave(K)
+        per_passage = lm.step(state, fed).view(B * N, K, -1)
+        return torch.logsumexp(beam_prior + per_passage, dim=1)  # log p'(y_t) = logsumexp_k [...]
+
+    found = search(next_logprobs, B, options, lm.rules, options.num_return_sequences)
+    return [[c.tokens for c in group[: options.num_return_sequences]] for group in found]
+
+
+def _rag_sequence_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
+    """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal."""
+    B, K, N = ctx.num_questions, ctx.n_docs, options.num_beams
+    state = lm.start(ctx, torch.arange(B * K).repeat_interleave(N))  # rows (question, passage, beam)
+
+    def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:
+        if origin is not None:
+            lm.reorder(state, origin)
+        return lm.step(state, tokens)
+
+    per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N)
+
+    pools: list[list[tuple[int, ...]]] = []
+    beam_loglik: list[torch.Tensor] = []  # fast decoding: log p(y|x,z_k) from passage k's own beams, else -inf
+    for b in range(B):
+        pool: dict[tuple[int, ...], int] = {}  # first-seen order, as transformers deduplicates
+        found = [(k, c) for k in range(K) for c in per_passage[b * K + k]]
+        for _, c in found:
+            pool.setdefault(c.tokens, len(pool))
+        loglik = torch.full((len(pool), K), float("-inf"))
+        for k, c in found:
+            loglik[pool[c.tokens], k] = c.log_prob
+        pools.append(list(pool))
+        beam_loglik.append(loglik)
+
+    if options.thorough:  # score every hypothesis under every passage, in one batched pass
+        questions = [b for b, pool in enumerate(pools) for _ in pool]
+        flat = [tokens for pool in pools for tokens in pool]
+        scores = score_answers(lm, ctx, prior, questions, flat, skip_leading_bos=True).rag_sequence()
+        marginals = list(torch.split(scores, [len(pool) for pool in pools]))
+    else:
+        marginals = [torch.logsumexp(prior[b] + beam_loglik[b], dim=-1) for b in range(B)]
+
+    n = options.num_return_sequences
+    return [[pools[b][i] for i in torch.topk(marginals[b], min(n, len(pools[b]))).indices.tolist()] for b in range(B)]

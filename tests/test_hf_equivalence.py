@@ -1,0 +1,203 @@
+"""Our RAG math against transformers' own RagTokenForGeneration / RagSequenceForGeneration.
+
+Tiny random BART + DPR checkpoints in the facebook/rag-* layout; the same passages and doc scores go to
+both. transformers gets HF's own input convention (`title / text // question`, padded to 300 tokens,
+question-major rows), built here independently of the service's code. Our side runs through the
+GeneratorService over gRPC (one question per request) and through the batched math (two questions at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
+
+from generator_svc import rag_math
+from generator_svc.config import GeneratorConfig
+from generator_svc.models import load_generator
+from generator_svc.server import create_server as create_generator
+from rag import random_models
+from rag.serving import ServerThread
+from rag.types import DecodingOptions, Mode, Passage
+from rag.v1 import generator_pb2, generator_pb2_grpc, passage_pb2
+from tests.conftest import local, start
+
+K = 4
+MAX_NEW_TOKENS = 12
+QUESTIONS = ["who discovered penicillin?", "what is the capital of france?"]
+SCORES = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.5, 2.5, 1.5, 2.0]])
+# Generation rules facebook/rag-* checkpoints carry (BART-large's), to prove we honour them as transformers does.
+RULES = {
+    "default": {},
+    "bart-large-like": {
+        "num_beams": 4, "no_repeat_ngram_size": 2, "early_stopping": True, "length_penalty": 0.6, "forced_bos_token_id": 0
+    },
+}
+
+
+def passages_for(b: int) -> list[Passage]:
+    return [
+        Passage(f"q{b}p{k}", f"Title {b}-{k}", f"passage {k} tells about subject {b} " * (k + 1), score=float(SCORES[b, k]))
+        for k in range(K)
+    ]
+
+
+def _mask_padding_in_rag_sequence_generation(model: RagSequenceForGeneration) -> None:
+    """RagSequenceForGeneration.generate calls `generator.generate(..., attention_mask=None)`. transformers 4
+    then inferred the mask from the padding; transformers 5 infers it only for decoder-only models, so BART
+    attends to the 300-token padding of every passage. We compare with the intended algorithm: the same call
+    with the padding masked, as transformers 4 ran it."""
+    generate = model.generator.generate
+    pad = model.config.generator.pad_token_id
+
+    def with_mask(input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = input_ids.ne(pad).long()
+        return generate(input_ids, **kwargs)
+
+    model.generator.generate = with_mask  # type: ignore[method-assign]
+
+
+class Reference:
+    """transformers' implementation over one checkpoint, plus our GeneratorService over the same one."""
+
+    def __init__(self, checkpoint: Path, rules: dict[str, object], address: str) -> None:
+        self.rag_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
+        self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
+        for key, value in rules.items():  # RagSequence decodes with the generator's own generation config
+            setattr(self.rag_sequence.generator.generation_config, key, value)
+        _mask_padding_in_rag_sequence_generation(self.rag_sequence)
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "generator_tokenizer")
+        # RagRetriever.postprocess_docs: title + " / " + text + " // " + question, double spaces collapsed.
+        texts = [f"{p.title} / {p.text} // {q}".replace("  ", " ") for b, q in enumerate(QUESTIONS) for p in passages_for(b)]
+        batch = self.tokenizer(texts, max_length=300, padding="max_length", truncation=True, return_tensors="pt")
+        self.context = {
+            "context_input_ids": batch["input_ids"],
+            "context_attention_mask": batch["attention_mask"],
+            "doc_scores": SCORES,
+            "n_docs": K,
+        }
+        self.stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(address))
+        self.checkpoint = checkpoint
+
+    def strip(self, rows: torch.Tensor) -> list[tuple[int, ...]]:
+        """Drop the decoder start token and the padding after the end."""
+        pad = self.rag_token.config.generator.pad_token_id
+        out = []
+        for row in rows.tolist():
+            row = row[1:]
+            while row and row[-1] == pad:
+                row.pop()
+            out.append(tuple(row))
+        return out
+
+    def hf_generate(self, mode: Mode, num_beams: int, num_return: int) -> list[tuple[int, ...]]:
+        with torch.no_grad():
+            if mode is Mode.TOKEN:  # RagTokenForGeneration.generate ignores max_new_tokens; max_length counts the start token
+                rows = self.rag_token.generate(
+                    **self.context, num_beams=num_beams, num_return_sequences=num_return, max_length=MAX_NEW_TOKENS + 1
+                )
+            else:
+                rows = self.rag_sequence.generate(
+                    **self.context, num_beams=num_beams, num_return_sequences=num_return, max_new_tokens=MAX_NEW_TOKENS
+                )
+        return self.strip(rows)
+
+    def ours_over_grpc(self, options: generator_pb2.DecodingOptions) -> list[tuple[int, ...]]:
+        found = []
+        for b, question in enumerate(QUESTIONS):
+            passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in passages_for(b)]
+            reply = self.stub.Generate(
+                generator_pb2.GenerateRequest(question=question, passages=passages, options=options), timeout=120
+            )
+            found += [tuple(h.token_ids) for h in reply.hypotheses]
+        return found
+
+
+@pytest.fixture(scope="module", params=list(RULES))
+def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, loop_thread: ServerThread) -> Iterator[Reference]:
+    checkpoint = tmp_path_factory.mktemp("rag") / "checkpoint"
+    random_models.save_rag_checkpoint(checkpoint, n_docs=K, generation=RULES[request.param])
+    served = start(
+        loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(checkpoint))
+    )
+    yield Reference(checkpoint, RULES[request.param], local(served.port))
+    loop_thread.run(served.stop(0))
+
+
+CASES = [
+    (Mode.TOKEN, True, 1, 1),  # RAG-Token greedy
+    (Mode.TOKEN, True, 4, 2),  # RAG-Token beam search
+    (Mode.SEQUENCE, True, 1, 1),  # RAG-Sequence thorough, greedy per passage
+    (Mode.SEQUENCE, True, 4, 2),  # RAG-Sequence thorough, beam search per passage
+]
+
+
+@pytest.mark.parametrize(("mode", "thorough", "num_beams", "num_return"), CASES)
+def test_generate_matches_transformers_token_for_token(
+    reference: Reference, mode: Mode, thorough: bool, num_beams: int, num_return: int
+) -> None:
+    expected = reference.hf_generate(mode, num_beams, num_return)
+    options = DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS).to_pb()
+    assert reference.ours_over_grpc(options) == expected
+
+    # The same through the batched math: both questions in one call, rows question-major.
+    lm = load_generator(str(reference.checkpoint))
+    ctx = lm.encode(QUESTIONS, [passages_for(0), passages_for(1)])
+    batched = rag_math.generate(lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS))
+    assert [g.tokens for question in batched for g in question] == expected
+
+
+def test_hypotheses_differ_between_passages(reference: Reference) -> None:
+    """Guards the test above: with these weights the passages change the output, so matching is not trivial."""
+    options = DecodingOptions(Mode.SEQUENCE, True, 1, 1, MAX_NEW_TOKENS).to_pb()
+    reply = reference.stub.Generate(
+        generator_pb2.GenerateRequest(
+            question=QUESTIONS[0], passages=[p.to_pb() for p in passages_for(0)], options=options
+        ),
+        timeout=60,
+    )
+    posterior = list(reply.hypotheses[0].passage_posteriors)
+    prior = list(reply.passage_priors)
+    assert max(abs(a - b) for a, b in zip(posterior, prior, strict=True)) > 0.05
+
+
+@pytest.mark.parametrize("mode", [Mode.TOKEN, Mode.SEQUENCE])
+def test_score_equals_transformers_nll(reference: Reference, mode: Mode) -> None:
+    answers = ["Alexander Fleming", "the capital city of France is Paris"]
+    hf_model = reference.rag_token if mode is Mode.TOKEN else reference.rag_sequence
+    start = hf_model.config.generator.decoder_start_token_id
+    pad = hf_model.config.generator.pad_token_id
+    for b, question in enumerate(QUESTIONS):
+        reply = reference.stub.Score(
+            generator_pb2.ScoreRequest(
+                question=question,
+                passages=[p.to_pb() for p in passages_for(b)],
+                answers=answers,
+                options=DecodingOptions(mode=mode).to_pb(),
+            ),
+            timeout=60,
+        )
+        # transformers: labels = decoder start + answer tokens, padded; get_nll shifts them left itself.
+        encoded = [reference.tokenizer(a)["input_ids"] for a in answers]
+        labels = torch.full((len(answers), 1 + max(map(len, encoded))), pad)
+        for i, ids in enumerate(encoded):
+            labels[i, 0] = start
+            labels[i, 1 : 1 + len(ids)] = torch.tensor(ids)
+        rows = slice(b * K, (b + 1) * K)
+        with torch.no_grad():
+            out = hf_model(
+                context_input_ids=reference.context["context_input_ids"][rows].repeat(len(answers), 1),
+                context_attention_mask=reference.context["context_attention_mask"][rows].repeat(len(answers), 1),
+                doc_scores=SCORES[b : b + 1].repeat(len(answers), 1),
+                decoder_input_ids=labels,
+                n_docs=K,
+            )
+            nll = hf_model.get_nll(out.logits, SCORES[b : b + 1].repeat(len(answers), 1), labels, n_docs=K)
+        ours = torch.tensor([s.log_prob for s in reply.scores], dtype=torch.float64)
+        assert torch.allclose(-nll.double(), ours, atol=1e-5, rtol=0), (nll, ours)
+        assert [s.num_tokens for s in reply.scores] == [len(ids) for ids in encoded]
