@@ -1,0 +1,20 @@
+"""Retriever settings: each field is a `rag serve retriever` flag with an env mirror."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rag import paths
+from rag.config import option
+from rag.serving import ServerConfig
+
+
+@dataclass
+class RetrieverConfig(ServerConfig):
+    port: int = option(50052, "gRPC port (0 picks a free one)")
+    index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
+    index: str = option("", "NAME[@VERSION] to serve; default: the newest version of the only index there")
+    encoder: str = option("", "question encoder spec; default: the encoder recorded in the index manifest")
+    max_k: int = option(100, "largest k a request may ask for")
+    max_questions: int = option(64, "most questions in one Search request")
+    verify_checksums: bool = option(True, "check every index file against its manifest checksum when loading")

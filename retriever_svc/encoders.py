@@ -1,0 +1,188 @@
+"""Dense encoders for questions and passages.
+
+Two kinds, named by an encoder spec:
+- `sentence-transformer:PATH` one encoder for both sides, mean pooling, L2-normalised (all-MiniLM-L6-v2);
+  scores are cosines in [-1, 1], so p(z|x) needs a low temperature (default 0.05) to be peaked;
+- `dpr:question=PATH,context=PATH` DPR's two towers, CLS pooler output, unnormalised inner products
+  (temperature 1, as transformers' RAG). `dpr:PATH` with a `facebook/rag-*` checkpoint takes its question
+  encoder (enough to serve questions; building an index needs the context encoder too).
+
+An encoder's identity is a hash of its files: an index records it, and a retriever refuses to serve an index
+built by another encoder (the vectors would be meaningless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder, PreTrainedTokenizerBase
+
+from rag.errors import FailedPrecondition, InvalidArgument
+
+BATCH_SIZE = 64
+
+
+def directory_identity(path: Path) -> str:
+    """sha256 over the model files (name and content), so a copied or renamed model keeps its identity."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if relative.startswith(".") or "/." in relative or file.name.lower() == "readme.md":
+            continue
+        digest.update(relative.encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an index records about the encoder that built it."""
+
+    kind: str
+    spec: str
+    question_identity: str
+    passage_identity: str
+    dim: int
+    score_temperature: float
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> EncoderInfo:
+        return cls(**data)  # type: ignore[arg-type]
+
+
+class Encoder(ABC):
+    info: EncoderInfo
+
+    @abstractmethod
+    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
+        """[len(questions), dim] float32."""
+
+    @abstractmethod
+    def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        """[len(texts), dim] float32."""
+
+    def encode_passages_sorted(
+        self, titles: Sequence[str], texts: Sequence[str], progress: tqdm | None = None
+    ) -> np.ndarray:
+        """Encode in batches of similar length (little padding), returning rows in the input order."""
+        order = np.argsort([len(t) + len(x) for t, x in zip(titles, texts, strict=True)], kind="stable")
+        out = np.empty((len(texts), self.info.dim), dtype=np.float32)
+        for start in range(0, len(order), BATCH_SIZE):
+            batch = order[start : start + BATCH_SIZE]
+            out[batch] = self.encode_passages([titles[i] for i in batch], [texts[i] for i in batch])
+            if progress is not None:
+                progress.update(len(batch))
+        return out
+
+
+def _max_length(path: Path, default: int = 256) -> int:
+    config = path / "sentence_bert_config.json"
+    if config.exists():
+        return int(json.loads(config.read_text()).get("max_seq_length", default))
+    return default
+
+
+class SentenceTransformerEncoder(Encoder):
+    def __init__(self, path: Path, spec: str, score_temperature: float = 0.05) -> None:
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32).eval()
+        self.max_length = _max_length(path)
+        identity = directory_identity(path)
+        self.info = EncoderInfo(
+            "sentence-transformer", spec, identity, identity, self.model.config.hidden_size, score_temperature
+        )
+
+    @torch.inference_mode()
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
+        return self._encode(questions)
+
+    def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        return self._encode([f"{title}: {text}" if title else text for title, text in zip(titles, texts, strict=True)])
+
+
+class DPREncoder(Encoder):
+    """DPR: questions and passages through separate BERT towers; passages encoded as (title, text) pairs."""
+
+    def __init__(self, question: Path, context: Path | None, spec: str, score_temperature: float = 1.0) -> None:
+        self.question_tokenizer, self.question_model = _load_dpr_tower(question, DPRQuestionEncoder)
+        self.context_tokenizer, self.context_model = (
+            _load_dpr_tower(context, DPRContextEncoder) if context else (None, None)
+        )
+        question_identity = directory_identity(question)
+        self.info = EncoderInfo(
+            "dpr",
+            spec,
+            question_identity,
+            directory_identity(context) if context else "",
+            self.question_model.config.projection_dim or self.question_model.config.hidden_size,
+            score_temperature,
+        )
+
+    @torch.inference_mode()
+    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
+        batch = self.question_tokenizer(list(questions), padding=True, truncation=True, max_length=256, return_tensors="pt")
+        return self.question_model(**batch).pooler_output.float().numpy()
+
+    @torch.inference_mode()
+    def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        if self.context_model is None or self.context_tokenizer is None:
+            raise FailedPrecondition("this DPR encoder has no context encoder; use dpr:question=PATH,context=PATH")
+        batch = self.context_tokenizer(
+            list(titles), list(texts), padding=True, truncation="only_second", max_length=256, return_tensors="pt"
+        )
+        return self.context_model(**batch).pooler_output.float().numpy()
+
+
+def _load_dpr_tower(path: Path, cls: Callable[..., torch.nn.Module]) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") == "rag":  # a RAG checkpoint: its question encoder and question tokenizer
+        from transformers import RagTokenForGeneration
+
+        rag = RagTokenForGeneration.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+        return AutoTokenizer.from_pretrained(path / "question_encoder_tokenizer"), rag.rag.question_encoder.eval()
+    model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32)  # type: ignore[attr-defined]
+    return AutoTokenizer.from_pretrained(path), model.eval()
+
+
+def load_encoder(spec: str) -> Encoder:
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise InvalidArgument(f"encoder spec {spec!r} needs a kind: sentence-transformer:PATH or dpr:question=PATH,context=PATH")
+    if kind == "sentence-transformer":
+        path = _existing(rest)
+        return SentenceTransformerEncoder(path, spec)
+    if kind == "dpr":
+        parts = dict(part.split("=", 1) for part in rest.split(",") if "=" in part)
+        question = _existing(parts.get("question", rest if "=" not in rest else ""))
+        context = _existing(parts["context"]) if "context" in parts else None
+        return DPREncoder(question, context, spec)
+    raise InvalidArgument(f"unknown encoder kind {kind!r}; use sentence-transformer or dpr")
+
+
+def _existing(path_text: str) -> Path:
+    path = Path(path_text).expanduser()
+    if not (path / "config.json").exists():
+        raise FailedPrecondition(f"encoder model {path_text!r} not found (no config.json there)")
+    return path.resolve()

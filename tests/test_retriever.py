@@ -1,0 +1,231 @@
+"""Retriever: corpus formats, index builds (flat, HNSW, IVF-PQ; sentence-transformer and DPR encoders),
+exact search against faiss' brute force, and the RetrieverService contract."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+import grpc
+import numpy as np
+import pytest
+
+from rag.cli import main as rag_cli
+from rag.errors import InvalidArgument
+from rag.serving import Served, ServerThread
+from rag.v1 import retriever_pb2, retriever_pb2_grpc
+from retriever_svc.config import RetrieverConfig
+from retriever_svc.corpus import Document, read_documents, split_passages
+from retriever_svc.encoders import load_encoder
+from retriever_svc.index import Manifest, build_index, versions
+from retriever_svc.server import create_server as create_retriever
+from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, start, write_jsonl
+
+QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "How high is Mount Everest?"]
+
+
+def search(address: str, questions: list[str], k: int, **flags: bool) -> retriever_pb2.SearchResponse:
+    with grpc.insecure_channel(address) as channel:
+        return retriever_pb2_grpc.RetrieverServiceStub(channel).Search(
+            retriever_pb2.SearchRequest(questions=questions, k=k, **flags), timeout=60
+        )
+
+
+@pytest.fixture()
+def serve(loop_thread: ServerThread) -> Iterator:  # type: ignore[type-arg]
+    """Start retrievers on demand; stop them after the test."""
+    started: list[Served] = []
+
+    def run(**config: object) -> Served:
+        served = start(loop_thread, create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config))  # type: ignore[arg-type]
+        started.append(served)
+        return served
+
+    yield run
+    for served in started:
+        loop_thread.run(served.stop(0))
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def test_dpr_tsv_reader_handles_csv_quoting(tmp_path: Path) -> None:
+    tsv = tmp_path / "psgs.tsv"
+    tsv.write_text(
+        'id\ttext\ttitle\n'
+        '1\t"Aaron ( or ; ""Ahärôn"") is a prophet"\tAaron\n'
+        '2\t"A text with a\ttab inside quotes"\t"Quoted Title"\n'
+        "3\tplain text, no quotes\tPlain\n",
+        encoding="utf-8",
+    )
+    docs = list(read_documents(tsv, "dpr-tsv"))
+    assert docs == [
+        Document("1", "Aaron", 'Aaron ( or ; "Ahärôn") is a prophet'),
+        Document("2", "Quoted Title", "A text with a\ttab inside quotes"),
+        Document("3", "Plain", "plain text, no quotes"),
+    ]
+
+
+def test_dpr_tsv_without_header_is_rejected(tmp_path: Path) -> None:
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("1\tsome text\ttitle\n")
+    with pytest.raises(InvalidArgument, match="header"):
+        list(read_documents(tsv, "dpr-tsv"))
+
+
+def test_jsonl_reader_names_the_bad_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "title": "A", "text": "fine"}\n{"id": "b", "title": "B"}\n')
+    with pytest.raises(InvalidArgument, match="bad.jsonl:2"):
+        list(read_documents(bad, "jsonl"))
+
+
+def test_long_documents_split_into_near_equal_passages_keeping_the_title() -> None:
+    doc = Document("d", "Title", " ".join(f"w{i}" for i in range(250)))
+    passages = list(split_passages(doc, passage_words=100))
+    assert [p.id for p in passages] == ["d-0", "d-1", "d-2"]
+    assert [len(p.text.split()) for p in passages] == [84, 84, 82]
+    assert all(p.title == "Title" for p in passages)
+    assert " ".join(p.text for p in passages) == doc.text
+    assert list(split_passages(Document("s", "T", "short text"))) == [Document("s", "T", "short text")]
+
+
+# ---------------------------------------------------------------------------------------------- builds
+
+
+def test_build_writes_a_validated_manifest_and_new_versions(tmp_path: Path, tiny: TinyModels, corpus: Path) -> None:
+    root = tmp_path / "indexes"
+    args = ["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "wiki", "--encoder", tiny.encoder_spec, "--no-progress"]
+    assert rag_cli(args) == 0
+    assert rag_cli(args) == 0
+    assert versions(root, "wiki") == ["v1", "v2"]
+    manifest = Manifest.from_file(root / "wiki" / "v2" / "manifest.json")
+    encoder = load_encoder(tiny.encoder_spec)
+    assert manifest.ref == "wiki@v2"
+    assert manifest.encoder.question_identity == encoder.info.question_identity
+    assert manifest.dim == encoder.info.dim and manifest.metric == "inner_product"
+    documents = read_documents(corpus, "jsonl")
+    assert manifest.count == sum(len(list(split_passages(d))) for d in documents) > len(corpus_records())
+    assert set(manifest.checksums) == {"passages.sqlite", "embeddings.npy"}
+    assert not [p for p in (root / "wiki").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_build_leaves_no_version_and_no_temp_files(tmp_path: Path, tiny: TinyModels) -> None:
+    corpus = write_jsonl(tmp_path / "dup.jsonl", [FACTS[0], FACTS[0]])
+    root = tmp_path / "indexes"
+    with pytest.raises(InvalidArgument, match="occurs twice"):
+        build_index(corpus, "jsonl", root, "dup", load_encoder(tiny.encoder_spec), show_progress=False)
+    assert list((root / "dup").iterdir()) == []
+
+
+def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Path) -> None:
+    reply = search(services.retriever, QUESTIONS, 10, include_embeddings=True, include_query_embeddings=True)
+    assert reply.index_version == "tiny@v1"
+    embeddings = np.load(index_root / "tiny" / "v1" / "embeddings.npy")
+    brute = faiss.IndexFlatIP(embeddings.shape[1])
+    brute.add(embeddings)
+    queries = np.array([list(r.query_embedding) for r in reply.results], dtype=np.float32)
+    scores, rows = brute.search(queries, 10)
+    ids = _row_ids(index_root / "tiny" / "v1")
+    for result, expected_rows, expected_scores in zip(reply.results, rows, scores, strict=True):
+        assert [p.id for p in result.passages] == [ids[r] for r in expected_rows]
+        np.testing.assert_allclose([p.score for p in result.passages], expected_scores, rtol=1e-5, atol=1e-6)
+        for p in result.passages:  # the returned embedding is the indexed one, and score = q . d
+            np.testing.assert_allclose(p.embedding, embeddings[ids.index(p.id)], rtol=1e-6)
+
+
+def _row_ids(version_dir: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(version_dir / "passages.sqlite") as db:
+        return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
+
+
+def _recall(approximate: retriever_pb2.SearchResponse, exact: retriever_pb2.SearchResponse) -> float:
+    hits = [
+        len({p.id for p in a.passages} & {p.id for p in e.passages}) / len(e.passages)
+        for a, e in zip(approximate.results, exact.results, strict=True)
+    ]
+    return sum(hits) / len(hits)
+
+
+def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: TinyModels, serve) -> None:  # type: ignore[no-untyped-def]
+    records = [{"id": f"p{i}", "title": f"Entry {i}", "text": f"entry {i} mentions {i * 7919 % 1000} and {i % 97} things"} for i in range(10_000)]
+    corpus = write_jsonl(tmp_path / "big.jsonl", records)
+    root = tmp_path / "indexes"
+    questions = [f"which entry mentions {n} things?" for n in range(0, 1000, 50)]
+    replies = {}
+    for index_type in ("flat", "hnsw", "ivfpq"):
+        assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", index_type,
+                        "--encoder", tiny.encoder_spec, "--index-type", index_type, "--no-progress"]) == 0  # fmt: skip
+        served = serve(index_root=str(root), index=index_type)
+        replies[index_type] = search(local(served.port), questions, 10, include_embeddings=True, include_query_embeddings=True)
+    assert Manifest.from_file(root / "ivfpq" / "v1" / "manifest.json").faiss_factory.startswith("IVF")
+    assert _recall(replies["hnsw"], replies["flat"]) >= 0.9
+    assert _recall(replies["ivfpq"], replies["flat"]) >= 0.5
+    for result in replies["ivfpq"].results:  # approximate candidates, exact scores, best first
+        q = np.array(result.query_embedding)
+        scores = [p.score for p in result.passages]
+        np.testing.assert_allclose(scores, [q @ np.array(p.embedding) for p in result.passages], rtol=1e-4, atol=1e-5)
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_ivfpq_on_a_small_corpus_is_refused_with_a_reason(tmp_path: Path, tiny: TinyModels, corpus: Path) -> None:
+    with pytest.raises(InvalidArgument, match="ivfpq needs at least"):
+        build_index(corpus, "jsonl", tmp_path, "small", load_encoder(tiny.encoder_spec), "ivfpq", show_progress=False)
+
+
+def test_dpr_encoders_build_and_serve_an_index(tmp_path: Path, tiny: TinyModels, corpus: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    spec = f"dpr:question={tiny.dpr_question},context={tiny.dpr_context}"
+    root = tmp_path / "indexes"
+    assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "dpr", "--encoder", spec, "--no-progress"]) == 0
+    manifest = Manifest.from_file(root / "dpr" / "v1" / "manifest.json")
+    assert manifest.encoder.kind == "dpr" and manifest.encoder.score_temperature == 1.0
+    assert manifest.encoder.question_identity != manifest.encoder.passage_identity  # two towers
+    served = serve(index_root=str(root), index="dpr")
+    reply = search(local(served.port), QUESTIONS[:1], 5, include_embeddings=True, include_query_embeddings=True)
+    assert reply.score_temperature == 1.0
+    result = reply.results[0]
+    q = np.array(result.query_embedding)
+    np.testing.assert_allclose([p.score for p in result.passages], [q @ np.array(p.embedding) for p in result.passages], rtol=1e-4)
+    assert abs(np.linalg.norm(q) - 1.0) > 1e-3  # DPR vectors are not normalised
+
+
+def test_retriever_refuses_an_index_built_by_another_encoder(tmp_path: Path, tiny: TinyModels, index_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "other-encoder"
+    from rag.random_models import save_sentence_encoder
+
+    save_sentence_encoder(other, seed=1)
+    served = serve(index_root=str(index_root), index="tiny", encoder=f"sentence-transformer:{other}")
+    assert "built with encoder" in str(served.loading.exception())
+    with pytest.raises(grpc.RpcError) as err:
+        search(local(served.port), QUESTIONS, 3)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("questions", "k", "message"),
+    [
+        ([], 3, "no questions"),
+        ([""], 3, "question is empty"),
+        (["x" * 5000], 3, "characters; the limit is"),
+        (["fine"], 0, "k must be in"),
+        (["fine"], 1000, "k must be in"),
+    ],
+)
+def test_search_rejects_bad_requests(services: Services, questions: list[str], k: int, message: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        search(services.retriever, questions, k)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_search_serves_several_questions_in_one_call(services: Services) -> None:
+    reply = search(services.retriever, QUESTIONS, 4)
+    assert len(reply.results) == 3 and all(len(r.passages) == 4 for r in reply.results)
+    assert reply.score_temperature == pytest.approx(0.05)
+    for result in reply.results:
+        assert not result.passages[0].embedding and not result.query_embedding  # only when asked for
+        assert json.dumps([p.id for p in result.passages])
