@@ -1,0 +1,90 @@
+"""Asking the gateway: the client side of `rag ask` and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from rag.clients import channel
+from rag.config import option
+from rag.errors import InvalidArgument, RagError
+from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
+
+
+@dataclass
+class AskConfig:
+    gateway: str = option("127.0.0.1:50051", "gateway address")
+    mode: str = option("token", "token (RAG-Token) or sequence (RAG-Sequence)")
+    sequence_decoding: str = option("thorough", "RAG-Sequence decoding: thorough or fast")
+    k: int = option(5, "passages to retrieve")
+    n_docs: int = option(0, "condition on the best n_docs of them; 0 = all k")
+    num_beams: int = option(1, "beam size; 1 = greedy")
+    num_return_sequences: int = option(1, "answers to return (at most num_beams)")
+    max_new_tokens: int = option(0, "answer length limit in tokens; 0 = the generator's default")
+    timeout: float = option(300.0, "deadline in seconds")
+    json: bool = option(False, "print one JSON object instead of text")
+
+
+def ask(question: str, config: AskConfig) -> dict[str, Any]:
+    """Ask the gateway; the answer as the JSON object `rag ask --json` prints."""
+    modes = {"token": generator_pb2.RAG_MODE_TOKEN, "sequence": generator_pb2.RAG_MODE_SEQUENCE}
+    decodings = {"thorough": generator_pb2.SEQUENCE_DECODING_THOROUGH, "fast": generator_pb2.SEQUENCE_DECODING_FAST}
+    if config.mode not in modes:
+        raise InvalidArgument(f"--mode must be token or sequence, got {config.mode!r}")
+    if config.sequence_decoding not in decodings:
+        raise InvalidArgument(f"--sequence-decoding must be thorough or fast, got {config.sequence_decoding!r}")
+    request = gateway_pb2.AskRequest(
+        question=question,
+        k=config.k,
+        options=generator_pb2.DecodingOptions(
+            mode=modes[config.mode],
+            sequence_decoding=decodings[config.sequence_decoding],
+            num_beams=config.num_beams,
+            num_return_sequences=config.num_return_sequences,
+            max_new_tokens=config.max_new_tokens,
+            n_docs=config.n_docs,
+        ),
+    )
+    try:
+        with channel(config.gateway) as ch:
+            reply = gateway_pb2_grpc.GatewayServiceStub(ch).Ask(request, timeout=config.timeout)
+    except grpc.RpcError as err:
+        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+    return {
+        "answer": reply.answers[0].text if reply.answers else "",
+        "answers": [{"text": a.text, "log_prob": a.log_prob} for a in reply.answers],
+        "mode": config.mode,
+        "index_version": reply.index_version,
+        "passages": [
+            {
+                "id": s.passage.id,
+                "title": s.passage.title,
+                "text": s.passage.text,
+                "score": s.passage.score,
+                "prior": s.prior,
+                "posterior": s.posterior,
+            }
+            for s in reply.sources
+        ],
+        "timings_ms": {
+            "retrieve": reply.timings.retrieve_ms,
+            "generate": reply.timings.generate_ms,
+            "total": reply.timings.total_ms,
+        },
+    }
+
+
+def format_answer(question: str, result: dict[str, Any], top: int = 3) -> str:
+    lines = [f"Q: {question}", f"A: {result['answer']}"]
+    lines.append(
+        f"   RAG-{result['mode'].title()} over {result['index_version']}, "
+        f"{result['timings_ms']['total'] / 1000:.1f} s (retrieve {result['timings_ms']['retrieve']:.0f} ms)"
+    )
+    lines.append("   sources by posterior p(z|x,y)   [prior p(z|x)]")
+    ranked = sorted(result["passages"], key=lambda p: -p["posterior"])[:top]
+    for p in ranked:
+        snippet = p["text"][:90].replace("\n", " ")
+        lines.append(f"   {p['posterior']:6.1%}  [{p['prior']:5.1%}]  {p['title']} ({p['id']}): {snippet}...")
+    return "\n".join(lines)

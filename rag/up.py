@@ -1,0 +1,144 @@
+"""`rag up`: the three services as child processes on loopback, started together and stopped together.
+
+Each service runs as its own `rag serve` process, as it would in a cluster. The retriever and generator
+start first (their models load in parallel), the gateway is pointed at them, and the stack is ready when
+all three report SERVING on grpc.health.v1. SIGINT/SIGTERM drains the gateway first, then the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from rag import paths
+from rag.clients import is_serving
+from rag.config import flag_name, option
+from rag.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+@dataclass
+class UpConfig:
+    index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
+    index: str = option(paths.DEMO_INDEX, "NAME[@VERSION] to serve")
+    encoder: str = option("", "question encoder spec; default: the encoder recorded in the index")
+    generator: str = option(paths.demo_generator_spec(), "generator model directory, RAG checkpoint or .gguf file")
+    host: str = option("127.0.0.1", "address every service listens on")
+    port: int = option(50051, "gateway port (0 picks a free one)")
+    retriever_port: int = option(50052, "retriever port (0 picks a free one)")
+    generator_port: int = option(50053, "generator port (0 picks a free one)")
+    metrics_port: int = option(9090, "gateway metrics port; retriever +1, generator +2; 0 turns metrics off")
+    startup_timeout: float = option(900.0, "seconds to wait for every service to report SERVING")
+    grace_seconds: float = option(10.0, "drain time of each service on shutdown")
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[str]
+    address: str = ""
+
+
+class Stack:
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+
+    def _spawn(self, service: str, port: int, metrics_offset: int, **flags: object) -> Child:
+        config = self.config
+        metrics_port = config.metrics_port + metrics_offset if config.metrics_port else 0
+        args = {"host": config.host, "port": port, "metrics_port": metrics_port, "grace_seconds": config.grace_seconds}
+        args.update(flags)
+        command = [sys.executable, "-m", "rag.cli", "serve", service]
+        for key, value in args.items():
+            command += [flag_name(key), str(value)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        child = Child(service, process)
+        self.children.append(child)
+        return child
+
+    def _learn_address(self, child: Child, timeout: float) -> None:
+        """Read the child's `listening on HOST:PORT` line (its port may have been 0)."""
+        found = threading.Event()
+
+        def read() -> None:
+            assert child.process.stdout is not None
+            for line in child.process.stdout:
+                match = LISTENING.search(line)
+                if match and not found.is_set():
+                    child.address = f"{match.group(1)}:{match.group(2)}"
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(timeout) or not child.address:
+            raise FailedPrecondition(f"{child.name} did not start listening (exit code {child.process.poll()})")
+
+    def start(self) -> str:
+        """Start all three; returns the gateway address once every service is SERVING."""
+        c = self.config
+        retriever = self._spawn(
+            "retriever", c.retriever_port, 1, index_root=c.index_root, index=c.index, encoder=c.encoder
+        )
+        generator = self._spawn("generator", c.generator_port, 2, generator=c.generator)
+        for child in (retriever, generator):
+            self._learn_address(child, 120)
+        gateway = self._spawn(
+            "gateway", c.port, 0, retriever_address=retriever.address, generator_address=generator.address
+        )
+        self._learn_address(gateway, 120)
+        deadline = time.monotonic() + c.startup_timeout
+        waiting = list(self.children)
+        while waiting:
+            for child in list(waiting):
+                if child.process.poll() is not None:
+                    raise FailedPrecondition(f"{child.name} exited with code {child.process.returncode}; see its log above")
+                if is_serving(child.address):
+                    waiting.remove(child)
+            if waiting and time.monotonic() > deadline:
+                raise FailedPrecondition(f"{', '.join(ch.name for ch in waiting)} not SERVING after {c.startup_timeout:.0f}s")
+            time.sleep(0.5)
+        return gateway.address
+
+    def wait(self, stop: threading.Event) -> int:
+        """Block until `stop` is set or a service dies; returns the exit status for `rag up`."""
+        while not stop.wait(0.5):
+            for child in self.children:
+                if child.process.poll() is not None:
+                    log.error("%s exited with code %s; stopping the stack", child.name, child.process.returncode)
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        """Drain the gateway first (no new work reaches the others), then the rest."""
+        for group in (["gateway"], ["retriever", "generator"]):
+            members = [c for c in self.children if c.name in group and c.process.poll() is None]
+            for child in members:
+                child.process.send_signal(signal.SIGTERM)
+            for child in members:
+                try:
+                    child.process.wait(self.config.grace_seconds + 10)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+
+
+def run_up(config: UpConfig) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack(config)
+    try:
+        address = stack.start()
+        print(f"ready: gateway on {address}; retriever {stack.children[0].address}, generator {stack.children[1].address}", flush=True)
+        return stack.wait(stop)
+    finally:
+        stack.stop()

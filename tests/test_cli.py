@@ -1,0 +1,130 @@
+"""The `rag` command line as users run it: separate processes, `rag up` then `rag ask`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rag.clients import is_serving
+from tests.conftest import FACTS, TinyModels
+
+RAG = [sys.executable, "-m", "rag.cli"]
+
+
+def rag(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RAG, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@dataclass
+class Up:
+    process: subprocess.Popen[str]
+    gateway: str
+    retriever: str
+    generator: str
+    output: list[str]
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
+    root = tmp_path_factory.mktemp("cli-indexes")
+    built = rag("index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "facts", "--encoder", tiny.encoder_spec)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip().splitlines()[-1] == "v1"  # the contract: the last stdout line is the version id
+    assert "encoding facts" in built.stderr  # progress bar
+    return root
+
+
+@pytest.fixture(scope="module")
+def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
+    process = subprocess.Popen(
+        [*RAG, "up", "--index-root", str(cli_index), "--index", "facts", "--generator", str(tiny.rag_checkpoint),
+         "--port", "0", "--retriever-port", "0", "--generator-port", "0", "--metrics-port", "0", "--grace-seconds", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("ready"):
+            break
+        assert time.monotonic() < deadline, "".join(output)
+    match = re.search(r"gateway on (\S+); retriever (\S+), generator (\S+)", output[-1] if output else "")
+    assert match, "".join(output)
+    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()  # type: ignore[arg-type]
+    yield Up(process, match.group(1), match.group(2), match.group(3), output)
+    if process.poll() is None:
+        process.kill()
+
+
+def ask_json(up: Up, *args: str, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+    result = rag("ask", "Who discovered penicillin?", "--gateway", up.gateway, "--json", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_ask_json_through_rag_up(up: Up, mode: str) -> None:
+    answer = ask_json(up, "--mode", mode, "--k", "3", "--max-new-tokens", "6")
+    assert set(answer) >= {"answer", "mode", "index_version", "passages", "timings_ms"}
+    assert answer["mode"] == mode and answer["index_version"] == "facts@v1" and answer["answer"]
+    assert len(answer["passages"]) == 3
+    for passage in answer["passages"]:
+        assert set(passage) >= {"id", "title", "text", "score", "posterior"}
+    assert sum(p["posterior"] for p in answer["passages"]) == pytest.approx(1, abs=1e-3)
+    assert answer["timings_ms"]["total"] >= answer["timings_ms"]["retrieve"] > 0
+
+
+def test_ask_options_have_env_mirrors_and_flags_win(up: Up) -> None:
+    assert len(ask_json(up, env={"RAG_K": "2", "RAG_MAX_NEW_TOKENS": "3"})["passages"]) == 2
+    assert len(ask_json(up, "--k", "4", env={"RAG_K": "2"})["passages"]) == 4
+    assert "[env RAG_K; default 5]" in " ".join(rag("ask", "--help").stdout.split())
+
+
+def test_text_output_shows_answer_and_sources(up: Up) -> None:
+    result = rag("ask", "Who discovered penicillin?", "--gateway", up.gateway, "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Q: Who discovered penicillin?\nA: ")
+    assert "sources by posterior" in result.stdout
+
+
+def test_bad_requests_exit_2_with_the_reason(up: Up) -> None:
+    result = rag("ask", "Who?", "--gateway", up.gateway, "--k", "500")
+    assert result.returncode == 2
+    assert "INVALID_ARGUMENT: k must be in [1, 50], got 500" in result.stderr
+
+
+def test_sigterm_drains_in_flight_requests_then_stops_everything(up: Up) -> None:
+    """Runs last in this module: it stops the stack."""
+    slow: dict[str, object] = {}
+
+    def ask_slowly() -> None:
+        started = time.monotonic()
+        slow["result"] = rag("ask", FACTS[0]["text"], "--gateway", up.gateway, "--num-beams", "8", "--max-new-tokens", "100", "--k", "20", "--json")
+        slow["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=ask_slowly)
+    thread.start()
+    time.sleep(2)  # the request is in the generator by now
+    up.process.send_signal(signal.SIGTERM)
+    assert up.process.wait(timeout=60) == 0
+    thread.join(timeout=60)
+    result = slow["result"]
+    assert isinstance(result, subprocess.CompletedProcess)
+    assert result.returncode == 0, result.stderr  # the in-flight request finished
+    assert slow["seconds"] > 2  # it really was in flight when SIGTERM came
+    for address in (up.gateway, up.retriever, up.generator):
+        assert not is_serving(address, timeout=1)
+    log = "".join(up.output)
+    assert "gateway draining" in log and "generator draining" in log

@@ -1,0 +1,106 @@
+"""Decoder-only generators: the same RAG math over a causal chat LM (left-padded prompts, one per passage).
+
+No reference implementation marginalises over passages with a decoder-only LM, so these tests pin it to
+what is known: with one passage RAG is plain generation (transformers' `generate` on that prompt); with K
+copies of one passage it is unchanged; and the cached decoding path agrees with teacher forcing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from generator_svc import rag_math
+from generator_svc.config import GeneratorConfig
+from generator_svc.models import DecoderOnlyLM, PassageLM, load_generator
+from generator_svc.server import create_server as create_generator
+from rag.serving import ServerThread
+from rag.types import DecodingOptions, Mode, Passage
+from rag.v1 import generator_pb2, generator_pb2_grpc
+from tests.conftest import TinyModels, local, start
+
+QUESTION = "Who discovered penicillin?"
+PASSAGES = [
+    Passage("a", "Alexander Fleming", "Fleming discovered penicillin in 1928 at St Mary's Hospital.", 2.0),
+    Passage("b", "Paris", "Paris is the capital and most populous city of France, on the Seine.", 1.0),
+    Passage("c", "Everest", "Mount Everest.", 0.5),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny: TinyModels) -> DecoderOnlyLM:
+    model = load_generator(str(tiny.causal_lm))
+    assert isinstance(model, DecoderOnlyLM)
+    return model
+
+
+@pytest.fixture(scope="module")
+def stub(loop_thread: ServerThread, tiny: TinyModels) -> Iterator[generator_pb2_grpc.GeneratorServiceStub]:
+    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.causal_lm)))
+    with grpc.insecure_channel(local(served.port)) as channel:
+        yield generator_pb2_grpc.GeneratorServiceStub(channel)
+    loop_thread.run(served.stop(0))
+
+
+def hf_generate(tiny: TinyModels, prompt: list[int], num_beams: int, max_new_tokens: int) -> list[tuple[int, ...]]:
+    model = AutoModelForCausalLM.from_pretrained(tiny.causal_lm).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=max_new_tokens, do_sample=False
+        )
+    rows = []
+    for row in out[:, len(prompt) :].tolist():
+        eos = model.generation_config.eos_token_id
+        rows.append(tuple(row[: row.index(eos) + 1] if eos in row else row))
+    return rows
+
+
+@pytest.mark.parametrize("mode", [Mode.TOKEN, Mode.SEQUENCE])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_one_passage_is_plain_generation(lm: DecoderOnlyLM, tiny: TinyModels, mode: Mode, num_beams: int) -> None:
+    ctx = lm.encode([QUESTION], [PASSAGES[:1]])
+    options = DecodingOptions(mode=mode, num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=10)
+    ours = [g.tokens for g in rag_math.generate(lm, ctx, torch.zeros(1, 1), options)[0]]
+    assert ours == hf_generate(tiny, lm.prompt_ids(QUESTION, PASSAGES[0]), num_beams, 10)
+
+
+def test_left_padded_passages_decode_as_if_alone(lm: DecoderOnlyLM, tiny: TinyModels) -> None:
+    """Each passage row of a batch (prompts of different lengths, left-padded) decodes as its prompt alone."""
+    ctx = lm.encode([QUESTION], [PASSAGES])
+    state = lm.start(ctx, torch.arange(len(PASSAGES)))
+    found = rag_math.greedy_search(lambda tokens, _: lm.step(state, tokens), len(PASSAGES), 10, lm.rules)
+    for passage, candidates in zip(PASSAGES, found, strict=True):
+        assert [candidates[0].tokens] == hf_generate(tiny, lm.prompt_ids(QUESTION, passage), 1, 10)
+
+
+@pytest.mark.parametrize("mode", [generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE])
+def test_copies_of_one_passage_change_nothing(stub: generator_pb2_grpc.GeneratorServiceStub, mode: int) -> None:
+    options = generator_pb2.DecodingOptions(mode=mode, num_beams=2, num_return_sequences=2, max_new_tokens=8)
+    one = stub.Generate(generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()], options=options), timeout=60)
+    three = stub.Generate(generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()] * 3, options=options), timeout=60)
+    assert [h.token_ids for h in three.hypotheses] == [h.token_ids for h in one.hypotheses]
+    assert [h.log_prob for h in three.hypotheses] == pytest.approx([h.log_prob for h in one.hypotheses], abs=1e-4)
+    assert list(three.hypotheses[0].passage_posteriors) == pytest.approx([1 / 3] * 3, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyModels) -> None:
+    """The per-step marginal that RAG-Token's search accumulates (KV cache) equals the teacher-forced one."""
+    lm: PassageLM = load_generator(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
+    ctx = lm.encode([QUESTION, "What is the capital of France?"], [PASSAGES, PASSAGES[::-1]])
+    prior = rag_math.log_prior(torch.tensor([[2.0, 1.0, 0.5], [0.5, 1.0, 2.0]]))
+    K = len(PASSAGES)
+    state = lm.start(ctx, torch.arange(2 * K))
+
+    def marginal(tokens: torch.Tensor | None, _: object) -> torch.Tensor:
+        per_passage = lm.step(state, None if tokens is None else tokens.repeat_interleave(K)).view(2, K, -1)
+        return torch.logsumexp(prior[:, :, None] + per_passage, dim=1)
+
+    found = rag_math.greedy_search(marginal, 2, 12, lm.rules)
+    answers = [found[0][0].tokens, found[1][0].tokens]
+    scored = rag_math.score_answers(lm, ctx, prior, [0, 1], answers).rag_token()
+    assert scored.tolist() == pytest.approx([found[0][0].log_prob, found[1][0].log_prob], abs=1e-4)

@@ -1,0 +1,244 @@
+"""The services' contract over gRPC: Ask end to end, validation, statuses, deadlines, health, reflection,
+metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from gateway.config import GatewayConfig
+from gateway.server import create_server as create_gateway
+from generator_svc.config import GeneratorConfig
+from generator_svc.server import create_server as create_generator
+from rag import metrics
+from rag.serving import ServerThread, new_server
+from rag.types import DecodingOptions, Mode
+from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
+from tests.conftest import Services, TinyModels, local, start
+
+PASSAGES = [
+    passage_pb2.Passage(id="fleming", title="Alexander Fleming", text="Fleming discovered penicillin in 1928.", score=0.9),
+    passage_pb2.Passage(id="paris", title="Paris", text="Paris is the capital of France.", score=0.5),
+    passage_pb2.Passage(id="everest", title="Mount Everest", text="Everest is the highest mountain.", score=0.1),
+]
+
+
+def ask(services: Services, question: str = "Who discovered penicillin?", timeout: float = 60, **fields: object) -> gateway_pb2.AskResponse:
+    return services.gateway_stub().Ask(gateway_pb2.AskRequest(question=question, **fields), timeout=timeout)
+
+
+def status_of(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+# ------------------------------------------------------------------------------------------------ gateway
+
+
+@pytest.mark.parametrize("mode", [Mode.TOKEN, Mode.SEQUENCE])
+def test_ask_answers_with_provenance(services: Services, mode: Mode) -> None:
+    options = DecodingOptions(mode=mode, num_beams=2, num_return_sequences=2, max_new_tokens=8).to_pb()
+    reply = ask(services, k=4, options=options)
+    assert reply.index_version == "tiny@v1"
+    assert len(reply.answers) == 2 and all(a.text for a in reply.answers)
+    assert reply.answers[0].log_prob >= reply.answers[1].log_prob or mode is Mode.TOKEN
+    assert len(reply.sources) == 4
+    priors = [s.prior for s in reply.sources]
+    posteriors = [s.posterior for s in reply.sources]
+    assert sum(priors) == pytest.approx(1, abs=1e-4) and sum(posteriors) == pytest.approx(1, abs=1e-4)
+    assert posteriors == pytest.approx(list(reply.answers[0].passage_posteriors))
+    scores = [s.passage.score for s in reply.sources]
+    assert scores == sorted(scores, reverse=True)  # best retrieval first; priors follow the scores
+    assert priors == sorted(priors, reverse=True)
+    t = reply.timings
+    assert 0 < t.retrieve_ms < t.total_ms and 0 < t.generate_ms < t.total_ms
+
+
+def test_ask_conditions_on_n_docs_of_the_k_retrieved(services: Services) -> None:
+    reply = ask(services, k=5, options=generator_pb2.DecodingOptions(n_docs=2, max_new_tokens=4))
+    assert len(reply.sources) == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"question": ""}, "question is empty"),
+        ({"question": "   "}, "question is empty"),
+        ({"question": "why? " * 1000}, "the limit is 2000"),
+        ({"k": 51}, "k must be in [1, 50]"),
+        ({"k": -1}, "k must be in [1, 50]"),
+        ({"k": 3, "options": generator_pb2.DecodingOptions(n_docs=4)}, "n_docs=4 is more than the k=3"),
+        ({"options": generator_pb2.DecodingOptions(mode=7)}, "unknown mode 7"),
+        ({"options": generator_pb2.DecodingOptions(sequence_decoding=9)}, "unknown sequence_decoding 9"),
+        ({"options": generator_pb2.DecodingOptions(max_new_tokens=100_000)}, "max_new_tokens must be in"),
+        ({"options": generator_pb2.DecodingOptions(num_beams=99)}, "num_beams must be in [1, 8]"),
+        ({"options": generator_pb2.DecodingOptions(num_beams=2, num_return_sequences=3)}, "num_return_sequences must be in [1, num_beams=2]"),
+    ],
+)
+def test_ask_rejects_bad_requests_with_invalid_argument(services: Services, fields: dict, message: str) -> None:  # type: ignore[type-arg]
+    fields.setdefault("question", "Who discovered penicillin?")
+    err = status_of(lambda: ask(services, **fields))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
+class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
+    """A generator that takes its time and records the deadline it was given."""
+
+    def __init__(self) -> None:
+        self.seen_remaining: list[float] = []
+
+    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
+        self.seen_remaining.append(context.time_remaining())
+        await asyncio.sleep(5)
+        return generator_pb2.GenerateResponse()
+
+
+def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Services, loop_thread: ServerThread) -> None:
+    slow = SlowGenerator()
+    config = GatewayConfig(host="127.0.0.1", port=0, metrics_port=0)
+    fake = loop_thread.run(new_server(config, ("rag.v1.GeneratorService",), lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s)))
+    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retriever_address=services.retriever, generator_address=local(fake.port)))
+    try:
+        started = time.monotonic()
+        with grpc.insecure_channel(local(gateway.port)) as channel:
+            err = status_of(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(gateway_pb2.AskRequest(question="who?"), timeout=1.5))
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 3
+        assert len(slow.seen_remaining) == 1 and 0 < slow.seen_remaining[0] < 1.5  # what was left after retrieval
+    finally:
+        loop_thread.run(gateway.stop(0))
+        loop_thread.run(fake.stop(0))
+
+
+def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, loop_thread: ServerThread) -> None:
+    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retriever_address="127.0.0.1:1", generator_address=services.generator))
+    try:
+        with grpc.insecure_channel(local(gateway.port)) as channel:
+            err = status_of(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(gateway_pb2.AskRequest(question="who?"), timeout=10))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.details().startswith("retriever:")
+    finally:
+        loop_thread.run(gateway.stop(0))
+
+
+# ------------------------------------------------------------------------------------------------ generator
+
+
+def generate(services: Services, **fields: object) -> generator_pb2.GenerateResponse:
+    fields.setdefault("question", "Who discovered penicillin?")
+    fields.setdefault("passages", PASSAGES)
+    return services.generator_stub().Generate(generator_pb2.GenerateRequest(**fields), timeout=60)
+
+
+def test_fast_and_thorough_rag_sequence_both_return_ranked_answers(services: Services) -> None:
+    for decoding in (generator_pb2.SEQUENCE_DECODING_FAST, generator_pb2.SEQUENCE_DECODING_THOROUGH):
+        options = generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_SEQUENCE, sequence_decoding=decoding, num_beams=3, num_return_sequences=3, max_new_tokens=6)
+        hypotheses = generate(services, options=options).hypotheses
+        assert len(hypotheses) == 3 and len({tuple(h.token_ids) for h in hypotheses}) == 3
+        if decoding == generator_pb2.SEQUENCE_DECODING_THOROUGH:  # thorough ranks by the exact marginal
+            log_probs = [h.log_prob for h in hypotheses]
+            assert log_probs == sorted(log_probs, reverse=True)
+
+
+def test_doc_scores_can_come_from_embeddings(services: Services) -> None:
+    query = [1.0, 0.0]
+    with_embeddings = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, embedding=e) for p, e in zip(PASSAGES, ([2.0, 1.0], [0.5, 3.0], [1.0, 1.0]), strict=True)]
+    with_scores = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=s) for p, s in zip(PASSAGES, (2.0, 0.5, 1.0), strict=True)]
+    options = generator_pb2.DecodingOptions(max_new_tokens=4)
+    a = generate(services, passages=with_embeddings, query_embedding=query, options=options)
+    b = generate(services, passages=with_scores, options=options)
+    assert list(a.passage_priors) == pytest.approx(list(b.passage_priors))
+    assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+
+
+def test_score_temperature_sharpens_the_prior(services: Services) -> None:
+    flat = generate(services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=10)).passage_priors
+    sharp = generate(services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=0.05)).passage_priors
+    assert max(flat) < 0.4 and max(sharp) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"passages": []}, "no passages given"),
+        ({"passages": [passage_pb2.Passage(id="x")]}, "has neither title nor text"),
+        ({"options": generator_pb2.DecodingOptions(n_docs=5)}, "n_docs=5 but only 3 passages"),
+        ({"query_embedding": [1.0, 2.0]}, "passage 0 has a 0-d embedding"),
+    ],
+)
+def test_generate_rejects_bad_requests(services: Services, fields: dict, message: str) -> None:  # type: ignore[type-arg]
+    err = status_of(lambda: generate(services, **fields))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
+def test_score_rejects_empty_answers(services: Services) -> None:
+    stub = services.generator_stub()
+    for answers, message in (([], "give 1 to 32 answers"), (["ok", " "], "answer 1 is empty")):
+        err = status_of(lambda: stub.Score(generator_pb2.ScoreRequest(question="q", passages=PASSAGES, answers=answers), timeout=30))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+
+
+def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny: TinyModels) -> None:
+    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.rag_checkpoint), max_queue=1))
+    options = generator_pb2.DecodingOptions(num_beams=8, max_new_tokens=200)
+    request = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=PASSAGES * 10, options=options)
+    try:
+        with grpc.insecure_channel(local(served.port)) as channel:
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            with ThreadPoolExecutor(6) as pool:
+                futures = [pool.submit(stub.Generate.future(request, timeout=120).exception) for _ in range(6)]
+                errors = [f.result() for f in futures]
+        codes = [e.code() for e in errors if e is not None]
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert errors.count(None) >= 1  # the queued one was served
+    finally:
+        loop_thread.run(served.stop(0))
+
+
+def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(loop_thread: ServerThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tmp_path / "missing")))
+    try:
+        assert "does not exist" in str(served.loading.exception())
+        with grpc.insecure_channel(local(served.port)) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            err = status_of(lambda: generator_pb2_grpc.GeneratorServiceStub(channel).Generate(generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.details()
+    finally:
+        loop_thread.run(served.stop(0))
+
+
+# ------------------------------------------------------------------------------------------------ hygiene
+
+
+@pytest.mark.parametrize(("service", "name"), [("retriever", "rag.v1.RetrieverService"), ("generator", "rag.v1.GeneratorService"), ("gateway", "rag.v1.GatewayService")])
+def test_every_service_reports_health_and_serves_reflection(services: Services, service: str, name: str) -> None:
+    with grpc.insecure_channel(getattr(services, service)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for target in ("", name):
+            assert health.Check(health_pb2.HealthCheckRequest(service=target), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        listed = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert name in listed and "grpc.health.v1.Health" in listed
+
+
+def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
+    port = metrics.serve_metrics("127.0.0.1", 0)
+    ask(services, options=generator_pb2.DecodingOptions(max_new_tokens=2))
+    status_of(lambda: ask(services, question=""))
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'rag_requests_total{code="OK",method="/rag.v1.GatewayService/Ask"}' in page
+    assert 'rag_requests_total{code="INVALID_ARGUMENT",method="/rag.v1.GatewayService/Ask"}' in page
+    assert 'rag_requests_total{code="OK",method="/rag.v1.RetrieverService/Search"}' in page
+    for stage in ("encode", "search", "generate", "retrieve", "end_to_end"):
+        assert f'rag_stage_duration_seconds_count{{stage="{stage}"}}' in page
+    assert 'rag_index_info{name="tiny",version="v1"} 1.0' in page
