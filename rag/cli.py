@@ -33,7 +33,7 @@ class BuildConfig:
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
     name: str = option("default", "index name; each build adds a new version of it")
     encoder: str = option("", "encoder spec (sentence-transformer:PATH or dpr:question=PATH,context=PATH); default: the demo MiniLM")
-    index_type: str = option("flat", "flat (exact), hnsw or ivfpq")
+    index_type: str = option("flat", "flat (exact), hnsw, ivfpq, or a faiss factory string such as HNSW64,Flat")
     passage_words: int = option(100, "split documents into passages of at most this many words")
     progress: bool = option(True, "show a progress bar")
 

@@ -49,7 +49,6 @@ PASSAGES = "passages.sqlite"
 EMBEDDINGS = "embeddings.npy"
 ANN = "ann.faiss"
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
 ENCODE_CHUNK = 8192  # passages read from the store and encoded per chunk (bounded memory for any corpus)
@@ -144,6 +143,7 @@ def resolve(root: Path, ref: str) -> Path:
 
 
 def _faiss_factory(index_type: str, dim: int, count: int) -> str:
+    """The faiss factory string for an index type: "" (exact), hnsw, ivfpq, or a factory string as given."""
     if index_type == "flat":
         return ""
     if index_type == "hnsw":
@@ -158,7 +158,14 @@ def _faiss_factory(index_type: str, dim: int, count: int) -> str:
         # As many PQ sub-quantisers as divide dim with at least 4 dimensions each.
         m = next((m for m in (64, 48, 32, 16, 8, 4) if dim % m == 0 and dim // m >= 4), 1)
         return f"IVF{nlist},PQ{m}"
-    raise InvalidArgument(f"unknown index type {index_type!r}; use one of {', '.join(INDEX_TYPES)}")
+    try:  # any other faiss factory string, e.g. "HNSW64,Flat" or "IVF1024,PQ48x8"
+        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise InvalidArgument(
+            f"index type {index_type!r} is neither flat, hnsw, ivfpq nor a faiss factory string faiss accepts: "
+            f"{str(err).strip().splitlines()[-1]}"
+        ) from err
+    return index_type
 
 
 def _write_store(path: Path, documents: Iterator[Document], passage_words: int) -> int:

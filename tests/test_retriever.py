@@ -229,3 +229,11 @@ def test_search_serves_several_questions_in_one_call(services: Services) -> None
     for result in reply.results:
         assert not result.passages[0].embedding and not result.query_embedding  # only when asked for
         assert json.dumps([p.id for p in result.passages])
+
+
+def test_index_type_may_be_a_faiss_factory_string(tmp_path: Path, tiny: TinyModels, corpus: Path) -> None:
+    encoder = load_encoder(tiny.encoder_spec)
+    manifest = build_index(corpus, "jsonl", tmp_path, "custom", encoder, "HNSW16,Flat", show_progress=False)
+    assert manifest.faiss_factory == "HNSW16,Flat"
+    with pytest.raises(InvalidArgument, match="neither flat, hnsw, ivfpq nor a faiss factory string"):
+        build_index(corpus, "jsonl", tmp_path, "bogus", encoder, "NotAnIndex42", show_progress=False)
