@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+
 import grpc
 
+from gateway.admin import AdminServicer
 from gateway.config import GatewayConfig
+from gateway.retrievers import RetrieverTier, downstream_error
 from rag import metrics
+from rag.auth import load_admin_token
 from rag.clients import aio_channel
 from rag.errors import RagError, require
 from rag.serving import Served, new_server
 from rag.types import DecodingOptions, Limits, validate_question
-from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, retriever_pb2, retriever_pb2_grpc
+from rag.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class Deadline:
@@ -29,16 +34,11 @@ class Deadline:
         return max(0.001, self.at - time.monotonic())
 
 
-def downstream_error(service: str, err: grpc.aio.AioRpcError) -> RagError:
-    """A failed downstream call, reported with its own status code and the service that failed."""
-    return RagError(f"{service}: {err.details()}", code=err.code())
-
-
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.limits = Limits(max_passages=config.max_k)
-        self.retriever = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(config.retriever_address))
+        self.retrievers = RetrieverTier(config.retrievers)
         self.generator = generator_pb2_grpc.GeneratorServiceStub(aio_channel(config.generator_address))
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:
@@ -51,21 +51,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(options.n_docs <= k, f"n_docs={options.n_docs} is more than the k={k} passages retrieved")
 
         with metrics.timed("retrieve"):
-            try:
-                found = await self.retriever.Search(
-                    retriever_pb2.SearchRequest(questions=[question], k=k), timeout=deadline.remaining()
-                )
-            except grpc.aio.AioRpcError as err:
-                raise downstream_error("retriever", err) from err
+            passages, index_version, score_temperature = await self.retrievers.search(question, k, deadline.remaining())
         retrieved = time.perf_counter()
-        passages = list(found.results[0].passages)
         if not passages:
             raise RagError("the index returned no passages", code=grpc.StatusCode.FAILED_PRECONDITION)
 
         generate_options = generator_pb2.DecodingOptions()
         generate_options.CopyFrom(request.options)
         if not generate_options.score_temperature:
-            generate_options.score_temperature = found.score_temperature
+            generate_options.score_temperature = score_temperature
         with metrics.timed("generate_call"):
             try:
                 generated = await self.generator.Generate(
@@ -88,7 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 gateway_pb2.Source(passage=p, prior=prior, posterior=posterior)
                 for p, prior, posterior in zip(used, generated.passage_priors, best, strict=True)
             ],
-            index_version=found.index_version,
+            index_version=index_version,
             timings=gateway_pb2.Timings(
                 retrieve_ms=(retrieved - started) * 1000,
                 generate_ms=(finished - retrieved) * 1000,
@@ -99,8 +93,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 async def create_server(config: GatewayConfig) -> Served:
     servicer = GatewayServicer(config)
-    served = await new_server(
-        config, (SERVICE_NAME,), lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s)
+    admin = AdminServicer(
+        servicer.retrievers, load_admin_token(config.admin_token, config.admin_token_file), config.swap_timeout_seconds
     )
+
+    def register(server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+
+    served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register)
     await served.mark_serving()  # stateless: ready once listening; downstream readiness shows per request
     return served

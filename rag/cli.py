@@ -1,7 +1,10 @@
 """The `rag` command line: build indexes, run services, ask questions, run the demo.
 
     rag index build --corpus PATH [--format jsonl|dpr-tsv] [--index-root DIR] [--name NAME] [--encoder SPEC]
-                    [--index-type flat|hnsw|ivfpq]           last stdout line: the new version id
+                    [--index-type flat|hnsw|ivfpq] [--shards N]   last stdout line: the new version id
+    rag index swap VERSION [--name NAME] [--gateway ADDR]       (admin token: RAG_ADMIN_TOKEN)
+    rag index status [--gateway ADDR]
+    rag index list [--index-root DIR] [--gateway ADDR]
     rag serve retriever|generator|gateway [options]
     rag up [--index-root DIR] [--index NAME[@VERSION]] [--encoder SPEC] [--generator SPEC]
     rag ask QUESTION [--mode token|sequence] [--k K] [--json] [--gateway ADDR]
@@ -34,8 +37,18 @@ class BuildConfig:
     name: str = option("default", "index name; each build adds a new version of it")
     encoder: str = option("", "encoder spec (sentence-transformer:PATH or dpr:question=PATH,context=PATH); default: the demo MiniLM")
     index_type: str = option("flat", "flat (exact), hnsw, ivfpq, or a faiss factory string such as HNSW64,Flat")
+    shards: int = option(1, "split the passages into this many shards, one retriever each")
     passage_words: int = option(100, "split documents into passages of at most this many words")
+    reuse_embeddings: bool = option(True, "copy embeddings of unchanged passages from the newest version by this encoder")
     progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class ListConfig:
+    index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
+    gateway: str = option("127.0.0.1:50051", "gateway to ask which versions are being served (needs the admin token)")
+    admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
+    admin_token_file: str = option("", "file holding the admin token")
 
 
 def _index_build(config: BuildConfig) -> int:
@@ -53,10 +66,52 @@ def _index_build(config: BuildConfig) -> int:
         encoder,
         config.index_type,
         config.passage_words,
+        shards=config.shards,
+        reuse_embeddings=config.reuse_embeddings,
         show_progress=config.progress,
     )
-    print(f"built {manifest.ref}: {manifest.count} passages, {manifest.index_type}, dim {manifest.dim}", file=sys.stderr)
+    print(
+        f"built {manifest.ref}: {manifest.count} passages in {manifest.num_shards} shard(s), {manifest.index_type}, "
+        f"dim {manifest.dim}",
+        file=sys.stderr,
+    )
     print(manifest.version)
+    return 0
+
+
+def _index_swap(args: argparse.Namespace) -> int:
+    from rag.admin_client import SwapConfig, swap
+
+    config = config_from_args(SwapConfig, args)
+    reply = swap(config, args.version, config.name)
+    print(
+        f"swapped {reply.previous_version or '(none)'} -> {reply.index_version} on {reply.retrievers} retriever(s) "
+        f"(load {reply.load_seconds:.2f} s, activate {reply.activate_seconds * 1000:.0f} ms)"
+    )
+    return 0
+
+
+def _index_status(args: argparse.Namespace) -> int:
+    from rag.admin_client import AdminConfig, format_statuses, statuses
+
+    print(format_statuses(statuses(config_from_args(AdminConfig, args))))
+    return 0
+
+
+def _index_list(args: argparse.Namespace) -> int:
+    from rag.admin_client import AdminConfig, format_versions, statuses
+
+    config = config_from_args(ListConfig, args)
+    serving: dict[str, list[str]] | None = None
+    if config.admin_token or config.admin_token_file:
+        try:
+            found = statuses(AdminConfig(config.gateway, config.admin_token, config.admin_token_file, timeout=10))
+            serving = {}
+            for s in found:
+                serving.setdefault(s.active_version, []).append(f"{s.endpoint} (shard {s.shard})")
+        except RagError as err:
+            print(f"(not showing what is served: {err})", file=sys.stderr)
+    print(format_versions(Path(config.index_root), serving))
     return 0
 
 
@@ -95,6 +150,7 @@ def _ask(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from gateway.config import GatewayConfig
     from generator_svc.config import GeneratorConfig
+    from rag.admin_client import AdminConfig, SwapConfig
     from rag.ask import AskConfig
     from rag.demo import DemoConfig
     from rag.up import UpConfig
@@ -103,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    index = commands.add_parser("index", help="build indexes").add_subparsers(dest="index_command", required=True)
+    index = commands.add_parser("index", help="build, list and swap indexes").add_subparsers(dest="index_command", required=True)
     add_config_flags(index.add_parser("build", help="build a new index version from a corpus"), BuildConfig)
+    swap = index.add_parser("swap", help="swap every retriever to another version (two phases, all or nothing)")
+    swap.add_argument("version", help="version to serve, e.g. v3 (rollback: the previous version)")
+    add_config_flags(swap, SwapConfig)
+    add_config_flags(index.add_parser("status", help="the versions every retriever holds"), AdminConfig)
+    add_config_flags(index.add_parser("list", help="every version under the index root, and who serves it"), ListConfig)
 
     serve = commands.add_parser("serve", help="run one service").add_subparsers(dest="service", required=True)
     for name, config_class in (("retriever", RetrieverConfig), ("generator", GeneratorConfig), ("gateway", GatewayConfig)):
@@ -123,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[], int]] = {
-        "index": lambda: _index_build(config_from_args(BuildConfig, args)),
+        "index": lambda: {
+            "build": lambda: _index_build(config_from_args(BuildConfig, args)),
+            "swap": lambda: _index_swap(args),
+            "status": lambda: _index_status(args),
+            "list": lambda: _index_list(args),
+        }[args.index_command](),
         "serve": lambda: _serve(args.service, args),
         "up": lambda: _up(args),
         "ask": lambda: _ask(args),

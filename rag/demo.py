@@ -17,6 +17,7 @@ from pathlib import Path
 from rag import assets, paths
 from rag.ask import AskConfig, ask, format_answer
 from rag.config import option
+from rag.errors import FailedPrecondition
 from rag.up import Stack, UpConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
     encoder_spec = f"sentence-transformer:{encoder_dir}"
     corpus_sha = assets.sha256_file(corpus)
     for version in reversed(versions(root, name)):
-        manifest = Manifest.from_file(root / name / version / "manifest.json")
+        try:
+            manifest = Manifest.from_file(root / name / version / "manifest.json")
+        except FailedPrecondition:  # unreadable (an older format): build anew
+            continue
         if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec:
             log.info("reusing index %s", manifest.ref)
             return manifest.ref

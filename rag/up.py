@@ -34,9 +34,10 @@ class UpConfig:
     generator: str = option(paths.demo_generator_spec(), "generator model directory, RAG checkpoint or .gguf file")
     host: str = option("127.0.0.1", "address every service listens on")
     port: int = option(50051, "gateway port (0 picks a free one)")
-    retriever_port: int = option(50052, "retriever port (0 picks a free one)")
+    shards: int = option(1, "retrievers to start, one per shard of the index")
+    retriever_port: int = option(50052, "port of shard 0's retriever; shard i listens 100*i above (0 picks free ones)")
     generator_port: int = option(50053, "generator port (0 picks a free one)")
-    metrics_port: int = option(9090, "gateway metrics port; retriever +1, generator +2; 0 turns metrics off")
+    metrics_port: int = option(9090, "gateway metrics port; generator +1, retrievers +2 and up; 0 turns metrics off")
     startup_timeout: float = option(900.0, "seconds to wait for every service to report SERVING")
     grace_seconds: float = option(10.0, "drain time of each service on shutdown")
 
@@ -85,14 +86,18 @@ class Stack:
     def start(self) -> str:
         """Start all three; returns the gateway address once every service is SERVING."""
         c = self.config
-        retriever = self._spawn(
-            "retriever", c.retriever_port, 1, index_root=c.index_root, index=c.index, encoder=c.encoder
-        )
-        generator = self._spawn("generator", c.generator_port, 2, generator=c.generator)
-        for child in (retriever, generator):
+        generator = self._spawn("generator", c.generator_port, 1, generator=c.generator)
+        retrievers = [
+            self._spawn(
+                "retriever", c.retriever_port + 100 * shard if c.retriever_port else 0, 2 + shard,
+                index_root=c.index_root, index=c.index, encoder=c.encoder, shard=shard,
+            )  # fmt: skip
+            for shard in range(c.shards)
+        ]
+        for child in (generator, *retrievers):
             self._learn_address(child, 120)
         gateway = self._spawn(
-            "gateway", c.port, 0, retriever_address=retriever.address, generator_address=generator.address
+            "gateway", c.port, 0, retrievers=",".join(r.address for r in retrievers), generator_address=generator.address
         )
         self._learn_address(gateway, 120)
         deadline = time.monotonic() + c.startup_timeout
@@ -138,7 +143,9 @@ def run_up(config: UpConfig) -> int:
     stack = Stack(config)
     try:
         address = stack.start()
-        print(f"ready: gateway on {address}; retriever {stack.children[0].address}, generator {stack.children[1].address}", flush=True)
+        retrievers = ",".join(c.address for c in stack.children if c.name == "retriever")
+        generator = next(c.address for c in stack.children if c.name == "generator")
+        print(f"ready: gateway on {address}; retrievers {retrievers}; generator {generator}", flush=True)
         return stack.wait(stop)
     finally:
         stack.stop()

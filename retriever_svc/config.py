@@ -13,8 +13,12 @@ from rag.serving import ServerConfig
 class RetrieverConfig(ServerConfig):
     port: int = option(50052, "gRPC port (0 picks a free one)")
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
-    index: str = option("", "NAME[@VERSION] to serve; default: the newest version of the only index there")
+    index: str = option("", "NAME[@VERSION] to serve first; default: the newest version of the only index there")
+    shard: int = option(0, "which shard of the index this retriever serves")
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index manifest")
     max_k: int = option(100, "largest k a request may ask for")
     max_questions: int = option(64, "most questions in one Search request")
     verify_checksums: bool = option(True, "check every index file against its manifest checksum when loading")
+    mmap_ann: bool = option(False, "memory-map approximate (faiss) indexes instead of reading them into RAM")
+    admin_token: str = option("", "token for the IndexAdminService RPCs; prefer the env mirror or a token file")
+    admin_token_file: str = option("", "file holding the admin token (a mounted Kubernetes Secret)")

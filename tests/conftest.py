@@ -142,7 +142,7 @@ def services(loop_thread: ServerThread, tiny: TinyModels, index_root: Path) -> I
     gateway = start(
         loop_thread,
         create_gateway,
-        GatewayConfig(**common, retriever_address=local(retriever.port), generator_address=local(generator.port)),
+        GatewayConfig(**common, retrievers=local(retriever.port), generator_address=local(generator.port)),
     )
     yield Services(local(retriever.port), local(generator.port), local(gateway.port), [retriever, generator, gateway])
     for served in (gateway, retriever, generator):

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from rag.clients import is_serving
-from tests.conftest import FACTS, TinyModels
+from tests.conftest import FACTS, TinyModels, corpus_records, write_jsonl
 
 RAG = [sys.executable, "-m", "rag.cli"]
+TOKEN = "cli-admin-token"
 
 
 def rag(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -38,7 +39,7 @@ class Up:
 @pytest.fixture(scope="module")
 def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
     root = tmp_path_factory.mktemp("cli-indexes")
-    built = rag("index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "facts", "--encoder", tiny.encoder_spec)
+    built = rag("index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "facts", "--encoder", tiny.encoder_spec, "--shards", "2")
     assert built.returncode == 0, built.stderr
     assert built.stdout.strip().splitlines()[-1] == "v1"  # the contract: the last stdout line is the version id
     assert "encoding facts" in built.stderr  # progress bar
@@ -49,8 +50,9 @@ def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus
 def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
     process = subprocess.Popen(
         [*RAG, "up", "--index-root", str(cli_index), "--index", "facts", "--generator", str(tiny.causal_lm),
-         "--port", "0", "--retriever-port", "0", "--generator-port", "0", "--metrics-port", "0", "--grace-seconds", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--shards", "2", "--port", "0", "--retriever-port", "0", "--generator-port", "0", "--metrics-port", "0",
+         "--grace-seconds", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAG_ADMIN_TOKEN": TOKEN},
     )  # fmt: skip
     assert process.stdout is not None
     output: list[str] = []
@@ -60,7 +62,7 @@ def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
         if line.startswith("ready"):
             break
         assert time.monotonic() < deadline, "".join(output)
-    match = re.search(r"gateway on (\S+); retriever (\S+), generator (\S+)", output[-1] if output else "")
+    match = re.search(r"gateway on (\S+); retrievers (\S+); generator (\S+)", output[-1] if output else "")
     assert match, "".join(output)
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()  # type: ignore[arg-type]
     yield Up(process, match.group(1), match.group(2), match.group(3), output)
@@ -103,6 +105,36 @@ def test_bad_requests_exit_2_with_the_reason(up: Up) -> None:
     result = rag("ask", "Who?", "--gateway", up.gateway, "--k", "500")
     assert result.returncode == 2
     assert "INVALID_ARGUMENT: k must be in [1, 50], got 500" in result.stderr
+
+
+def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, tmp_path: Path) -> None:
+    updated = write_jsonl(tmp_path / "updated.jsonl", [dict(r, id=f"new-{r['id']}") for r in corpus_records()])
+    built = rag("index", "build", "--corpus", str(updated), "--index-root", str(cli_index), "--name", "facts",
+                "--encoder", tiny.encoder_spec, "--shards", "2")  # fmt: skip
+    assert built.returncode == 0 and built.stdout.split()[-1] == "v2", built.stderr
+    admin = {"RAG_ADMIN_TOKEN": TOKEN}
+
+    swapped = rag("index", "swap", "v2", "--gateway", up.gateway, env=admin)
+    assert swapped.returncode == 0, swapped.stderr
+    assert swapped.stdout.startswith("swapped facts@v1 -> facts@v2 on 2 retriever(s)")
+    answer = ask_json(up, "--k", "4", "--max-new-tokens", "2")
+    assert answer["index_version"] == "facts@v2" and all(p["id"].startswith("new-") for p in answer["passages"])
+
+    status = rag("index", "status", "--gateway", up.gateway, env=admin)
+    assert status.returncode == 0, status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()[1:]]
+    assert sorted(r[1] for r in rows) == ["0/2", "1/2"] and {r[2] for r in rows} == {"facts@v2"} and {r[4] for r in rows} == {"facts@v1"}
+
+    listed = rag("index", "list", "--index-root", str(cli_index), "--gateway", up.gateway, env=admin)
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert set(lines) == {"facts@v1", "facts@v2"}
+    assert "(shard 0)" in lines["facts@v2"] and "(shard 1)" in lines["facts@v2"] and lines["facts@v1"].rstrip().endswith("-")
+
+    refused = rag("index", "swap", "v1", "--gateway", up.gateway, env={"RAG_ADMIN_TOKEN": "wrong"})
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
+    assert rag("index", "swap", "v1", "--gateway", up.gateway, env=admin).returncode == 0  # rollback
+    assert ask_json(up, "--max-new-tokens", "2")["index_version"] == "facts@v1"
 
 
 def test_sigterm_drains_in_flight_requests_then_stops_everything(up: Up) -> None:

@@ -108,7 +108,8 @@ def test_build_writes_a_validated_manifest_and_new_versions(tmp_path: Path, tiny
     assert manifest.dim == encoder.info.dim and manifest.metric == "inner_product"
     documents = read_documents(corpus, "jsonl")
     assert manifest.count == sum(len(list(split_passages(d))) for d in documents) > len(corpus_records())
-    assert set(manifest.checksums) == {"passages.sqlite", "embeddings.npy"}
+    assert set(manifest.checksums) == {"shard-0/passages.sqlite", "shard-0/embeddings.npy"}
+    assert manifest.num_shards == 1 and manifest.shard_counts == [manifest.count]
     assert not [p for p in (root / "wiki").iterdir() if p.name.startswith(".")]
 
 
@@ -123,12 +124,12 @@ def test_failed_build_leaves_no_version_and_no_temp_files(tmp_path: Path, tiny: 
 def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Path) -> None:
     reply = search(services.retriever, QUESTIONS, 10, include_embeddings=True, include_query_embeddings=True)
     assert reply.index_version == "tiny@v1"
-    embeddings = np.load(index_root / "tiny" / "v1" / "embeddings.npy")
+    embeddings = np.load(index_root / "tiny" / "v1" / "shard-0" / "embeddings.npy")
     brute = faiss.IndexFlatIP(embeddings.shape[1])
     brute.add(embeddings)
     queries = np.array([list(r.query_embedding) for r in reply.results], dtype=np.float32)
     scores, rows = brute.search(queries, 10)
-    ids = _row_ids(index_root / "tiny" / "v1")
+    ids = _row_ids(index_root / "tiny" / "v1" / "shard-0")
     for result, expected_rows, expected_scores in zip(reply.results, rows, scores, strict=True):
         assert [p.id for p in result.passages] == [ids[r] for r in expected_rows]
         np.testing.assert_allclose([p.score for p in result.passages], expected_scores, rtol=1e-5, atol=1e-6)
@@ -199,7 +200,7 @@ def test_retriever_refuses_an_index_built_by_another_encoder(tmp_path: Path, tin
 
     save_sentence_encoder(other, seed=1)
     served = serve(index_root=str(index_root), index="tiny", encoder=f"sentence-transformer:{other}")
-    assert "built with encoder" in str(served.loading.exception())
+    assert "built with a different encoder" in str(served.loading.exception())
     with pytest.raises(grpc.RpcError) as err:
         search(local(served.port), QUESTIONS, 3)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -106,7 +106,7 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
     slow = SlowGenerator()
     config = GatewayConfig(host="127.0.0.1", port=0, metrics_port=0)
     fake = loop_thread.run(new_server(config, ("rag.v1.GeneratorService",), lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s)))
-    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retriever_address=services.retriever, generator_address=local(fake.port)))
+    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retrievers=services.retriever, generator_address=local(fake.port)))
     try:
         started = time.monotonic()
         with grpc.insecure_channel(local(gateway.port)) as channel:
@@ -120,12 +120,12 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
 
 
 def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, loop_thread: ServerThread) -> None:
-    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retriever_address="127.0.0.1:1", generator_address=services.generator))
+    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retrievers="127.0.0.1:1", generator_address=services.generator))
     try:
         with grpc.insecure_channel(local(gateway.port)) as channel:
             err = status_of(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(gateway_pb2.AskRequest(question="who?"), timeout=10))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
-        assert err.details().startswith("retriever:")
+        assert err.details().startswith("retriever shard 0:")
     finally:
         loop_thread.run(gateway.stop(0))
 

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from rag.v1 import passage_pb2 as rag_dot_v1_dot_passage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/retriever.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"k\n\rSearchRequest\x12\x11\n\tquestions\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12 \n\x18include_query_embeddings\x18\x04 \x01(\x08\"i\n\x0eSearchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rag.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x19\n\x11score_temperature\x18\x03 \x01(\x02\"J\n\x0cSearchResult\x12!\n\x08passages\x18\x01 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x32K\n\x10RetrieverService\x12\x37\n\x06Search\x12\x15.rag.v1.SearchRequest\x1a\x16.rag.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/retriever.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"\x82\x01\n\rSearchRequest\x12\x11\n\tquestions\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12 \n\x18include_query_embeddings\x18\x04 \x01(\x08\x12\x15\n\rindex_version\x18\x05 \x01(\t\"\x8c\x01\n\x0eSearchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rag.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x19\n\x11score_temperature\x18\x03 \x01(\x02\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\"J\n\x0cSearchResult\x12!\n\x08passages\x18\x01 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x32K\n\x10RetrieverService\x12\x37\n\x06Search\x12\x15.rag.v1.SearchRequest\x1a\x16.rag.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rag.v1.retriever_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHREQUEST']._serialized_start=56
-  _globals['_SEARCHREQUEST']._serialized_end=163
-  _globals['_SEARCHRESPONSE']._serialized_start=165
-  _globals['_SEARCHRESPONSE']._serialized_end=270
-  _globals['_SEARCHRESULT']._serialized_start=272
-  _globals['_SEARCHRESULT']._serialized_end=346
-  _globals['_RETRIEVERSERVICE']._serialized_start=348
-  _globals['_RETRIEVERSERVICE']._serialized_end=423
+  _globals['_SEARCHREQUEST']._serialized_start=57
+  _globals['_SEARCHREQUEST']._serialized_end=187
+  _globals['_SEARCHRESPONSE']._serialized_start=190
+  _globals['_SEARCHRESPONSE']._serialized_end=330
+  _globals['_SEARCHRESULT']._serialized_start=332
+  _globals['_SEARCHRESULT']._serialized_end=406
+  _globals['_RETRIEVERSERVICE']._serialized_start=408
+  _globals['_RETRIEVERSERVICE']._serialized_end=483
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,112 @@
+"""AdminService: swap every retriever to another index version, all or nothing, and report what they hold.
+
+A swap has two phases across every shard and replica: load and validate everywhere, then activate
+everywhere. A failure in the first phase aborts the swap (versions loaded so far are unloaded) and every
+retriever keeps serving what it served. Activation only switches pointers, so the second phase takes
+milliseconds; answers stay on one version throughout (see gateway.retrievers). Rollback is a swap back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from gateway.retrievers import RetrieverTier, downstream_error
+from rag import metrics
+from rag.auth import bearer, require_admin
+from rag.errors import RagError
+from rag.index_refs import check_name, check_version
+from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
+
+log = logging.getLogger("rag.audit")
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, tier: RetrieverTier, admin_token: str, swap_timeout: float) -> None:
+        self.tier = tier
+        self.admin_token = admin_token
+        self.swap_timeout = swap_timeout
+        self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
+
+    async def _on_all(self, call: str, request: object, endpoints: list[tuple[int, str]], timeout: float) -> list[object]:
+        """Call an IndexAdminService RPC on every endpoint at once; exceptions are returned, not raised."""
+        metadata = bearer(self.admin_token)
+
+        async def one(endpoint: str) -> object:
+            try:
+                return await getattr(self.tier.admin(endpoint), call)(request, timeout=timeout, metadata=metadata)
+            except grpc.aio.AioRpcError as err:
+                return downstream_error(f"retriever {endpoint}", err)
+
+        return list(await asyncio.gather(*(one(e) for _, e in endpoints)))
+
+    async def _statuses(self, timeout: float) -> list[index_admin_pb2.IndexStatus]:
+        endpoints = await self.tier.endpoints()
+        replies = await self._on_all("GetIndexStatus", index_admin_pb2.GetIndexStatusRequest(), endpoints, timeout)
+        statuses = []
+        for (_, endpoint), reply in zip(endpoints, replies, strict=True):
+            if isinstance(reply, RagError):
+                raise reply
+            reply.status.endpoint = endpoint  # type: ignore[union-attr]
+            statuses.append(reply.status)  # type: ignore[union-attr]
+        return statuses
+
+    async def ListIndexStatus(self, request: admin_pb2.ListIndexStatusRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListIndexStatusResponse:
+        require_admin(context, self.admin_token)
+        return admin_pb2.ListIndexStatusResponse(retrievers=await self._statuses(timeout=30))
+
+    async def SwapIndex(self, request: admin_pb2.SwapIndexRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SwapIndexResponse:
+        caller = require_admin(context, self.admin_token)
+        check_version(request.version)
+        async with self._swap_lock:
+            started = time.perf_counter()
+            statuses = await self._statuses(timeout=30)
+            previous = statuses[0].active_version
+            name = check_name(request.name or previous.partition("@")[0])
+            ref = f"{name}@{request.version}"
+            try:
+                response = await self._swap(ref, previous, statuses)
+            except RagError as err:
+                metrics.INDEX_SWAPS.labels("failed").inc()
+                metrics.INDEX_SWAP_SECONDS.labels("failed").observe(time.perf_counter() - started)
+                log.warning("index swap by %s: %s -> %s FAILED, nothing changed: %s", caller, previous, ref, err)
+                raise
+            metrics.INDEX_SWAPS.labels("swapped").inc()
+            metrics.INDEX_SWAP_SECONDS.labels("swapped").observe(time.perf_counter() - started)
+            log.info(
+                "index swap by %s: %s -> %s on %d retrievers (load %.2fs, activate %.3fs)",
+                caller, previous, ref, response.retrievers, response.load_seconds, response.activate_seconds,
+            )  # fmt: skip
+            return response
+
+    async def _swap(self, ref: str, previous: str, statuses: list[index_admin_pb2.IndexStatus]) -> admin_pb2.SwapIndexResponse:
+        endpoints = [(s.shard, s.endpoint) for s in statuses]
+        # Phase 1: load and validate everywhere; any failure aborts with nothing activated.
+        started = time.perf_counter()
+        loads = await self._on_all("LoadIndex", index_admin_pb2.LoadIndexRequest(index_version=ref), endpoints, self.swap_timeout)
+        failures = [r for r in loads if isinstance(r, RagError)]
+        if failures:
+            loaded = [e for e, r in zip(endpoints, loads, strict=True) if not isinstance(r, RagError)]
+            if ref != previous:
+                await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=ref), loaded, 30)
+            raise RagError(f"swap to {ref} aborted, every retriever still serves {previous}: {failures[0]}", code=failures[0].code)
+        loaded_at = time.perf_counter()
+        # Phase 2: activate everywhere (a pointer swap on each replica).
+        activations = await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=ref), endpoints, 30)
+        failures = [r for r in activations if isinstance(r, RagError)]
+        if failures:  # a replica vanished between the phases: put the others back
+            done = [e for e, r in zip(endpoints, activations, strict=True) if not isinstance(r, RagError)]
+            await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=previous), done, 30)
+            raise RagError(f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE)
+        activated_at = time.perf_counter()
+        metrics.INDEX_ACTIVATION_SECONDS.observe(activated_at - loaded_at)
+        return admin_pb2.SwapIndexResponse(
+            index_version=ref,
+            previous_version=previous,
+            retrievers=len(endpoints),
+            load_seconds=loaded_at - started,
+            activate_seconds=activated_at - loaded_at,
+        )

@@ -1,0 +1,134 @@
+"""The gateway's view of the retriever tier: shards (each a set of replicas) and their endpoints.
+
+Search goes to one replica per shard (round robin), all shards in parallel; the results merge into one top-k
+by score. Every answer comes from one index version on all shards: while a swap is being activated some
+shards may already serve the new version, so shards that answered from another version are asked again,
+pinned to the version most shards answered from (both versions are resident everywhere during a swap).
+Admin calls go to every replica individually.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections import Counter
+from dataclasses import dataclass
+
+import grpc
+
+from rag.clients import aio_channel
+from rag.errors import FailedPrecondition, InvalidArgument, RagError
+from rag.v1 import index_admin_pb2_grpc, passage_pb2, retriever_pb2, retriever_pb2_grpc
+
+DNS_PREFIX = "dns:///"
+
+
+def downstream_error(service: str, err: grpc.aio.AioRpcError) -> RagError:
+    """A failed downstream call, reported with its own status code and the service that failed."""
+    return RagError(f"{service}: {err.details()}", code=err.code())
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.removeprefix(DNS_PREFIX).rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"retriever address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class Shard:
+    index: int
+    replicas: list[str]  # as configured: "host:port" each, or one DNS name standing for every replica
+    stub: retriever_pb2_grpc.RetrieverServiceStub
+
+    async def endpoints(self) -> list[str]:
+        """Every replica's own address: DNS names resolved now (pods come and go)."""
+        found: list[str] = []
+        loop = asyncio.get_running_loop()
+        for replica in self.replicas:
+            host, port = _split_host_port(replica)
+            if _is_ip(host):
+                found.append(replica.removeprefix(DNS_PREFIX))
+                continue
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:
+                raise RagError(f"cannot resolve retriever {replica}: {err}", code=grpc.StatusCode.UNAVAILABLE) from err
+            for info in infos:
+                ip = info[4][0]
+                found.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        return sorted(set(found))
+
+
+def _channel_target(replicas: list[str]) -> str:
+    """One load-balanced target for a shard: a DNS name as given, or the listed IP addresses."""
+    if len(replicas) == 1:
+        return replicas[0]
+    hosts = [_split_host_port(r)[0] for r in replicas]
+    if not all(_is_ip(h) and ipaddress.ip_address(h).version == 4 for h in hosts):
+        raise InvalidArgument("list replicas of one shard as IPv4 addresses, or give one DNS name for all of them")
+    return "ipv4:" + ",".join(replicas)
+
+
+class RetrieverTier:
+    def __init__(self, spec: str) -> None:
+        shards = [s.strip() for s in spec.split(",") if s.strip()]
+        if not shards:
+            raise InvalidArgument("no retrievers configured (--retrievers)")
+        self.shards = []
+        for i, shard in enumerate(shards):
+            replicas = [r.strip() for r in shard.split("|") if r.strip()]
+            stub = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(_channel_target(replicas)))
+            self.shards.append(Shard(i, replicas, stub))
+        self._admin_stubs: dict[str, index_admin_pb2_grpc.IndexAdminServiceStub] = {}
+
+    def admin(self, endpoint: str) -> index_admin_pb2_grpc.IndexAdminServiceStub:
+        if endpoint not in self._admin_stubs:
+            self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint))
+        return self._admin_stubs[endpoint]
+
+    async def endpoints(self) -> list[tuple[int, str]]:
+        per_shard = await asyncio.gather(*(s.endpoints() for s in self.shards))
+        return [(shard.index, e) for shard, found in zip(self.shards, per_shard, strict=True) for e in found]
+
+    async def _search_shard(self, shard: Shard, question: str, k: int, timeout: float, pin: str = "") -> retriever_pb2.SearchResponse:
+        try:
+            reply = await shard.stub.Search(
+                retriever_pb2.SearchRequest(questions=[question], k=k, index_version=pin), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error(f"retriever shard {shard.index}", err) from err
+        if reply.num_shards != len(self.shards) or reply.shard != shard.index:
+            raise FailedPrecondition(
+                f"the retriever configured as shard {shard.index} of {len(self.shards)} serves shard {reply.shard} "
+                f"of {reply.num_shards} of {reply.index_version}; fix the gateway's --retrievers order"
+            )
+        return reply
+
+    async def search(self, question: str, k: int, timeout: float) -> tuple[list[passage_pb2.Passage], str, float]:
+        """Top-k passages over all shards, all from one index version: (passages, version, temperature)."""
+        replies = await asyncio.gather(*(self._search_shard(s, question, k, timeout) for s in self.shards))
+        versions = [r.index_version for r in replies]
+        if len(set(versions)) > 1:
+            chosen = Counter(versions).most_common(1)[0][0]
+            replies = await asyncio.gather(
+                *(
+                    self._search_shard(s, question, k, timeout, pin=chosen) if r.index_version != chosen else _done(r)
+                    for s, r in zip(self.shards, replies, strict=True)
+                )
+            )
+        passages = sorted((p for r in replies for p in r.results[0].passages), key=lambda p: -p.score)[:k]
+        return passages, replies[0].index_version, replies[0].score_temperature
+
+
+async def _done(reply: retriever_pb2.SearchResponse) -> retriever_pb2.SearchResponse:
+    return reply

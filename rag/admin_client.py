@@ -1,0 +1,79 @@
+"""Operator commands against the gateway's AdminService: `rag index swap`, `rag index status`,
+and the file-system side of `rag index list`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from rag import paths
+from rag.auth import bearer, load_admin_token
+from rag.clients import channel
+from rag.config import option
+from rag.errors import RagError
+from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
+
+
+@dataclass
+class AdminConfig:
+    gateway: str = option("127.0.0.1:50051", "gateway address")
+    admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
+    admin_token_file: str = option("", "file holding the admin token")
+    timeout: float = option(900.0, "deadline in seconds")
+
+
+@dataclass
+class SwapConfig(AdminConfig):
+    name: str = option("", "index name; default: the name being served")
+
+
+def _call(config: AdminConfig, rpc: str, request: object) -> object:
+    token = load_admin_token(config.admin_token, config.admin_token_file)
+    try:
+        with channel(config.gateway) as ch:
+            return getattr(admin_pb2_grpc.AdminServiceStub(ch), rpc)(request, timeout=config.timeout, metadata=bearer(token))
+    except grpc.RpcError as err:
+        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+
+
+def swap(config: AdminConfig, version: str, name: str = "") -> admin_pb2.SwapIndexResponse:
+    return _call(config, "SwapIndex", admin_pb2.SwapIndexRequest(name=name, version=version))  # type: ignore[return-value]
+
+
+def statuses(config: AdminConfig) -> list[index_admin_pb2.IndexStatus]:
+    return list(_call(config, "ListIndexStatus", admin_pb2.ListIndexStatusRequest()).retrievers)  # type: ignore[attr-defined]
+
+
+def format_statuses(found: list[index_admin_pb2.IndexStatus]) -> str:
+    rows = [("RETRIEVER", "SHARD", "ACTIVE", "STAGED", "PREVIOUS", "PASSAGES", "IN FLIGHT")]
+    for s in found:
+        in_flight = sum(s.in_flight.values())
+        rows.append((s.endpoint, f"{s.shard}/{s.num_shards}", s.active_version, s.staged_version or "-",
+                     s.previous_version or "-", str(s.active_passages), str(in_flight)))  # fmt: skip
+    return _table(rows)
+
+
+def format_versions(root: Path, serving: dict[str, list[str]] | None) -> str:
+    """Every version under the index root, with the retrievers serving it when the gateway could say."""
+    from retriever_svc.index import MANIFEST, Manifest, directory_bytes, index_names, versions
+
+    rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "CREATED", "SERVED BY")]
+    for name in index_names(root):
+        for version in versions(root, name):
+            manifest = Manifest.from_file(root / name / version / MANIFEST)
+            served = "?" if serving is None else ", ".join(serving.get(manifest.ref, [])) or "-"
+            size = directory_bytes(root / name / version)
+            rows.append((manifest.ref, str(manifest.count), str(manifest.num_shards), manifest.index_type,
+                         f"{size / 2**20:.1f} MiB", manifest.created_at, served))  # fmt: skip
+    return _table(rows) if len(rows) > 1 else f"no indexes under {root}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def default_index_root() -> str:
+    return str(paths.index_root())

@@ -1,0 +1,193 @@
+"""The index versions one retriever holds, and the rules for changing them without losing a request.
+
+Triton's model-management rule, applied to indexes: a failed load keeps the old version; a successful one
+replaces it without loss of availability; in-flight requests finish on the version they started with.
+
+- at most two versions are resident: the active one, and one other that is either *staged* (loaded and
+  validated, waiting for activation) or *previous* (kept after an activation, for requests pinned to it and
+  for a rollback that needs no reload);
+- loading validates everything (manifest, checksums, dimension and encoder identity, a smoke search)
+  before the version is staged; any failure leaves the retriever as it was;
+- activation is one pointer swap under a lock;
+- each request holds its version for its whole duration; a version that stops being resident is closed when
+  its last request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rag import metrics
+from rag.errors import FailedPrecondition, RagError
+from retriever_svc.encoders import Encoder
+from retriever_svc.index import IndexShard, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resident:
+    index: IndexShard
+    in_flight: int = 0
+    retired: bool = False
+
+
+def check_compatible(encoder: Encoder, index: IndexShard) -> None:
+    built_by = index.manifest.encoder
+    if encoder.info.question_identity != built_by.question_identity:
+        raise FailedPrecondition(
+            f"{index.ref} was built with a different encoder, {built_by.spec!r} ({built_by.question_identity[:12]}); "
+            f"this retriever runs {encoder.info.spec!r} ({encoder.info.question_identity[:12]})"
+        )
+    if encoder.info.dim != index.manifest.dim:
+        raise FailedPrecondition(f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}")
+
+
+def load_failure_reason(err: Exception) -> str:
+    """A short, fixed label for the load-failure metric (never user text)."""
+    text = str(err)
+    for reason, marker in (
+        ("checksum", "checksum mismatch"),
+        ("missing_file", "missing"),
+        ("no_manifest", "no manifest"),
+        ("bad_manifest", "not a valid index manifest"),
+        ("encoder", "different encoder"),
+        ("dimension", "dimension"),
+        ("not_found", "has no version"),
+        ("not_found", "no index named"),
+        ("shape", "the manifest says"),
+        ("smoke_search", "smoke search"),
+    ):
+        if marker in text:
+            return reason
+    return "other"
+
+
+class ResidentIndexes:
+    def __init__(self, encoder: Encoder, root: Path, shard: int, verify_checksums: bool = True, mmap_ann: bool = False) -> None:
+        self.encoder = encoder
+        self.root = root
+        self.shard = shard
+        self.verify_checksums = verify_checksums
+        self.mmap_ann = mmap_ann
+        self._lock = threading.Lock()  # guards the fields below; held only for pointer updates
+        self._load_lock = threading.Lock()  # one load at a time
+        self.active: Resident | None = None
+        self.other: Resident | None = None
+        self.other_is_staged = False
+
+    # -------------------------------------------------------------------------------------------- serving
+
+    @contextmanager
+    def acquire(self, ref: str = "") -> Iterator[IndexShard]:
+        """The active version, or the resident version `ref`; held until the block ends."""
+        with self._lock:
+            entry = self._find(ref) if ref else self.active
+            if entry is None:
+                resident = ", ".join(e.index.ref for e in (self.active, self.other) if e) or "none"
+                raise FailedPrecondition(f"index version {ref or '(active)'} is not resident on this retriever (resident: {resident})")
+            entry.in_flight += 1
+        try:
+            yield entry.index
+        finally:
+            with self._lock:
+                entry.in_flight -= 1
+                close = entry.retired and entry.in_flight == 0
+            if close:
+                entry.index.close()
+
+    def _find(self, ref: str) -> Resident | None:
+        return next((e for e in (self.active, self.other) if e is not None and e.index.ref == ref), None)
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+
+    def load(self, ref: str) -> IndexShard:
+        """Load and validate `ref` next to the active version (staged); a no-op if it is already resident."""
+        with self._load_lock:
+            with self._lock:
+                found = self._find(ref)
+                if found is not None:
+                    if found is self.other:
+                        self.other_is_staged = True
+                    return found.index
+                evicted, self.other = self.other, None  # stay within two resident versions while loading
+            if evicted is not None:
+                self._retire(evicted)
+            started = time.perf_counter()
+            try:
+                index = self._open_validated(ref)
+            except RagError as err:
+                metrics.INDEX_LOAD_FAILURES.labels(load_failure_reason(err)).inc()
+                log.warning("loading %s failed: %s", ref, err)
+                raise
+            with self._lock:
+                self.other, self.other_is_staged = Resident(index), True
+            log.info("loaded %s shard %d (%d passages) in %.2fs", ref, self.shard, index.count, time.perf_counter() - started)
+            return index
+
+    def _open_validated(self, ref: str) -> IndexShard:
+        index = IndexShard(resolve(self.root, ref), self.shard, self.verify_checksums, self.mmap_ann)
+        try:
+            check_compatible(self.encoder, index)
+            hits = index.search(self.encoder.encode_questions(["smoke test"]), 1)
+            if not hits or not hits[0] or not index.passages(hits[0], with_embeddings=False):
+                raise FailedPrecondition(f"{index.ref}: the smoke search found nothing")
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    def activate(self, ref: str) -> str:
+        """Make the resident version `ref` active; returns the version that was active before."""
+        with self._lock:
+            if self.active is not None and self.active.index.ref == ref:
+                return ref
+            if self.other is None or self.other.index.ref != ref:
+                raise FailedPrecondition(f"{ref} is not loaded on this retriever; load it first")
+            previous = self.active
+            self.active, self.other, self.other_is_staged = self.other, previous, False
+        if previous is not None:
+            try:
+                metrics.INDEX_INFO.remove(previous.index.manifest.name, previous.index.manifest.version)
+            except KeyError:  # a previous version of another name, never exported here
+                pass
+        metrics.INDEX_INFO.labels(self.active.index.manifest.name, self.active.index.manifest.version).set(1)
+        log.info("activated %s (previous: %s)", ref, previous.index.ref if previous else "none")
+        return previous.index.ref if previous else ""
+
+    def unload(self, ref: str) -> None:
+        """Drop a staged version (an aborted swap); the active version cannot be unloaded."""
+        with self._lock:
+            if self.active is not None and self.active.index.ref == ref:
+                raise FailedPrecondition(f"{ref} is active; swap to another version first")
+            dropped = self.other if self.other is not None and self.other.index.ref == ref else None
+            if dropped is not None:
+                self.other = None
+        if dropped is not None:
+            self._retire(dropped)
+
+    def _retire(self, entry: Resident) -> None:
+        with self._lock:
+            entry.retired = True
+            close = entry.in_flight == 0
+        if close:
+            entry.index.close()
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            active, other, staged = self.active, self.other, self.other_is_staged
+            in_flight = {e.index.ref: e.in_flight for e in (active, other) if e is not None}
+        return {
+            "active_version": active.index.ref if active else "",
+            "staged_version": other.index.ref if other and staged else "",
+            "previous_version": other.index.ref if other and not staged else "",
+            "active_passages": active.index.count if active else 0,
+            "num_shards": active.index.manifest.num_shards if active else 0,
+            "in_flight": in_flight,
+        }
