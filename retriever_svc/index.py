@@ -399,6 +399,8 @@ class IndexShard:
         where = f"{m.ref} shard {shard}"
         if m.format_version != FORMAT_VERSION:
             raise FailedPrecondition(f"{where}: index format {m.format_version}, this server reads {FORMAT_VERSION}")
+        if (m.name, m.version) != (version_dir.parent.name, version_dir.name):
+            raise FailedPrecondition(f"{version_dir} holds a manifest for {m.ref}: versions are not to be copied or renamed")
         if not 0 <= shard < m.num_shards:
             raise FailedPrecondition(f"{m.ref} has {m.num_shards} shard(s); this retriever is configured as shard {shard}")
         directory = version_dir / shard_dir(shard)

@@ -229,9 +229,11 @@ def test_rebuilding_reuses_unchanged_embeddings_exactly(tmp_path: Path, tiny: Ti
 # ------------------------------------------------------------------------------------------------ refusals
 
 
-def _copy_version(root: Path, source: str, target: str) -> Path:
-    shutil.copytree(root / "kb" / source, root / "kb" / target)
-    return root / "kb" / target
+def _copy_version(root: Path, source: str, target: str, name: str = "kb") -> Path:
+    """A copy published as another version (its manifest says so), to be damaged by the test."""
+    shutil.copytree(root / name / source, root / name / target)
+    _edit_manifest(root / name / target, version=target)
+    return root / name / target
 
 
 def _truncate(path: Path) -> None:
@@ -264,6 +266,7 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
     build_index(versioned_corpus(tmp_path, "v2"), "jsonl", root, "kb", load_encoder(f"sentence-transformer:{narrow}"), show_progress=False)  # v6
     _edit_manifest(root / "kb" / "v6", encoder=dict(serving_encoder.to_json(), dim=16))  # claims our encoder, holds 16-d vectors
 
+    shutil.copytree(root / "kb" / "v1", root / "kb" / "v7")  # an unedited copy: its manifest says v1
     cluster = cluster_factory(root, "kb@v1")
     expected = {
         "v2": "checksum mismatch for shard-0/embeddings.npy",
@@ -271,6 +274,7 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
         "v4": "has no manifest.json",
         "v5": "was built with a different encoder",
         "v6": "has dimension 16; the encoder produces 32",
+        "v7": "holds a manifest for kb@v1",
         "v99": "has no version 'v99'",
     }
     for version, reason in expected.items():
@@ -315,3 +319,28 @@ def test_a_retriever_holds_at_most_two_versions(tmp_path: Path, tiny: TinyModels
     [status] = cluster.status()
     assert (status.active_version, status.previous_version) == ("kb@v3", "kb@v2")  # v1 released
     assert set(status.in_flight) == {"kb@v3", "kb@v2"}
+
+
+def test_swaps_and_refused_loads_are_counted(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    def value(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+    root = tmp_path / "indexes"
+    build(root, tmp_path, tiny, "v1", name="metered")
+    build(root, tmp_path, tiny, "v2", name="metered")
+    _flip_a_byte(_copy_version(root, "v2", "v3", name="metered") / "shard-0" / "embeddings.npy")
+    cluster = cluster_factory(root, "metered@v1")
+    swapped, failed = value("rag_index_swaps_total", outcome="swapped"), value("rag_index_swaps_total", outcome="failed")
+    checksum_failures = value("rag_index_load_failures_total", reason="checksum")
+
+    cluster.swap("v2")
+    with pytest.raises(grpc.RpcError):
+        cluster.swap("v3")
+    assert value("rag_index_swaps_total", outcome="swapped") == swapped + 1
+    assert value("rag_index_swaps_total", outcome="failed") == failed + 1
+    assert value("rag_index_swap_duration_seconds_count", outcome="swapped") >= 1
+    assert value("rag_index_load_failures_total", reason="checksum") == checksum_failures + 1
+    assert value("rag_index_info", name="metered", version="v2") == 1
+    assert REGISTRY.get_sample_value("rag_index_info", {"name": "metered", "version": "v1"}) is None

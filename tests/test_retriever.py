@@ -161,7 +161,7 @@ def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: Tiny
     for index_type in ("flat", "hnsw", "ivfpq"):
         assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", index_type,
                         "--encoder", tiny.encoder_spec, "--index-type", index_type, "--no-progress"]) == 0  # fmt: skip
-        served = serve(index_root=str(root), index=index_type)
+        served = serve(index_root=str(root), index=index_type, mmap_ann=index_type != "flat")  # mmap the faiss files
         replies[index_type] = search(local(served.port), questions, 10, include_embeddings=True, include_query_embeddings=True)
     assert Manifest.from_file(root / "ivfpq" / "v1" / "manifest.json").faiss_factory.startswith("IVF")
     assert _recall(replies["hnsw"], replies["flat"]) >= 0.9
