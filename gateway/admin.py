@@ -3,7 +3,9 @@
 A swap has two phases across every shard and replica: load and validate everywhere, then activate
 everywhere. A failure in the first phase aborts the swap (versions loaded so far are unloaded) and every
 retriever keeps serving what it served. Activation only switches pointers, so the second phase takes
-milliseconds; answers stay on one version throughout (see gateway.retrievers). Rollback is a swap back.
+milliseconds; both versions stay resident on every replica until all have switched, so answers stay on one
+version throughout (see gateway.retrievers). Then the old version is released everywhere: each replica
+closes it when its in-flight requests have finished. Rollback is a swap back (a reload, validated again).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise RagError(f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE)
         activated_at = time.perf_counter()
         metrics.INDEX_ACTIVATION_SECONDS.observe(activated_at - loaded_at)
+        # Phase 3: release the old version everywhere; each replica closes it once its last request ends.
+        if previous and previous != ref:
+            await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=previous), endpoints, 30)
         return admin_pb2.SwapIndexResponse(
             index_version=ref,
             previous_version=previous,

@@ -116,18 +116,25 @@ class RetrieverTier:
 
     async def search(self, question: str, k: int, timeout: float) -> tuple[list[passage_pb2.Passage], str, float]:
         """Top-k passages over all shards, all from one index version: (passages, version, temperature)."""
-        replies = await asyncio.gather(*(self._search_shard(s, question, k, timeout) for s in self.shards))
-        versions = [r.index_version for r in replies]
-        if len(set(versions)) > 1:
-            chosen = Counter(versions).most_common(1)[0][0]
-            replies = await asyncio.gather(
-                *(
-                    self._search_shard(s, question, k, timeout, pin=chosen) if r.index_version != chosen else _done(r)
-                    for s, r in zip(self.shards, replies, strict=True)
-                )
-            )
-        passages = sorted((p for r in replies for p in r.results[0].passages), key=lambda p: -p.score)[:k]
-        return passages, replies[0].index_version, replies[0].score_temperature
+        for attempt in range(3):
+            replies = await asyncio.gather(*(self._search_shard(s, question, k, timeout) for s in self.shards))
+            versions = [r.index_version for r in replies]
+            if len(set(versions)) > 1:  # a swap is being activated: ask the others for the majority's version
+                chosen = Counter(versions).most_common(1)[0][0]
+                try:
+                    replies = await asyncio.gather(
+                        *(
+                            _done(r) if r.index_version == chosen else self._search_shard(s, question, k, timeout, pin=chosen)
+                            for s, r in zip(self.shards, replies, strict=True)
+                        )
+                    )
+                except RagError as err:  # that version was released meanwhile: the swap has finished, ask again
+                    if err.code != grpc.StatusCode.FAILED_PRECONDITION or attempt == 2:
+                        raise
+                    continue
+            passages = sorted((p for r in replies for p in r.results[0].passages), key=lambda p: -p.score)[:k]
+            return passages, replies[0].index_version, replies[0].score_temperature
+        raise AssertionError("unreachable")
 
 
 async def _done(reply: retriever_pb2.SearchResponse) -> retriever_pb2.SearchResponse:

@@ -4,8 +4,8 @@ Triton's model-management rule, applied to indexes: a failed load keeps the old 
 replaces it without loss of availability; in-flight requests finish on the version they started with.
 
 - at most two versions are resident: the active one, and one other that is either *staged* (loaded and
-  validated, waiting for activation) or *previous* (kept after an activation, for requests pinned to it and
-  for a rollback that needs no reload);
+  validated, waiting for activation) or *previous* (kept after an activation until the gateway has switched
+  every shard and releases it, so that requests pinned to it still find it);
 - loading validates everything (manifest, checksums, dimension and encoder identity, a smoke search)
   before the version is staged; any failure leaves the retriever as it was;
 - activation is one pointer swap under a lock;
@@ -162,7 +162,7 @@ class ResidentIndexes:
         return previous.index.ref if previous else ""
 
     def unload(self, ref: str) -> None:
-        """Drop a staged version (an aborted swap); the active version cannot be unloaded."""
+        """Release a staged version (an aborted swap) or the previous one (a finished swap); not the active one."""
         with self._lock:
             if self.active is not None and self.active.index.ref == ref:
                 raise FailedPrecondition(f"{ref} is active; swap to another version first")

@@ -123,7 +123,7 @@ def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, t
     status = rag("index", "status", "--gateway", up.gateway, env=admin)
     assert status.returncode == 0, status.stderr
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert sorted(r[1] for r in rows) == ["0/2", "1/2"] and {r[2] for r in rows} == {"facts@v2"} and {r[4] for r in rows} == {"facts@v1"}
+    assert sorted(r[1] for r in rows) == ["0/2", "1/2"] and {r[2] for r in rows} == {"facts@v2"} and {r[4] for r in rows} == {"-"}
 
     listed = rag("index", "list", "--index-root", str(cli_index), "--gateway", up.gateway, env=admin)
     assert listed.returncode == 0, listed.stderr

@@ -104,6 +104,11 @@ def build(root: Path, tmp: Path, tiny: TinyModels, version: str, shards: int = 1
     return build_index(versioned_corpus(tmp, version), "jsonl", root, name, load_encoder(tiny.encoder_spec), shards=shards, show_progress=False).version
 
 
+def retriever_admin(served: Served, rpc: str, request: object) -> object:
+    with grpc.insecure_channel(local(served.port)) as channel:
+        return getattr(index_admin_pb2_grpc.IndexAdminServiceStub(channel), rpc)(request, timeout=60, metadata=bearer(TOKEN))
+
+
 def shard_ids(version_dir: Path, shard: int) -> set[str]:
     with sqlite3.connect(version_dir / f"shard-{shard}" / "passages.sqlite") as db:
         return {row[0] for row in db.execute("SELECT id FROM passages")}
@@ -129,10 +134,11 @@ def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(tmp_path: Path, ti
     assert after.index_version == "kb@v2" and after.sources[0].passage.text == FACT["v2"]
     answer = lambda reply: (reply.answers[0].text, round(reply.answers[0].log_prob, 4))  # noqa: E731
     assert answer(after) != answer(before)  # the generator read the new passage
-    [status] = cluster.status()
-    assert (status.active_version, status.previous_version, status.staged_version) == ("kb@v2", "kb@v1", "")
+    [status] = cluster.status()  # the old version was released once the swap was complete
+    assert (status.active_version, status.previous_version, status.staged_version) == ("kb@v2", "", "")
+    assert set(status.in_flight) == {"kb@v2"}
 
-    assert cluster.swap("v1").previous_version == "kb@v2"  # rollback: v1 was still resident
+    assert cluster.swap("v1").previous_version == "kb@v2"  # rollback
     restored = cluster.ask(k=1)
     assert restored.index_version == "kb@v1" and answer(restored) == answer(before)
 
@@ -184,10 +190,6 @@ def test_answers_stay_on_one_version_while_shards_disagree(tmp_path: Path, tiny:
     build(root, tmp_path, tiny, "v1", shards=2)
     build(root, tmp_path, tiny, "v2", shards=2)
     cluster = cluster_factory(root, "kb@v1", shards=2)
-
-    def retriever_admin(served: Served, rpc: str, request: object) -> object:
-        with grpc.insecure_channel(local(served.port)) as channel:
-            return getattr(index_admin_pb2_grpc.IndexAdminServiceStub(channel), rpc)(request, timeout=60, metadata=bearer(TOKEN))
 
     for served in cluster.retrievers:
         retriever_admin(served, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v2"))
@@ -310,15 +312,22 @@ def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(tmp_path: Path
 
 
 def test_a_retriever_holds_at_most_two_versions(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    """Driving one retriever directly: loading a third version evicts the other inactive one first."""
     root = tmp_path / "indexes"
     for version in ("v1", "v2", "v1"):
         build(root, tmp_path, tiny, version)  # kb v1, v2, v3
     cluster = cluster_factory(root, "kb@v1")
-    cluster.swap("v2")
-    cluster.swap("v3")
+    [retriever] = cluster.retrievers
+    retriever_admin(retriever, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v2"))
+    retriever_admin(retriever, "ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version="kb@v2"))
     [status] = cluster.status()
-    assert (status.active_version, status.previous_version) == ("kb@v3", "kb@v2")  # v1 released
-    assert set(status.in_flight) == {"kb@v3", "kb@v2"}
+    assert (status.active_version, status.previous_version, set(status.in_flight)) == ("kb@v2", "kb@v1", {"kb@v1", "kb@v2"})
+    retriever_admin(retriever, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v3"))
+    [status] = cluster.status()
+    assert (status.active_version, status.staged_version, set(status.in_flight)) == ("kb@v2", "kb@v3", {"kb@v2", "kb@v3"})
+    with pytest.raises(grpc.RpcError) as err:
+        retriever_admin(retriever, "UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version="kb@v2"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in err.value.details()
 
 
 def test_swaps_and_refused_loads_are_counted(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]

@@ -72,15 +72,16 @@ class IndexAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateIndex(self, request, context):
-        """Make a loaded version the active one; the old active version stays resident (for pinned requests and
-        rollback) and is released once its in-flight requests have finished.
+        """Make a loaded version the active one; the old active version stays resident (for requests pinned to it
+        while other shards switch) until it is unloaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadIndex(self, request, context):
-        """Drop a loaded, inactive version (an aborted swap).
+        """Release an inactive version (staged by an aborted swap, or previous after a finished one); it is closed
+        once its in-flight requests have finished.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
