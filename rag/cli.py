@@ -9,6 +9,7 @@
     rag up [--index-root DIR] [--index NAME[@VERSION]] [--encoder SPEC] [--generator SPEC]
     rag ask QUESTION [--mode token|sequence] [--k K] [--json] [--gateway ADDR]
     rag demo
+    rag fetch [--generator NAME]                                 (the demo's corpus and models into $RAG_HOME)
 
 Every option has an environment mirror (RAG_<OPTION>), shown in --help. Heavy libraries load only in the
 commands that need them, so `rag ask` starts fast.
@@ -23,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rag import paths
 from rag.config import add_config_flags, config_from_args, option
@@ -147,19 +149,28 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+class StrictParser(argparse.ArgumentParser):
+    """No abbreviated flags: a manifest or script naming `--no-progres` fails instead of guessing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gateway.config import GatewayConfig
     from generator_svc.config import GeneratorConfig
     from rag.admin_client import AdminConfig, SwapConfig
     from rag.ask import AskConfig
-    from rag.demo import DemoConfig
+    from rag.demo import DemoConfig, FetchConfig
     from rag.up import UpConfig
     from retriever_svc.config import RetrieverConfig
 
-    parser = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation over gRPC.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation over gRPC.", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StrictParser)
 
-    index = commands.add_parser("index", help="build, list and swap indexes").add_subparsers(dest="index_command", required=True)
+    index = commands.add_parser("index", help="build, list and swap indexes").add_subparsers(
+        dest="index_command", required=True, parser_class=StrictParser
+    )
     add_config_flags(index.add_parser("build", help="build a new index version from a corpus"), BuildConfig)
     swap = index.add_parser("swap", help="swap every retriever to another version (two phases, all or nothing)")
     swap.add_argument("version", help="version to serve, e.g. v3 (rollback: the previous version)")
@@ -167,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(index.add_parser("status", help="the versions every retriever holds"), AdminConfig)
     add_config_flags(index.add_parser("list", help="every version under the index root, and who serves it"), ListConfig)
 
-    serve = commands.add_parser("serve", help="run one service").add_subparsers(dest="service", required=True)
+    serve = commands.add_parser("serve", help="run one service").add_subparsers(
+        dest="service", required=True, parser_class=StrictParser
+    )
     for name, config_class in (("retriever", RetrieverConfig), ("generator", GeneratorConfig), ("gateway", GatewayConfig)):
         add_config_flags(serve.add_parser(name, help=f"run the {name}"), config_class)
 
@@ -178,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(ask_parser, AskConfig)
 
     add_config_flags(commands.add_parser("demo", help="fetch the demo models and corpus, index, serve, ask"), DemoConfig)
+    add_config_flags(commands.add_parser("fetch", help="fetch the demo models and corpus into $RAG_HOME"), FetchConfig)
     return parser
 
 
@@ -194,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "up": lambda: _up(args),
         "ask": lambda: _ask(args),
         "demo": lambda: _demo(args),
+        "fetch": lambda: _fetch(args),
     }
     try:
         return handlers[args.command]()
@@ -210,8 +225,18 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(config_from_args(UpConfig, args))
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from rag.demo import FetchConfig, fetch
+    from rag.serving import setup_logging
+
+    setup_logging()
+    for what, where in fetch(config_from_args(FetchConfig, args)).items():
+        print(f"{what}: {where}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from rag.demo import DemoConfig, run_demo
+    from rag.demo import DemoConfig, FetchConfig, run_demo
     from rag.serving import setup_logging
 
     setup_logging()

@@ -53,7 +53,7 @@ UPDATE = {
 
 @dataclass
 class DemoConfig:
-    generator: str = option(GENERATORS[0], f"demo generator: {' or '.join(GENERATORS)} (the small one for quick checks)")
+    model: str = option(GENERATORS[0], f"generator model: {' or '.join(GENERATORS)} (the small one for quick checks)")
     corpus_limit: int = option(0, "index only the first N articles (0 = all 10,033)")
     questions: str = option("", "questions separated by '|'; default: a built-in set")
     mode: str = option("token", "token (RAG-Token) or sequence (RAG-Sequence)")
@@ -66,6 +66,20 @@ def demo_generator(name: str) -> Path:
     if name == "qwen2.5-coder-0.5b":
         return assets.qwen_generator()
     raise ValueError(f"unknown demo generator {name!r}; use {' or '.join(GENERATORS)}")
+
+
+@dataclass
+class FetchConfig:
+    model: str = option(GENERATORS[0], f"generator model to fetch: {' or '.join(GENERATORS)}")
+
+
+def fetch(config: FetchConfig) -> dict[str, str]:
+    """Fetch and prepare the demo's corpus and models in $RAG_HOME (what a cluster's volume is seeded with)."""
+    return {
+        "corpus": str(assets.wiki_corpus()),
+        "encoder": f"sentence-transformer:{assets.minilm_encoder()}",
+        "generator": str(demo_generator(config.model)),
+    }
 
 
 def demo_corpus(limit: int) -> Path:
@@ -129,7 +143,7 @@ def show_knowledge_update(ask_config: AskConfig, before: str, after: str) -> Non
 def run_demo(config: DemoConfig) -> int:
     started = time.perf_counter()
     encoder_dir = assets.minilm_encoder()
-    generator_dir = demo_generator(config.generator)
+    generator_dir = demo_generator(config.model)
     corpus = demo_corpus(config.corpus_limit)
     name = paths.DEMO_INDEX if not config.corpus_limit else f"{paths.DEMO_INDEX}-first{config.corpus_limit}"
     index_ref = demo_index(corpus, encoder_dir, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 
 from rag import metrics
 from rag.auth import load_admin_token, require_admin
-from rag.errors import Unavailable, require
+from rag.errors import FailedPrecondition, Unavailable, require
 from rag.index_refs import parse_ref
 from rag.serving import Served, new_server, start_loading
 from rag.types import Limits, Passage, validate_question
@@ -54,15 +55,25 @@ class Retriever:
         return SearchResults(passages, queries, index)
 
 
+def shard_of(config: RetrieverConfig) -> int:
+    """The configured shard, or for -1 the pod ordinal: StatefulSet pod `retriever-2` serves shard 2."""
+    if config.shard >= 0:
+        return config.shard
+    ordinal = socket.gethostname().rpartition("-")[2]
+    if not ordinal.isdigit():
+        raise FailedPrecondition(f"--shard -1 takes the shard from a host name ending in -<n>; this host is {socket.gethostname()!r}")
+    return int(ordinal)
+
+
 def load_retriever(config: RetrieverConfig) -> Retriever:
     """The encoder named by the config (or recorded by the first index), then that index, loaded and active."""
     root = Path(config.index_root)
     first = Manifest.from_file(resolve(root, config.index) / "manifest.json")
     encoder = load_encoder(config.encoder or first.encoder.spec)
-    indexes = ResidentIndexes(encoder, root, config.shard, config.verify_checksums, config.mmap_ann)
+    indexes = ResidentIndexes(encoder, root, shard_of(config), config.verify_checksums, config.mmap_ann)
     indexes.load(first.ref)
     indexes.activate(first.ref)
-    log.info("serving %s shard %d/%d with %s", first.ref, config.shard, first.num_shards, encoder.info.spec)
+    log.info("serving %s shard %d/%d with %s", first.ref, indexes.shard, first.num_shards, encoder.info.spec)
     return Retriever(indexes)
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_demo_with_the_small_model_answers_from_the_right_passages() -> None:
     questions = "Who painted Guernica?|Who wrote The Great Gatsby?"
     result = subprocess.run(
-        [sys.executable, "-m", "rag.cli", "demo", "--generator", "smollm2-135m", "--corpus-limit", "300", "--questions", questions],
+        [sys.executable, "-m", "rag.cli", "demo", "--model", "smollm2-135m", "--corpus-limit", "300", "--questions", questions],
         capture_output=True, text=True, timeout=1800, env=dict(os.environ),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
