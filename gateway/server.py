@@ -55,6 +55,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         retrieved = time.perf_counter()
         if not passages:
             raise RagError("the index returned no passages", code=grpc.StatusCode.FAILED_PRECONDITION)
+        if request.retrieve_only:
+            return gateway_pb2.AskResponse(
+                sources=[gateway_pb2.Source(passage=p) for p in passages],
+                index_version=index_version,
+                timings=gateway_pb2.Timings(retrieve_ms=(retrieved - started) * 1000, total_ms=(retrieved - started) * 1000),
+            )
 
         generate_options = generator_pb2.DecodingOptions()
         generate_options.CopyFrom(request.options)
@@ -72,7 +78,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         metrics.STAGE_SECONDS.labels("end_to_end").observe(finished - started)
 
         used = passages[: len(generated.passage_priors)]
-        best = generated.hypotheses[0].passage_posteriors if generated.hypotheses else []
+        best = list(generated.hypotheses[0].passage_posteriors) if generated.hypotheses else []
+        best += [0.0] * (len(used) - len(best))  # the baselines report no posterior
         return gateway_pb2.AskResponse(
             answers=[
                 gateway_pb2.Answer(text=h.text, log_prob=h.log_prob, passage_posteriors=h.passage_posteriors)

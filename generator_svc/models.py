@@ -1,8 +1,9 @@
 """Generator families behind one interface: an LM that reads one passage per row.
 
 `PassageLM` is all the RAG math (generator_svc.rag_math) needs:
-- `encode` turns B questions x K passages into per-row contexts, computed once per request
-  (encoder states for BART/T5, a prompt KV cache for decoder-only LMs);
+- `encode` turns B questions x K contexts into per-row encoded inputs, computed once per request
+  (encoder states for BART/T5, a prompt KV cache for decoder-only LMs). A context is what one row reads:
+  one passage for RAG, none (closed book) or all of them (concatenation) for the baselines;
 - `start` / `step` / `reorder` decode rows incrementally with a KV cache;
 - `token_logprobs` teacher-forces given answers, reusing the contexts.
 
@@ -39,9 +40,17 @@ from rag.types import Passage
 log = logging.getLogger(__name__)
 
 
+Context = tuple[Passage, ...]  # the passages one row reads: one for RAG; none or all for the baselines
+
+
+def one_each(passages: Sequence[Passage]) -> list[Context]:
+    """RAG's contexts: one row per passage."""
+    return [(p,) for p in passages]
+
+
 @dataclass
 class Contexts:
-    """Encoded inputs of B questions x K passages; row b*K + k is question b with passage k."""
+    """Encoded inputs of B questions x K contexts; row b*K + k is question b with context k."""
 
     num_questions: int
     n_docs: int
@@ -55,8 +64,8 @@ class PassageLM(ABC):
     name: str
 
     @abstractmethod
-    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> Contexts:
-        """Contexts for each question with each of its passages (the same number of passages per question)."""
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+        """Rows for each question with each of its contexts (the same number of contexts per question)."""
 
     @abstractmethod
     def start(self, ctx: Contexts, rows: torch.Tensor) -> Any:
@@ -149,20 +158,21 @@ class EncoderDecoderLM(PassageLM):
         self.rules = _rules_from(generation_config, tokenizer, (self.decoder_start,))
         self.bos_token_id = generation_config.bos_token_id
 
-    def input_text(self, question: str, passage: Passage) -> str:
-        title = passage.title.removeprefix('"').removesuffix('"')
-        return (self.prefix + title + self.title_sep + passage.text + self.doc_sep + question).replace("  ", " ")
+    def input_text(self, question: str, context: Context) -> str:
+        """transformers' RAG input, `title / text // question`; several passages joined by ` // `."""
+        docs = [p.title.removeprefix('"').removesuffix('"') + self.title_sep + p.text + self.doc_sep for p in context]
+        return (self.prefix + "".join(docs) + question).replace("  ", " ")
 
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> EncoderContexts:
-        texts = [self.input_text(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> EncoderContexts:
+        texts = [self.input_text(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         batch = self.tokenizer(
             texts, max_length=self.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
         )
         states = self.model.get_encoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
         ).last_hidden_state
-        return EncoderContexts(len(questions), len(passages[0]), batch["attention_mask"], states)
+        return EncoderContexts(len(questions), len(contexts[0]), batch["attention_mask"], states)
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> EncoderDecoderState:
         assert isinstance(ctx, EncoderContexts)
@@ -215,6 +225,8 @@ class EncoderDecoderLM(PassageLM):
 # The passage first and the question last, so the answer is generated right after the question. Chat models
 # keep their template's own system prompt: instruct LMs follow it best (tried on the demo questions).
 INSTRUCTION = "Using the passage, answer the question with a short phrase."
+INSTRUCTION_SEVERAL = "Using the passages, answer the question with a short phrase."
+INSTRUCTION_CLOSED_BOOK = "Answer the question with a short phrase."
 
 
 @dataclass
@@ -260,8 +272,14 @@ class DecoderOnlyLM(PassageLM):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= self.max_passage_tokens else self.tokenizer.decode(ids[: self.max_passage_tokens])
 
-    def prompt_ids(self, question: str, passage: Passage) -> list[int]:
-        user = f"Passage: {passage.title}\n{self._truncate(passage.text)}\n\n{INSTRUCTION}\nQuestion: {question}"
+    def prompt_ids(self, question: str, context: Context) -> list[int]:
+        if not context:
+            user = f"{INSTRUCTION_CLOSED_BOOK}\nQuestion: {question}"
+        elif len(context) == 1:
+            user = f"Passage: {context[0].title}\n{self._truncate(context[0].text)}\n\n{INSTRUCTION}\nQuestion: {question}"
+        else:
+            passages = "\n\n".join(f"Passage {i}: {p.title}\n{self._truncate(p.text)}" for i, p in enumerate(context, 1))
+            user = f"{passages}\n\n{INSTRUCTION_SEVERAL}\nQuestion: {question}"
         if self.tokenizer.chat_template:
             system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages = [*system, {"role": "user", "content": user}]
@@ -271,8 +289,8 @@ class DecoderOnlyLM(PassageLM):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], passages: Sequence[Sequence[Passage]]) -> PromptContexts:
-        prompts = [self.prompt_ids(q, p) for q, ps in zip(questions, passages, strict=True) for p in ps]
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> PromptContexts:
+        prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.rules.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), length, dtype=torch.long)
@@ -285,7 +303,7 @@ class DecoderOnlyLM(PassageLM):
         )
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return PromptContexts(
-            len(questions), len(passages[0]), mask, cache, mask.sum(-1), _log_softmax(out.logits[:, -1])
+            len(questions), len(contexts[0]), mask, cache, mask.sum(-1), _log_softmax(out.logits[:, -1])
         )
 
     def _cache_for(self, ctx: PromptContexts, rows: torch.Tensor) -> DynamicCache:

@@ -264,7 +264,8 @@ class AnswerScores:
         return torch.where(self.mask, per_token, 0.0).sum(-1)
 
     def log_prob(self, mode: Mode) -> torch.Tensor:
-        return self.rag_token() if mode is Mode.TOKEN else self.rag_sequence()
+        """The marginal of the mode (with one context, as the baselines have, the two agree)."""
+        return self.rag_sequence() if mode is Mode.SEQUENCE else self.rag_token()
 
     def posterior(self) -> torch.Tensor:
         """p(z_k|x,y): which passages the answer rests on. [H, K]"""
@@ -314,10 +315,10 @@ class Generated:
 
 def generate(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list[Generated]]:
     """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first."""
-    if options.mode is Mode.TOKEN:
-        chosen = _rag_token_search(lm, ctx, prior, options)
-    else:
+    if options.mode is Mode.SEQUENCE:
         chosen = _rag_sequence_search(lm, ctx, prior, options)
+    else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
+        chosen = _rag_token_search(lm, ctx, prior, options)
     # Report exact marginals and posteriors of the chosen answers (one teacher-forced pass).
     questions = [b for b, answers in enumerate(chosen) for _ in answers]
     flat = [answer for answers in chosen for answer in answers]

@@ -15,11 +15,11 @@ import torch
 
 from generator_svc import rag_math
 from generator_svc.config import GeneratorConfig
-from generator_svc.models import PassageLM, load_generator
+from generator_svc.models import Context, Contexts, PassageLM, load_generator, one_each
 from rag import metrics
 from rag.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, require
 from rag.serving import Served, new_server, start_loading
-from rag.types import DecodingOptions, Hypothesis, Limits, Passage, parse_passages, validate_question
+from rag.types import DecodingOptions, Hypothesis, Limits, Mode, Passage, parse_passages, validate_question
 from rag.v1 import generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,22 +55,31 @@ class Generator:
         self.lm = lm
         self.default_temperature = default_temperature
 
-    def _prepare(self, question: str, passages: list[Passage], options: DecodingOptions, query_embedding: Sequence[float]):
+    def _prepare(
+        self, question: str, passages: list[Passage], options: DecodingOptions, query_embedding: Sequence[float]
+    ) -> tuple[Contexts, torch.Tensor, torch.Tensor]:
+        """The encoded contexts, the prior the math uses over them, and p(z|x) over the passages to report."""
         n_docs = options.n_docs or len(passages)
         require(n_docs <= len(passages), f"n_docs={n_docs} but only {len(passages)} passages were given")
         passages = passages[:n_docs]
         prior = rag_math.log_prior(doc_scores(passages, query_embedding), options.score_temperature or self.default_temperature)
-        return self.lm.encode([question], [passages]), prior
+        if options.mode.is_rag:
+            return self.lm.encode([question], [one_each(passages)]), prior, prior
+        context: Context = () if options.mode is Mode.CLOSED_BOOK else tuple(passages)
+        return self.lm.encode([question], [[context]]), torch.zeros(1, 1), prior
 
     def generate(
         self, question: str, passages: list[Passage], options: DecodingOptions, query_embedding: Sequence[float]
     ) -> tuple[list[Hypothesis], list[float]]:
         with metrics.timed("generate"):
-            ctx, prior = self._prepare(question, passages, options, query_embedding)
+            ctx, prior, passage_prior = self._prepare(question, passages, options, query_embedding)
             found = rag_math.generate(self.lm, ctx, prior, options)[0]
         metrics.GENERATED_TOKENS.inc(sum(len(g.tokens) for g in found))
-        hypotheses = [Hypothesis(self.lm.decode(g.tokens), g.tokens, g.log_prob, g.posterior) for g in found]
-        return hypotheses, prior[0].exp().tolist()
+        hypotheses = [
+            Hypothesis(self.lm.decode(g.tokens), g.tokens, g.log_prob, g.posterior if options.mode.is_rag else ())
+            for g in found
+        ]
+        return hypotheses, passage_prior[0].exp().tolist()
 
     def score(
         self,
@@ -81,14 +90,15 @@ class Generator:
         query_embedding: Sequence[float],
     ) -> tuple[list[AnswerScore], list[float]]:
         with metrics.timed("score"):
-            ctx, prior = self._prepare(question, passages, options, query_embedding)
+            ctx, prior, passage_prior = self._prepare(question, passages, options, query_embedding)
             tokens = [self.lm.answer_token_ids(a) for a in answers]
             scores = rag_math.score_answers(self.lm, ctx, prior, [0] * len(answers), tokens)
-            log_probs, posteriors = scores.log_prob(options.mode).tolist(), scores.posterior().tolist()
+            log_probs = scores.log_prob(options.mode).tolist()
+            posteriors = scores.posterior().tolist() if options.mode.is_rag else [[]] * len(answers)
         results = [
             AnswerScore(a, lp, len(t), tuple(post)) for a, lp, t, post in zip(answers, log_probs, tokens, posteriors, strict=True)
         ]
-        return results, prior[0].exp().tolist()
+        return results, passage_prior[0].exp().tolist()
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):

@@ -16,7 +16,7 @@ from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 @dataclass
 class AskConfig:
     gateway: str = option("127.0.0.1:50051", "gateway address")
-    mode: str = option("token", "token (RAG-Token) or sequence (RAG-Sequence)")
+    mode: str = option("token", "token (RAG-Token), sequence (RAG-Sequence), or a baseline: closed-book, concat")
     sequence_decoding: str = option("thorough", "RAG-Sequence decoding: thorough or fast")
     k: int = option(5, "passages to retrieve")
     n_docs: int = option(0, "condition on the best n_docs of them; 0 = all k")
@@ -27,17 +27,23 @@ class AskConfig:
     json: bool = option(False, "print one JSON object instead of text")
 
 
-def ask(question: str, config: AskConfig) -> dict[str, Any]:
+def ask(question: str, config: AskConfig, retrieve_only: bool = False) -> dict[str, Any]:
     """Ask the gateway; the answer as the JSON object `rag ask --json` prints."""
-    modes = {"token": generator_pb2.RAG_MODE_TOKEN, "sequence": generator_pb2.RAG_MODE_SEQUENCE}
+    modes = {
+        "token": generator_pb2.RAG_MODE_TOKEN,
+        "sequence": generator_pb2.RAG_MODE_SEQUENCE,
+        "closed-book": generator_pb2.RAG_MODE_CLOSED_BOOK,
+        "concat": generator_pb2.RAG_MODE_CONCAT,
+    }
     decodings = {"thorough": generator_pb2.SEQUENCE_DECODING_THOROUGH, "fast": generator_pb2.SEQUENCE_DECODING_FAST}
     if config.mode not in modes:
-        raise InvalidArgument(f"--mode must be token or sequence, got {config.mode!r}")
+        raise InvalidArgument(f"--mode must be one of {', '.join(modes)}, got {config.mode!r}")
     if config.sequence_decoding not in decodings:
         raise InvalidArgument(f"--sequence-decoding must be thorough or fast, got {config.sequence_decoding!r}")
     request = gateway_pb2.AskRequest(
         question=question,
         k=config.k,
+        retrieve_only=retrieve_only,
         options=generator_pb2.DecodingOptions(
             mode=modes[config.mode],
             sequence_decoding=decodings[config.sequence_decoding],
@@ -76,10 +82,13 @@ def ask(question: str, config: AskConfig) -> dict[str, Any]:
     }
 
 
+MODE_LABELS = {"token": "RAG-Token", "sequence": "RAG-Sequence", "closed-book": "closed book", "concat": "concatenated passages"}
+
+
 def format_answer(question: str, result: dict[str, Any], top: int = 3) -> str:
     lines = [f"Q: {question}", f"A: {result['answer']}"]
     lines.append(
-        f"   RAG-{result['mode'].title()} over {result['index_version']}, "
+        f"   {MODE_LABELS.get(result['mode'], result['mode'])} over {result['index_version']}, "
         f"{result['timings_ms']['total'] / 1000:.1f} s (retrieve {result['timings_ms']['retrieve']:.0f} ms)"
     )
     lines.append("   sources by posterior p(z|x,y)   [prior p(z|x)]")

@@ -9,7 +9,8 @@
     rag up [--index-root DIR] [--index NAME[@VERSION]] [--encoder SPEC] [--generator SPEC]
     rag ask QUESTION [--mode token|sequence] [--k K] [--json] [--gateway ADDR]
     rag demo
-    rag fetch [--generator NAME]                                 (the demo's corpus and models into $RAG_HOME)
+    rag fetch [--model NAME]                                     (the demo's corpus and models into $RAG_HOME)
+    rag eval QUESTIONS [--mode token|sequence|closed-book|concat|retrieve] [--k K] [--limit N] [--json]
 
 Every option has an environment mirror (RAG_<OPTION>), shown in --help. Heavy libraries load only in the
 commands that need them, so `rag ask` starts fast.
@@ -42,6 +43,7 @@ class BuildConfig:
     shards: int = option(1, "split the passages into this many shards, one retriever each")
     passage_words: int = option(100, "split documents into passages of at most this many words")
     reuse_embeddings: bool = option(True, "copy embeddings of unchanged passages from the newest version by this encoder")
+    reuse_from: str = option("", "reuse embeddings from this index (NAME[@VERSION]) instead of the newest version of --name")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -70,11 +72,13 @@ def _index_build(config: BuildConfig) -> int:
         config.passage_words,
         shards=config.shards,
         reuse_embeddings=config.reuse_embeddings,
+        reuse_from=config.reuse_from,
         show_progress=config.progress,
     )
+    reused = manifest.embeddings_reused
     print(
         f"built {manifest.ref}: {manifest.count} passages in {manifest.num_shards} shard(s), {manifest.index_type}, "
-        f"dim {manifest.dim}",
+        f"dim {manifest.dim}" + (f"; {reused['passages']} embeddings reused from {reused['from']}" if reused else ""),
         file=sys.stderr,
     )
     print(manifest.version)
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rag.admin_client import AdminConfig, SwapConfig
     from rag.ask import AskConfig
     from rag.demo import DemoConfig, FetchConfig
+    from rag.eval import EvalConfig
     from rag.up import UpConfig
     from retriever_svc.config import RetrieverConfig
 
@@ -192,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_flags(commands.add_parser("demo", help="fetch the demo models and corpus, index, serve, ask"), DemoConfig)
     add_config_flags(commands.add_parser("fetch", help="fetch the demo models and corpus into $RAG_HOME"), FetchConfig)
+
+    evaluate = commands.add_parser("eval", help="score a question set through the gateway (EM, F1, recall@k)")
+    evaluate.add_argument("questions", help="JSONL, SQuAD v1.1 JSON or DPR QA TSV")
+    add_config_flags(evaluate, EvalConfig)
     return parser
 
 
@@ -209,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": lambda: _ask(args),
         "demo": lambda: _demo(args),
         "fetch": lambda: _fetch(args),
+        "eval": lambda: _eval(args),
     }
     try:
         return handlers[args.command]()
@@ -225,6 +235,17 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(config_from_args(UpConfig, args))
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rag.eval import EvalConfig, markdown_table, run_eval
+
+    config = config_from_args(EvalConfig, args)
+    summaries = run_eval(Path(args.questions), config)
+    print(markdown_table(summaries))
+    if config.json:
+        print(json.dumps(summaries[-1] if len(summaries) == 1 else {"sweep": summaries, **summaries[-1]}))
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from rag.demo import FetchConfig, fetch
     from rag.serving import setup_logging
@@ -236,7 +257,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rag.demo import DemoConfig, FetchConfig, run_demo
+    from rag.demo import DemoConfig, FetchConfig
+    from rag.eval import EvalConfig, run_demo
     from rag.serving import setup_logging
 
     setup_logging()

@@ -31,14 +31,21 @@ class Passage:
 class Mode(enum.Enum):
     TOKEN = "token"
     SEQUENCE = "sequence"
+    CLOSED_BOOK = "closed-book"  # baseline: no passage
+    CONCAT = "concat"  # baseline: all passages in one input
+
+    @property
+    def is_rag(self) -> bool:
+        return self in (Mode.TOKEN, Mode.SEQUENCE)
 
 
-_MODE_FROM_PB = {
-    generator_pb2.RAG_MODE_UNSPECIFIED: Mode.TOKEN,
-    generator_pb2.RAG_MODE_TOKEN: Mode.TOKEN,
-    generator_pb2.RAG_MODE_SEQUENCE: Mode.SEQUENCE,
+_MODE_TO_PB = {
+    Mode.TOKEN: generator_pb2.RAG_MODE_TOKEN,
+    Mode.SEQUENCE: generator_pb2.RAG_MODE_SEQUENCE,
+    Mode.CLOSED_BOOK: generator_pb2.RAG_MODE_CLOSED_BOOK,
+    Mode.CONCAT: generator_pb2.RAG_MODE_CONCAT,
 }
-_MODE_TO_PB = {Mode.TOKEN: generator_pb2.RAG_MODE_TOKEN, Mode.SEQUENCE: generator_pb2.RAG_MODE_SEQUENCE}
+_MODE_FROM_PB = {generator_pb2.RAG_MODE_UNSPECIFIED: Mode.TOKEN, **{pb: mode for mode, pb in _MODE_TO_PB.items()}}
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,10 @@ class DecodingOptions:
     @classmethod
     def from_pb(cls, pb: generator_pb2.DecodingOptions, limits: Limits, default_max_new_tokens: int) -> DecodingOptions:
         """Parse and validate; unset fields take their defaults."""
-        require(pb.mode in _MODE_FROM_PB, f"unknown mode {pb.mode}; use RAG_MODE_TOKEN or RAG_MODE_SEQUENCE")
+        require(
+            pb.mode in _MODE_FROM_PB,
+            f"unknown mode {pb.mode}; use RAG_MODE_TOKEN, RAG_MODE_SEQUENCE, RAG_MODE_CLOSED_BOOK or RAG_MODE_CONCAT",
+        )
         require(
             pb.sequence_decoding in (0, generator_pb2.SEQUENCE_DECODING_THOROUGH, generator_pb2.SEQUENCE_DECODING_FAST),
             f"unknown sequence_decoding {pb.sequence_decoding}; use SEQUENCE_DECODING_THOROUGH or SEQUENCE_DECODING_FAST",

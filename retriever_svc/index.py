@@ -76,6 +76,7 @@ class Manifest:
     corpus: dict[str, str]
     checksums: dict[str, str]  # "shard-<i>/<file>" -> sha256
     created_at: str
+    embeddings_reused: dict[str, object] = dataclasses.field(default_factory=dict)  # {"from": ref, "passages": n}
 
     def to_json(self) -> str:
         data = dict(self.__dict__, encoder=self.encoder.to_json())
@@ -244,15 +245,21 @@ class _EmbeddingReuse:
         return None if found is None else self.embeddings[found[0]][found[1]]
 
 
-def _reusable(root: Path, name: str, encoder: Encoder) -> _EmbeddingReuse | None:
-    """The newest version of `name` built by this very encoder (same passage-side identity), if any."""
-    for version in reversed(versions(root, name)):
+def _reusable(root: Path, name: str, encoder: Encoder, reuse_from: str = "") -> _EmbeddingReuse | None:
+    """`reuse_from` (NAME[@VERSION]), else the newest version of `name`, if built by this very encoder."""
+    source = reuse_from or name
+    if not reuse_from and not versions(root, name):
+        return None
+    candidates = [resolve(root, source)] if "@" in source or reuse_from else [root / name / v for v in reversed(versions(root, name))]
+    for directory in candidates:
         try:
-            manifest = Manifest.from_file(root / name / version / MANIFEST)
+            manifest = Manifest.from_file(directory / MANIFEST)
         except FailedPrecondition:
             continue
         if manifest.encoder.passage_identity == encoder.info.passage_identity and manifest.format_version == FORMAT_VERSION:
-            return _EmbeddingReuse(root / name / version, manifest)
+            return _EmbeddingReuse(directory, manifest)
+    if reuse_from:
+        raise InvalidArgument(f"cannot reuse embeddings from {reuse_from}: it was built by another encoder")
     return None
 
 
@@ -292,6 +299,7 @@ def build_index(
     passage_words: int = 100,
     shards: int = 1,
     reuse_embeddings: bool = True,
+    reuse_from: str = "",
     show_progress: bool = True,
 ) -> Manifest:
     """Build and publish a new version of `name`, split into `shards` shards; returns its manifest."""
@@ -307,7 +315,7 @@ def build_index(
             raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
         bounds = [count * i // shards for i in range(shards + 1)]
         factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
-        reuse = _reusable(root, name, encoder) if reuse_embeddings else None
+        reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
         reused = 0
         with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
             for shard in range(shards):
@@ -348,6 +356,7 @@ def build_index(
             corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
             checksums={f: sha256_file(tmp / f) for f in files},
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            embeddings_reused={"from": reuse.source, "passages": reused} if reuse else {},
         )
         return _publish(tmp, root, manifest)
     except BaseException:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from generator_svc import rag_math
 from generator_svc.config import GeneratorConfig
-from generator_svc.models import DecoderOnlyLM, PassageLM, load_generator
+from generator_svc.models import DecoderOnlyLM, PassageLM, load_generator, one_each
 from generator_svc.server import create_server as create_generator
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
@@ -62,19 +62,19 @@ def hf_generate(tiny: TinyModels, prompt: list[int], num_beams: int, max_new_tok
 @pytest.mark.parametrize("mode", [Mode.TOKEN, Mode.SEQUENCE])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_one_passage_is_plain_generation(lm: DecoderOnlyLM, tiny: TinyModels, mode: Mode, num_beams: int) -> None:
-    ctx = lm.encode([QUESTION], [PASSAGES[:1]])
+    ctx = lm.encode([QUESTION], [one_each(PASSAGES[:1])])
     options = DecodingOptions(mode=mode, num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=10)
     ours = [g.tokens for g in rag_math.generate(lm, ctx, torch.zeros(1, 1), options)[0]]
-    assert ours == hf_generate(tiny, lm.prompt_ids(QUESTION, PASSAGES[0]), num_beams, 10)
+    assert ours == hf_generate(tiny, lm.prompt_ids(QUESTION, (PASSAGES[0],)), num_beams, 10)
 
 
 def test_left_padded_passages_decode_as_if_alone(lm: DecoderOnlyLM, tiny: TinyModels) -> None:
     """Each passage row of a batch (prompts of different lengths, left-padded) decodes as its prompt alone."""
-    ctx = lm.encode([QUESTION], [PASSAGES])
+    ctx = lm.encode([QUESTION], [one_each(PASSAGES)])
     state = lm.start(ctx, torch.arange(len(PASSAGES)))
     found = rag_math.greedy_search(lambda tokens, _: lm.step(state, tokens), len(PASSAGES), 10, lm.rules)
     for passage, candidates in zip(PASSAGES, found, strict=True):
-        assert [candidates[0].tokens] == hf_generate(tiny, lm.prompt_ids(QUESTION, passage), 1, 10)
+        assert [candidates[0].tokens] == hf_generate(tiny, lm.prompt_ids(QUESTION, (passage,)), 1, 10)
 
 
 @pytest.mark.parametrize("mode", [generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE])
@@ -91,7 +91,7 @@ def test_copies_of_one_passage_change_nothing(stub: generator_pb2_grpc.Generator
 def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyModels) -> None:
     """The per-step marginal that RAG-Token's search accumulates (KV cache) equals the teacher-forced one."""
     lm: PassageLM = load_generator(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
-    ctx = lm.encode([QUESTION, "What is the capital of France?"], [PASSAGES, PASSAGES[::-1]])
+    ctx = lm.encode([QUESTION, "What is the capital of France?"], [one_each(PASSAGES), one_each(PASSAGES[::-1])])
     prior = rag_math.log_prior(torch.tensor([[2.0, 1.0, 0.5], [0.5, 1.0, 2.0]]))
     K = len(PASSAGES)
     state = lm.start(ctx, torch.arange(2 * K))

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGen
 
 from generator_svc import rag_math
 from generator_svc.config import GeneratorConfig
-from generator_svc.models import load_generator
+from generator_svc.models import load_generator, one_each
 from generator_svc.server import create_server as create_generator
 from rag import random_models
 from rag.serving import ServerThread
@@ -147,7 +147,7 @@ def test_generate_matches_transformers_token_for_token(
 
     # The same through the batched math: both questions in one call, rows question-major.
     lm = load_generator(str(reference.checkpoint))
-    ctx = lm.encode(QUESTIONS, [passages_for(0), passages_for(1)])
+    ctx = lm.encode(QUESTIONS, [one_each(passages_for(0)), one_each(passages_for(1))])
     batched = rag_math.generate(lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS))
     assert [g.tokens for question in batched for g in question] == expected
 

@@ -223,9 +223,12 @@ def test_rebuilding_reuses_unchanged_embeddings_exactly(tmp_path: Path, tiny: Ti
     corpus = versioned_corpus(tmp_path, "v2")
     reused = build_index(corpus, "jsonl", root, "kb", encoder, show_progress=False)
     fresh = build_index(corpus, "jsonl", root, "fresh", encoder, reuse_embeddings=False, show_progress=False)
-    a = np.load(root / "kb" / reused.version / "shard-0" / "embeddings.npy")
-    b = np.load(root / "fresh" / fresh.version / "shard-0" / "embeddings.npy")
+    borrowed = build_index(corpus, "jsonl", root, "other", encoder, reuse_from="kb@v1", show_progress=False)
+    a, b, c = (np.load(root / m.name / m.version / "shard-0" / "embeddings.npy") for m in (reused, fresh, borrowed))
     np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(c, b, atol=1e-6)
+    assert reused.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1}  # all but the changed fact
+    assert borrowed.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1} and not fresh.embeddings_reused
 
 
 # ------------------------------------------------------------------------------------------------ refusals

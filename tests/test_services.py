@@ -243,3 +243,28 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
     for stage in ("encode", "search", "generate", "retrieve", "end_to_end"):
         assert f'rag_stage_duration_seconds_count{{stage="{stage}"}}' in page
     assert 'rag_index_info{name="tiny",version="v1"} 1.0' in page
+
+
+def test_baselines_use_the_same_generator_with_no_or_all_passages(services: Services) -> None:
+    def answer(mode: int, passages: list[passage_pb2.Passage]) -> generator_pb2.GenerateResponse:
+        return generate(services, passages=passages, options=generator_pb2.DecodingOptions(mode=mode, max_new_tokens=6))
+
+    closed = [answer(generator_pb2.RAG_MODE_CLOSED_BOOK, p) for p in (PASSAGES, PASSAGES[1:])]
+    assert closed[0].hypotheses[0].token_ids == closed[1].hypotheses[0].token_ids  # passages are not read
+    assert not closed[0].hypotheses[0].passage_posteriors and len(closed[0].passage_priors) == 3
+    # Concatenating one passage is RAG over that one passage; over three it reads something else.
+    one = [PASSAGES[0]]
+    assert answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].token_ids == answer(generator_pb2.RAG_MODE_TOKEN, one).hypotheses[0].token_ids
+    assert answer(generator_pb2.RAG_MODE_CONCAT, PASSAGES).hypotheses[0].log_prob != answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].log_prob
+
+
+def test_ask_can_retrieve_only(services: Services) -> None:
+    reply = ask(services, k=3, retrieve_only=True)
+    assert not reply.answers and len(reply.sources) == 3 and reply.index_version == "tiny@v1"
+    assert reply.timings.generate_ms == 0 and reply.timings.retrieve_ms > 0
+
+
+def test_baseline_answers_report_no_posterior(services: Services) -> None:
+    reply = ask(services, k=3, options=generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=3))
+    assert reply.answers and [s.posterior for s in reply.sources] == [0, 0, 0]
+    assert sum(s.prior for s in reply.sources) == pytest.approx(1, abs=1e-4)

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "k", "options")
+    __slots__ = ("question", "k", "options", "retrieve_only")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_ONLY_FIELD_NUMBER: _ClassVar[int]
     question: str
     k: int
     options: _generator_pb2.DecodingOptions
-    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., options: _Optional[_Union[_generator_pb2.DecodingOptions, _Mapping]] = ...) -> None: ...
+    retrieve_only: bool
+    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., options: _Optional[_Union[_generator_pb2.DecodingOptions, _Mapping]] = ..., retrieve_only: _Optional[bool] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answers", "sources", "index_version", "timings")

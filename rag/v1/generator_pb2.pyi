@@ -13,6 +13,8 @@ class RagMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RAG_MODE_UNSPECIFIED: _ClassVar[RagMode]
     RAG_MODE_TOKEN: _ClassVar[RagMode]
     RAG_MODE_SEQUENCE: _ClassVar[RagMode]
+    RAG_MODE_CLOSED_BOOK: _ClassVar[RagMode]
+    RAG_MODE_CONCAT: _ClassVar[RagMode]
 
 class SequenceDecoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +24,8 @@ class SequenceDecoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 RAG_MODE_UNSPECIFIED: RagMode
 RAG_MODE_TOKEN: RagMode
 RAG_MODE_SEQUENCE: RagMode
+RAG_MODE_CLOSED_BOOK: RagMode
+RAG_MODE_CONCAT: RagMode
 SEQUENCE_DECODING_UNSPECIFIED: SequenceDecoding
 SEQUENCE_DECODING_THOROUGH: SequenceDecoding
 SEQUENCE_DECODING_FAST: SequenceDecoding

@@ -1,0 +1,312 @@
+"""`rag eval`: a question set through the running gateway, scored as open-domain QA.
+
+    rag eval QUESTIONS [--mode token|sequence|closed-book|concat|retrieve] [--k K] [--limit N] [--seed S]
+                       [--gateway ADDR] [--out DIR] [--ks 1,5,10] [--json]
+
+Question sets: JSONL `{"question", "answers": [...], "gold_passage"?}`, SQuAD v1.1 JSON (gold passage
+`sq-<title>-<paragraph>`), or DPR's QA TSV (`question<TAB>['answer', ...]`, CSV-quoted). Scores: exact match
+and token F1 after SQuAD's normalisation (lower case, no punctuation, no articles, single spaces), each the
+maximum over the gold answers; recall@k of the gold passage (a passage split into pieces counts by any
+piece); latency percentiles. `--mode retrieve` evaluates retrieval alone. With `--out DIR` every answer is
+appended to DIR/results.jsonl as it comes, and a rerun skips what is there (resumable); DIR also gets
+summary.json and table.md, and with `--ks` a plot of quality against k (quality_vs_k.png).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import random
+import re
+import string
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rag.ask import AskConfig, ask
+from rag.config import option
+from rag.errors import InvalidArgument
+
+MODES = ("token", "sequence", "closed-book", "concat", "retrieve")
+FORMATS = ("jsonl", "squad", "dpr-qa")
+
+
+@dataclass
+class EvalConfig:
+    gateway: str = option("127.0.0.1:50051", "gateway address")
+    mode: str = option("token", f"one of {', '.join(MODES)} (retrieve: retrieval only)")
+    k: int = option(5, "passages per question")
+    ks: str = option("", "comma-separated k values to sweep instead of --k (writes a plot with --out)")
+    limit: int = option(0, "evaluate a random sample of this many questions (0 = all)")
+    seed: int = option(0, "seed of that sample")
+    format: str = option("", f"{', '.join(FORMATS)}; default: from the file")
+    max_new_tokens: int = option(0, "answer length limit; 0 = the generator's default")
+    out: str = option("", "directory for results.jsonl (resumable), summary.json, table.md, quality_vs_k.png")
+    timeout: float = option(600.0, "deadline per question, seconds")
+    progress: bool = option(True, "show a progress bar")
+    json: bool = option(False, "end with one JSON line holding the summary")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    gold_passage: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def guess_format(path: Path) -> str:
+    if path.suffix == ".json":
+        return "squad"
+    if path.suffix in (".tsv", ".csv"):
+        return "dpr-qa"
+    return "jsonl"
+
+
+def read_examples(path: Path, fmt: str = "") -> list[Example]:
+    fmt = fmt or guess_format(path)
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"unknown question-set format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise InvalidArgument(f"question set {path} does not exist")
+    text = _read_text(path)
+    examples = {"jsonl": _jsonl, "squad": _squad, "dpr-qa": _dpr_qa}[fmt](text, path)
+    if not examples:
+        raise InvalidArgument(f"{path} holds no questions")
+    return examples
+
+
+def _read_text(path: Path) -> str:
+    if path.suffix == ".gz" or path.name.endswith(".gz"):
+        import gzip
+
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def _jsonl(text: str, path: Path) -> list[Example]:
+    examples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            answers = record["answers"]
+            if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
+                raise TypeError("answers must be a list of strings")
+            examples.append(Example(str(record.get("id", number)), record["question"], tuple(answers), record.get("gold_passage") or ""))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InvalidArgument(f"{path}:{number}: expected {{\"question\", \"answers\": [...]}} ({err})") from err
+    return examples
+
+
+def _squad(text: str, path: Path) -> list[Example]:
+    try:
+        articles = json.loads(text)["data"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise InvalidArgument(f"{path}: not a SQuAD v1.1 file (no 'data': {err})") from err
+    examples = []
+    for article in articles:
+        title = article["title"]
+        for n, paragraph in enumerate(article["paragraphs"]):
+            for qa in paragraph["qas"]:
+                answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))  # unique, in order
+                examples.append(Example(qa["id"], qa["question"], answers, f"sq-{title}-{n}"))
+    return examples
+
+
+def _dpr_qa(text: str, path: Path) -> list[Example]:
+    examples = []
+    for number, row in enumerate(csv.reader(text.splitlines(), delimiter="\t"), 1):
+        if not row:
+            continue
+        if len(row) < 2:
+            raise InvalidArgument(f"{path}:{number}: expected question<TAB>['answer', ...]")
+        try:
+            answers = ast.literal_eval(row[1])
+        except (ValueError, SyntaxError) as err:
+            raise InvalidArgument(f"{path}:{number}: the answers are not a Python list literal: {row[1]!r}") from err
+        if isinstance(answers, str):
+            answers = [answers]
+        examples.append(Example(str(number), row[0], tuple(str(a) for a in answers)))
+    return examples
+
+
+def sample(examples: list[Example], limit: int, seed: int) -> list[Example]:
+    if not limit or limit >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, golds: Iterable[str]) -> float:
+    return max((float(normalize_answer(prediction) == normalize_answer(g)) for g in golds), default=0.0)
+
+
+def _f1(prediction: str, gold: str) -> float:
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: Iterable[str]) -> float:
+    return max((_f1(prediction, g) for g in golds), default=0.0)
+
+
+def gold_rank(passage_ids: Sequence[str], gold: str) -> int | None:
+    """1-based rank of the gold passage among the retrieved ids (any piece of a split passage counts)."""
+    for rank, passage_id in enumerate(passage_ids, 1):
+        if passage_id == gold or passage_id.startswith(gold + "-"):
+            return rank
+    return None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    position = (len(ordered) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def evaluate_one(example: Example, config: AskConfig, retrieve_only: bool) -> dict[str, Any]:
+    result = ask(example.question, config, retrieve_only=retrieve_only)
+    ids = [p["id"] for p in result["passages"]]
+    record = {
+        "id": example.id,
+        "mode": "retrieve" if retrieve_only else config.mode,
+        "k": config.k,
+        "question": example.question,
+        "answers": list(example.answers),
+        "prediction": result["answer"],
+        "retrieved": ids,
+        "gold_rank": gold_rank(ids, example.gold_passage) if example.gold_passage else None,
+        "has_gold": bool(example.gold_passage),
+        "latency_ms": result["timings_ms"]["total"],
+    }
+    if not retrieve_only:
+        record["exact_match"] = exact_match(result["answer"], example.answers)
+        record["f1"] = f1_score(result["answer"], example.answers)
+    return record
+
+
+def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {"mode": mode, "k": k, "n": len(records)}
+    if mode != "retrieve":
+        summary["exact_match"] = sum(r["exact_match"] for r in records) / max(1, len(records))
+        summary["f1"] = sum(r["f1"] for r in records) / max(1, len(records))
+    with_gold = [r for r in records if r["has_gold"]]
+    if with_gold:
+        for cutoff in sorted({c for c in (1, 5, 10, 20) if c <= k} | {k}):
+            hits = sum(1 for r in with_gold if r["gold_rank"] is not None and r["gold_rank"] <= cutoff)
+            summary[f"recall_at_{cutoff}"] = hits / len(with_gold)
+        summary["recall_at_k"] = summary[f"recall_at_{k}"]
+    latencies = [r["latency_ms"] for r in records]
+    summary["latency_ms"] = {q: round(percentile(latencies, p), 1) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+    return summary
+
+
+def markdown_table(summaries: list[dict[str, Any]]) -> str:
+    lines = ["| mode | k | n | EM | F1 | recall@k | p50 latency (s) |", "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        em = f"{s['exact_match']:.3f}" if "exact_match" in s else "-"
+        f1 = f"{s['f1']:.3f}" if "f1" in s else "-"
+        recall = f"{s['recall_at_k']:.3f}" if "recall_at_k" in s else "-"
+        lines.append(f"| {s['mode']} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | {s['latency_ms']['p50'] / 1000:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_quality_vs_k(summaries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [s["k"] for s in summaries]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for key, label in (("exact_match", "exact match"), ("f1", "F1"), ("recall_at_k", "recall@k")):
+        if all(key in s for s in summaries):
+            axes.plot(ks, [s[key] for s in summaries], marker="o", label=label)
+    axes.set_xlabel("k (passages)")
+    axes.set_ylabel("score")
+    axes.set_ylim(0, 1)
+    axes.set_title(f"{summaries[0]['mode']}: quality against k (n={summaries[0]['n']})")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
+    if config.mode not in MODES:
+        raise InvalidArgument(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    ks = [int(k) for k in config.ks.split(",") if k.strip()] if config.ks else [config.k]
+    examples = sample(read_examples(questions, config.format), config.limit, config.seed)
+    out = Path(config.out) if config.out else None
+    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "results.jsonl").exists():
+            for line in (out / "results.jsonl").read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    done[(record["mode"], record["k"], record["id"])] = record
+    retrieve_only = config.mode == "retrieve"
+    summaries = []
+    for k in ks:
+        ask_config = AskConfig(
+            gateway=config.gateway, mode="token" if retrieve_only else config.mode, k=k,
+            max_new_tokens=config.max_new_tokens, timeout=config.timeout,
+        )  # fmt: skip
+        records = []
+        with tqdm(total=len(examples), desc=f"{config.mode} k={k}", unit="question", disable=not config.progress, file=sys.stderr) as bar:
+            for example in examples:
+                key = (config.mode, k, example.id)
+                if key not in done:
+                    done[key] = evaluate_one(example, ask_config, retrieve_only)
+                    if out is not None:
+                        with (out / "results.jsonl").open("a", encoding="utf-8") as handle:
+                            handle.write(json.dumps(done[key], ensure_ascii=False) + "\n")
+                records.append(done[key])
+                bar.update()
+        summaries.append(summarize(records, config.mode, k))
+    if out is not None:
+        _write_atomically(out / "summary.json", json.dumps(summaries, indent=2))
+        _write_atomically(out / "table.md", markdown_table(summaries) + "\n")
+        if len(summaries) > 1:
+            plot_quality_vs_k(summaries, out / "quality_vs_k.png")
+    return summaries
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
