@@ -16,4 +16,5 @@ class GeneratorConfig(ServerConfig):
     max_new_tokens: int = option(32, "max_new_tokens when a request leaves it unset")
     score_temperature: float = option(1.0, "temperature of p(z|x) when a request leaves it unset (1 = transformers)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
+    max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")

@@ -33,6 +33,9 @@ INDEX_ACTIVATION_SECONDS = Histogram(
 )
 PASSAGES_SERVED = Counter("rag_passages_served_total", "Passages returned by the retriever.")
 GENERATOR_QUEUE = Gauge("rag_generator_queue_depth", "Generate/Score requests waiting for or using the model.")
+GENERATOR_BATCH_SIZE = Histogram(
+    "rag_generator_batch_size", "Generate requests decoded together.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
+)
 GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
 
 

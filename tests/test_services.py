@@ -268,3 +268,33 @@ def test_baseline_answers_report_no_posterior(services: Services) -> None:
     reply = ask(services, k=3, options=generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=3))
     assert reply.answers and [s.posterior for s in reply.sources] == [0, 0, 0]
     assert sum(s.prior for s in reply.sources) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_concurrent_requests_are_batched_without_changing_answers(loop_thread: ServerThread, tiny: TinyModels, family: str) -> None:
+    from prometheus_client import REGISTRY
+
+    model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
+    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(model), max_batch=8))
+    questions = ["Who discovered penicillin?", "What is the capital of France?", "How high is Everest?", "Why?", "When was it built, and by whom exactly?", "Who?"]
+    options = generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_TOKEN, num_beams=2, max_new_tokens=12)
+
+    def request(i: int) -> generator_pb2.GenerateRequest:  # different questions and passage lengths in one batch
+        passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text * (1 + (i + j) % 3), score=p.score) for j, p in enumerate(PASSAGES)]
+        return generator_pb2.GenerateRequest(question=questions[i], passages=passages, options=options)
+
+    batches = lambda: (REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0, REGISTRY.get_sample_value("rag_generator_batch_size_sum") or 0)  # noqa: E731
+    try:
+        with grpc.insecure_channel(local(served.port)) as channel:
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            alone = [stub.Generate(request(i), timeout=60) for i in range(len(questions))]
+            count, total = batches()
+            futures = [stub.Generate.future(request(i), timeout=60) for i in range(len(questions))]
+            together = [f.result() for f in futures]
+        new_count, new_total = batches()
+        assert new_total - total == len(questions) and new_count - count < len(questions)  # some shared a batch
+        for a, b in zip(alone, together, strict=True):
+            assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+            assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
+    finally:
+        loop_thread.run(served.stop(0))
