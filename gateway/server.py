@@ -109,5 +109,6 @@ async def create_server(config: GatewayConfig) -> Served:
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
 
     served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register)
+    served.servicers = (servicer, admin)
     await served.mark_serving()  # stateless: ready once listening; downstream readiness shows per request
     return served

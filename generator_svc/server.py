@@ -291,5 +291,6 @@ async def create_server(config: GeneratorConfig) -> Served:
     async def load_in_background() -> None:
         servicer.worker.generator = await asyncio.to_thread(load)
 
+    served.servicers = (servicer,)
     start_loading(served, load_in_background)
     return served

@@ -10,6 +10,7 @@
     rag ask QUESTION [--mode token|sequence] [--k K] [--json] [--gateway ADDR]
     rag demo
     rag fetch [--model NAME]                                     (the demo's corpus and models into $RAG_HOME)
+    rag bench [--quick] [--only SECTIONS] [--json]
     rag eval QUESTIONS [--mode token|sequence|closed-book|concat|retrieve] [--k K] [--limit N] [--json]
 
 Every option has an environment mirror (RAG_<OPTION>), shown in --help. Heavy libraries load only in the
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     from rag.admin_client import AdminConfig, SwapConfig
     from rag.ask import AskConfig
     from rag.demo import DemoConfig, FetchConfig
+    from rag.bench import BenchConfig
     from rag.eval import EvalConfig
     from rag.up import UpConfig
     from retriever_svc.config import RetrieverConfig
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(commands.add_parser("demo", help="fetch the demo models and corpus, index, serve, ask"), DemoConfig)
     add_config_flags(commands.add_parser("fetch", help="fetch the demo models and corpus into $RAG_HOME"), FetchConfig)
 
+    add_config_flags(commands.add_parser("bench", help="speed against reference implementations (ratios)"), BenchConfig)
+
     evaluate = commands.add_parser("eval", help="score a question set through the gateway (EM, F1, recall@k)")
     evaluate.add_argument("questions", help="JSONL, SQuAD v1.1 JSON or DPR QA TSV")
     add_config_flags(evaluate, EvalConfig)
@@ -219,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": lambda: _demo(args),
         "fetch": lambda: _fetch(args),
         "eval": lambda: _eval(args),
+        "bench": lambda: _bench(args),
     }
     try:
         return handlers[args.command]()
@@ -235,7 +240,19 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(config_from_args(UpConfig, args))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from rag.bench import BenchConfig, as_json, markdown, run_bench
+
+    config = config_from_args(BenchConfig, args)
+    figures = run_bench(config)
+    print(markdown(figures))
+    if config.json:
+        print(as_json(figures))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    from rag.bench import BenchConfig
     from rag.eval import EvalConfig, markdown_table, run_eval
 
     config = config_from_args(EvalConfig, args)
@@ -258,6 +275,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from rag.demo import DemoConfig, FetchConfig
+    from rag.bench import BenchConfig
     from rag.eval import EvalConfig, run_demo
     from rag.serving import setup_logging
 

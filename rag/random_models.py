@@ -110,15 +110,18 @@ def save_rag_checkpoint(
     n_docs: int = 5,
     init_std: float = 0.2,
     generation: dict[str, object] | None = None,
+    vocab_size: int = 0,
 ) -> RagTokenForGeneration:
     """A RAG checkpoint in the `facebook/rag-*` layout; `d_model=768, layers=6, heads=12, ffn=3072` is bart-base.
 
     `init_std` 0.2 (BART's own is 0.02) makes outputs depend on the passage, so marginalising over passages
-    matters in tests. `generation` sets generation-config fields (e.g. no_repeat_ngram_size).
+    matters in tests. `generation` sets generation-config fields (e.g. no_repeat_ngram_size). `vocab_size`
+    widens the output layer beyond the small test tokenizer (bart-base: 50265), for realistic timings.
     """
     torch.manual_seed(seed)
     generator_tokenizer, question_tokenizer = bart_tokenizer(), bert_tokenizer()
-    bart = BartForConditionalGeneration(_bart_config(len(generator_tokenizer), d_model, layers, heads, ffn, init_std))
+    vocab = max(vocab_size, len(generator_tokenizer))
+    bart = BartForConditionalGeneration(_bart_config(vocab, d_model, layers, heads, ffn, init_std))
     dpr_config = DPRConfig(
         vocab_size=len(question_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, pad_token_id=0,

@@ -95,6 +95,7 @@ class Served:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     loading: asyncio.Task[None] | None = None
+    servicers: tuple[Any, ...] = ()  # for in-process use (benchmarks, debugging)
 
     async def mark_serving(self) -> None:
         for name in ("", *self.service_names):

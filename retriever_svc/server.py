@@ -169,5 +169,6 @@ async def create_server(config: RetrieverConfig) -> Served:
     async def load() -> None:
         servicer.retriever = await asyncio.to_thread(load_retriever, config)
 
+    served.servicers = (servicer, admin)
     start_loading(served, load)
     return served

@@ -1,0 +1,391 @@
+"""`rag bench`: speed against references, each figure a ratio measured in one run on this machine.
+
+    rag bench [--quick] [--only generator,retrieval,gateway,concurrency,build] [--json]
+
+- generator: RAG-Token greedy and beam-4, RAG-Sequence thorough (beam 1 and 4) and fast, against transformers'
+  RagTokenForGeneration / RagSequenceForGeneration on the same bart-base-shaped model (random weights) and the
+  same passages; identical tokens are asserted before timing (fast decoding has no reference: it is timed
+  against transformers' thorough);
+- retrieval: exact search of 1 and 64 queries over 1M x 384-d vectors against faiss IndexFlatIP and against the
+  memory-bandwidth floor (bytes scanned / measured copy bandwidth); HNSW recall@10 and queries/s;
+- gateway: Ask end to end against calling the same retriever and generator code in-process (p50);
+- concurrency: queries/s with 8 concurrent clients against 1 (the generator batches concurrent requests);
+- build: `rag index build` passages/s against the encoder's forward pass alone.
+`--quick` shrinks every size (seconds instead of minutes) so CI can run it; its ratios say little.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rag.config import option
+
+SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build")
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = option(False, "small sizes: seconds, for CI (ratios then say little)")
+    only: str = option("", f"comma-separated sections: {', '.join(SECTIONS)}")
+    repeats: int = option(3, "timed repetitions per figure (the median is reported)")
+    json: bool = option(False, "end with one JSON line holding every figure")
+
+
+@dataclass
+class Figure:
+    section: str
+    name: str
+    ours_s: float
+    reference_s: float
+    reference: str
+    goal: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """How many times faster than the reference (reference time / our time)."""
+        return self.reference_s / self.ours_s if self.ours_s else float("inf")
+
+
+def median_time(run: Callable[[], Any], repeats: int) -> float:
+    run()  # warm up (allocations, caches, lazy imports)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------ generator
+
+
+def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
+    import torch
+    from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
+
+    from generator_svc import rag_math
+    from generator_svc.models import load_generator, one_each
+    from rag import random_models
+    from rag.types import DecodingOptions, Mode, Passage
+
+    shape = dict(d_model=64, layers=2, heads=4, ffn=128) if config.quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+    checkpoint = work / "bart-base-rag"
+    random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.02, vocab_size=50265, **shape)  # type: ignore[arg-type]
+    lm = load_generator(str(checkpoint))
+    hf_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
+    hf_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
+    _mask_padding(hf_sequence)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "generator_tokenizer")
+    question = "who discovered penicillin and in which year did he discover it?"
+    words = "penicillin was discovered by alexander fleming in 1928 at st mary's hospital in london . " * 30
+    passages = [Passage(f"p{k}", f"Passage {k}", words[k * 7 :], score=float(5 - k)) for k in range(5)]
+    texts = [f"{p.title} / {p.text} // {question}".replace("  ", " ") for p in passages]
+    batch = tokenizer(texts, max_length=300, padding="max_length", truncation=True, return_tensors="pt")
+    scores = torch.tensor([[p.score for p in passages]])
+    context = dict(context_input_ids=batch["input_ids"], context_attention_mask=batch["attention_mask"], doc_scores=scores, n_docs=5)
+    new_tokens = 20
+
+    def ours(options: DecodingOptions) -> list[tuple[int, ...]]:
+        ctx = lm.encode([question], [one_each(passages)])
+        return [g.tokens for g in rag_math.generate(lm, ctx, rag_math.log_prior(scores), options)[0]]
+
+    def theirs(mode: Mode, beams: int) -> list[tuple[int, ...]]:
+        with torch.no_grad():
+            if mode is Mode.TOKEN:
+                rows = hf_token.generate(**context, num_beams=beams, num_return_sequences=1, max_length=new_tokens + 1)
+            else:
+                rows = hf_sequence.generate(**context, num_beams=beams, num_return_sequences=1, max_new_tokens=new_tokens)
+        pad = hf_token.config.generator.pad_token_id
+        out = []
+        for row in rows.tolist():
+            row = row[1:]
+            while row and row[-1] == pad:
+                row.pop()
+            out.append(tuple(row))
+        return out
+
+    figures = []
+    cases = [
+        ("RAG-Token greedy", Mode.TOKEN, True, 1, "1.5x"),
+        ("RAG-Token beam 4", Mode.TOKEN, True, 4, "1.5x"),
+        ("RAG-Sequence thorough, beam 1", Mode.SEQUENCE, True, 1, "3x"),
+        ("RAG-Sequence thorough, beam 4", Mode.SEQUENCE, True, 4, "3x"),
+        ("RAG-Sequence fast, beam 4", Mode.SEQUENCE, False, 4, ""),
+    ]
+    for name, mode, thorough, beams, goal in cases:
+        options = DecodingOptions(mode=mode, thorough=thorough, num_beams=beams, max_new_tokens=new_tokens)
+        if thorough:
+            assert ours(options) == theirs(mode, beams), f"{name}: tokens differ from transformers"
+        ours_s = median_time(lambda: ours(options), config.repeats)
+        theirs_s = median_time(lambda: theirs(mode, beams), config.repeats)
+        reference = "transformers " + ("RagTokenForGeneration" if mode is Mode.TOKEN else "RagSequenceForGeneration (thorough)")
+        figure = Figure("generator", name, ours_s, theirs_s, reference, goal)
+        if goal:
+            figure.met = figure.ratio >= float(goal.rstrip("x"))
+        else:
+            figure.note = "no reference for fast decoding: compared with thorough"
+        figures.append(figure)
+    return figures
+
+
+def _mask_padding(model: Any) -> None:
+    """transformers 5's RagSequenceForGeneration no longer masks the padding of each passage (see
+    tests/test_hf_equivalence.py); give it the mask, as transformers 4 did, so the tokens can be compared."""
+    generate = model.generator.generate
+    pad = model.config.generator.pad_token_id
+
+    def with_mask(input_ids: Any, **kwargs: Any) -> Any:
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = input_ids.ne(pad).long()
+        return generate(input_ids, **kwargs)
+
+    model.generator.generate = with_mask
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second memcpy moves (each byte counted once)."""
+    source = np.ones(nbytes // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    return nbytes / median_time(lambda: np.copyto(target, source), 3)
+
+
+def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
+    import faiss
+
+    from retriever_svc.index import _exact_top_k
+
+    n, dim = (50_000, 384) if config.quick else (1_000_000, 384)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(vectors)
+    floor = vectors.nbytes / copy_bandwidth()
+    figures = []
+    for count in (1, 64):
+        queries = rng.standard_normal((count, dim), dtype=np.float32)
+        ours_ids = [[h.row for h in hits] for hits in _exact_top_k(vectors, queries, 10)]
+        assert ours_ids == flat.search(queries, 10)[1].tolist(), "exact search differs from faiss IndexFlatIP"
+        ours_s = median_time(lambda: _exact_top_k(vectors, queries, 10), config.repeats)
+        faiss_s = median_time(lambda: flat.search(queries, 10), config.repeats)
+        label = f"exact top-10, {count} quer{'y' if count == 1 else 'ies'}, {n:,} x {dim}"
+        figures.append(Figure("retrieval", label, ours_s, faiss_s, "faiss IndexFlatIP"))
+        figures.append(
+            Figure("retrieval", label, ours_s, floor, "memory-bandwidth floor", "<= 1.5x the floor", ours_s <= 1.5 * floor,
+                   note=f"{ours_s / floor:.2f}x the floor (ratio = floor / ours)")  # fmt: skip
+        )
+    # HNSW against exact.
+    m = min(n, 20_000 if config.quick else 200_000)
+    hnsw = faiss.index_factory(dim, "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(vectors[:m])
+    hnsw.hnsw.efSearch = 128
+    queries = vectors[rng.choice(m, 100, replace=False)] + 0.1 * rng.standard_normal((100, dim), dtype=np.float32)
+    exact = [{h.row for h in hits} for hits in _exact_top_k(vectors[:m], queries, 10)]
+    found = hnsw.search(queries, 10)[1]
+    recall = sum(len(e & set(f.tolist())) for e, f in zip(exact, found, strict=True)) / (10 * len(queries))
+    hnsw_s = median_time(lambda: [hnsw.search(q[None], 10) for q in queries], config.repeats) / len(queries)
+    exact_s = median_time(lambda: [_exact_top_k(vectors[:m], q[None], 10) for q in queries[:20]], config.repeats) / 20
+    figures.append(
+        Figure("retrieval", f"HNSW32 (efSearch 128) one query, {m:,} x {dim}", hnsw_s, exact_s, "exact search",
+               note=f"recall@10 {recall:.3f}; {1 / hnsw_s:,.0f} queries/s")  # fmt: skip
+    )
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------ services
+
+
+@dataclass
+class Stack:
+    retriever: Any
+    generator: Any
+    gateway: Any
+    retriever_address: str
+    generator_address: str
+    gateway_address: str
+
+
+def _services(work: Path, quick: bool) -> tuple[Any, Stack, Any, Any]:
+    """Tiny encoder + a small index, the bart-base-shaped generator, and the gateway, in-process."""
+    from gateway.config import GatewayConfig
+    from gateway.server import create_server as create_gateway
+    from generator_svc.config import GeneratorConfig
+    from generator_svc.server import create_server as create_generator
+    from rag import random_models
+    from rag.serving import ServerThread
+    from retriever_svc.config import RetrieverConfig
+    from retriever_svc.encoders import load_encoder
+    from retriever_svc.index import build_index
+    from retriever_svc.server import create_server as create_retriever
+
+    encoder = random_models.save_sentence_encoder(work / "encoder")
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": f"document {i} about topic {i % 50} " * 20}) + "\n" for i in range(2000)))
+    build_index(corpus, "jsonl", work / "indexes", "bench", load_encoder(f"sentence-transformer:{encoder}"), show_progress=False)
+    checkpoint = work / "bart-base-rag"
+    if not (checkpoint / "config.json").exists():
+        shape = dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+        random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.02, vocab_size=50265, **shape)  # type: ignore[arg-type]
+    thread = ServerThread()
+    common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
+
+    def start(create: Any, cfg: Any) -> Any:
+        served = thread.run(create(cfg))
+        if served.loading is not None:
+            thread.run(asyncio_wait(served.loading))
+        return served
+
+    retriever = start(create_retriever, RetrieverConfig(**common, index_root=str(work / "indexes"), index="bench"))
+    generator = start(create_generator, GeneratorConfig(**common, generator=str(checkpoint), max_batch=8, max_queue=64))
+    gateway = start(create_gateway, GatewayConfig(**common, retrievers=f"127.0.0.1:{retriever.port}", generator_address=f"127.0.0.1:{generator.port}"))
+    stack = Stack(retriever, generator, gateway, f"127.0.0.1:{retriever.port}", f"127.0.0.1:{generator.port}", f"127.0.0.1:{gateway.port}")
+    return thread, stack, retriever, generator
+
+
+async def asyncio_wait(task: Any) -> None:
+    import asyncio
+
+    await asyncio.wait([task])
+
+
+def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
+    import grpc
+
+    from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
+
+    thread, stack, _, _ = _services(work, config.quick)
+    try:
+        question = "what is document 42 about?"
+        options = generator_pb2.DecodingOptions(max_new_tokens=12)
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+        ask = lambda: stub.Ask(gateway_pb2.AskRequest(question=question, k=5, options=options), timeout=120)  # noqa: E731
+        # The same work in-process: the retriever's and the generator's own code, no gRPC in between.
+        retriever = stack.retriever.servicers[0].retriever
+        worker = stack.generator.servicers[0].worker
+        from generator_svc.server import Request
+        from rag.types import DecodingOptions
+
+        def direct() -> None:
+            found = retriever.search([question], 5, False)
+            worker.generator.generate([Request(question, found.passages[0], DecodingOptions(max_new_tokens=12, score_temperature=0.05))])
+
+        repeats = max(config.repeats, 5)
+        ask_s, direct_s = median_time(ask, repeats), median_time(direct, repeats)
+        overhead = ask_s / direct_s - 1
+        return [Figure("gateway", "Ask end to end, p50", ask_s, direct_s, "retriever + generator code in-process",
+                       "overhead <= 5%", overhead <= 0.05, note=f"overhead {overhead:+.1%}")]  # fmt: skip
+    finally:
+        _stop(thread, stack)
+
+
+def _stop(thread: Any, stack: Stack) -> None:
+    for served in (stack.gateway, stack.retriever, stack.generator):
+        thread.run(served.stop(0))
+    thread.close()
+
+
+def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
+    import grpc
+
+    from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
+
+    thread, stack, _, _ = _services(work, config.quick)
+    try:
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+        options = generator_pb2.DecodingOptions(max_new_tokens=12)
+        total = 16 if config.quick else 32
+
+        def run(clients: int) -> float:
+            def one(i: int) -> None:
+                stub.Ask(gateway_pb2.AskRequest(question=f"what is document {i} about?", k=5, options=options), timeout=600)
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, range(total)))
+            return (time.perf_counter() - start) / total  # seconds per request
+
+        run(2)  # warm up
+        single, eight = run(1), run(8)
+        return [Figure("concurrency", "queries/s, 8 concurrent clients vs 1", eight, single, "1 client",
+                       ">= 2x", single / eight >= 2, note=f"{1 / single:.2f} vs {1 / eight:.2f} queries/s")]  # fmt: skip
+    finally:
+        _stop(thread, stack)
+
+
+def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
+    from rag import paths
+    from rag.random_models import save_sentence_encoder
+    from retriever_svc.encoders import load_encoder
+    from retriever_svc.index import build_index
+
+    minilm = paths.models_dir() / paths.DEMO_ENCODER_DIR
+    if config.quick or not (minilm / "model.safetensors").exists():
+        spec, label = f"sentence-transformer:{save_sentence_encoder(work / 'build-encoder', hidden=64)}", "a random 64-d BERT"
+    else:
+        spec, label = f"sentence-transformer:{minilm}", "all-MiniLM-L6-v2"
+    encoder = load_encoder(spec)
+    count = 400 if config.quick else 3000
+    rng = np.random.default_rng(0)
+    vocabulary = [f"word{i}" for i in range(5000)]
+    records = [{"id": f"d{i}", "title": f"Title {i}", "text": " ".join(rng.choice(vocabulary, int(rng.integers(20, 100))))} for i in range(count)]
+    corpus = work / "build.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    titles, texts = [r["title"] for r in records], [r["text"] for r in records]
+    raw_s = median_time(lambda: encoder.encode_passages_sorted(titles, texts), 1)
+    root = work / "build-indexes"
+    build_s = median_time(lambda: build_index(corpus, "jsonl", root, "b", encoder, reuse_embeddings=False, show_progress=False), 1)
+    overhead = build_s / raw_s - 1
+    return [Figure("build", f"index build, {count} passages, {label}", build_s, raw_s, "encoder forward pass alone",
+                   "overhead <= 10%", overhead <= 0.10, note=f"{count / build_s:.0f} passages/s; overhead {overhead:+.1%}")]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def run_bench(config: BenchConfig) -> list[Figure]:
+    sections = [s.strip() for s in config.only.split(",") if s.strip()] or list(SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        from rag.errors import InvalidArgument
+
+        raise InvalidArgument(f"unknown bench sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
+    runners = {"generator": bench_generator, "retrieval": bench_retrieval, "gateway": bench_gateway,
+               "concurrency": bench_concurrency, "build": bench_build}  # fmt: skip
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
+        for section in sections:
+            figures += runners[section](config, Path(tmp))
+            print(markdown(figures[-1:]).splitlines()[-1], flush=True)
+    return figures
+
+
+def markdown(figures: list[Figure]) -> str:
+    lines = [
+        "| section | figure | ours (s) | reference | reference (s) | speed-up | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        met = "" if f.met is None else ("yes" if f.met else "no")
+        note = f" ({f.note})" if f.note else ""
+        lines.append(f"| {f.section} | {f.name}{note} | {f.ours_s:.4f} | {f.reference} | {f.reference_s:.4f} | {f.ratio:.2f}x | {f.goal} | {met} |")
+    return "\n".join(lines)
+
+
+def as_json(figures: list[Figure]) -> str:
+    return json.dumps([dict(f.__dict__, ratio=f.ratio) for f in figures])
+

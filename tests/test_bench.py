@@ -1,0 +1,25 @@
+"""`rag bench --quick` end to end: every section runs, compares with its reference (identical tokens and
+identical top-k are asserted inside), and reports a ratio and its goal. Speed goals are never asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rag.cli import main as rag_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    assert rag_cli(["bench", "--quick", "--repeats", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {f["section"] for f in figures} == {"generator", "retrieval", "gateway", "concurrency", "build"}
+    names = " | ".join(f["name"] for f in figures)
+    for expected in ("RAG-Token greedy", "RAG-Token beam 4", "RAG-Sequence thorough, beam 1", "RAG-Sequence thorough, beam 4",
+                     "RAG-Sequence fast", "1 query", "64 queries", "HNSW", "Ask end to end", "8 concurrent clients", "index build"):  # fmt: skip
+        assert expected in names
+    for figure in figures:
+        assert figure["ours_s"] > 0 and figure["reference_s"] > 0 and figure["ratio"] > 0
+        assert figure["met"] in (True, False, None) and (figure["met"] is None) == (figure["goal"] == "")
