@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test install protos clean
+CODE := rag retriever_svc generator_svc gateway tests bench scripts
+
+.PHONY: demo test lint install protos clean
 
 $(INSTALLED): pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +21,14 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/rag demo
 
-test: $(INSTALLED)
+test: $(INSTALLED) lint
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python -m pytest
+
+# Style and obvious bugs (unused names, unsorted imports); the generated stubs are left as protoc writes them.
+lint: $(INSTALLED)
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 # Regenerate rag/v1 from protos/rag/v1 (the stubs are committed; `make test` fails when they are stale).
 protos: $(INSTALLED)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from rag import assets, paths  # noqa: E402
 from rag.admin_client import AdminConfig, swap  # noqa: E402
 from rag.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
+from rag.files import sha256_file  # noqa: E402
 from rag.up import Stack, UpConfig  # noqa: E402
 
 GENERATION_MODES = ("closed-book", "concat", "token", "sequence")
@@ -55,7 +56,7 @@ def build(corpus: Path, name: str, encoder_spec: str) -> str:
     from retriever_svc.index import Manifest, build_index, versions
 
     root = paths.index_root()
-    digest = assets.sha256_file(corpus)
+    digest = sha256_file(corpus)
     for version in reversed(versions(root, name)):
         manifest = Manifest.from_file(root / name / version / "manifest.json")
         if manifest.corpus["sha256"] == digest:
@@ -64,7 +65,9 @@ def build(corpus: Path, name: str, encoder_spec: str) -> str:
     return build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), reuse_from=reuse).ref
 
 
-def evaluate(questions: Path, out: Path, gateway: str, mode: str, ks: tuple[int, ...], sample: int, seed: int) -> list[dict]:
+def evaluate(
+    questions: Path, out: Path, gateway: str, mode: str, ks: tuple[int, ...], sample: int, seed: int
+) -> list[dict]:
     config = EvalConfig(gateway=gateway, mode=mode, ks=",".join(map(str, ks)), limit=sample, seed=seed, out=str(out))
     summaries = run_eval(questions, config)
     print(markdown_table(summaries), flush=True)
@@ -94,10 +97,16 @@ def main() -> None:
     article_of_paragraph = {p["id"]: p["title"] for p in squad}
 
     corpus_all = write_jsonl(work / "wiki+squad.jsonl", wiki + squad)
-    corpus_half = [write_jsonl(work / f"wiki+squad-half{h}.jsonl", wiki + [p for p in squad if half_of[p["title"]] == h]) for h in (0, 1)]
+    corpus_half = [
+        write_jsonl(work / f"wiki+squad-half{h}.jsonl", wiki + [p for p in squad if half_of[p["title"]] == h])
+        for h in (0, 1)
+    ]
     questions_all = data / "squad_v1.1_dev_questions_public.jsonl.gz"
     questions_half = [
-        write_jsonl(work / f"questions-half{h}.jsonl", [q for q in questions if half_of[article_of_paragraph[q["gold_passage"]]] == h])
+        write_jsonl(
+            work / f"questions-half{h}.jsonl",
+            [q for q in questions if half_of[article_of_paragraph[q["gold_passage"]]] == h],
+        )
         for h in (0, 1)
     ]
     started = time.perf_counter()
@@ -108,7 +117,9 @@ def main() -> None:
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))
     admin_token = os.environ["RAG_ADMIN_TOKEN"]
     results: dict[str, list[dict]] = {}
-    stack = Stack(UpConfig(index=index_all, generator=str(generator), port=0, retriever_port=0, generator_port=0, metrics_port=0))
+    stack = Stack(
+        UpConfig(index=index_all, generator=str(generator), port=0, retriever_port=0, generator_port=0, metrics_port=0)
+    )
     try:
         gateway = stack.start()
         admin = AdminConfig(gateway=gateway, admin_token=admin_token)
@@ -123,13 +134,17 @@ def main() -> None:
             swap(admin, version, name)
             for asked in (0, 1):
                 run = out / f"update-q{asked}-index{index}"
-                update[(asked, index)] = evaluate(questions_half[asked], run, gateway, "token", (5,), options.sample, options.seed)[0]
+                update[(asked, index)] = evaluate(
+                    questions_half[asked], run, gateway, "token", (5,), options.sample, options.seed
+                )[0]
     finally:
         stack.stop()
     write_report(out, options, results, update, index_all, index_half)
 
 
-def write_report(out: Path, options: argparse.Namespace, results: dict, update: dict, index_all: str, index_half: list[str]) -> None:
+def write_report(
+    out: Path, options: argparse.Namespace, results: dict, update: dict, index_all: str, index_half: list[str]
+) -> None:
     retrieval = results["retrieve"][0]
     lines = [
         "# SQuAD-open on the demo models",
@@ -159,7 +174,9 @@ def write_report(out: Path, options: argparse.Namespace, results: dict, update: 
     ]
     for (asked, index), s in sorted(update.items()):
         label = "matched" if asked == index else "mismatched"
-        lines.append(f"| half {asked} | half {index} ({label}) | {s['exact_match']:.3f} | {s['f1']:.3f} | {s['recall_at_k']:.3f} |")
+        lines.append(
+            f"| half {asked} | half {index} ({label}) | {s['exact_match']:.3f} | {s['f1']:.3f} | {s['recall_at_k']:.3f} |"
+        )
     matched = [update[(h, h)] for h in (0, 1)]
     mismatched = [update[(h, 1 - h)] for h in (0, 1)]
     mean = lambda xs, key: sum(x[key] for x in xs) / len(xs)  # noqa: E731

@@ -60,7 +60,9 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", "rag.cli", "serve", *args], stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rag.cli", "serve", *args], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert process.stdout is not None
     line = process.stdout.readline()
     address = line.split("listening on ")[1].strip()
@@ -87,7 +89,9 @@ def main() -> None:
     tiny.write_text(json.dumps({"id": "x", "title": "T", "text": "one passage"}) + "\n")
     started = time.perf_counter()
     for seed in (1, 2):
-        build_index(corpus, "jsonl", root, "bench", RandomPassages(real, seed), reuse_embeddings=False, show_progress=False)
+        build_index(
+            corpus, "jsonl", root, "bench", RandomPassages(real, seed), reuse_embeddings=False, show_progress=False
+        )
     build_index(tiny, "jsonl", root, "tiny", RandomPassages(real, 0), show_progress=False)
     print(f"built 2 versions x {options.passages} x {options.dim}-d in {time.perf_counter() - started:.0f} s")
 

@@ -33,7 +33,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.swap_timeout = swap_timeout
         self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
 
-    async def _on_all(self, call: str, request: object, endpoints: list[tuple[int, str]], timeout: float) -> list[object]:
+    async def _on_all(
+        self, call: str, request: object, endpoints: list[tuple[int, str]], timeout: float
+    ) -> list[object]:
         """Call an IndexAdminService RPC on every endpoint at once; exceptions are returned, not raised."""
         metadata = bearer(self.admin_token)
 
@@ -56,11 +58,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             statuses.append(reply.status)  # type: ignore[union-attr]
         return statuses
 
-    async def ListIndexStatus(self, request: admin_pb2.ListIndexStatusRequest, context: grpc.aio.ServicerContext) -> admin_pb2.ListIndexStatusResponse:
+    async def ListIndexStatus(
+        self, request: admin_pb2.ListIndexStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListIndexStatusResponse:
         require_admin(context, self.admin_token)
         return admin_pb2.ListIndexStatusResponse(retrievers=await self._statuses(timeout=30))
 
-    async def SwapIndex(self, request: admin_pb2.SwapIndexRequest, context: grpc.aio.ServicerContext) -> admin_pb2.SwapIndexResponse:
+    async def SwapIndex(
+        self, request: admin_pb2.SwapIndexRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.SwapIndexResponse:
         caller = require_admin(context, self.admin_token)
         check_version(request.version)
         async with self._swap_lock:
@@ -84,25 +90,35 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )  # fmt: skip
             return response
 
-    async def _swap(self, ref: str, previous: str, statuses: list[index_admin_pb2.IndexStatus]) -> admin_pb2.SwapIndexResponse:
+    async def _swap(
+        self, ref: str, previous: str, statuses: list[index_admin_pb2.IndexStatus]
+    ) -> admin_pb2.SwapIndexResponse:
         endpoints = [(s.shard, s.endpoint) for s in statuses]
         # Phase 1: load and validate everywhere; any failure aborts with nothing activated.
         started = time.perf_counter()
-        loads = await self._on_all("LoadIndex", index_admin_pb2.LoadIndexRequest(index_version=ref), endpoints, self.swap_timeout)
+        loads = await self._on_all(
+            "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version=ref), endpoints, self.swap_timeout
+        )
         failures = [r for r in loads if isinstance(r, RagError)]
         if failures:
             loaded = [e for e, r in zip(endpoints, loads, strict=True) if not isinstance(r, RagError)]
             if ref != previous:
                 await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=ref), loaded, 30)
-            raise RagError(f"swap to {ref} aborted, every retriever still serves {previous}: {failures[0]}", code=failures[0].code)
+            raise RagError(
+                f"swap to {ref} aborted, every retriever still serves {previous}: {failures[0]}", code=failures[0].code
+            )
         loaded_at = time.perf_counter()
         # Phase 2: activate everywhere (a pointer swap on each replica).
-        activations = await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=ref), endpoints, 30)
+        activations = await self._on_all(
+            "ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=ref), endpoints, 30
+        )
         failures = [r for r in activations if isinstance(r, RagError)]
         if failures:  # a replica vanished between the phases: put the others back
             done = [e for e, r in zip(endpoints, activations, strict=True) if not isinstance(r, RagError)]
             await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=previous), done, 30)
-            raise RagError(f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE)
+            raise RagError(
+                f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE
+            )
         activated_at = time.perf_counter()
         metrics.INDEX_ACTIVATION_SECONDS.observe(activated_at - loaded_at)
         # Phase 3: release the old version everywhere; each replica closes it once its last request ends.

@@ -100,7 +100,9 @@ class RetrieverTier:
         per_shard = await asyncio.gather(*(s.endpoints() for s in self.shards))
         return [(shard.index, e) for shard, found in zip(self.shards, per_shard, strict=True) for e in found]
 
-    async def _search_shard(self, shard: Shard, question: str, k: int, timeout: float, pin: str = "") -> retriever_pb2.SearchResponse:
+    async def _search_shard(
+        self, shard: Shard, question: str, k: int, timeout: float, pin: str = ""
+    ) -> retriever_pb2.SearchResponse:
         try:
             reply = await shard.stub.Search(
                 retriever_pb2.SearchRequest(questions=[question], k=k, index_version=pin), timeout=timeout
@@ -124,7 +126,9 @@ class RetrieverTier:
                 try:
                     replies = await asyncio.gather(
                         *(
-                            _done(r) if r.index_version == chosen else self._search_shard(s, question, k, timeout, pin=chosen)
+                            _done(r)
+                            if r.index_version == chosen
+                            else self._search_shard(s, question, k, timeout, pin=chosen)
                             for s, r in zip(self.shards, replies, strict=True)
                         )
                     )

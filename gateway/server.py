@@ -59,7 +59,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return gateway_pb2.AskResponse(
                 sources=[gateway_pb2.Source(passage=p) for p in passages],
                 index_version=index_version,
-                timings=gateway_pb2.Timings(retrieve_ms=(retrieved - started) * 1000, total_ms=(retrieved - started) * 1000),
+                timings=gateway_pb2.Timings(
+                    retrieve_ms=(retrieved - started) * 1000, total_ms=(retrieved - started) * 1000
+                ),
             )
 
         generate_options = generator_pb2.DecodingOptions()

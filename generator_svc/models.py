@@ -95,7 +95,9 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _rules_from(config: GenerationConfig, tokenizer: PreTrainedTokenizerBase, decoder_prompt: tuple[int, ...]) -> DecodingRules:
+def _rules_from(
+    config: GenerationConfig, tokenizer: PreTrainedTokenizerBase, decoder_prompt: tuple[int, ...]
+) -> DecodingRules:
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
     if None in eos_ids:
@@ -129,7 +131,6 @@ class EncoderDecoderState:
     cache: EncoderDecoderCache
     encoder_states: torch.Tensor
     attention_mask: torch.Tensor
-    started: bool = False
 
 
 class EncoderDecoderLM(PassageLM):
@@ -245,7 +246,6 @@ class DecoderOnlyState:
     cache: DynamicCache
     attention_mask: torch.Tensor
     position: torch.Tensor
-    started: bool = False
 
 
 class DecoderOnlyLM(PassageLM):
@@ -276,9 +276,13 @@ class DecoderOnlyLM(PassageLM):
         if not context:
             user = f"{INSTRUCTION_CLOSED_BOOK}\nQuestion: {question}"
         elif len(context) == 1:
-            user = f"Passage: {context[0].title}\n{self._truncate(context[0].text)}\n\n{INSTRUCTION}\nQuestion: {question}"
+            user = (
+                f"Passage: {context[0].title}\n{self._truncate(context[0].text)}\n\n{INSTRUCTION}\nQuestion: {question}"
+            )
         else:
-            passages = "\n\n".join(f"Passage {i}: {p.title}\n{self._truncate(p.text)}" for i, p in enumerate(context, 1))
+            passages = "\n\n".join(
+                f"Passage {i}: {p.title}\n{self._truncate(p.text)}" for i, p in enumerate(context, 1)
+            )
             user = f"{passages}\n\n{INSTRUCTION_SEVERAL}\nQuestion: {question}"
         if self.tokenizer.chat_template:
             system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -299,7 +303,12 @@ class DecoderOnlyLM(PassageLM):
             mask[r, length - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(  # logits of the last position only: the vocabulary projection is a quarter of the work
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
         )
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return PromptContexts(
@@ -311,7 +320,9 @@ class DecoderOnlyLM(PassageLM):
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecoderOnlyState:
         assert isinstance(ctx, PromptContexts)
-        return DecoderOnlyState(ctx, rows, self._cache_for(ctx, rows), ctx.attention_mask[rows], ctx.next_position[rows])
+        return DecoderOnlyState(
+            ctx, rows, self._cache_for(ctx, rows), ctx.attention_mask[rows], ctx.next_position[rows]
+        )
 
     @torch.inference_mode()
     def step(self, state: DecoderOnlyState, tokens: torch.Tensor | None) -> torch.Tensor:

@@ -107,7 +107,8 @@ class Generator:
             log_probs = scores.log_prob(request.options.mode).tolist()
             posteriors = scores.posterior().tolist() if request.options.mode.is_rag else [[]] * len(answers)
         results = [
-            AnswerScore(a, lp, len(t), tuple(post)) for a, lp, t, post in zip(answers, log_probs, tokens, posteriors, strict=True)
+            AnswerScore(a, lp, len(t), tuple(post))
+            for a, lp, t, post in zip(answers, log_probs, tokens, posteriors, strict=True)
         ]
         return results, passage_prior.exp().tolist()
 
@@ -115,7 +116,14 @@ class Generator:
 def batch_key(request: Request) -> tuple[Any, ...]:
     """Requests with equal keys decode alike and can share a batch."""
     o = request.options
-    return (o.mode, o.thorough, o.num_beams, o.num_return_sequences, o.max_new_tokens, o.n_docs or len(request.passages))
+    return (
+        o.mode,
+        o.thorough,
+        o.num_beams,
+        o.num_return_sequences,
+        o.max_new_tokens,
+        o.n_docs or len(request.passages),
+    )
 
 
 @dataclass
@@ -214,15 +222,24 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.worker = ModelWorker(config.max_batch)
         self.pending = 0
 
-    async def _submit(self, context: grpc.aio.ServicerContext, request: Request | None = None, call: Callable[[Generator], Any] | None = None) -> Any:
+    async def _submit(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: Request | None = None,
+        call: Callable[[Generator], Any] | None = None,
+    ) -> Any:
         """Queue work for the model thread, refusing when the queue is full; skipped if the caller gave up."""
         if self.worker.generator is None:
             raise Unavailable("the generator is still loading its model; retry shortly")
         if self.pending >= self.config.max_queue:
-            raise ResourceExhausted(f"{self.pending} requests are queued for the model (limit {self.config.max_queue}); retry later")
+            raise ResourceExhausted(
+                f"{self.pending} requests are queued for the model (limit {self.config.max_queue}); retry later"
+            )
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
-        job = Job(loop.create_future(), loop, None if remaining is None else time.monotonic() + remaining, request, call)
+        job = Job(
+            loop.create_future(), loop, None if remaining is None else time.monotonic() + remaining, request, call
+        )
         if request is not None:
             job.key = batch_key(request)
         self.pending += 1
@@ -234,7 +251,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             self.pending -= 1
             metrics.GENERATOR_QUEUE.dec()
 
-    def _parse(self, question: str, passages: Sequence[Any], options: generator_pb2.DecodingOptions, query_embedding: Sequence[float]) -> Request:
+    def _parse(
+        self,
+        question: str,
+        passages: Sequence[Any],
+        options: generator_pb2.DecodingOptions,
+        query_embedding: Sequence[float],
+    ) -> Request:
         """Everything validated here, before batching, so that a bad request fails alone."""
         request = Request(
             validate_question(question, self.limits),
@@ -243,7 +266,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             list(query_embedding),
         )
         n_docs = request.options.n_docs or len(request.passages)
-        require(n_docs <= len(request.passages), f"n_docs={n_docs} but only {len(request.passages)} passages were given")
+        require(
+            n_docs <= len(request.passages), f"n_docs={n_docs} but only {len(request.passages)} passages were given"
+        )
         doc_scores(request.passages, request.query_embedding)  # embedding dimensions
         return request
 
@@ -259,7 +284,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     ) -> generator_pb2.ScoreResponse:
         parsed = self._parse(request.question, request.passages, request.options, request.query_embedding)
         answers = list(request.answers)
-        require(0 < len(answers) <= self.limits.max_answers, f"give 1 to {self.limits.max_answers} answers, got {len(answers)}")
+        require(
+            0 < len(answers) <= self.limits.max_answers,
+            f"give 1 to {self.limits.max_answers} answers, got {len(answers)}",
+        )
         for i, answer in enumerate(answers):
             if not answer.strip():
                 raise InvalidArgument(f"answer {i} is empty")
@@ -267,7 +295,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return generator_pb2.ScoreResponse(
             scores=[
                 generator_pb2.AnswerScore(
-                    answer=s.answer, log_prob=s.log_prob, num_tokens=s.num_tokens, passage_posteriors=list(s.passage_posteriors)
+                    answer=s.answer,
+                    log_prob=s.log_prob,
+                    num_tokens=s.num_tokens,
+                    passage_posteriors=list(s.passage_posteriors),
                 )
                 for s in scores
             ],

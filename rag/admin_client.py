@@ -33,7 +33,9 @@ def _call(config: AdminConfig, rpc: str, request: object) -> object:
     token = load_admin_token(config.admin_token, config.admin_token_file)
     try:
         with channel(config.gateway) as ch:
-            return getattr(admin_pb2_grpc.AdminServiceStub(ch), rpc)(request, timeout=config.timeout, metadata=bearer(token))
+            return getattr(admin_pb2_grpc.AdminServiceStub(ch), rpc)(
+                request, timeout=config.timeout, metadata=bearer(token)
+            )
     except grpc.RpcError as err:
         raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
 

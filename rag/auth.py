@@ -43,7 +43,9 @@ def presented_token(context: grpc.aio.ServicerContext) -> str:
 def require_admin(context: grpc.aio.ServicerContext, expected: str) -> str:
     """UNAUTHENTICATED unless the call carries the admin token; returns who called, for the audit log."""
     if not expected:
-        raise Unauthenticated("admin RPCs are disabled here: start the service with RAG_ADMIN_TOKEN or --admin-token-file")
+        raise Unauthenticated(
+            "admin RPCs are disabled here: start the service with RAG_ADMIN_TOKEN or --admin-token-file"
+        )
     presented = presented_token(context)
     if not presented:
         raise Unauthenticated("admin RPCs need `authorization: Bearer <token>` metadata (rag reads RAG_ADMIN_TOKEN)")

@@ -78,15 +78,20 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     from generator_svc import rag_math
     from generator_svc.models import load_generator, one_each
     from rag import random_models
+    from rag.hf_reference import generated_tokens, mask_rag_sequence_padding
     from rag.types import DecodingOptions, Mode, Passage
 
-    shape = dict(d_model=64, layers=2, heads=4, ffn=128) if config.quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+    shape = (
+        dict(d_model=64, layers=2, heads=4, ffn=128)
+        if config.quick
+        else dict(d_model=768, layers=6, heads=12, ffn=3072)
+    )
     checkpoint = work / "bart-base-rag"
     random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.02, vocab_size=50265, **shape)  # type: ignore[arg-type]
     lm = load_generator(str(checkpoint))
     hf_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
     hf_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
-    _mask_padding(hf_sequence)
+    mask_rag_sequence_padding(hf_sequence)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint / "generator_tokenizer")
     question = "who discovered penicillin and in which year did he discover it?"
     words = "penicillin was discovered by alexander fleming in 1928 at st mary's hospital in london . " * 30
@@ -94,7 +99,12 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     texts = [f"{p.title} / {p.text} // {question}".replace("  ", " ") for p in passages]
     batch = tokenizer(texts, max_length=300, padding="max_length", truncation=True, return_tensors="pt")
     scores = torch.tensor([[p.score for p in passages]])
-    context = dict(context_input_ids=batch["input_ids"], context_attention_mask=batch["attention_mask"], doc_scores=scores, n_docs=5)
+    context = dict(
+        context_input_ids=batch["input_ids"],
+        context_attention_mask=batch["attention_mask"],
+        doc_scores=scores,
+        n_docs=5,
+    )
     new_tokens = 20
 
     def ours(options: DecodingOptions) -> list[tuple[int, ...]]:
@@ -106,15 +116,10 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
             if mode is Mode.TOKEN:
                 rows = hf_token.generate(**context, num_beams=beams, num_return_sequences=1, max_length=new_tokens + 1)
             else:
-                rows = hf_sequence.generate(**context, num_beams=beams, num_return_sequences=1, max_new_tokens=new_tokens)
-        pad = hf_token.config.generator.pad_token_id
-        out = []
-        for row in rows.tolist():
-            row = row[1:]
-            while row and row[-1] == pad:
-                row.pop()
-            out.append(tuple(row))
-        return out
+                rows = hf_sequence.generate(
+                    **context, num_beams=beams, num_return_sequences=1, max_new_tokens=new_tokens
+                )
+        return generated_tokens(rows, hf_token.config.generator.pad_token_id)
 
     figures = []
     cases = [
@@ -130,7 +135,9 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
             assert ours(options) == theirs(mode, beams), f"{name}: tokens differ from transformers"
         ours_s = median_time(lambda: ours(options), config.repeats)
         theirs_s = median_time(lambda: theirs(mode, beams), config.repeats)
-        reference = "transformers " + ("RagTokenForGeneration" if mode is Mode.TOKEN else "RagSequenceForGeneration (thorough)")
+        reference = "transformers " + (
+            "RagTokenForGeneration" if mode is Mode.TOKEN else "RagSequenceForGeneration (thorough)"
+        )
         figure = Figure("generator", name, ours_s, theirs_s, reference, goal)
         if goal:
             figure.met = figure.ratio >= float(goal.rstrip("x"))
@@ -138,20 +145,6 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
             figure.note = "no reference for fast decoding: compared with thorough"
         figures.append(figure)
     return figures
-
-
-def _mask_padding(model: Any) -> None:
-    """transformers 5's RagSequenceForGeneration no longer masks the padding of each passage (see
-    tests/test_hf_equivalence.py); give it the mask, as transformers 4 did, so the tokens can be compared."""
-    generate = model.generator.generate
-    pad = model.config.generator.pad_token_id
-
-    def with_mask(input_ids: Any, **kwargs: Any) -> Any:
-        if kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = input_ids.ne(pad).long()
-        return generate(input_ids, **kwargs)
-
-    model.generator.generate = with_mask
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -186,8 +179,16 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
         label = f"exact top-10, {count} quer{'y' if count == 1 else 'ies'}, {n:,} x {dim}"
         figures.append(Figure("retrieval", label, ours_s, faiss_s, "faiss IndexFlatIP"))
         figures.append(
-            Figure("retrieval", label, ours_s, floor, "memory-bandwidth floor", "<= 1.5x the floor", ours_s <= 1.5 * floor,
-                   note=f"{ours_s / floor:.2f}x the floor (ratio = floor / ours)")  # fmt: skip
+            Figure(
+                "retrieval",
+                label,
+                ours_s,
+                floor,
+                "memory-bandwidth floor",
+                "<= 1.5x the floor",
+                ours_s <= 1.5 * floor,
+                note=f"{ours_s / floor:.2f}x the floor (ratio = floor / ours)",
+            )  # fmt: skip
         )
     # HNSW against exact.
     m = min(n, 20_000 if config.quick else 200_000)
@@ -201,8 +202,14 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
     hnsw_s = median_time(lambda: [hnsw.search(q[None], 10) for q in queries], config.repeats) / len(queries)
     exact_s = median_time(lambda: [_exact_top_k(vectors[:m], q[None], 10) for q in queries[:20]], config.repeats) / 20
     figures.append(
-        Figure("retrieval", f"HNSW32 (efSearch 128) one query, {m:,} x {dim}", hnsw_s, exact_s, "exact search",
-               note=f"recall@10 {recall:.3f}; {1 / hnsw_s:,.0f} queries/s")  # fmt: skip
+        Figure(
+            "retrieval",
+            f"HNSW32 (efSearch 128) one query, {m:,} x {dim}",
+            hnsw_s,
+            exact_s,
+            "exact search",
+            note=f"recall@10 {recall:.3f}; {1 / hnsw_s:,.0f} queries/s",
+        )  # fmt: skip
     )
     return figures
 
@@ -235,11 +242,20 @@ def _services(work: Path, quick: bool) -> tuple[Any, Stack, Any, Any]:
 
     encoder = random_models.save_sentence_encoder(work / "encoder")
     corpus = work / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": f"document {i} about topic {i % 50} " * 20}) + "\n" for i in range(2000)))
-    build_index(corpus, "jsonl", work / "indexes", "bench", load_encoder(f"sentence-transformer:{encoder}"), show_progress=False)
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "title": f"Doc {i}", "text": f"document {i} about topic {i % 50} " * 20}) + "\n"
+            for i in range(2000)
+        )
+    )
+    build_index(
+        corpus, "jsonl", work / "indexes", "bench", load_encoder(f"sentence-transformer:{encoder}"), show_progress=False
+    )
     checkpoint = work / "bart-base-rag"
     if not (checkpoint / "config.json").exists():
-        shape = dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+        shape = (
+            dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+        )
         random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.02, vocab_size=50265, **shape)  # type: ignore[arg-type]
     thread = ServerThread()
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
@@ -252,8 +268,20 @@ def _services(work: Path, quick: bool) -> tuple[Any, Stack, Any, Any]:
 
     retriever = start(create_retriever, RetrieverConfig(**common, index_root=str(work / "indexes"), index="bench"))
     generator = start(create_generator, GeneratorConfig(**common, generator=str(checkpoint), max_batch=8, max_queue=64))
-    gateway = start(create_gateway, GatewayConfig(**common, retrievers=f"127.0.0.1:{retriever.port}", generator_address=f"127.0.0.1:{generator.port}"))
-    stack = Stack(retriever, generator, gateway, f"127.0.0.1:{retriever.port}", f"127.0.0.1:{generator.port}", f"127.0.0.1:{gateway.port}")
+    gateway = start(
+        create_gateway,
+        GatewayConfig(
+            **common, retrievers=f"127.0.0.1:{retriever.port}", generator_address=f"127.0.0.1:{generator.port}"
+        ),
+    )
+    stack = Stack(
+        retriever,
+        generator,
+        gateway,
+        f"127.0.0.1:{retriever.port}",
+        f"127.0.0.1:{generator.port}",
+        f"127.0.0.1:{gateway.port}",
+    )
     return thread, stack, retriever, generator
 
 
@@ -282,7 +310,9 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
 
         def direct() -> None:
             found = retriever.search([question], 5, False)
-            worker.generator.generate([Request(question, found.passages[0], DecodingOptions(max_new_tokens=12, score_temperature=0.05))])
+            worker.generator.generate(
+                [Request(question, found.passages[0], DecodingOptions(max_new_tokens=12, score_temperature=0.05))]
+            )
 
         repeats = max(config.repeats, 5)
         ask_s, direct_s = median_time(ask, repeats), median_time(direct, repeats)
@@ -312,7 +342,9 @@ def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
 
         def run(clients: int) -> float:
             def one(i: int) -> None:
-                stub.Ask(gateway_pb2.AskRequest(question=f"what is document {i} about?", k=5, options=options), timeout=600)
+                stub.Ask(
+                    gateway_pb2.AskRequest(question=f"what is document {i} about?", k=5, options=options), timeout=600
+                )
 
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
@@ -335,20 +367,28 @@ def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
 
     minilm = paths.models_dir() / paths.DEMO_ENCODER_DIR
     if config.quick or not (minilm / "model.safetensors").exists():
-        spec, label = f"sentence-transformer:{save_sentence_encoder(work / 'build-encoder', hidden=64)}", "a random 64-d BERT"
+        spec, label = (
+            f"sentence-transformer:{save_sentence_encoder(work / 'build-encoder', hidden=64)}",
+            "a random 64-d BERT",
+        )
     else:
         spec, label = f"sentence-transformer:{minilm}", "all-MiniLM-L6-v2"
     encoder = load_encoder(spec)
     count = 400 if config.quick else 3000
     rng = np.random.default_rng(0)
     vocabulary = [f"word{i}" for i in range(5000)]
-    records = [{"id": f"d{i}", "title": f"Title {i}", "text": " ".join(rng.choice(vocabulary, int(rng.integers(20, 100))))} for i in range(count)]
+    records = [
+        {"id": f"d{i}", "title": f"Title {i}", "text": " ".join(rng.choice(vocabulary, int(rng.integers(20, 100))))}
+        for i in range(count)
+    ]
     corpus = work / "build.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
     titles, texts = [r["title"] for r in records], [r["text"] for r in records]
     raw_s = median_time(lambda: encoder.encode_passages_sorted(titles, texts), 1)
     root = work / "build-indexes"
-    build_s = median_time(lambda: build_index(corpus, "jsonl", root, "b", encoder, reuse_embeddings=False, show_progress=False), 1)
+    build_s = median_time(
+        lambda: build_index(corpus, "jsonl", root, "b", encoder, reuse_embeddings=False, show_progress=False), 1
+    )
     overhead = build_s / raw_s - 1
     return [Figure("build", f"index build, {count} passages, {label}", build_s, raw_s, "encoder forward pass alone",
                    "overhead <= 10%", overhead <= 0.10, note=f"{count / build_s:.0f} passages/s; overhead {overhead:+.1%}")]  # fmt: skip
@@ -382,10 +422,11 @@ def markdown(figures: list[Figure]) -> str:
     for f in figures:
         met = "" if f.met is None else ("yes" if f.met else "no")
         note = f" ({f.note})" if f.note else ""
-        lines.append(f"| {f.section} | {f.name}{note} | {f.ours_s:.4f} | {f.reference} | {f.reference_s:.4f} | {f.ratio:.2f}x | {f.goal} | {met} |")
+        lines.append(
+            f"| {f.section} | {f.name}{note} | {f.ours_s:.4f} | {f.reference} | {f.reference_s:.4f} | {f.ratio:.2f}x | {f.goal} | {met} |"
+        )
     return "\n".join(lines)
 
 
 def as_json(figures: list[Figure]) -> str:
     return json.dumps([dict(f.__dict__, ratio=f.ratio) for f in figures])
-

@@ -39,12 +39,18 @@ class BuildConfig:
     format: str = option("", "jsonl or dpr-tsv; default: from the file name")
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
     name: str = option("default", "index name; each build adds a new version of it")
-    encoder: str = option("", "encoder spec (sentence-transformer:PATH or dpr:question=PATH,context=PATH); default: the demo MiniLM")
+    encoder: str = option(
+        "", "encoder spec (sentence-transformer:PATH or dpr:question=PATH,context=PATH); default: the demo MiniLM"
+    )
     index_type: str = option("flat", "flat (exact), hnsw, ivfpq, or a faiss factory string such as HNSW64,Flat")
     shards: int = option(1, "split the passages into this many shards, one retriever each")
     passage_words: int = option(100, "split documents into passages of at most this many words")
-    reuse_embeddings: bool = option(True, "copy embeddings of unchanged passages from the newest version by this encoder")
-    reuse_from: str = option("", "reuse embeddings from this index (NAME[@VERSION]) instead of the newest version of --name")
+    reuse_embeddings: bool = option(
+        True, "copy embeddings of unchanged passages from the newest version by this encoder"
+    )
+    reuse_from: str = option(
+        "", "reuse embeddings from this index (NAME[@VERSION]) instead of the newest version of --name"
+    )
     progress: bool = option(True, "show a progress bar")
 
 
@@ -166,13 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     from generator_svc.config import GeneratorConfig
     from rag.admin_client import AdminConfig, SwapConfig
     from rag.ask import AskConfig
-    from rag.demo import DemoConfig, FetchConfig
     from rag.bench import BenchConfig
+    from rag.demo import DemoConfig, FetchConfig
     from rag.eval import EvalConfig
     from rag.up import UpConfig
     from retriever_svc.config import RetrieverConfig
 
-    parser = argparse.ArgumentParser(prog="rag", description="Retrieval-augmented generation over gRPC.", allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="rag", description="Retrieval-augmented generation over gRPC.", allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StrictParser)
 
     index = commands.add_parser("index", help="build, list and swap indexes").add_subparsers(
@@ -188,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run one service").add_subparsers(
         dest="service", required=True, parser_class=StrictParser
     )
-    for name, config_class in (("retriever", RetrieverConfig), ("generator", GeneratorConfig), ("gateway", GatewayConfig)):
+    for name, config_class in (
+        ("retriever", RetrieverConfig),
+        ("generator", GeneratorConfig),
+        ("gateway", GatewayConfig),
+    ):
         add_config_flags(serve.add_parser(name, help=f"run the {name}"), config_class)
 
     add_config_flags(commands.add_parser("up", help="run all three services on loopback"), UpConfig)
@@ -197,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask_parser.add_argument("question")
     add_config_flags(ask_parser, AskConfig)
 
-    add_config_flags(commands.add_parser("demo", help="fetch the demo models and corpus, index, serve, ask"), DemoConfig)
+    add_config_flags(
+        commands.add_parser("demo", help="fetch the demo models and corpus, index, serve, ask"), DemoConfig
+    )
     add_config_flags(commands.add_parser("fetch", help="fetch the demo models and corpus into $RAG_HOME"), FetchConfig)
 
     add_config_flags(commands.add_parser("bench", help="speed against reference implementations (ratios)"), BenchConfig)
@@ -252,7 +266,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rag.bench import BenchConfig
     from rag.eval import EvalConfig, markdown_table, run_eval
 
     config = config_from_args(EvalConfig, args)
@@ -274,9 +287,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rag.demo import DemoConfig, FetchConfig
-    from rag.bench import BenchConfig
-    from rag.eval import EvalConfig, run_demo
+    from rag.demo import DemoConfig
+    from rag.eval import run_demo
     from rag.serving import setup_logging
 
     setup_logging()

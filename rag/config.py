@@ -67,7 +67,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
         )
         if parse is _parse_bool:  # --flag / --no-flag, taking no value
             parser.add_argument(
-                flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                flag_name(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
             )
             continue
         parser.add_argument(

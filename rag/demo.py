@@ -24,6 +24,7 @@ from rag.admin_client import AdminConfig, swap
 from rag.ask import AskConfig, ask, format_answer
 from rag.config import option
 from rag.errors import FailedPrecondition
+from rag.files import publishing, sha256_file
 from rag.up import Stack, UpConfig
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def demo_corpus(limit: int) -> Path:
         return corpus
     limited = corpus.with_name(f"{corpus.stem}.first{limit}.jsonl")
     if not limited.exists():
-        with assets.publishing(limited) as tmp, corpus.open(encoding="utf-8") as source:
+        with publishing(limited) as tmp, corpus.open(encoding="utf-8") as source:
             tmp.write_text("".join(line for _, line in zip(range(limit), source, strict=False)), encoding="utf-8")
     return limited
 
@@ -97,7 +98,7 @@ def updated_corpus(corpus: Path) -> Path:
     """Version 2 of the demo corpus: version 1 plus the update."""
     updated = corpus.with_name(f"{corpus.stem}.update.jsonl")
     if not updated.exists():
-        with assets.publishing(updated) as tmp:
+        with publishing(updated) as tmp:
             tmp.write_text(corpus.read_text(encoding="utf-8") + json.dumps(UPDATE) + "\n", encoding="utf-8")
     return updated
 
@@ -109,7 +110,7 @@ def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
 
     root = paths.index_root()
     encoder_spec = f"sentence-transformer:{encoder_dir}"
-    corpus_sha = assets.sha256_file(corpus)
+    corpus_sha = sha256_file(corpus)
     for version in reversed(versions(root, name)):
         try:
             manifest = Manifest.from_file(root / name / version / "manifest.json")
@@ -151,7 +152,11 @@ def run_demo(config: DemoConfig) -> int:
     print(f"assets and indexes ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
 
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))  # the stack's admin token, for the swap
-    stack = Stack(UpConfig(index=index_ref, generator=str(generator_dir), port=0, retriever_port=0, generator_port=0, metrics_port=0))
+    stack = Stack(
+        UpConfig(
+            index=index_ref, generator=str(generator_dir), port=0, retriever_port=0, generator_port=0, metrics_port=0
+        )
+    )
     try:
         gateway = stack.start()
         print(f"services ready (gateway {gateway}) after {time.perf_counter() - started:.0f} s\n", flush=True)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from rag.ask import AskConfig, ask
 from rag.config import option
 from rag.errors import InvalidArgument
+from rag.files import write_atomically
 
 MODES = ("token", "sequence", "closed-book", "concat", "retrieve")
 FORMATS = ("jsonl", "squad", "dpr-qa")
@@ -103,9 +104,13 @@ def _jsonl(text: str, path: Path) -> list[Example]:
             answers = record["answers"]
             if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
                 raise TypeError("answers must be a list of strings")
-            examples.append(Example(str(record.get("id", number)), record["question"], tuple(answers), record.get("gold_passage") or ""))
+            examples.append(
+                Example(
+                    str(record.get("id", number)), record["question"], tuple(answers), record.get("gold_passage") or ""
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise InvalidArgument(f"{path}:{number}: expected {{\"question\", \"answers\": [...]}} ({err})") from err
+            raise InvalidArgument(f'{path}:{number}: expected {{"question", "answers": [...]}} ({err})') from err
     return examples
 
 
@@ -228,7 +233,9 @@ def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any
             summary[f"recall_at_{cutoff}"] = hits / len(with_gold)
         summary["recall_at_k"] = summary[f"recall_at_{k}"]
     latencies = [r["latency_ms"] for r in records]
-    summary["latency_ms"] = {q: round(percentile(latencies, p), 1) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+    summary["latency_ms"] = {
+        q: round(percentile(latencies, p), 1) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+    }
     return summary
 
 
@@ -238,7 +245,9 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
         em = f"{s['exact_match']:.3f}" if "exact_match" in s else "-"
         f1 = f"{s['f1']:.3f}" if "f1" in s else "-"
         recall = f"{s['recall_at_k']:.3f}" if "recall_at_k" in s else "-"
-        lines.append(f"| {s['mode']} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | {s['latency_ms']['p50'] / 1000:.2f} |")
+        lines.append(
+            f"| {s['mode']} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | {s['latency_ms']['p50'] / 1000:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -286,7 +295,13 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
             max_new_tokens=config.max_new_tokens, timeout=config.timeout,
         )  # fmt: skip
         records = []
-        with tqdm(total=len(examples), desc=f"{config.mode} k={k}", unit="question", disable=not config.progress, file=sys.stderr) as bar:
+        with tqdm(
+            total=len(examples),
+            desc=f"{config.mode} k={k}",
+            unit="question",
+            disable=not config.progress,
+            file=sys.stderr,
+        ) as bar:
             for example in examples:
                 key = (config.mode, k, example.id)
                 if key not in done:
@@ -298,15 +313,8 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
                 bar.update()
         summaries.append(summarize(records, config.mode, k))
     if out is not None:
-        _write_atomically(out / "summary.json", json.dumps(summaries, indent=2))
-        _write_atomically(out / "table.md", markdown_table(summaries) + "\n")
+        write_atomically(out / "summary.json", json.dumps(summaries, indent=2))
+        write_atomically(out / "table.md", markdown_table(summaries) + "\n")
         if len(summaries) > 1:
             plot_quality_vs_k(summaries, out / "quality_vs_k.png")
     return summaries
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-

@@ -13,13 +13,17 @@ VERSION_PATTERN = re.compile(r"^v(\d+)$")
 
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name) or ".." in name:
-        raise InvalidArgument(f"index name {name!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with a symbol")
+        raise InvalidArgument(
+            f"index name {name!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with a symbol"
+        )
     return name
 
 
 def check_version(version: str) -> str:
     if not VERSION_PATTERN.match(version):
-        raise InvalidArgument(f"index version {version!r} must look like v<N> (a version directory under the index root)")
+        raise InvalidArgument(
+            f"index version {version!r} must look like v<N> (a version directory under the index root)"
+        )
     return version
 
 

@@ -22,10 +22,14 @@ STAGE_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 INDEX_INFO = Gauge("rag_index_info", "1 for the index version a retriever serves.", ["name", "version"])
-INDEX_LOAD_FAILURES = Counter("rag_index_load_failures_total", "Index versions a retriever refused to load, by reason.", ["reason"])
+INDEX_LOAD_FAILURES = Counter(
+    "rag_index_load_failures_total", "Index versions a retriever refused to load, by reason.", ["reason"]
+)
 INDEX_SWAPS = Counter("rag_index_swaps_total", "Index swaps driven by the gateway, by outcome.", ["outcome"])
 INDEX_SWAP_SECONDS = Histogram(
-    "rag_index_swap_duration_seconds", "Time of a whole swap (load everywhere, then activate), by outcome.", ["outcome"],
+    "rag_index_swap_duration_seconds",
+    "Time of a whole swap (load everywhere, then activate), by outcome.",
+    ["outcome"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
 INDEX_ACTIVATION_SECONDS = Histogram(

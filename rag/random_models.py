@@ -123,8 +123,12 @@ def save_rag_checkpoint(
     vocab = max(vocab_size, len(generator_tokenizer))
     bart = BartForConditionalGeneration(_bart_config(vocab, d_model, layers, heads, ffn, init_std))
     dpr_config = DPRConfig(
-        vocab_size=len(question_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, pad_token_id=0,
+        vocab_size=len(question_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
     )
     question_encoder = DPRQuestionEncoder(dpr_config)
     config = RagConfig.from_question_encoder_generator_configs(dpr_config, bart.config, n_docs=n_docs)
@@ -142,8 +146,12 @@ def save_dpr_encoders(out_dir: Path, seed: int = 0, hidden: int = 32) -> tuple[P
     torch.manual_seed(seed)
     tokenizer = bert_tokenizer()
     config = DPRConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, pad_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
     )
     paths = []
     for name, cls in (("question_encoder", DPRQuestionEncoder), ("ctx_encoder", DPRContextEncoder)):
@@ -159,8 +167,12 @@ def save_sentence_encoder(out_dir: Path, seed: int = 0, hidden: int = 32) -> Pat
     torch.manual_seed(seed)
     tokenizer = bert_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, pad_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
     )
     BertModel(config).eval().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -186,9 +198,16 @@ def save_causal_lm(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int =
     torch.manual_seed(seed)
     tokenizer = chat_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
         tie_word_embeddings=True,
         initializer_range=init_std,
     )

@@ -98,7 +98,8 @@ class DecodingOptions:
 
     def validate(self, limits: Limits) -> None:
         require(
-            1 <= self.num_beams <= limits.max_beams, f"num_beams must be in [1, {limits.max_beams}], got {self.num_beams}"
+            1 <= self.num_beams <= limits.max_beams,
+            f"num_beams must be in [1, {limits.max_beams}], got {self.num_beams}",
         )
         require(
             1 <= self.num_return_sequences <= self.num_beams,

@@ -89,15 +89,24 @@ class Stack:
         generator = self._spawn("generator", c.generator_port, 1, generator=c.generator)
         retrievers = [
             self._spawn(
-                "retriever", c.retriever_port + 100 * shard if c.retriever_port else 0, 2 + shard,
-                index_root=c.index_root, index=c.index, encoder=c.encoder, shard=shard,
+                "retriever",
+                c.retriever_port + 100 * shard if c.retriever_port else 0,
+                2 + shard,
+                index_root=c.index_root,
+                index=c.index,
+                encoder=c.encoder,
+                shard=shard,
             )  # fmt: skip
             for shard in range(c.shards)
         ]
         for child in (generator, *retrievers):
             self._learn_address(child, 120)
         gateway = self._spawn(
-            "gateway", c.port, 0, retrievers=",".join(r.address for r in retrievers), generator_address=generator.address
+            "gateway",
+            c.port,
+            0,
+            retrievers=",".join(r.address for r in retrievers),
+            generator_address=generator.address,
         )
         self._learn_address(gateway, 120)
         deadline = time.monotonic() + c.startup_timeout
@@ -105,11 +114,15 @@ class Stack:
         while waiting:
             for child in list(waiting):
                 if child.process.poll() is not None:
-                    raise FailedPrecondition(f"{child.name} exited with code {child.process.returncode}; see its log above")
+                    raise FailedPrecondition(
+                        f"{child.name} exited with code {child.process.returncode}; see its log above"
+                    )
                 if is_serving(child.address):
                     waiting.remove(child)
             if waiting and time.monotonic() > deadline:
-                raise FailedPrecondition(f"{', '.join(ch.name for ch in waiting)} not SERVING after {c.startup_timeout:.0f}s")
+                raise FailedPrecondition(
+                    f"{', '.join(ch.name for ch in waiting)} not SERVING after {c.startup_timeout:.0f}s"
+                )
             time.sleep(0.5)
         return gateway.address
 

@@ -14,7 +14,9 @@ class RetrieverConfig(ServerConfig):
     port: int = option(50052, "gRPC port (0 picks a free one)")
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
     index: str = option("", "NAME[@VERSION] to serve first; default: the newest version of the only index there")
-    shard: int = option(0, "which shard of the index this retriever serves; -1: the ordinal ending the host name (a StatefulSet pod)")
+    shard: int = option(
+        0, "which shard of the index this retriever serves; -1: the ordinal ending the host name (a StatefulSet pod)"
+    )
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index manifest")
     max_k: int = option(100, "largest k a request may ask for")
     max_questions: int = option(64, "most questions in one Search request")

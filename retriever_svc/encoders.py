@@ -142,7 +142,9 @@ class DPREncoder(Encoder):
 
     @torch.inference_mode()
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
-        batch = self.question_tokenizer(list(questions), padding=True, truncation=True, max_length=256, return_tensors="pt")
+        batch = self.question_tokenizer(
+            list(questions), padding=True, truncation=True, max_length=256, return_tensors="pt"
+        )
         return self.question_model(**batch).pooler_output.float().numpy()
 
     @torch.inference_mode()
@@ -169,7 +171,9 @@ def _load_dpr_tower(path: Path, cls: Callable[..., torch.nn.Module]) -> tuple[Pr
 def load_encoder(spec: str) -> Encoder:
     kind, _, rest = spec.partition(":")
     if not rest:
-        raise InvalidArgument(f"encoder spec {spec!r} needs a kind: sentence-transformer:PATH or dpr:question=PATH,context=PATH")
+        raise InvalidArgument(
+            f"encoder spec {spec!r} needs a kind: sentence-transformer:PATH or dpr:question=PATH,context=PATH"
+        )
     if kind == "sentence-transformer":
         path = _existing(rest)
         return SentenceTransformerEncoder(path, spec)

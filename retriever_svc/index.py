@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rag.errors import FailedPrecondition, InvalidArgument, NotFound
+from rag.files import sha256_file
 from rag.index_refs import VERSION_PATTERN, check_name, check_version
 from rag.types import Passage
 from retriever_svc.corpus import Document, read_documents, split_passages
@@ -96,14 +97,6 @@ class Manifest:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -250,13 +243,20 @@ def _reusable(root: Path, name: str, encoder: Encoder, reuse_from: str = "") -> 
     source = reuse_from or name
     if not reuse_from and not versions(root, name):
         return None
-    candidates = [resolve(root, source)] if "@" in source or reuse_from else [root / name / v for v in reversed(versions(root, name))]
+    candidates = (
+        [resolve(root, source)]
+        if "@" in source or reuse_from
+        else [root / name / v for v in reversed(versions(root, name))]
+    )
     for directory in candidates:
         try:
             manifest = Manifest.from_file(directory / MANIFEST)
         except FailedPrecondition:
             continue
-        if manifest.encoder.passage_identity == encoder.info.passage_identity and manifest.format_version == FORMAT_VERSION:
+        if (
+            manifest.encoder.passage_identity == encoder.info.passage_identity
+            and manifest.format_version == FORMAT_VERSION
+        ):
             return _EmbeddingReuse(directory, manifest)
     if reuse_from:
         raise InvalidArgument(f"cannot reuse embeddings from {reuse_from}: it was built by another encoder")
@@ -272,7 +272,8 @@ def _encode_shard(
         count = out.shape[0]
         for start in range(0, count, ENCODE_CHUNK):
             rows = store.execute(
-                "SELECT title, text FROM passages WHERE row >= ? AND row < ? ORDER BY row", (start, start + ENCODE_CHUNK)
+                "SELECT title, text FROM passages WHERE row >= ? AND row < ? ORDER BY row",
+                (start, start + ENCODE_CHUNK),
             ).fetchall()
             todo: list[int] = []
             for i, (title, text) in enumerate(rows):
@@ -284,7 +285,9 @@ def _encode_shard(
             reused += len(rows) - len(todo)
             progress.update(len(rows) - len(todo))
             if todo:
-                encoded = encoder.encode_passages_sorted([rows[i][0] for i in todo], [rows[i][1] for i in todo], progress)
+                encoded = encoder.encode_passages_sorted(
+                    [rows[i][0] for i in todo], [rows[i][1] for i in todo], progress
+                )
                 out[[start + i for i in todo]] = encoded
     return reused
 
@@ -409,9 +412,13 @@ class IndexShard:
         if m.format_version != FORMAT_VERSION:
             raise FailedPrecondition(f"{where}: index format {m.format_version}, this server reads {FORMAT_VERSION}")
         if (m.name, m.version) != (version_dir.parent.name, version_dir.name):
-            raise FailedPrecondition(f"{version_dir} holds a manifest for {m.ref}: versions are not to be copied or renamed")
+            raise FailedPrecondition(
+                f"{version_dir} holds a manifest for {m.ref}: versions are not to be copied or renamed"
+            )
         if not 0 <= shard < m.num_shards:
-            raise FailedPrecondition(f"{m.ref} has {m.num_shards} shard(s); this retriever is configured as shard {shard}")
+            raise FailedPrecondition(
+                f"{m.ref} has {m.num_shards} shard(s); this retriever is configured as shard {shard}"
+            )
         directory = version_dir / shard_dir(shard)
         expected = {f: digest for f, digest in m.checksums.items() if f.startswith(shard_dir(shard) + "/")}
         required = {f"{shard_dir(shard)}/{f}" for f in (PASSAGES, EMBEDDINGS) + ((ANN,) if m.faiss_factory else ())}
@@ -421,7 +428,9 @@ class IndexShard:
         if verify_checksums:
             for file, digest in sorted(expected.items()):
                 if sha256_file(version_dir / file) != digest:
-                    raise FailedPrecondition(f"{where}: checksum mismatch for {file}; the file is corrupt or was changed")
+                    raise FailedPrecondition(
+                        f"{where}: checksum mismatch for {file}; the file is corrupt or was changed"
+                    )
         count = m.shard_counts[shard]
         try:
             self.embeddings = np.load(directory / EMBEDDINGS, mmap_mode="r")
@@ -436,8 +445,12 @@ class IndexShard:
             flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap_ann else 0
             self.ann = faiss.read_index(str(directory / ANN), flags)
             if self.ann.ntotal != count or self.ann.d != m.dim:
-                raise FailedPrecondition(f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}")
-        self._store = sqlite3.connect(f"file:{directory / PASSAGES}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+                raise FailedPrecondition(
+                    f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}"
+                )
+        self._store = sqlite3.connect(
+            f"file:{directory / PASSAGES}?mode=ro&immutable=1", uri=True, check_same_thread=False
+        )
         self._store_lock = threading.Lock()
         stored = self._store.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
         if stored != count:

@@ -46,7 +46,9 @@ def check_compatible(encoder: Encoder, index: IndexShard) -> None:
             f"this retriever runs {encoder.info.spec!r} ({encoder.info.question_identity[:12]})"
         )
     if encoder.info.dim != index.manifest.dim:
-        raise FailedPrecondition(f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}")
+        raise FailedPrecondition(
+            f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}"
+        )
 
 
 def load_failure_reason(err: Exception) -> str:
@@ -70,7 +72,9 @@ def load_failure_reason(err: Exception) -> str:
 
 
 class ResidentIndexes:
-    def __init__(self, encoder: Encoder, root: Path, shard: int, verify_checksums: bool = True, mmap_ann: bool = False) -> None:
+    def __init__(
+        self, encoder: Encoder, root: Path, shard: int, verify_checksums: bool = True, mmap_ann: bool = False
+    ) -> None:
         self.encoder = encoder
         self.root = root
         self.shard = shard
@@ -91,7 +95,9 @@ class ResidentIndexes:
             entry = self._find(ref) if ref else self.active
             if entry is None:
                 resident = ", ".join(e.index.ref for e in (self.active, self.other) if e) or "none"
-                raise FailedPrecondition(f"index version {ref or '(active)'} is not resident on this retriever (resident: {resident})")
+                raise FailedPrecondition(
+                    f"index version {ref or '(active)'} is not resident on this retriever (resident: {resident})"
+                )
             entry.in_flight += 1
         try:
             yield entry.index
@@ -128,7 +134,9 @@ class ResidentIndexes:
                 raise
             with self._lock:
                 self.other, self.other_is_staged = Resident(index), True
-            log.info("loaded %s shard %d (%d passages) in %.2fs", ref, self.shard, index.count, time.perf_counter() - started)
+            log.info(
+                "loaded %s shard %d (%d passages) in %.2fs", ref, self.shard, index.count, time.perf_counter() - started
+            )
             return index
 
     def _open_validated(self, ref: str) -> IndexShard:

@@ -61,7 +61,9 @@ def shard_of(config: RetrieverConfig) -> int:
         return config.shard
     ordinal = socket.gethostname().rpartition("-")[2]
     if not ordinal.isdigit():
-        raise FailedPrecondition(f"--shard -1 takes the shard from a host name ending in -<n>; this host is {socket.gethostname()!r}")
+        raise FailedPrecondition(
+            f"--shard -1 takes the shard from a host name ending in -<n>; this host is {socket.gethostname()!r}"
+        )
     return int(ordinal)
 
 
@@ -128,7 +130,9 @@ class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
         require_admin(context, self.admin_token)
         return self.serving.ready().indexes
 
-    async def LoadIndex(self, request: index_admin_pb2.LoadIndexRequest, context: grpc.aio.ServicerContext) -> index_admin_pb2.LoadIndexResponse:
+    async def LoadIndex(
+        self, request: index_admin_pb2.LoadIndexRequest, context: grpc.aio.ServicerContext
+    ) -> index_admin_pb2.LoadIndexResponse:
         indexes = self._indexes(context)
         parse_ref(request.index_version)
         started = time.perf_counter()
@@ -137,19 +141,25 @@ class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
             index_version=index.ref, passages=index.count, load_seconds=time.perf_counter() - started
         )
 
-    async def ActivateIndex(self, request: index_admin_pb2.ActivateIndexRequest, context: grpc.aio.ServicerContext) -> index_admin_pb2.ActivateIndexResponse:
+    async def ActivateIndex(
+        self, request: index_admin_pb2.ActivateIndexRequest, context: grpc.aio.ServicerContext
+    ) -> index_admin_pb2.ActivateIndexResponse:
         indexes = self._indexes(context)
         parse_ref(request.index_version)
         previous = indexes.activate(request.index_version)
         return index_admin_pb2.ActivateIndexResponse(index_version=request.index_version, previous_version=previous)
 
-    async def UnloadIndex(self, request: index_admin_pb2.UnloadIndexRequest, context: grpc.aio.ServicerContext) -> index_admin_pb2.UnloadIndexResponse:
+    async def UnloadIndex(
+        self, request: index_admin_pb2.UnloadIndexRequest, context: grpc.aio.ServicerContext
+    ) -> index_admin_pb2.UnloadIndexResponse:
         indexes = self._indexes(context)
         parse_ref(request.index_version)
         await asyncio.to_thread(indexes.unload, request.index_version)
         return index_admin_pb2.UnloadIndexResponse()
 
-    async def GetIndexStatus(self, request: index_admin_pb2.GetIndexStatusRequest, context: grpc.aio.ServicerContext) -> index_admin_pb2.GetIndexStatusResponse:
+    async def GetIndexStatus(
+        self, request: index_admin_pb2.GetIndexStatusRequest, context: grpc.aio.ServicerContext
+    ) -> index_admin_pb2.GetIndexStatusResponse:
         indexes = self._indexes(context)
         return index_admin_pb2.GetIndexStatusResponse(
             status=index_admin_pb2.IndexStatus(shard=indexes.shard, **indexes.status())  # type: ignore[arg-type]

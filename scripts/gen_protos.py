@@ -15,7 +15,13 @@ PROTO_ROOT = ROOT / "protos"
 
 def generate(out_dir: Path) -> list[Path]:
     protos = sorted(PROTO_ROOT.glob("rag/v1/*.proto"))
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}"]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+    ]
     if protoc.main(args + [str(p) for p in protos]) != 0:
         raise SystemExit("protoc failed")
     package = out_dir / "rag" / "v1"

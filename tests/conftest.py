@@ -31,7 +31,11 @@ transformers.logging.disable_progress_bar()
 logging.getLogger("faiss").setLevel(logging.WARNING)
 
 FACTS = [
-    {"id": "fleming", "title": "Alexander Fleming", "text": "Alexander Fleming was a Scottish physician who discovered penicillin in 1928."},
+    {
+        "id": "fleming",
+        "title": "Alexander Fleming",
+        "text": "Alexander Fleming was a Scottish physician who discovered penicillin in 1928.",
+    },
     {"id": "paris", "title": "Paris", "text": "Paris is the capital and most populous city of France."},
     {"id": "everest", "title": "Mount Everest", "text": "Mount Everest is Earth's highest mountain above sea level."},
 ]
@@ -39,7 +43,11 @@ FACTS = [
 
 def corpus_records(n_filler: int = 40) -> list[dict[str, str]]:
     filler = [
-        {"id": f"doc{i}", "title": f"Topic {i}", "text": " ".join(f"Topic {i} is described in sentence {j}." for j in range(1 + i % 30))}
+        {
+            "id": f"doc{i}",
+            "title": f"Topic {i}",
+            "text": " ".join(f"Topic {i} is described in sentence {j}." for j in range(1 + i % 30)),
+        }
         for i in range(n_filler)
     ]
     return FACTS + filler
@@ -137,7 +145,9 @@ def local(port: int) -> str:
 def services(loop_thread: ServerThread, tiny: TinyModels, index_root: Path) -> Iterator[Services]:
     """Retriever (tiny sentence encoder), generator (tiny RAG/BART checkpoint) and gateway, in-process."""
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-    retriever = start(loop_thread, create_retriever, RetrieverConfig(**common, index_root=str(index_root), index="tiny"))
+    retriever = start(
+        loop_thread, create_retriever, RetrieverConfig(**common, index_root=str(index_root), index="tiny")
+    )
     generator = start(loop_thread, create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
     gateway = start(
         loop_thread,

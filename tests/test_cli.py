@@ -24,7 +24,9 @@ TOKEN = "cli-admin-token"
 
 
 def rag(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*RAG, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*RAG, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @dataclass
@@ -39,7 +41,20 @@ class Up:
 @pytest.fixture(scope="module")
 def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
     root = tmp_path_factory.mktemp("cli-indexes")
-    built = rag("index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "facts", "--encoder", tiny.encoder_spec, "--shards", "2")
+    built = rag(
+        "index",
+        "build",
+        "--corpus",
+        str(corpus),
+        "--index-root",
+        str(root),
+        "--name",
+        "facts",
+        "--encoder",
+        tiny.encoder_spec,
+        "--shards",
+        "2",
+    )
     assert built.returncode == 0, built.stderr
     assert built.stdout.strip().splitlines()[-1] == "v1"  # the contract: the last stdout line is the version id
     assert "encoding facts" in built.stderr  # progress bar
@@ -123,13 +138,21 @@ def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, t
     status = rag("index", "status", "--gateway", up.gateway, env=admin)
     assert status.returncode == 0, status.stderr
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
-    assert sorted(r[1] for r in rows) == ["0/2", "1/2"] and {r[2] for r in rows} == {"facts@v2"} and {r[4] for r in rows} == {"-"}
+    assert (
+        sorted(r[1] for r in rows) == ["0/2", "1/2"]
+        and {r[2] for r in rows} == {"facts@v2"}
+        and {r[4] for r in rows} == {"-"}
+    )
 
     listed = rag("index", "list", "--index-root", str(cli_index), "--gateway", up.gateway, env=admin)
     assert listed.returncode == 0, listed.stderr
     lines = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
     assert set(lines) == {"facts@v1", "facts@v2"}
-    assert "(shard 0)" in lines["facts@v2"] and "(shard 1)" in lines["facts@v2"] and lines["facts@v1"].rstrip().endswith("-")
+    assert (
+        "(shard 0)" in lines["facts@v2"]
+        and "(shard 1)" in lines["facts@v2"]
+        and lines["facts@v1"].rstrip().endswith("-")
+    )
 
     refused = rag("index", "swap", "v1", "--gateway", up.gateway, env={"RAG_ADMIN_TOKEN": "wrong"})
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
@@ -143,7 +166,19 @@ def test_sigterm_drains_in_flight_requests_then_stops_everything(up: Up) -> None
 
     def ask_slowly() -> None:
         started = time.monotonic()
-        slow["result"] = rag("ask", FACTS[0]["text"], "--gateway", up.gateway, "--num-beams", "8", "--max-new-tokens", "200", "--k", "20", "--json")
+        slow["result"] = rag(
+            "ask",
+            FACTS[0]["text"],
+            "--gateway",
+            up.gateway,
+            "--num-beams",
+            "8",
+            "--max-new-tokens",
+            "200",
+            "--k",
+            "20",
+            "--json",
+        )
         slow["seconds"] = time.monotonic() - started
 
     thread = threading.Thread(target=ask_slowly)

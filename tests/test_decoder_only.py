@@ -40,7 +40,11 @@ def lm(tiny: TinyModels) -> DecoderOnlyLM:
 
 @pytest.fixture(scope="module")
 def stub(loop_thread: ServerThread, tiny: TinyModels) -> Iterator[generator_pb2_grpc.GeneratorServiceStub]:
-    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.causal_lm)))
+    served = start(
+        loop_thread,
+        create_generator,
+        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.causal_lm)),
+    )
     with grpc.insecure_channel(local(served.port)) as channel:
         yield generator_pb2_grpc.GeneratorServiceStub(channel)
     loop_thread.run(served.stop(0))
@@ -50,7 +54,11 @@ def hf_generate(tiny: TinyModels, prompt: list[int], num_beams: int, max_new_tok
     model = AutoModelForCausalLM.from_pretrained(tiny.causal_lm).eval()
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), num_beams=num_beams, num_return_sequences=num_beams, max_new_tokens=max_new_tokens, do_sample=False
+            torch.tensor([prompt]),
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
         )
     rows = []
     for row in out[:, len(prompt) :].tolist():
@@ -80,8 +88,13 @@ def test_left_padded_passages_decode_as_if_alone(lm: DecoderOnlyLM, tiny: TinyMo
 @pytest.mark.parametrize("mode", [generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE])
 def test_copies_of_one_passage_change_nothing(stub: generator_pb2_grpc.GeneratorServiceStub, mode: int) -> None:
     options = generator_pb2.DecodingOptions(mode=mode, num_beams=2, num_return_sequences=2, max_new_tokens=8)
-    one = stub.Generate(generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()], options=options), timeout=60)
-    three = stub.Generate(generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()] * 3, options=options), timeout=60)
+    one = stub.Generate(
+        generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()], options=options), timeout=60
+    )
+    three = stub.Generate(
+        generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()] * 3, options=options),
+        timeout=60,
+    )
     assert [h.token_ids for h in three.hypotheses] == [h.token_ids for h in one.hypotheses]
     assert [h.log_prob for h in three.hypotheses] == pytest.approx([h.log_prob for h in one.hypotheses], abs=1e-4)
     assert list(three.hypotheses[0].passage_posteriors) == pytest.approx([1 / 3] * 3, abs=1e-4)

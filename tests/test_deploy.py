@@ -40,7 +40,9 @@ def kubectl() -> str:
 
 
 def render(overlay: str) -> list[Obj]:
-    result = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -102,7 +104,11 @@ def test_the_stack_is_complete(rendered: list[Obj]) -> None:
     names = {(o["kind"], o["metadata"]["name"]) for o in rendered}
     assert {("Deployment", "gateway"), ("Deployment", "generator"), ("StatefulSet", "retriever")} <= names
     assert {("HorizontalPodAutoscaler", "generator"), ("PersistentVolumeClaim", "rag-data")} <= names
-    assert {s for s in ("gateway", "generator", "retriever") if ("NetworkPolicy", s) in names} == {"gateway", "generator", "retriever"}
+    assert {s for s in ("gateway", "generator", "retriever") if ("NetworkPolicy", s) in names} == {
+        "gateway",
+        "generator",
+        "retriever",
+    }
 
 
 # -------------------------------------------------------------------------------------------- CLI contract
@@ -114,10 +120,14 @@ def test_manifests_name_only_flags_and_env_mirrors_the_cli_accepts(rendered: lis
         try:
             args = parser.parse_args(container["args"])
         except SystemExit:
-            pytest.fail(f"{workload['metadata'].get('name') or workload['metadata']['generateName']}: rag rejects {container['args']}")
+            pytest.fail(
+                f"{workload['metadata'].get('name') or workload['metadata']['generateName']}: rag rejects {container['args']}"
+            )
         accepted = {"RAG_HOME"} | {env_name(k) for k in vars(args)}
         unknown = sorted(k for k in env_of(rendered, container) if k.startswith("RAG_") and k not in accepted)
-        assert not unknown, f"{container['name']}: env {unknown} is not a setting of `rag {' '.join(container['args'][:2])}`"
+        assert not unknown, (
+            f"{container['name']}: env {unknown} is not a setting of `rag {' '.join(container['args'][:2])}`"
+        )
 
 
 def test_probes_are_grpc_on_the_port_each_service_listens_on(rendered: list[Obj]) -> None:
@@ -132,10 +142,17 @@ def test_probes_are_grpc_on_the_port_each_service_listens_on(rendered: list[Obj]
 
 
 def test_services_reach_named_ports_of_their_pods(rendered: list[Obj]) -> None:
-    pods = [(pod_spec(w), w["spec"]["template"]["metadata"]["labels"]) for w in of_kind(rendered, "Deployment", "StatefulSet")]
+    pods = [
+        (pod_spec(w), w["spec"]["template"]["metadata"]["labels"])
+        for w in of_kind(rendered, "Deployment", "StatefulSet")
+    ]
     for service in of_kind(rendered, "Service"):
         selector = service["spec"]["selector"]
-        matched = [spec for spec, labels in pods if all(labels.get(k) == v for k, v in selector.items() if k != "apps.kubernetes.io/pod-index")]
+        matched = [
+            spec
+            for spec, labels in pods
+            if all(labels.get(k) == v for k, v in selector.items() if k != "apps.kubernetes.io/pod-index")
+        ]
         assert matched, f"Service {service['metadata']['name']} selects no pods"
         for port in service["spec"]["ports"]:
             named = {p["name"]: p["containerPort"] for spec in matched for c in spec["containers"] for p in c["ports"]}
@@ -182,7 +199,10 @@ def test_services_mount_data_read_only_and_take_the_admin_token_from_a_secret(re
         volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
         for mount in container["volumeMounts"]:
             if "persistentVolumeClaim" in volumes[mount["name"]]:
-                assert mount.get("readOnly") is True and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"] is True
+                assert (
+                    mount.get("readOnly") is True
+                    and volumes[mount["name"]]["persistentVolumeClaim"]["readOnly"] is True
+                )
         env = env_of(rendered, container)
         assert "RAG_ADMIN_TOKEN" not in env  # never a literal token in a manifest
         if served(container) in ("gateway", "retriever"):
@@ -195,14 +215,18 @@ def test_network_policies_admit_only_the_gateway_and_monitoring(rendered: list[O
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(rendered, "NetworkPolicy")}
     for name, port in (("retriever", 50052), ("generator", 50053)):
         spec = policies[name]
-        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == name and spec["policyTypes"] == ["Ingress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == name and spec["policyTypes"] == [
+            "Ingress"
+        ]
         rules = {rule["ports"][0]["port"]: rule["from"] for rule in spec["ingress"]}
         assert rules == {
             port: [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}],
             9090: [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
         }
     gateway_metrics = [r for r in policies["gateway"]["ingress"] if r["ports"][0]["port"] == 9090]
-    assert gateway_metrics[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"
+    assert (
+        gateway_metrics[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "monitoring"
+    )
 
 
 # -------------------------------------------------------------------------------------------- operations
@@ -255,7 +279,10 @@ def test_the_dockerfile_installs_what_make_demo_installs() -> None:
     lock = (ROOT / "requirements.lock").read_text()
     torch = re.search(r"^torch==(\S+)$", lock, re.M)
     assert torch and f"torch=={torch.group(1)}" in dockerfile  # the CPU build of the locked version
-    assert re.search(r"pip install -r \S*requirements\.lock", dockerfile) and "pip install --quiet -r requirements.lock" in makefile
+    assert (
+        re.search(r"pip install -r \S*requirements\.lock", dockerfile)
+        and "pip install --quiet -r requirements.lock" in makefile
+    )
     assert re.search(r"pip install --no-deps /src\b", dockerfile) and "pip install --quiet --no-deps -e ." in makefile
     python = f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
     assert dockerfile.count(f"FROM {python}") == 2, f"both stages on {python}, the Python the lock was made with"

@@ -53,7 +53,9 @@ def test_percentiles_interpolate() -> None:
 
 def test_jsonl_questions(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
-    path.write_text('{"id": "a", "question": "Q1?", "answers": ["x", "y"], "gold_passage": "p1"}\n\n{"question": "Q2?", "answers": ["z"]}\n')
+    path.write_text(
+        '{"id": "a", "question": "Q1?", "answers": ["x", "y"], "gold_passage": "p1"}\n\n{"question": "Q2?", "answers": ["z"]}\n'
+    )
     assert read_examples(path) == [Example("a", "Q1?", ("x", "y"), "p1"), Example("3", "Q2?", ("z",), "")]
     path.write_text('{"question": "Q?", "answers": "not a list"}\n')
     with pytest.raises(InvalidArgument, match="q.jsonl:1"):
@@ -104,9 +106,19 @@ def test_sampling_is_seeded() -> None:
 def _question_set(tmp_path: Path) -> Path:
     path = tmp_path / "questions.jsonl"
     rows = [
-        {"id": "1", "question": "Who discovered penicillin?", "answers": ["Alexander Fleming"], "gold_passage": "fleming"},
+        {
+            "id": "1",
+            "question": "Who discovered penicillin?",
+            "answers": ["Alexander Fleming"],
+            "gold_passage": "fleming",
+        },
         {"id": "2", "question": "What is the capital of France?", "answers": ["Paris"], "gold_passage": "paris"},
-        {"id": "3", "question": "What is the highest mountain?", "answers": ["Mount Everest"], "gold_passage": "everest"},
+        {
+            "id": "3",
+            "question": "What is the highest mountain?",
+            "answers": ["Mount Everest"],
+            "gold_passage": "everest",
+        },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -114,7 +126,20 @@ def _question_set(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("mode", ["token", "sequence", "closed-book", "concat", "retrieve"])
 def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
-    args = ["eval", str(_question_set(tmp_path)), "--gateway", services.gateway, "--mode", mode, "--k", "3", "--max-new-tokens", "4", "--json", "--no-progress"]
+    args = [
+        "eval",
+        str(_question_set(tmp_path)),
+        "--gateway",
+        services.gateway,
+        "--mode",
+        mode,
+        "--k",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--no-progress",
+    ]
     assert rag_cli(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -128,9 +153,24 @@ def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.
     assert lines[0].startswith("| mode | k | n | EM | F1 | recall@k |")
 
 
-def test_rag_eval_resumes_and_plots_a_k_sweep(services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rag_eval_resumes_and_plots_a_k_sweep(
+    services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     questions, out = _question_set(tmp_path), tmp_path / "run"
-    args = ["eval", str(questions), "--mode", "token", "--ks", "1,2,3", "--max-new-tokens", "3", "--out", str(out), "--json", "--no-progress"]
+    args = [
+        "eval",
+        str(questions),
+        "--mode",
+        "token",
+        "--ks",
+        "1,2,3",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    ]
     assert rag_cli([*args, "--gateway", services.gateway]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [s["k"] for s in first["sweep"]] == [1, 2, 3]

@@ -21,6 +21,7 @@ from generator_svc.config import GeneratorConfig
 from generator_svc.models import load_generator, one_each
 from generator_svc.server import create_server as create_generator
 from rag import random_models
+from rag.hf_reference import generated_tokens, mask_rag_sequence_padding
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc, passage_pb2
@@ -34,32 +35,22 @@ SCORES = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.5, 2.5, 1.5, 2.0]])
 RULES = {
     "default": {},
     "bart-large-like": {
-        "num_beams": 4, "no_repeat_ngram_size": 2, "early_stopping": True, "length_penalty": 0.6, "forced_bos_token_id": 0
+        "num_beams": 4,
+        "no_repeat_ngram_size": 2,
+        "early_stopping": True,
+        "length_penalty": 0.6,
+        "forced_bos_token_id": 0,
     },
 }
 
 
 def passages_for(b: int) -> list[Passage]:
     return [
-        Passage(f"q{b}p{k}", f"Title {b}-{k}", f"passage {k} tells about subject {b} " * (k + 1), score=float(SCORES[b, k]))
+        Passage(
+            f"q{b}p{k}", f"Title {b}-{k}", f"passage {k} tells about subject {b} " * (k + 1), score=float(SCORES[b, k])
+        )
         for k in range(K)
     ]
-
-
-def _mask_padding_in_rag_sequence_generation(model: RagSequenceForGeneration) -> None:
-    """RagSequenceForGeneration.generate calls `generator.generate(..., attention_mask=None)`. transformers 4
-    then inferred the mask from the padding; transformers 5 infers it only for decoder-only models, so BART
-    attends to the 300-token padding of every passage. We compare with the intended algorithm: the same call
-    with the padding masked, as transformers 4 ran it."""
-    generate = model.generator.generate
-    pad = model.config.generator.pad_token_id
-
-    def with_mask(input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        if kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = input_ids.ne(pad).long()
-        return generate(input_ids, **kwargs)
-
-    model.generator.generate = with_mask  # type: ignore[method-assign]
 
 
 class Reference:
@@ -70,10 +61,12 @@ class Reference:
         self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
         for key, value in rules.items():  # RagSequence decodes with the generator's own generation config
             setattr(self.rag_sequence.generator.generation_config, key, value)
-        _mask_padding_in_rag_sequence_generation(self.rag_sequence)
+        mask_rag_sequence_padding(self.rag_sequence)  # transformers 5 dropped it; see rag.hf_reference
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "generator_tokenizer")
         # RagRetriever.postprocess_docs: title + " / " + text + " // " + question, double spaces collapsed.
-        texts = [f"{p.title} / {p.text} // {q}".replace("  ", " ") for b, q in enumerate(QUESTIONS) for p in passages_for(b)]
+        texts = [
+            f"{p.title} / {p.text} // {q}".replace("  ", " ") for b, q in enumerate(QUESTIONS) for p in passages_for(b)
+        ]
         batch = self.tokenizer(texts, max_length=300, padding="max_length", truncation=True, return_tensors="pt")
         self.context = {
             "context_input_ids": batch["input_ids"],
@@ -84,20 +77,11 @@ class Reference:
         self.stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(address))
         self.checkpoint = checkpoint
 
-    def strip(self, rows: torch.Tensor) -> list[tuple[int, ...]]:
-        """Drop the decoder start token and the padding after the end."""
-        pad = self.rag_token.config.generator.pad_token_id
-        out = []
-        for row in rows.tolist():
-            row = row[1:]
-            while row and row[-1] == pad:
-                row.pop()
-            out.append(tuple(row))
-        return out
-
     def hf_generate(self, mode: Mode, num_beams: int, num_return: int) -> list[tuple[int, ...]]:
         with torch.no_grad():
-            if mode is Mode.TOKEN:  # RagTokenForGeneration.generate ignores max_new_tokens; max_length counts the start token
+            if (
+                mode is Mode.TOKEN
+            ):  # RagTokenForGeneration.generate ignores max_new_tokens; max_length counts the start token
                 rows = self.rag_token.generate(
                     **self.context, num_beams=num_beams, num_return_sequences=num_return, max_length=MAX_NEW_TOKENS + 1
                 )
@@ -105,12 +89,14 @@ class Reference:
                 rows = self.rag_sequence.generate(
                     **self.context, num_beams=num_beams, num_return_sequences=num_return, max_new_tokens=MAX_NEW_TOKENS
                 )
-        return self.strip(rows)
+        return generated_tokens(rows, self.rag_token.config.generator.pad_token_id)
 
     def ours_over_grpc(self, options: generator_pb2.DecodingOptions) -> list[tuple[int, ...]]:
         found = []
         for b, question in enumerate(QUESTIONS):
-            passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in passages_for(b)]
+            passages = [
+                passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in passages_for(b)
+            ]
             reply = self.stub.Generate(
                 generator_pb2.GenerateRequest(question=question, passages=passages, options=options), timeout=120
             )
@@ -119,11 +105,15 @@ class Reference:
 
 
 @pytest.fixture(scope="module", params=list(RULES))
-def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, loop_thread: ServerThread) -> Iterator[Reference]:
+def reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, loop_thread: ServerThread
+) -> Iterator[Reference]:
     checkpoint = tmp_path_factory.mktemp("rag") / "checkpoint"
     random_models.save_rag_checkpoint(checkpoint, n_docs=K, generation=RULES[request.param])
     served = start(
-        loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(checkpoint))
+        loop_thread,
+        create_generator,
+        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(checkpoint)),
     )
     yield Reference(checkpoint, RULES[request.param], local(served.port))
     loop_thread.run(served.stop(0))
@@ -148,7 +138,9 @@ def test_generate_matches_transformers_token_for_token(
     # The same through the batched math: both questions in one call, rows question-major.
     lm = load_generator(str(reference.checkpoint))
     ctx = lm.encode(QUESTIONS, [one_each(passages_for(0)), one_each(passages_for(1))])
-    batched = rag_math.generate(lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS))
+    batched = rag_math.generate(
+        lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS)
+    )
     assert [g.tokens for question in batched for g in question] == expected
 
 

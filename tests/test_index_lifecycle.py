@@ -22,7 +22,15 @@ from generator_svc.server import create_server as create_generator
 from rag.auth import bearer
 from rag.random_models import save_sentence_encoder
 from rag.serving import Served, ServerThread
-from rag.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc, generator_pb2, index_admin_pb2, index_admin_pb2_grpc
+from rag.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generator_pb2,
+    index_admin_pb2,
+    index_admin_pb2_grpc,
+)
 from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import build_index
@@ -74,14 +82,23 @@ class Cluster:
 def launch(thread: ServerThread, tiny: TinyModels, root: Path, index: str, shards: int) -> Cluster:
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
     retrievers = [
-        start(thread, create_retriever, RetrieverConfig(**common, index_root=str(root), index=index, shard=s, admin_token=TOKEN))
+        start(
+            thread,
+            create_retriever,
+            RetrieverConfig(**common, index_root=str(root), index=index, shard=s, admin_token=TOKEN),
+        )
         for s in range(shards)
     ]
     generator = start(thread, create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
     gateway = start(
         thread,
         create_gateway,
-        GatewayConfig(**common, retrievers=",".join(local(r.port) for r in retrievers), generator_address=local(generator.port), admin_token=TOKEN),
+        GatewayConfig(
+            **common,
+            retrievers=",".join(local(r.port) for r in retrievers),
+            generator_address=local(generator.port),
+            admin_token=TOKEN,
+        ),
     )
     return Cluster(root, local(gateway.port), retrievers, [gateway, generator, *retrievers])
 
@@ -101,12 +118,22 @@ def cluster_factory(loop_thread: ServerThread, tiny: TinyModels) -> Iterator:  #
 
 
 def build(root: Path, tmp: Path, tiny: TinyModels, version: str, shards: int = 1, name: str = "kb") -> str:
-    return build_index(versioned_corpus(tmp, version), "jsonl", root, name, load_encoder(tiny.encoder_spec), shards=shards, show_progress=False).version
+    return build_index(
+        versioned_corpus(tmp, version),
+        "jsonl",
+        root,
+        name,
+        load_encoder(tiny.encoder_spec),
+        shards=shards,
+        show_progress=False,
+    ).version
 
 
 def retriever_admin(served: Served, rpc: str, request: object) -> object:
     with grpc.insecure_channel(local(served.port)) as channel:
-        return getattr(index_admin_pb2_grpc.IndexAdminServiceStub(channel), rpc)(request, timeout=60, metadata=bearer(TOKEN))
+        return getattr(index_admin_pb2_grpc.IndexAdminServiceStub(channel), rpc)(
+            request, timeout=60, metadata=bearer(TOKEN)
+        )
 
 
 def shard_ids(version_dir: Path, shard: int) -> set[str]:
@@ -121,7 +148,9 @@ def version_of(passage_id: str) -> str:
 # ------------------------------------------------------------------------------------------------ swaps
 
 
-def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(
+    tmp_path: Path, tiny: TinyModels, cluster_factory
+) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "indexes"
     assert build(root, tmp_path, tiny, "v1") == "v1" and build(root, tmp_path, tiny, "v2") == "v2"
     cluster = cluster_factory(root, "kb@v1")
@@ -143,7 +172,9 @@ def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(tmp_path: Path, ti
     assert restored.index_version == "kb@v1" and answer(restored) == answer(before)
 
 
-def test_no_request_fails_or_mixes_versions_through_20_swaps_of_2_shards(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_no_request_fails_or_mixes_versions_through_20_swaps_of_2_shards(
+    tmp_path: Path, tiny: TinyModels, cluster_factory
+) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "indexes"
     build(root, tmp_path, tiny, "v1", shards=2)
     build(root, tmp_path, tiny, "v2", shards=2)
@@ -257,7 +288,9 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_serving(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_serving(
+    tmp_path: Path, tiny: TinyModels, cluster_factory
+) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "indexes"
     build(root, tmp_path, tiny, "v1")
     serving_encoder = load_encoder(tiny.encoder_spec).info
@@ -266,10 +299,26 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
     _flip_a_byte(_copy_version(root, "v1", "v3") / "shard-0" / "passages.sqlite")
     (_copy_version(root, "v1", "v4") / "manifest.json").unlink()
     other = save_sentence_encoder(tmp_path / "other-encoder", seed=7)  # same dimension, other weights
-    build_index(versioned_corpus(tmp_path, "v2"), "jsonl", root, "kb", load_encoder(f"sentence-transformer:{other}"), show_progress=False)  # v5
+    build_index(
+        versioned_corpus(tmp_path, "v2"),
+        "jsonl",
+        root,
+        "kb",
+        load_encoder(f"sentence-transformer:{other}"),
+        show_progress=False,
+    )  # v5
     narrow = save_sentence_encoder(tmp_path / "narrow-encoder", hidden=16)
-    build_index(versioned_corpus(tmp_path, "v2"), "jsonl", root, "kb", load_encoder(f"sentence-transformer:{narrow}"), show_progress=False)  # v6
-    _edit_manifest(root / "kb" / "v6", encoder=dict(serving_encoder.to_json(), dim=16))  # claims our encoder, holds 16-d vectors
+    build_index(
+        versioned_corpus(tmp_path, "v2"),
+        "jsonl",
+        root,
+        "kb",
+        load_encoder(f"sentence-transformer:{narrow}"),
+        show_progress=False,
+    )  # v6
+    _edit_manifest(
+        root / "kb" / "v6", encoder=dict(serving_encoder.to_json(), dim=16)
+    )  # claims our encoder, holds 16-d vectors
 
     shutil.copytree(root / "kb" / "v1", root / "kb" / "v7")  # an unedited copy: its manifest says v1
     cluster = cluster_factory(root, "kb@v1")
@@ -286,13 +335,17 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
         with pytest.raises(grpc.RpcError) as err:
             cluster.swap(version)
         assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), version
-        assert reason in err.value.details() and "every retriever still serves kb@v1" in err.value.details(), err.value.details()
+        assert reason in err.value.details() and "every retriever still serves kb@v1" in err.value.details(), (
+            err.value.details()
+        )
         assert cluster.ask(k=1).index_version == "kb@v1"
         [status] = cluster.status()
         assert (status.active_version, status.staged_version) == ("kb@v1", "")
 
 
-def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
+    tmp_path: Path, tiny: TinyModels, cluster_factory
+) -> None:  # type: ignore[no-untyped-def]
     root = tmp_path / "indexes"
     build(root, tmp_path, tiny, "v1")
     build(root, tmp_path, tiny, "v2")
@@ -324,10 +377,18 @@ def test_a_retriever_holds_at_most_two_versions(tmp_path: Path, tiny: TinyModels
     retriever_admin(retriever, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v2"))
     retriever_admin(retriever, "ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version="kb@v2"))
     [status] = cluster.status()
-    assert (status.active_version, status.previous_version, set(status.in_flight)) == ("kb@v2", "kb@v1", {"kb@v1", "kb@v2"})
+    assert (status.active_version, status.previous_version, set(status.in_flight)) == (
+        "kb@v2",
+        "kb@v1",
+        {"kb@v1", "kb@v2"},
+    )
     retriever_admin(retriever, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v3"))
     [status] = cluster.status()
-    assert (status.active_version, status.staged_version, set(status.in_flight)) == ("kb@v2", "kb@v3", {"kb@v2", "kb@v3"})
+    assert (status.active_version, status.staged_version, set(status.in_flight)) == (
+        "kb@v2",
+        "kb@v3",
+        {"kb@v2", "kb@v3"},
+    )
     with pytest.raises(grpc.RpcError) as err:
         retriever_admin(retriever, "UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version="kb@v2"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in err.value.details()
@@ -344,7 +405,10 @@ def test_swaps_and_refused_loads_are_counted(tmp_path: Path, tiny: TinyModels, c
     build(root, tmp_path, tiny, "v2", name="metered")
     _flip_a_byte(_copy_version(root, "v2", "v3", name="metered") / "shard-0" / "embeddings.npy")
     cluster = cluster_factory(root, "metered@v1")
-    swapped, failed = value("rag_index_swaps_total", outcome="swapped"), value("rag_index_swaps_total", outcome="failed")
+    swapped, failed = (
+        value("rag_index_swaps_total", outcome="swapped"),
+        value("rag_index_swaps_total", outcome="failed"),
+    )
     checksum_failures = value("rag_index_load_failures_total", reason="checksum")
 
     cluster.swap("v2")

@@ -41,13 +41,17 @@ def test_smollm2_with_one_passage_generates_as_transformers_does() -> None:
     model_dir = assets.converted(assets.smollm2_gguf(), "SmolLM2-135M-Instruct")
     lm = load_generator(str(model_dir))
     assert isinstance(lm, DecoderOnlyLM)
-    passage = Passage("fleming", "Alexander Fleming", "Alexander Fleming was a Scottish physician who discovered penicillin in 1928.")
+    passage = Passage(
+        "fleming", "Alexander Fleming", "Alexander Fleming was a Scottish physician who discovered penicillin in 1928."
+    )
     question = "Who discovered penicillin?"
     ctx = lm.encode([question], [[(passage,)]])
     ours = rag_math.generate(lm, ctx, torch.zeros(1, 1), DecodingOptions(max_new_tokens=16))[0][0]
     prompt = lm.prompt_ids(question, (passage,))
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt) :].tolist()
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
     assert list(ours.tokens) == expected[: len(ours.tokens)] and len(ours.tokens) == len(expected)
     assert "Fleming" in lm.decode(ours.tokens)

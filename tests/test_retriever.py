@@ -39,7 +39,9 @@ def serve(loop_thread: ServerThread) -> Iterator:  # type: ignore[type-arg]
     started: list[Served] = []
 
     def run(**config: object) -> Served:
-        served = start(loop_thread, create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config))  # type: ignore[arg-type]
+        served = start(
+            loop_thread, create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config)
+        )  # type: ignore[arg-type]
         started.append(served)
         return served
 
@@ -54,7 +56,7 @@ def serve(loop_thread: ServerThread) -> Iterator:  # type: ignore[type-arg]
 def test_dpr_tsv_reader_handles_csv_quoting(tmp_path: Path) -> None:
     tsv = tmp_path / "psgs.tsv"
     tsv.write_text(
-        'id\ttext\ttitle\n'
+        "id\ttext\ttitle\n"
         '1\t"Aaron ( or ; ""Ahärôn"") is a prophet"\tAaron\n'
         '2\t"A text with a\ttab inside quotes"\t"Quoted Title"\n'
         "3\tplain text, no quotes\tPlain\n",
@@ -97,7 +99,19 @@ def test_long_documents_split_into_near_equal_passages_keeping_the_title() -> No
 
 def test_build_writes_a_validated_manifest_and_new_versions(tmp_path: Path, tiny: TinyModels, corpus: Path) -> None:
     root = tmp_path / "indexes"
-    args = ["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "wiki", "--encoder", tiny.encoder_spec, "--no-progress"]
+    args = [
+        "index",
+        "build",
+        "--corpus",
+        str(corpus),
+        "--index-root",
+        str(root),
+        "--name",
+        "wiki",
+        "--encoder",
+        tiny.encoder_spec,
+        "--no-progress",
+    ]
     assert rag_cli(args) == 0
     assert rag_cli(args) == 0
     assert versions(root, "wiki") == ["v1", "v2"]
@@ -153,7 +167,10 @@ def _recall(approximate: retriever_pb2.SearchResponse, exact: retriever_pb2.Sear
 
 
 def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: TinyModels, serve) -> None:  # type: ignore[no-untyped-def]
-    records = [{"id": f"p{i}", "title": f"Entry {i}", "text": f"entry {i} mentions {i * 7919 % 1000} and {i % 97} things"} for i in range(10_000)]
+    records = [
+        {"id": f"p{i}", "title": f"Entry {i}", "text": f"entry {i} mentions {i * 7919 % 1000} and {i % 97} things"}
+        for i in range(10_000)
+    ]
     corpus = write_jsonl(tmp_path / "big.jsonl", records)
     root = tmp_path / "indexes"
     questions = [f"which entry mentions {n} things?" for n in range(0, 1000, 50)]
@@ -162,7 +179,9 @@ def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: Tiny
         assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", index_type,
                         "--encoder", tiny.encoder_spec, "--index-type", index_type, "--no-progress"]) == 0  # fmt: skip
         served = serve(index_root=str(root), index=index_type, mmap_ann=index_type != "flat")  # mmap the faiss files
-        replies[index_type] = search(local(served.port), questions, 10, include_embeddings=True, include_query_embeddings=True)
+        replies[index_type] = search(
+            local(served.port), questions, 10, include_embeddings=True, include_query_embeddings=True
+        )
     assert Manifest.from_file(root / "ivfpq" / "v1" / "manifest.json").faiss_factory.startswith("IVF")
     assert _recall(replies["hnsw"], replies["flat"]) >= 0.9
     assert _recall(replies["ivfpq"], replies["flat"]) >= 0.5
@@ -181,7 +200,24 @@ def test_ivfpq_on_a_small_corpus_is_refused_with_a_reason(tmp_path: Path, tiny: 
 def test_dpr_encoders_build_and_serve_an_index(tmp_path: Path, tiny: TinyModels, corpus: Path, serve) -> None:  # type: ignore[no-untyped-def]
     spec = f"dpr:question={tiny.dpr_question},context={tiny.dpr_context}"
     root = tmp_path / "indexes"
-    assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "dpr", "--encoder", spec, "--no-progress"]) == 0
+    assert (
+        rag_cli(
+            [
+                "index",
+                "build",
+                "--corpus",
+                str(corpus),
+                "--index-root",
+                str(root),
+                "--name",
+                "dpr",
+                "--encoder",
+                spec,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = Manifest.from_file(root / "dpr" / "v1" / "manifest.json")
     assert manifest.encoder.kind == "dpr" and manifest.encoder.score_temperature == 1.0
     assert manifest.encoder.question_identity != manifest.encoder.passage_identity  # two towers
@@ -190,11 +226,15 @@ def test_dpr_encoders_build_and_serve_an_index(tmp_path: Path, tiny: TinyModels,
     assert reply.score_temperature == 1.0
     result = reply.results[0]
     q = np.array(result.query_embedding)
-    np.testing.assert_allclose([p.score for p in result.passages], [q @ np.array(p.embedding) for p in result.passages], rtol=1e-4)
+    np.testing.assert_allclose(
+        [p.score for p in result.passages], [q @ np.array(p.embedding) for p in result.passages], rtol=1e-4
+    )
     assert abs(np.linalg.norm(q) - 1.0) > 1e-3  # DPR vectors are not normalised
 
 
-def test_retriever_refuses_an_index_built_by_another_encoder(tmp_path: Path, tiny: TinyModels, index_root: Path, serve) -> None:  # type: ignore[no-untyped-def]
+def test_retriever_refuses_an_index_built_by_another_encoder(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, serve
+) -> None:  # type: ignore[no-untyped-def]
     other = tmp_path / "other-encoder"
     from rag.random_models import save_sentence_encoder
 

@@ -24,13 +24,17 @@ from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_g
 from tests.conftest import Services, TinyModels, local, start
 
 PASSAGES = [
-    passage_pb2.Passage(id="fleming", title="Alexander Fleming", text="Fleming discovered penicillin in 1928.", score=0.9),
+    passage_pb2.Passage(
+        id="fleming", title="Alexander Fleming", text="Fleming discovered penicillin in 1928.", score=0.9
+    ),
     passage_pb2.Passage(id="paris", title="Paris", text="Paris is the capital of France.", score=0.5),
     passage_pb2.Passage(id="everest", title="Mount Everest", text="Everest is the highest mountain.", score=0.1),
 ]
 
 
-def ask(services: Services, question: str = "Who discovered penicillin?", timeout: float = 60, **fields: object) -> gateway_pb2.AskResponse:
+def ask(
+    services: Services, question: str = "Who discovered penicillin?", timeout: float = 60, **fields: object
+) -> gateway_pb2.AskResponse:
     return services.gateway_stub().Ask(gateway_pb2.AskRequest(question=question, **fields), timeout=timeout)
 
 
@@ -80,7 +84,10 @@ def test_ask_conditions_on_n_docs_of_the_k_retrieved(services: Services) -> None
         ({"options": generator_pb2.DecodingOptions(sequence_decoding=9)}, "unknown sequence_decoding 9"),
         ({"options": generator_pb2.DecodingOptions(max_new_tokens=100_000)}, "max_new_tokens must be in"),
         ({"options": generator_pb2.DecodingOptions(num_beams=99)}, "num_beams must be in [1, 8]"),
-        ({"options": generator_pb2.DecodingOptions(num_beams=2, num_return_sequences=3)}, "num_return_sequences must be in [1, num_beams=2]"),
+        (
+            {"options": generator_pb2.DecodingOptions(num_beams=2, num_return_sequences=3)},
+            "num_return_sequences must be in [1, num_beams=2]",
+        ),
     ],
 )
 def test_ask_rejects_bad_requests_with_invalid_argument(services: Services, fields: dict, message: str) -> None:  # type: ignore[type-arg]
@@ -105,12 +112,28 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
 def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Services, loop_thread: ServerThread) -> None:
     slow = SlowGenerator()
     config = GatewayConfig(host="127.0.0.1", port=0, metrics_port=0)
-    fake = loop_thread.run(new_server(config, ("rag.v1.GeneratorService",), lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s)))
-    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retrievers=services.retriever, generator_address=local(fake.port)))
+    fake = loop_thread.run(
+        new_server(
+            config,
+            ("rag.v1.GeneratorService",),
+            lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s),
+        )
+    )
+    gateway = start(
+        loop_thread,
+        create_gateway,
+        GatewayConfig(
+            host="127.0.0.1", port=0, metrics_port=0, retrievers=services.retriever, generator_address=local(fake.port)
+        ),
+    )
     try:
         started = time.monotonic()
         with grpc.insecure_channel(local(gateway.port)) as channel:
-            err = status_of(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(gateway_pb2.AskRequest(question="who?"), timeout=1.5))
+            err = status_of(
+                lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
+                    gateway_pb2.AskRequest(question="who?"), timeout=1.5
+                )
+            )
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 3
         # What was left of the 1.5 s (gRPC rounds timeouts up a little), not the gateway's own 120 s default.
@@ -121,10 +144,20 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
 
 
 def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, loop_thread: ServerThread) -> None:
-    gateway = start(loop_thread, create_gateway, GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, retrievers="127.0.0.1:1", generator_address=services.generator))
+    gateway = start(
+        loop_thread,
+        create_gateway,
+        GatewayConfig(
+            host="127.0.0.1", port=0, metrics_port=0, retrievers="127.0.0.1:1", generator_address=services.generator
+        ),
+    )
     try:
         with grpc.insecure_channel(local(gateway.port)) as channel:
-            err = status_of(lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(gateway_pb2.AskRequest(question="who?"), timeout=10))
+            err = status_of(
+                lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
+                    gateway_pb2.AskRequest(question="who?"), timeout=10
+                )
+            )
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         assert err.details().startswith("retriever shard 0:")
     finally:
@@ -142,7 +175,13 @@ def generate(services: Services, **fields: object) -> generator_pb2.GenerateResp
 
 def test_fast_and_thorough_rag_sequence_both_return_ranked_answers(services: Services) -> None:
     for decoding in (generator_pb2.SEQUENCE_DECODING_FAST, generator_pb2.SEQUENCE_DECODING_THOROUGH):
-        options = generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_SEQUENCE, sequence_decoding=decoding, num_beams=3, num_return_sequences=3, max_new_tokens=6)
+        options = generator_pb2.DecodingOptions(
+            mode=generator_pb2.RAG_MODE_SEQUENCE,
+            sequence_decoding=decoding,
+            num_beams=3,
+            num_return_sequences=3,
+            max_new_tokens=6,
+        )
         hypotheses = generate(services, options=options).hypotheses
         assert len(hypotheses) == 3 and len({tuple(h.token_ids) for h in hypotheses}) == 3
         if decoding == generator_pb2.SEQUENCE_DECODING_THOROUGH:  # thorough ranks by the exact marginal
@@ -152,8 +191,14 @@ def test_fast_and_thorough_rag_sequence_both_return_ranked_answers(services: Ser
 
 def test_doc_scores_can_come_from_embeddings(services: Services) -> None:
     query = [1.0, 0.0]
-    with_embeddings = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, embedding=e) for p, e in zip(PASSAGES, ([2.0, 1.0], [0.5, 3.0], [1.0, 1.0]), strict=True)]
-    with_scores = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=s) for p, s in zip(PASSAGES, (2.0, 0.5, 1.0), strict=True)]
+    with_embeddings = [
+        passage_pb2.Passage(id=p.id, title=p.title, text=p.text, embedding=e)
+        for p, e in zip(PASSAGES, ([2.0, 1.0], [0.5, 3.0], [1.0, 1.0]), strict=True)
+    ]
+    with_scores = [
+        passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=s)
+        for p, s in zip(PASSAGES, (2.0, 0.5, 1.0), strict=True)
+    ]
     options = generator_pb2.DecodingOptions(max_new_tokens=4)
     a = generate(services, passages=with_embeddings, query_embedding=query, options=options)
     b = generate(services, passages=with_scores, options=options)
@@ -162,8 +207,12 @@ def test_doc_scores_can_come_from_embeddings(services: Services) -> None:
 
 
 def test_score_temperature_sharpens_the_prior(services: Services) -> None:
-    flat = generate(services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=10)).passage_priors
-    sharp = generate(services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=0.05)).passage_priors
+    flat = generate(
+        services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=10)
+    ).passage_priors
+    sharp = generate(
+        services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=0.05)
+    ).passage_priors
     assert max(flat) < 0.4 and max(sharp) > 0.99
 
 
@@ -185,14 +234,22 @@ def test_generate_rejects_bad_requests(services: Services, fields: dict, message
 def test_score_rejects_empty_answers(services: Services) -> None:
     stub = services.generator_stub()
     for answers, message in (([], "give 1 to 32 answers"), (["ok", " "], "answer 1 is empty")):
-        err = status_of(lambda: stub.Score(generator_pb2.ScoreRequest(question="q", passages=PASSAGES, answers=answers), timeout=30))
+        err = status_of(
+            lambda: stub.Score(generator_pb2.ScoreRequest(question="q", passages=PASSAGES, answers=answers), timeout=30)
+        )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
 
 
 def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny: TinyModels) -> None:
-    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.rag_checkpoint), max_queue=1))
+    served = start(
+        loop_thread,
+        create_generator,
+        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.rag_checkpoint), max_queue=1),
+    )
     options = generator_pb2.DecodingOptions(num_beams=8, max_new_tokens=200)
-    request = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=PASSAGES * 10, options=options)
+    request = generator_pb2.GenerateRequest(
+        question="Who discovered penicillin?", passages=PASSAGES * 10, options=options
+    )
     try:
         with grpc.insecure_channel(local(served.port)) as channel:
             stub = generator_pb2_grpc.GeneratorServiceStub(channel)
@@ -207,13 +264,23 @@ def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny
 
 
 def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(loop_thread: ServerThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tmp_path / "missing")))
+    served = start(
+        loop_thread,
+        create_generator,
+        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tmp_path / "missing")),
+    )
     try:
         assert "does not exist" in str(served.loading.exception())
         with grpc.insecure_channel(local(served.port)) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5)
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5
+            )
             assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            err = status_of(lambda: generator_pb2_grpc.GeneratorServiceStub(channel).Generate(generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5))
+            err = status_of(
+                lambda: generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
+                    generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5
+                )
+            )
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.details()
     finally:
         loop_thread.run(served.stop(0))
@@ -222,12 +289,22 @@ def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(loop_thr
 # ------------------------------------------------------------------------------------------------ hygiene
 
 
-@pytest.mark.parametrize(("service", "name"), [("retriever", "rag.v1.RetrieverService"), ("generator", "rag.v1.GeneratorService"), ("gateway", "rag.v1.GatewayService")])
+@pytest.mark.parametrize(
+    ("service", "name"),
+    [
+        ("retriever", "rag.v1.RetrieverService"),
+        ("generator", "rag.v1.GeneratorService"),
+        ("gateway", "rag.v1.GatewayService"),
+    ],
+)
 def test_every_service_reports_health_and_serves_reflection(services: Services, service: str, name: str) -> None:
     with grpc.insecure_channel(getattr(services, service)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for target in ("", name):
-            assert health.Check(health_pb2.HealthCheckRequest(service=target), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=target), timeout=5).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         listed = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert name in listed and "grpc.health.v1.Health" in listed
 
@@ -254,8 +331,14 @@ def test_baselines_use_the_same_generator_with_no_or_all_passages(services: Serv
     assert not closed[0].hypotheses[0].passage_posteriors and len(closed[0].passage_priors) == 3
     # Concatenating one passage is RAG over that one passage; over three it reads something else.
     one = [PASSAGES[0]]
-    assert answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].token_ids == answer(generator_pb2.RAG_MODE_TOKEN, one).hypotheses[0].token_ids
-    assert answer(generator_pb2.RAG_MODE_CONCAT, PASSAGES).hypotheses[0].log_prob != answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].log_prob
+    assert (
+        answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].token_ids
+        == answer(generator_pb2.RAG_MODE_TOKEN, one).hypotheses[0].token_ids
+    )
+    assert (
+        answer(generator_pb2.RAG_MODE_CONCAT, PASSAGES).hypotheses[0].log_prob
+        != answer(generator_pb2.RAG_MODE_CONCAT, one).hypotheses[0].log_prob
+    )
 
 
 def test_ask_can_retrieve_only(services: Services) -> None:
@@ -265,25 +348,46 @@ def test_ask_can_retrieve_only(services: Services) -> None:
 
 
 def test_baseline_answers_report_no_posterior(services: Services) -> None:
-    reply = ask(services, k=3, options=generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=3))
+    reply = ask(
+        services, k=3, options=generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=3)
+    )
     assert reply.answers and [s.posterior for s in reply.sources] == [0, 0, 0]
     assert sum(s.prior for s in reply.sources) == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
-def test_concurrent_requests_are_batched_without_changing_answers(loop_thread: ServerThread, tiny: TinyModels, family: str) -> None:
+def test_concurrent_requests_are_batched_without_changing_answers(
+    loop_thread: ServerThread, tiny: TinyModels, family: str
+) -> None:
     from prometheus_client import REGISTRY
 
     model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
-    served = start(loop_thread, create_generator, GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(model), max_batch=8))
-    questions = ["Who discovered penicillin?", "What is the capital of France?", "How high is Everest?", "Why?", "When was it built, and by whom exactly?", "Who?"]
+    served = start(
+        loop_thread,
+        create_generator,
+        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(model), max_batch=8),
+    )
+    questions = [
+        "Who discovered penicillin?",
+        "What is the capital of France?",
+        "How high is Everest?",
+        "Why?",
+        "When was it built, and by whom exactly?",
+        "Who?",
+    ]
     options = generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_TOKEN, num_beams=2, max_new_tokens=12)
 
     def request(i: int) -> generator_pb2.GenerateRequest:  # different questions and passage lengths in one batch
-        passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text * (1 + (i + j) % 3), score=p.score) for j, p in enumerate(PASSAGES)]
+        passages = [
+            passage_pb2.Passage(id=p.id, title=p.title, text=p.text * (1 + (i + j) % 3), score=p.score)
+            for j, p in enumerate(PASSAGES)
+        ]
         return generator_pb2.GenerateRequest(question=questions[i], passages=passages, options=options)
 
-    batches = lambda: (REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0, REGISTRY.get_sample_value("rag_generator_batch_size_sum") or 0)  # noqa: E731
+    batches = lambda: (
+        REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0,
+        REGISTRY.get_sample_value("rag_generator_batch_size_sum") or 0,
+    )  # noqa: E731
     try:
         with grpc.insecure_channel(local(served.port)) as channel:
             stub = generator_pb2_grpc.GeneratorServiceStub(channel)

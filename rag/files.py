@@ -1,0 +1,39 @@
+"""Files written so that nothing is ever half-written, and their checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def publishing(target: Path) -> Iterator[Path]:
+    """Yield a fresh temp path beside `target` (make it a file or a directory); it is renamed onto `target`
+    only if the block completes, and removed otherwise."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        tmp.replace(target)  # atomic; a directory target must not exist yet
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    with publishing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
