@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    Cache,
     DynamicCache,
     EncoderDecoderCache,
     GenerationConfig,
@@ -48,16 +49,51 @@ def one_each(passages: Sequence[Passage]) -> list[Context]:
     return [(p,) for p in passages]
 
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [rows, heads, length, head_dim]
+
+
 @dataclass
 class Contexts:
-    """Encoded inputs of B questions x K contexts; row b*K + k is question b with context k."""
+    """Encoded inputs of B questions x K contexts; row b*K + k is question b with context k.
+
+    Each row has been run up to its first answer token: `prefix` is the decoder's self-attention cache at that
+    point (the prompt for a decoder-only LM, the decoder start token for BART/T5) and `first_logprobs` the
+    distribution of the first answer token. Decoding and teacher forcing both start from there, so the shared
+    work of a request is done once.
+    """
 
     num_questions: int
     n_docs: int
-    attention_mask: torch.Tensor  # [B*K, L]
+    attention_mask: torch.Tensor  # [B*K, L]: the prompt (decoder-only) or the encoder input (BART/T5)
+    prefix: KV
+    first_logprobs: torch.Tensor  # [B*K, V]
+    encoder_states: torch.Tensor | None = None  # BART/T5 [B*K, L, H]
+    cross: KV | None = None  # BART/T5: cross-attention keys and values, computed once per row
+
+
+@dataclass
+class DecodingState:
+    """Rows being decoded: `rows[i]` is the context row that decoder row i reads."""
+
+    ctx: Contexts
+    rows: torch.Tensor
+    cache: Cache
+    attention_mask: torch.Tensor  # the rows' context mask
+    fed: int = 0  # tokens fed after the prefix
+
+
+def _select(kv: KV, rows: torch.Tensor) -> DynamicCache:
+    return DynamicCache([(k[rows], v[rows]) for k, v in kv])
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 class PassageLM(ABC):
+    """Decoding from the per-row prefix caches, the same for both families; they differ in `encode` (how rows
+    are built and run to their first answer token), `_cache` and `_forward` (how one more chunk of tokens runs)."""
+
     tokenizer: PreTrainedTokenizerBase
     rules: DecodingRules
     bos_token_id: int | None
@@ -68,31 +104,47 @@ class PassageLM(ABC):
         """Rows for each question with each of its contexts (the same number of contexts per question)."""
 
     @abstractmethod
-    def start(self, ctx: Contexts, rows: torch.Tensor) -> Any:
-        """A decoding state with one row per entry of `rows` (indices into the context rows)."""
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
+        """A fresh cache holding the prefix of each of `rows`."""
 
     @abstractmethod
-    def step(self, state: Any, tokens: torch.Tensor | None) -> torch.Tensor:
-        """Feed one token per row (None at the first step); log p(next token) as float32 [rows, V]."""
-
-    @abstractmethod
-    def reorder(self, state: Any, index: torch.Tensor) -> None:
-        """Row i continues the history of row index[i]; index only moves rows among rows of the same context."""
-
-    @abstractmethod
-    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk."""
+    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
+        """Run tokens [R, T] after what `state` has seen; logits [R, T, V]."""
 
     @abstractmethod
     def answer_token_ids(self, answer: str) -> list[int]:
         """The tokens the model would generate for `answer`, end-of-sequence included."""
 
+    def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
+        """A decoding state with one row per entry of `rows` (indices into the context rows)."""
+        return DecodingState(ctx, rows, self._cache(ctx, rows), ctx.attention_mask[rows])
+
+    @torch.inference_mode()
+    def step(self, state: DecodingState, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Feed one token per row (None at the first step); log p(next token) as float32 [rows, V]."""
+        if tokens is None:  # encoding already ran every row up to its first answer token
+            return state.ctx.first_logprobs[state.rows]
+        logits = self._forward(state, tokens[:, None])
+        state.fed += 1
+        return _log_softmax(logits[:, -1])
+
+    def reorder(self, state: DecodingState, index: torch.Tensor) -> None:
+        """Row i continues the history of row index[i]. Rows only move among rows of the same context, so only
+        the self-attention history moves; prompts, encoder states and cross-attention stay put."""
+        cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
+        cache.reorder_cache(index)
+
+    @torch.inference_mode()
+    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk."""
+        first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
+        if targets.shape[1] == 1:
+            return first
+        logits = self._forward(self.start(ctx, rows), targets[:, :-1])
+        return torch.cat([first, _log_softmax(logits).gather(-1, targets[:, 1:, None]).squeeze(-1)], dim=1)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _rules_from(
@@ -119,18 +171,6 @@ def _rules_from(
 # --------------------------------------------------------------------------------------------------------
 # Encoder-decoder (BART, T5)
 # --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EncoderContexts(Contexts):
-    encoder_states: torch.Tensor  # [B*K, L, H]
-
-
-@dataclass
-class EncoderDecoderState:
-    cache: EncoderDecoderCache
-    encoder_states: torch.Tensor
-    attention_mask: torch.Tensor
 
 
 class EncoderDecoderLM(PassageLM):
@@ -165,52 +205,53 @@ class EncoderDecoderLM(PassageLM):
         return (self.prefix + "".join(docs) + question).replace("  ", " ")
 
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> EncoderContexts:
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
         texts = [self.input_text(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         batch = self.tokenizer(
             texts, max_length=self.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
         )
-        states = self.model.get_encoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=True
-        ).last_hidden_state
-        return EncoderContexts(len(questions), len(contexts[0]), batch["attention_mask"], states)
-
-    def start(self, ctx: Contexts, rows: torch.Tensor) -> EncoderDecoderState:
-        assert isinstance(ctx, EncoderContexts)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        return EncoderDecoderState(cache, ctx.encoder_states[rows], ctx.attention_mask[rows])
-
-    @torch.inference_mode()
-    def step(self, state: EncoderDecoderState, tokens: torch.Tensor | None) -> torch.Tensor:
-        if tokens is None:
-            tokens = torch.full((state.encoder_states.shape[0],), self.decoder_start, dtype=torch.long)
+        mask = batch["attention_mask"]
+        states = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask, return_dict=True)
+        states = states.last_hidden_state
+        # The decoder start token, once per row: it fills the cross-attention cache (the encoder states
+        # projected for every decoder layer) and gives the first answer token's distribution.
+        start = torch.full((len(texts), 1), self.decoder_start, dtype=torch.long)
         out = self.model(
-            encoder_outputs=(state.encoder_states,),
+            encoder_outputs=(states,),
+            attention_mask=mask,
+            decoder_input_ids=start,
+            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+            use_cache=True,
+            return_dict=True,
+        )
+        cache = out.past_key_values
+        return Contexts(
+            len(questions),
+            len(contexts[0]),
+            mask,
+            prefix=[(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
+            first_logprobs=_log_softmax(out.logits[:, -1]),
+            encoder_states=states,
+            cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
+        )
+
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
+        assert ctx.cross is not None
+        return EncoderDecoderCache(_select(ctx.prefix, rows), _select(ctx.cross, rows))  # cross: marked computed
+
+    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
+        assert state.ctx.encoder_states is not None
+        states = state.ctx.encoder_states
+        out = self.model(  # cross-attention reads its cached keys and values: the states only give the shape
+            encoder_outputs=(states[:1].expand(len(state.rows), -1, -1),),
             attention_mask=state.attention_mask,
-            decoder_input_ids=tokens[:, None],
+            decoder_input_ids=tokens,
             past_key_values=state.cache,
             use_cache=True,
             return_dict=True,
         )
         state.cache = out.past_key_values
-        return _log_softmax(out.logits[:, -1])
-
-    def reorder(self, state: EncoderDecoderState, index: torch.Tensor) -> None:
-        # Rows only move among rows of the same passage, so encoder states and cross-attention caches stay put.
-        state.cache.self_attention_cache.reorder_cache(index)
-
-    @torch.inference_mode()
-    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        assert isinstance(ctx, EncoderContexts)
-        start = torch.full((targets.shape[0], 1), self.decoder_start, dtype=torch.long)
-        out = self.model(
-            encoder_outputs=(ctx.encoder_states[rows],),
-            attention_mask=ctx.attention_mask[rows],
-            decoder_input_ids=torch.cat([start, targets[:, :-1]], dim=1),
-            use_cache=False,
-            return_dict=True,
-        )
-        return _log_softmax(out.logits).gather(-1, targets[:, :, None]).squeeze(-1)
+        return out.logits
 
     def answer_token_ids(self, answer: str) -> list[int]:
         ids = self.tokenizer(answer, add_special_tokens=True)["input_ids"]
@@ -228,24 +269,6 @@ class EncoderDecoderLM(PassageLM):
 INSTRUCTION = "Using the passage, answer the question with a short phrase."
 INSTRUCTION_SEVERAL = "Using the passages, answer the question with a short phrase."
 INSTRUCTION_CLOSED_BOOK = "Answer the question with a short phrase."
-
-
-@dataclass
-class PromptContexts(Contexts):
-    """Left-padded prompts, one per (question, passage), and their KV cache after the prompt."""
-
-    prompt_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B*K, heads, L, d]
-    next_position: torch.Tensor  # [B*K] position id of the first answer token
-    first_logprobs: torch.Tensor  # [B*K, V] log p(first answer token | prompt)
-
-
-@dataclass
-class DecoderOnlyState:
-    ctx: PromptContexts
-    rows: torch.Tensor
-    cache: DynamicCache
-    attention_mask: torch.Tensor
-    position: torch.Tensor
 
 
 class DecoderOnlyLM(PassageLM):
@@ -276,9 +299,8 @@ class DecoderOnlyLM(PassageLM):
         if not context:
             user = f"{INSTRUCTION_CLOSED_BOOK}\nQuestion: {question}"
         elif len(context) == 1:
-            user = (
-                f"Passage: {context[0].title}\n{self._truncate(context[0].text)}\n\n{INSTRUCTION}\nQuestion: {question}"
-            )
+            passage = context[0]
+            user = f"Passage: {passage.title}\n{self._truncate(passage.text)}\n\n{INSTRUCTION}\nQuestion: {question}"
         else:
             passages = "\n\n".join(
                 f"Passage {i}: {p.title}\n{self._truncate(p.text)}" for i, p in enumerate(context, 1)
@@ -293,7 +315,7 @@ class DecoderOnlyLM(PassageLM):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> PromptContexts:
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
         prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         length = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), length), self.rules.pad_token_id, dtype=torch.long)
@@ -310,60 +332,27 @@ class DecoderOnlyLM(PassageLM):
             logits_to_keep=1,
             return_dict=True,
         )
-        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return PromptContexts(
-            len(questions), len(contexts[0]), mask, cache, mask.sum(-1), _log_softmax(out.logits[:, -1])
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return Contexts(len(questions), len(contexts[0]), mask, prefix, _log_softmax(out.logits[:, -1]))
+
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
+        return DynamicCache([(k[rows], v[rows]) for k, v in ctx.prefix], config=self.model.config)
+
+    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
+        mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_ones(len(tokens), state.fed + tokens.shape[1])], 1
         )
-
-    def _cache_for(self, ctx: PromptContexts, rows: torch.Tensor) -> DynamicCache:
-        return DynamicCache([(k[rows], v[rows]) for k, v in ctx.prompt_cache], config=self.model.config)
-
-    def start(self, ctx: Contexts, rows: torch.Tensor) -> DecoderOnlyState:
-        assert isinstance(ctx, PromptContexts)
-        return DecoderOnlyState(
-            ctx, rows, self._cache_for(ctx, rows), ctx.attention_mask[rows], ctx.next_position[rows]
-        )
-
-    @torch.inference_mode()
-    def step(self, state: DecoderOnlyState, tokens: torch.Tensor | None) -> torch.Tensor:
-        if tokens is None:  # the prompt pass already predicted the first token
-            return state.ctx.first_logprobs[state.rows]
-        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+        next_position = state.attention_mask.sum(-1, keepdim=True)  # prompts are left-padded: real tokens only
         out = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=state.attention_mask,
-            position_ids=state.position[:, None],
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=next_position + state.fed + torch.arange(tokens.shape[1]),
             past_key_values=state.cache,
             use_cache=True,
             return_dict=True,
         )
-        state.position = state.position + 1
         state.cache = out.past_key_values
-        return _log_softmax(out.logits[:, -1])
-
-    def reorder(self, state: DecoderOnlyState, index: torch.Tensor) -> None:
-        # Prompt masks and positions are per context row, which reordering preserves; the cache holds history.
-        state.cache.reorder_cache(index)
-
-    @torch.inference_mode()
-    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        assert isinstance(ctx, PromptContexts)
-        first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
-        if targets.shape[1] == 1:
-            return first
-        fed = targets[:, :-1]
-        mask = torch.cat([ctx.attention_mask[rows], ctx.attention_mask.new_ones(fed.shape)], dim=1)
-        positions = ctx.next_position[rows, None] + torch.arange(fed.shape[1])
-        out = self.model(
-            input_ids=fed,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._cache_for(ctx, rows),
-            use_cache=True,
-            return_dict=True,
-        )
-        rest = _log_softmax(out.logits).gather(-1, targets[:, 1:, None]).squeeze(-1)
-        return torch.cat([first, rest], dim=1)
+        return out.logits
 
     def answer_token_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
