@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 
-from rag import paths
 from rag.auth import bearer, load_admin_token
 from rag.clients import channel
 from rag.config import option
@@ -75,7 +74,3 @@ def format_versions(root: Path, serving: dict[str, list[str]] | None) -> str:
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-
-
-def default_index_root() -> str:
-    return str(paths.index_root())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from rag.errors import InvalidArgument, require
 from rag.v1 import generator_pb2, passage_pb2
@@ -126,9 +126,6 @@ class DecodingOptions:
             n_docs=self.n_docs,
             score_temperature=self.score_temperature,
         )
-
-    def with_(self, **changes: object) -> DecodingOptions:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 def validate_question(question: str, limits: Limits) -> str:
