@@ -287,8 +287,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rag.demo import DemoConfig
-    from rag.eval import run_demo
+    from rag.demo import DemoConfig, run_demo
     from rag.serving import setup_logging
 
     setup_logging()
