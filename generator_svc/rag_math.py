@@ -10,7 +10,9 @@ Notation: B questions, K passages per question (rows question-major: row b*K + k
 The model behind p(y_t|x,z_k,y<t) is a `PassageLM` (generator_svc.models): one row per (question, passage),
 encoder-decoder or decoder-only. It is asked for exactly three things: the next-token log-probabilities of
 each row (`step`), a reordering of rows between beams (`reorder`), and teacher-forced log-probabilities
-of given answers (`token_logprobs`). Everything below is independent of the family.
+of given answers (`token_logprobs`). Everything below is independent of the family. The baselines, closed
+book and concatenated passages, are the K = 1 case: one context per question, where both marginals reduce
+to plain decoding.
 
 Greedy and beam search reproduce transformers' `generate` step for step (same candidate counts, length
 penalty, early-stopping heuristic and forced tokens), so RAG-Token matches `RagTokenForGeneration.generate`
