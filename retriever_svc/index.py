@@ -503,17 +503,39 @@ class IndexShard:
 
 
 def _exact_top_k(embeddings: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> list[list[Hit]]:
-    """Exact maximum inner product search in row blocks (bounded memory, BLAS speed)."""
+    """Exact maximum inner product search in row blocks (bounded memory, BLAS speed), best score first and
+    equal scores by row (duplicate passages are common). A block offers each query only the scores that can
+    enter its top k: above its current k-th best, or from the first block, at least the block's k-th best. One
+    comparison per score; after the first blocks a handful of candidates are left to sort."""
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(embeddings), block):
         scores = queries @ np.asarray(embeddings[start : start + block]).T  # [Q, block]
-        take = min(k, scores.shape[1])
-        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, top, 1)], axis=1)
-        best_rows = np.concatenate([best_rows, top + start], axis=1)
-        if best_scores.shape[1] > k:
-            keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
-            best_scores, best_rows = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_rows, keep, 1)
-    order = np.lexsort((best_rows, -best_scores), axis=1)  # best score first, ties by row
-    return [[Hit(int(best_rows[q, i]), float(best_scores[q, i])) for i in order[q]] for q in range(len(queries))]
+        if best_scores.shape[1] == k:  # later rows lose ties with the k held
+            scores, rows = _candidates(scores, scores > best_scores[:, -1:])
+        elif scores.shape[1] > k:
+            kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+            scores, rows = _candidates(scores, scores >= kth)
+        else:
+            rows = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_rows = np.concatenate([best_rows, rows + start], axis=1)
+        order = np.lexsort((best_rows, -best_scores), axis=1)[:, :k]
+        best_scores, best_rows = np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+    return [
+        [Hit(int(row), float(score)) for row, score in zip(rows, scores, strict=True) if score > -np.inf]
+        for rows, scores in zip(best_rows, best_scores, strict=True)
+    ]
+
+
+def _candidates(scores: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chosen scores of each query and their columns, left-aligned in [Q, most chosen] arrays padded with
+    -inf (padding sorts after every real score and is dropped at the end)."""
+    queries, columns = np.nonzero(chosen)
+    counts = np.bincount(queries, minlength=len(scores))
+    slots = np.arange(len(queries)) - (np.cumsum(counts) - counts)[queries]
+    kept = np.full((len(scores), int(counts.max(initial=0))), -np.inf, dtype=scores.dtype)
+    rows = np.zeros(kept.shape, dtype=np.int64)
+    kept[queries, slots] = scores[queries, columns]
+    rows[queries, slots] = columns
+    return kept, rows

@@ -151,6 +151,42 @@ def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Pa
             np.testing.assert_allclose(p.embedding, embeddings[ids.index(p.id)], rtol=1e-6)
 
 
+def test_duplicate_passages_come_back_in_corpus_order(tmp_path: Path, tiny: TinyModels, serve) -> None:  # type: ignore[no-untyped-def]
+    # Real corpora repeat passages (mirrors, templates); equal scores must rank the same way every time.
+    copies = [dict(FACTS[0], id=f"copy{i}") for i in range(12)]
+    records = corpus_records()[:20] + copies
+    corpus = write_jsonl(tmp_path / "copies.jsonl", records)
+    same_text = [r["id"] for r in records if r["text"] == FACTS[0]["text"]]  # the original, then the copies
+    build_index(corpus, "jsonl", tmp_path / "indexes", "copies", load_encoder(tiny.encoder_spec), show_progress=False)
+    served = serve(index_root=str(tmp_path / "indexes"), index="copies")
+    for k in (3, 8):
+        (result,) = search(local(served.port), [FACTS[0]["text"]], k).results
+        assert [p.id for p in result.passages] == same_text[:k]
+
+
+@pytest.mark.parametrize(("block", "k"), [(7, 5), (64, 10), (1000, 1), (5000, 20)])
+def test_blockwise_exact_search_equals_faiss(block: int, k: int) -> None:
+    # The retriever scans big indexes in row blocks; small blocks exercise the merging across them.
+    from retriever_svc.index import _exact_top_k
+
+    rng = np.random.default_rng(block)
+    embeddings = rng.standard_normal((3000, 16), dtype=np.float32)
+    embeddings[1000:1010] = embeddings[5]  # exact ties across blocks
+    queries = np.concatenate([rng.standard_normal((6, 16), dtype=np.float32), embeddings[5:6]])
+    brute = faiss.IndexFlatIP(16)
+    brute.add(embeddings)
+    scores, rows = brute.search(queries, k)
+    for hits, expected_rows, expected_scores, query in zip(
+        _exact_top_k(embeddings, queries, k, block), rows, scores, queries, strict=True
+    ):
+        np.testing.assert_allclose([h.score for h in hits], expected_scores, rtol=1e-5)
+        exact = embeddings @ query
+        assert [h.row for h in hits] == sorted(range(len(exact)), key=lambda r: (-exact[r], r))[:k]
+        assert len({h.row for h in hits} ^ set(expected_rows.tolist())) <= 2 * sum(
+            exact[r] == exact[5] for r in expected_rows
+        )  # faiss agrees except on the order it picks among exact ties
+
+
 def _row_ids(version_dir: Path) -> list[str]:
     import sqlite3
 
