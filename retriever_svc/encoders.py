@@ -17,7 +17,6 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder, PreTrainedTokenizerBase
 
 from rag.errors import FailedPrecondition, InvalidArgument
+from retriever_svc.index import EncoderInfo
 
 BATCH_SIZE = 64
 
@@ -42,25 +42,6 @@ def directory_identity(path: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What an index records about the encoder that built it."""
-
-    kind: str
-    spec: str
-    question_identity: str
-    passage_identity: str
-    dim: int
-    score_temperature: float
-
-    def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> EncoderInfo:
-        return cls(**data)  # type: ignore[arg-type]
 
 
 class Encoder(ABC):

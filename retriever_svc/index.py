@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -44,7 +45,9 @@ from rag.files import sha256_file
 from rag.index_refs import VERSION_PATTERN, check_name, check_version
 from rag.types import Passage
 from retriever_svc.corpus import Document, read_documents, split_passages
-from retriever_svc.encoders import Encoder, EncoderInfo
+
+if TYPE_CHECKING:  # encoders load torch and transformers: `rag index list` and manifest checks need neither
+    from retriever_svc.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,25 @@ ANN_CANDIDATES = 8  # approximate indexes propose this many times k candidates; 
 
 def shard_dir(shard: int) -> str:
     return f"shard-{shard}"
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an index records about the encoder that built it."""
+
+    kind: str
+    spec: str
+    question_identity: str
+    passage_identity: str
+    dim: int
+    score_temperature: float
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> EncoderInfo:
+        return cls(**data)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -240,13 +262,8 @@ class _EmbeddingReuse:
 
 def _reusable(root: Path, name: str, encoder: Encoder, reuse_from: str = "") -> _EmbeddingReuse | None:
     """`reuse_from` (NAME[@VERSION]), else the newest version of `name`, if built by this very encoder."""
-    source = reuse_from or name
-    if not reuse_from and not versions(root, name):
-        return None
     candidates = (
-        [resolve(root, source)]
-        if "@" in source or reuse_from
-        else [root / name / v for v in reversed(versions(root, name))]
+        [resolve(root, reuse_from)] if reuse_from else [root / name / v for v in reversed(versions(root, name))]
     )
     for directory in candidates:
         try:
