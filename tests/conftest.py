@@ -20,7 +20,7 @@ from generator_svc.config import GeneratorConfig
 from generator_svc.server import create_server as create_generator
 from rag import random_models
 from rag.serving import Served, ServerThread
-from rag.v1 import gateway_pb2_grpc, generator_pb2_grpc, retriever_pb2_grpc
+from rag.v1 import gateway_pb2_grpc, generator_pb2_grpc
 from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import build_index
@@ -122,13 +122,9 @@ class Services:
     retriever: str
     generator: str
     gateway: str
-    served: list[Served]
 
     def channel(self, address: str) -> grpc.Channel:
         return grpc.insecure_channel(address)
-
-    def retriever_stub(self) -> retriever_pb2_grpc.RetrieverServiceStub:
-        return retriever_pb2_grpc.RetrieverServiceStub(self.channel(self.retriever))
 
     def generator_stub(self) -> generator_pb2_grpc.GeneratorServiceStub:
         return generator_pb2_grpc.GeneratorServiceStub(self.channel(self.generator))
@@ -154,6 +150,6 @@ def services(loop_thread: ServerThread, tiny: TinyModels, index_root: Path) -> I
         create_gateway,
         GatewayConfig(**common, retrievers=local(retriever.port), generator_address=local(generator.port)),
     )
-    yield Services(local(retriever.port), local(generator.port), local(gateway.port), [retriever, generator, gateway])
+    yield Services(local(retriever.port), local(generator.port), local(gateway.port))
     for served in (gateway, retriever, generator):
         loop_thread.run(served.stop(0))

@@ -55,7 +55,6 @@ def versioned_corpus(tmp: Path, version: str) -> Path:
 
 @dataclass
 class Cluster:
-    root: Path
     gateway: str
     retrievers: list[Served]
     served: list[Served]
@@ -100,7 +99,7 @@ def launch(thread: ServerThread, tiny: TinyModels, root: Path, index: str, shard
             admin_token=TOKEN,
         ),
     )
-    return Cluster(root, local(gateway.port), retrievers, [gateway, generator, *retrievers])
+    return Cluster(local(gateway.port), retrievers, [gateway, generator, *retrievers])
 
 
 @pytest.fixture()
