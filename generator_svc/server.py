@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -49,16 +49,26 @@ class Request:
     options: DecodingOptions
     query_embedding: Sequence[float] = ()
 
+    @property
+    def n_docs(self) -> int:
+        """How many of the passages (the first ones) the answer marginalises over."""
+        return self.options.n_docs or len(self.passages)
+
+
+def check_embedding_dims(passages: Sequence[Passage], query_embedding: Sequence[float]) -> None:
+    if query_embedding:
+        for i, p in enumerate(passages):
+            require(
+                len(p.embedding) == len(query_embedding),
+                f"passage {i} has a {len(p.embedding)}-d embedding; query_embedding is {len(query_embedding)}-d",
+            )
+
 
 def doc_scores(passages: Sequence[Passage], query_embedding: Sequence[float]) -> torch.Tensor:
     """Retrieval scores [K]: the passages' own, or q . d recomputed from embeddings when q is given."""
     if not query_embedding:
         return torch.tensor([p.score for p in passages], dtype=torch.float32)
-    for i, p in enumerate(passages):
-        require(
-            len(p.embedding) == len(query_embedding),
-            f"passage {i} has a {len(p.embedding)}-d embedding; query_embedding is {len(query_embedding)}-d",
-        )
+    check_embedding_dims(passages, query_embedding)
     q = torch.tensor(query_embedding, dtype=torch.float32)
     return torch.tensor([p.embedding for p in passages], dtype=torch.float32) @ q
 
@@ -73,7 +83,7 @@ class Generator:
     def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
         """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""
         options = request.options
-        passages = request.passages[: options.n_docs or len(request.passages)]
+        passages = request.passages[: request.n_docs]
         temperature = options.score_temperature or self.default_temperature
         prior = rag_math.log_prior(doc_scores(passages, request.query_embedding), temperature)
         if options.mode.is_rag:
@@ -122,7 +132,7 @@ def batch_key(request: Request) -> tuple[Any, ...]:
         o.num_beams,
         o.num_return_sequences,
         o.max_new_tokens,
-        o.n_docs or len(request.passages),
+        request.n_docs,
     )
 
 
@@ -131,11 +141,13 @@ class Job:
     """Work for the model thread; `request` jobs can be batched together, `call` jobs run alone."""
 
     future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
     deadline: float | None
     request: Request | None = None
     call: Callable[[Generator], Any] | None = None
-    key: tuple[Any, ...] = field(default=())
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return () if self.request is None else batch_key(self.request)
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         def done() -> None:
@@ -146,7 +158,7 @@ class Job:
             else:
                 self.future.set_exception(error)
 
-        self.loop.call_soon_threadsafe(done)
+        self.future.get_loop().call_soon_threadsafe(done)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -188,31 +200,32 @@ class ModelWorker:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            live = []
-            for job in batch:
-                if job.expired():
-                    job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
-                else:
-                    live.append(job)
-            if not live:
-                continue
-            try:
-                if live[0].call is not None:
-                    live[0].settle(live[0].call(self.generator))  # type: ignore[arg-type]
-                    continue
-                assert self.generator is not None
-                metrics.GENERATOR_BATCH_SIZE.observe(len(live))
-                results = self.generator.generate([job.request for job in live])  # type: ignore[misc]
-                for job, result in zip(live, results, strict=True):
-                    job.settle(result)
-            except Exception as err:  # handed to the waiting RPCs, which report it
-                if len(live) == 1:
-                    live[0].settle(error=err)
-                else:  # one failing request must not fail the others: run each alone
-                    for job in live:
-                        job.key = (*job.key, id(job))
-                        self._jobs.put(job)
+            self._execute(self._next_batch())
+
+    def _execute(self, batch: list[Job]) -> None:
+        live = []
+        for job in batch:
+            if job.expired():
+                job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
+            else:
+                live.append(job)
+        if not live:
+            return
+        try:
+            if live[0].call is not None:
+                live[0].settle(live[0].call(self.generator))  # type: ignore[arg-type]
+                return
+            assert self.generator is not None
+            metrics.GENERATOR_BATCH_SIZE.observe(len(live))
+            results = self.generator.generate([job.request for job in live])  # type: ignore[misc]
+            for job, result in zip(live, results, strict=True):
+                job.settle(result)
+        except Exception as err:  # handed to the waiting RPCs, which report it
+            if len(live) == 1:
+                live[0].settle(error=err)
+            else:  # one failing request must not fail the others: run each alone
+                for job in live:
+                    self._execute([job])
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
@@ -237,11 +250,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             )
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
-        job = Job(
-            loop.create_future(), loop, None if remaining is None else time.monotonic() + remaining, request, call
-        )
-        if request is not None:
-            job.key = batch_key(request)
+        job = Job(loop.create_future(), None if remaining is None else time.monotonic() + remaining, request, call)
         self.pending += 1
         metrics.GENERATOR_QUEUE.inc()
         try:
@@ -265,11 +274,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             DecodingOptions.from_pb(options, self.limits, self.config.max_new_tokens),
             list(query_embedding),
         )
-        n_docs = request.options.n_docs or len(request.passages)
         require(
-            n_docs <= len(request.passages), f"n_docs={n_docs} but only {len(request.passages)} passages were given"
+            request.n_docs <= len(request.passages),
+            f"n_docs={request.n_docs} but only {len(request.passages)} passages were given",
         )
-        doc_scores(request.passages, request.query_embedding)  # embedding dimensions
+        check_embedding_dims(request.passages, request.query_embedding)
         return request
 
     async def Generate(
