@@ -82,8 +82,8 @@ class DecodingState:
     fed: int = 0  # tokens fed after the prefix
 
 
-def _select(kv: KV, rows: torch.Tensor) -> DynamicCache:
-    return DynamicCache([(k[rows], v[rows]) for k, v in kv])
+def _select(kv: KV, rows: torch.Tensor, config: Any = None) -> DynamicCache:
+    return DynamicCache([(k[rows], v[rows]) for k, v in kv], config=config)
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -336,7 +336,7 @@ class DecoderOnlyLM(PassageLM):
         return Contexts(len(questions), len(contexts[0]), mask, prefix, _log_softmax(out.logits[:, -1]))
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
-        return DynamicCache([(k[rows], v[rows]) for k, v in ctx.prefix], config=self.model.config)
+        return _select(ctx.prefix, rows, self.model.config)
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         mask = torch.cat(

@@ -6,12 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from rag.auth import bearer, load_admin_token
-from rag.clients import channel
+from rag.clients import unary
 from rag.config import option
-from rag.errors import RagError
 from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
 
 
@@ -30,13 +27,7 @@ class SwapConfig(AdminConfig):
 
 def _call(config: AdminConfig, rpc: str, request: object) -> object:
     token = load_admin_token(config.admin_token, config.admin_token_file)
-    try:
-        with channel(config.gateway) as ch:
-            return getattr(admin_pb2_grpc.AdminServiceStub(ch), rpc)(
-                request, timeout=config.timeout, metadata=bearer(token)
-            )
-    except grpc.RpcError as err:
-        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+    return unary(config.gateway, admin_pb2_grpc.AdminServiceStub, rpc, request, config.timeout, bearer(token))
 
 
 def swap(config: AdminConfig, version: str, name: str = "") -> admin_pb2.SwapIndexResponse:

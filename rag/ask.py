@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from rag.clients import channel
+from rag.clients import unary
 from rag.config import option
-from rag.errors import InvalidArgument, RagError
+from rag.errors import InvalidArgument
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 
 
@@ -53,11 +51,7 @@ def ask(question: str, config: AskConfig, retrieve_only: bool = False) -> dict[s
             n_docs=config.n_docs,
         ),
     )
-    try:
-        with channel(config.gateway) as ch:
-            reply = gateway_pb2_grpc.GatewayServiceStub(ch).Ask(request, timeout=config.timeout)
-    except grpc.RpcError as err:
-        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+    reply = unary(config.gateway, gateway_pb2_grpc.GatewayServiceStub, "Ask", request, config.timeout)
     return {
         "answer": reply.answers[0].text if reply.answers else "",
         "answers": [{"text": a.text, "log_prob": a.log_prob} for a in reply.answers],

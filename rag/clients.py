@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rag.errors import RagError
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
@@ -29,6 +32,15 @@ def aio_channel(address: str) -> grpc.aio.Channel:
 
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=channel_options())
+
+
+def unary(address: str, stub: type, rpc: str, request: object, timeout: float, metadata: tuple = ()) -> Any:
+    """One call from a command-line client; a failure becomes a RagError carrying the server's status."""
+    try:
+        with channel(address) as ch:
+            return getattr(stub(ch), rpc)(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as err:
+        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
 
 
 def is_serving(address: str, timeout: float = 2.0) -> bool:
