@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from rag import assets, paths  # noqa: E402
 from rag.admin_client import AdminConfig, swap  # noqa: E402
+from rag.demo import index_built_from  # noqa: E402
 from rag.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
-from rag.files import sha256_file  # noqa: E402
+from rag.files import write_atomically  # noqa: E402
 from rag.up import Stack, UpConfig  # noqa: E402
 
 GENERATION_MODES = ("closed-book", "concat", "token", "sequence")
@@ -45,24 +46,13 @@ def read_jsonl_gz(path: Path) -> list[dict]:
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(path)
+        write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 
 def build(corpus: Path, name: str, encoder_spec: str) -> str:
-    from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import Manifest, build_index, versions
-
-    root = paths.index_root()
-    digest = sha256_file(corpus)
-    for version in reversed(versions(root, name)):
-        manifest = Manifest.from_file(root / name / version / "manifest.json")
-        if manifest.corpus["sha256"] == digest:
-            return manifest.ref
-    reuse = "wiki" if (root / "wiki").is_dir() else ""  # the demo's index: the Wikipedia leads are already encoded
-    return build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), reuse_from=reuse).ref
+    reuse = "wiki" if (paths.index_root() / "wiki").is_dir() else ""  # the demo's index: the leads are encoded
+    return index_built_from(corpus, encoder_spec, name, reuse_from=reuse)
 
 
 def evaluate(

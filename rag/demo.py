@@ -24,7 +24,7 @@ from rag.admin_client import AdminConfig, swap
 from rag.ask import AskConfig, ask, format_answer
 from rag.config import option
 from rag.errors import FailedPrecondition
-from rag.files import publishing, sha256_file
+from rag.files import sha256_file, write_atomically
 from rag.up import Stack, UpConfig
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def demo_corpus(limit: int) -> Path:
         return corpus
     limited = corpus.with_name(f"{corpus.stem}.first{limit}.jsonl")
     if not limited.exists():
-        with publishing(limited) as tmp, corpus.open(encoding="utf-8") as source:
-            tmp.write_text("".join(line for _, line in zip(range(limit), source, strict=False)), encoding="utf-8")
+        with corpus.open(encoding="utf-8") as source:
+            write_atomically(limited, "".join(line for _, line in zip(range(limit), source, strict=False)))
     return limited
 
 
@@ -98,22 +98,21 @@ def updated_corpus(corpus: Path) -> Path:
     """Version 2 of the demo corpus: version 1 plus the update."""
     updated = corpus.with_name(f"{corpus.stem}.update.jsonl")
     if not updated.exists():
-        with publishing(updated) as tmp:
-            tmp.write_text(corpus.read_text(encoding="utf-8") + json.dumps(UPDATE) + "\n", encoding="utf-8")
+        write_atomically(updated, corpus.read_text(encoding="utf-8") + json.dumps(UPDATE) + "\n")
     return updated
 
 
-def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
-    """The newest version of `name` built from this corpus with this encoder, building one if there is none."""
+def index_built_from(corpus: Path, encoder_spec: str, name: str, reuse_from: str = "") -> str:
+    """The newest version of `name` built from this corpus with this encoder, building one if there is none
+    (with the embeddings of `reuse_from`, or else of the newest version of `name`, where passages match)."""
     from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import Manifest, build_index, versions
+    from retriever_svc.index import MANIFEST, Manifest, build_index, versions
 
     root = paths.index_root()
-    encoder_spec = f"sentence-transformer:{encoder_dir}"
     corpus_sha = sha256_file(corpus)
     for version in reversed(versions(root, name)):
         try:
-            manifest = Manifest.from_file(root / name / version / "manifest.json")
+            manifest = Manifest.from_file(root / name / version / MANIFEST)
         except FailedPrecondition:  # unreadable (an older format): build anew
             continue
         if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec:
@@ -121,7 +120,7 @@ def demo_index(corpus: Path, encoder_dir: Path, name: str) -> str:
             return manifest.ref
     encoder = load_encoder(encoder_spec)
     started = time.perf_counter()
-    manifest = build_index(corpus, "jsonl", root, name, encoder)
+    manifest = build_index(corpus, "jsonl", root, name, encoder, reuse_from=reuse_from)
     log.info("built %s (%d passages) in %.0f s", manifest.ref, manifest.count, time.perf_counter() - started)
     return manifest.ref
 
@@ -147,8 +146,11 @@ def run_demo(config: DemoConfig) -> int:
     generator_dir = demo_generator(config.model)
     corpus = demo_corpus(config.corpus_limit)
     name = paths.DEMO_INDEX if not config.corpus_limit else f"{paths.DEMO_INDEX}-first{config.corpus_limit}"
-    index_ref = demo_index(corpus, encoder_dir, name)
-    updated_ref = demo_index(updated_corpus(corpus), encoder_dir, name)  # unchanged passages keep their embeddings
+    encoder_spec = f"sentence-transformer:{encoder_dir}"
+    index_ref = index_built_from(corpus, encoder_spec, name)
+    updated_ref = index_built_from(
+        updated_corpus(corpus), encoder_spec, name
+    )  # unchanged passages keep their embeddings
     print(f"assets and indexes ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
 
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))  # the stack's admin token, for the swap
