@@ -11,11 +11,14 @@ import grpc
 
 class RagError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "other"  # a short fixed label for metrics, where the raiser knows one (never user text)
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, reason: str = "") -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        if reason:
+            self.reason = reason
 
 
 class InvalidArgument(RagError):

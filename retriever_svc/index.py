@@ -112,9 +112,11 @@ class Manifest:
             data["encoder"] = EncoderInfo.from_json(data["encoder"])
             return cls(**data)
         except FileNotFoundError as err:
-            raise FailedPrecondition(f"{path.parent} has no {MANIFEST}: not a published index version") from err
+            raise FailedPrecondition(
+                f"{path.parent} has no {MANIFEST}: not a published index version", reason="no_manifest"
+            ) from err
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise FailedPrecondition(f"{path} is not a valid index manifest: {err}") from err
+            raise FailedPrecondition(f"{path} is not a valid index manifest: {err}", reason="bad_manifest") from err
 
     @property
     def ref(self) -> str:
@@ -150,10 +152,12 @@ def resolve(root: Path, ref: str) -> Path:
     check_name(name)
     available = versions(root, name)
     if not available:
-        raise NotFound(f"no index named {name!r} under {root}; build one with `rag index build --name {name}`")
+        raise NotFound(
+            f"no index named {name!r} under {root}; build one with `rag index build --name {name}`", reason="not_found"
+        )
     version = check_version(version) if version else available[-1]
     if version not in available:
-        raise NotFound(f"index {name!r} has no version {version!r}; it has {', '.join(available)}")
+        raise NotFound(f"index {name!r} has no version {version!r}; it has {', '.join(available)}", reason="not_found")
     directory = (root / name / version).resolve()
     if not directory.is_relative_to(root.resolve()):  # a symlinked version must not lead outside the root
         raise InvalidArgument(f"{name}@{version} resolves outside the index root {root}")
@@ -441,12 +445,14 @@ class IndexShard:
         required = {f"{shard_dir(shard)}/{f}" for f in (PASSAGES, EMBEDDINGS) + ((ANN,) if m.faiss_factory else ())}
         missing = sorted(f for f in required if not (version_dir / f).is_file())
         if missing or not required <= set(expected):
-            raise FailedPrecondition(f"{where}: missing {', '.join(missing or sorted(required - set(expected)))}")
+            raise FailedPrecondition(
+                f"{where}: missing {', '.join(missing or sorted(required - set(expected)))}", reason="missing_file"
+            )
         if verify_checksums:
             for file, digest in sorted(expected.items()):
                 if sha256_file(version_dir / file) != digest:
                     raise FailedPrecondition(
-                        f"{where}: checksum mismatch for {file}; the file is corrupt or was changed"
+                        f"{where}: checksum mismatch for {file}; the file is corrupt or was changed", reason="checksum"
                     )
         count = m.shard_counts[shard]
         try:
@@ -455,7 +461,8 @@ class IndexShard:
             raise FailedPrecondition(f"{where}: {EMBEDDINGS} is unreadable ({err})") from err
         if self.embeddings.shape != (count, m.dim) or self.embeddings.dtype != np.float32:
             raise FailedPrecondition(
-                f"{where}: embeddings are {self.embeddings.shape} {self.embeddings.dtype}, the manifest says ({count}, {m.dim}) float32"
+                f"{where}: embeddings are {self.embeddings.shape} {self.embeddings.dtype}, the manifest says ({count}, {m.dim}) float32",
+                reason="shape",
             )
         self.ann = None
         if m.faiss_factory:
@@ -463,7 +470,8 @@ class IndexShard:
             self.ann = faiss.read_index(str(directory / ANN), flags)
             if self.ann.ntotal != count or self.ann.d != m.dim:
                 raise FailedPrecondition(
-                    f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}"
+                    f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}",
+                    reason="shape",
                 )
         self._store = sqlite3.connect(
             f"file:{directory / PASSAGES}?mode=ro&immutable=1", uri=True, check_same_thread=False
@@ -471,7 +479,9 @@ class IndexShard:
         self._store_lock = threading.Lock()
         stored = self._store.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
         if stored != count:
-            raise FailedPrecondition(f"{where}: {PASSAGES} holds {stored} passages, the manifest says {count}")
+            raise FailedPrecondition(
+                f"{where}: {PASSAGES} holds {stored} passages, the manifest says {count}", reason="shape"
+            )
         self.count = count
 
     @property

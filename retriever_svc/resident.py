@@ -43,32 +43,14 @@ def check_compatible(encoder: Encoder, index: IndexShard) -> None:
     if encoder.info.question_identity != built_by.question_identity:
         raise FailedPrecondition(
             f"{index.ref} was built with a different encoder, {built_by.spec!r} ({built_by.question_identity[:12]}); "
-            f"this retriever runs {encoder.info.spec!r} ({encoder.info.question_identity[:12]})"
+            f"this retriever runs {encoder.info.spec!r} ({encoder.info.question_identity[:12]})",
+            reason="encoder",
         )
     if encoder.info.dim != index.manifest.dim:
         raise FailedPrecondition(
-            f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}"
+            f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}",
+            reason="dimension",
         )
-
-
-def load_failure_reason(err: Exception) -> str:
-    """A short, fixed label for the load-failure metric (never user text)."""
-    text = str(err)
-    for reason, marker in (
-        ("checksum", "checksum mismatch"),
-        ("missing_file", "missing"),
-        ("no_manifest", "no manifest"),
-        ("bad_manifest", "not a valid index manifest"),
-        ("encoder", "different encoder"),
-        ("dimension", "dimension"),
-        ("not_found", "has no version"),
-        ("not_found", "no index named"),
-        ("shape", "the manifest says"),
-        ("smoke_search", "smoke search"),
-    ):
-        if marker in text:
-            return reason
-    return "other"
 
 
 class ResidentIndexes:
@@ -129,7 +111,7 @@ class ResidentIndexes:
             try:
                 index = self._open_validated(ref)
             except RagError as err:
-                metrics.INDEX_LOAD_FAILURES.labels(load_failure_reason(err)).inc()
+                metrics.INDEX_LOAD_FAILURES.labels(err.reason).inc()
                 log.warning("loading %s failed: %s", ref, err)
                 raise
             with self._lock:
@@ -145,7 +127,7 @@ class ResidentIndexes:
             check_compatible(self.encoder, index)
             hits = index.search(self.encoder.encode_questions(["smoke test"]), 1)
             if not hits or not hits[0] or not index.passages(hits[0], with_embeddings=False):
-                raise FailedPrecondition(f"{index.ref}: the smoke search found nothing")
+                raise FailedPrecondition(f"{index.ref}: the smoke search found nothing", reason="smoke_search")
         except BaseException:
             index.close()
             raise
