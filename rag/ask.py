@@ -25,26 +25,28 @@ class AskConfig:
     json: bool = option(False, "print one JSON object instead of text")
 
 
+MODES = {
+    "token": generator_pb2.RAG_MODE_TOKEN,
+    "sequence": generator_pb2.RAG_MODE_SEQUENCE,
+    "closed-book": generator_pb2.RAG_MODE_CLOSED_BOOK,
+    "concat": generator_pb2.RAG_MODE_CONCAT,
+}
+DECODINGS = {"thorough": generator_pb2.SEQUENCE_DECODING_THOROUGH, "fast": generator_pb2.SEQUENCE_DECODING_FAST}
+
+
 def ask(question: str, config: AskConfig, retrieve_only: bool = False) -> dict[str, Any]:
     """Ask the gateway; the answer as the JSON object `rag ask --json` prints."""
-    modes = {
-        "token": generator_pb2.RAG_MODE_TOKEN,
-        "sequence": generator_pb2.RAG_MODE_SEQUENCE,
-        "closed-book": generator_pb2.RAG_MODE_CLOSED_BOOK,
-        "concat": generator_pb2.RAG_MODE_CONCAT,
-    }
-    decodings = {"thorough": generator_pb2.SEQUENCE_DECODING_THOROUGH, "fast": generator_pb2.SEQUENCE_DECODING_FAST}
-    if config.mode not in modes:
-        raise InvalidArgument(f"--mode must be one of {', '.join(modes)}, got {config.mode!r}")
-    if config.sequence_decoding not in decodings:
+    if config.mode not in MODES:
+        raise InvalidArgument(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    if config.sequence_decoding not in DECODINGS:
         raise InvalidArgument(f"--sequence-decoding must be thorough or fast, got {config.sequence_decoding!r}")
     request = gateway_pb2.AskRequest(
         question=question,
         k=config.k,
         retrieve_only=retrieve_only,
         options=generator_pb2.DecodingOptions(
-            mode=modes[config.mode],
-            sequence_decoding=decodings[config.sequence_decoding],
+            mode=MODES[config.mode],
+            sequence_decoding=DECODINGS[config.sequence_decoding],
             num_beams=config.num_beams,
             num_return_sequences=config.num_return_sequences,
             max_new_tokens=config.max_new_tokens,

@@ -29,12 +29,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rag.ask import MODES as ASK_MODES
 from rag.ask import AskConfig, ask
 from rag.config import option
 from rag.errors import InvalidArgument
 from rag.files import write_atomically
 
-MODES = ("token", "sequence", "closed-book", "concat", "retrieve")
+MODES = (*ASK_MODES, "retrieve")
 FORMATS = ("jsonl", "squad", "dpr-qa")
 
 
