@@ -17,7 +17,6 @@ Results: <out>/<run>/{results.jsonl,summary.json,table.md}, and the tables in <o
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -33,7 +32,7 @@ from rag import assets, paths  # noqa: E402
 from rag.admin_client import AdminConfig, swap  # noqa: E402
 from rag.demo import index_built_from  # noqa: E402
 from rag.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
-from rag.files import write_atomically  # noqa: E402
+from rag.files import open_text, write_atomically  # noqa: E402
 from rag.up import Stack, UpConfig  # noqa: E402
 
 GENERATION_MODES = ("closed-book", "concat", "token", "sequence")
@@ -41,7 +40,8 @@ KS = (1, 5, 10)
 
 
 def read_jsonl_gz(path: Path) -> list[dict]:
-    return [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    with open_text(path) as handle:
+        return [json.loads(line) for line in handle]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

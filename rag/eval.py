@@ -33,7 +33,7 @@ from rag.ask import MODES as ASK_MODES
 from rag.ask import AskConfig, ask
 from rag.config import option
 from rag.errors import InvalidArgument
-from rag.files import write_atomically
+from rag.files import open_text, write_atomically
 
 MODES = (*ASK_MODES, "retrieve")
 FORMATS = ("jsonl", "squad", "dpr-qa")
@@ -88,11 +88,8 @@ def read_examples(path: Path, fmt: str = "") -> list[Example]:
 
 
 def _read_text(path: Path) -> str:
-    if path.suffix == ".gz" or path.name.endswith(".gz"):
-        import gzip
-
-        return gzip.decompress(path.read_bytes()).decode("utf-8")
-    return path.read_text(encoding="utf-8")
+    with open_text(path) as handle:
+        return handle.read()
 
 
 def _jsonl(text: str, path: Path) -> list[Example]:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
+
+
+def open_text(path: Path, newline: str | None = None) -> IO[str]:
+    """A UTF-8 text file, decompressed on the fly when its name ends in .gz."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    return path.open("r", encoding="utf-8", newline=newline)
 
 
 def sha256_file(path: Path) -> str:

@@ -10,16 +10,15 @@ unit is 100 words); the title stays with every passage, ids become `<doc id>-<n>
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from rag.errors import InvalidArgument
+from rag.files import open_text
 
 FORMATS = ("jsonl", "dpr-tsv")
 
@@ -36,12 +35,6 @@ def guess_format(path: Path) -> str:
     return "dpr-tsv" if name.endswith(".tsv") else "jsonl"
 
 
-def _open(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return path.open("r", encoding="utf-8", newline="")
-
-
 def read_documents(path: Path, fmt: str) -> Iterator[Document]:
     if fmt not in FORMATS:
         raise InvalidArgument(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -52,7 +45,7 @@ def read_documents(path: Path, fmt: str) -> Iterator[Document]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    with _open(path) as handle:
+    with open_text(path, newline="") as handle:
         for line_number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -67,7 +60,7 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
 
 def _read_dpr_tsv(path: Path) -> Iterator[Document]:
     csv.field_size_limit(sys.maxsize)
-    with _open(path) as handle:
+    with open_text(path, newline="") as handle:
         rows = csv.reader(handle, delimiter="\t")
         header = next(rows, None)
         if header is None:
