@@ -67,9 +67,10 @@ class Example:
 
 
 def guess_format(path: Path) -> str:
-    if path.suffix == ".json":
+    suffix = Path(path.name.removesuffix(".gz")).suffix  # dev.json.gz is SQuAD too
+    if suffix == ".json":
         return "squad"
-    if path.suffix in (".tsv", ".csv"):
+    if suffix in (".tsv", ".csv"):
         return "dpr-qa"
     return "jsonl"
 

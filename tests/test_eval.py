@@ -3,6 +3,7 @@ command end to end against the running services, resumable."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -62,13 +63,14 @@ def test_jsonl_questions(tmp_path: Path) -> None:
         read_examples(path)
 
 
-def test_squad_json_questions_get_their_paragraph_as_gold(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["dev-v1.1.json", "dev-v1.1.json.gz"])
+def test_squad_json_questions_get_their_paragraph_as_gold(tmp_path: Path, name: str) -> None:
     squad = {"version": "1.1", "data": [{"title": "Super_Bowl_50", "paragraphs": [
         {"context": "...", "qas": [{"id": "q0", "question": "Who won?", "answers": [{"text": "Denver Broncos", "answer_start": 0}, {"text": "Denver Broncos", "answer_start": 9}, {"text": "Broncos", "answer_start": 7}]}]},
         {"context": "...", "qas": [{"id": "q1", "question": "Where?", "answers": [{"text": "Levi's Stadium", "answer_start": 3}]}]},
     ]}]}  # fmt: skip
-    path = tmp_path / "dev-v1.1.json"
-    path.write_text(json.dumps(squad))
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(json.dumps(squad).encode()) if name.endswith(".gz") else json.dumps(squad).encode())
     assert read_examples(path) == [
         Example("q0", "Who won?", ("Denver Broncos", "Broncos"), "sq-Super_Bowl_50-0"),
         Example("q1", "Where?", ("Levi's Stadium",), "sq-Super_Bowl_50-1"),
