@@ -67,7 +67,7 @@ class Contexts:
     attention_mask: torch.Tensor  # [B*K, L]: the prompt (decoder-only) or the encoder input (BART/T5)
     prefix: KV
     first_logprobs: torch.Tensor  # [B*K, V]
-    encoder_states: torch.Tensor | None = None  # BART/T5 [B*K, L, H]
+    encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
     cross: KV | None = None  # BART/T5: cross-attention keys and values, computed once per row
 
 
@@ -231,7 +231,7 @@ class EncoderDecoderLM(PassageLM):
             mask,
             prefix=[(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
             first_logprobs=_log_softmax(out.logits[:, -1]),
-            encoder_states=states,
+            encoder_states=states[:1].clone(),  # a view would keep all B*K rows alive while decoding
             cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
         )
 
@@ -241,9 +241,8 @@ class EncoderDecoderLM(PassageLM):
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         assert state.ctx.encoder_states is not None
-        states = state.ctx.encoder_states
         out = self.model(  # cross-attention reads its cached keys and values: the states only give the shape
-            encoder_outputs=(states[:1].expand(len(state.rows), -1, -1),),
+            encoder_outputs=(state.ctx.encoder_states.expand(len(state.rows), -1, -1),),
             attention_mask=state.attention_mask,
             decoder_input_ids=tokens,
             past_key_values=state.cache,
