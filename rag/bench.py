@@ -231,16 +231,17 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
 
 
 @dataclass
-class Stack:
+class BenchServices:
     retriever: Any
     generator: Any
     gateway: Any
-    retriever_address: str
-    generator_address: str
-    gateway_address: str
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.gateway.port}"
 
 
-def _services(work: Path, quick: bool) -> tuple[Any, Stack, Any, Any]:
+def _services(work: Path, quick: bool) -> tuple[Any, BenchServices]:
     """Tiny encoder + a small index, the bart-base-shaped generator, and the gateway, in-process."""
     from gateway.config import GatewayConfig
     from gateway.server import create_server as create_gateway
@@ -272,36 +273,19 @@ def _services(work: Path, quick: bool) -> tuple[Any, Stack, Any, Any]:
         random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **shape)  # type: ignore[arg-type]
     thread = ServerThread()
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-
-    def start(create: Any, cfg: Any) -> Any:
-        served = thread.run(create(cfg))
-        if served.loading is not None:
-            thread.run(asyncio_wait(served.loading))
-        return served
-
-    retriever = start(create_retriever, RetrieverConfig(**common, index_root=str(work / "indexes"), index="bench"))
-    generator = start(create_generator, GeneratorConfig(**common, generator=str(checkpoint), max_batch=8, max_queue=64))
-    gateway = start(
+    retriever = thread.start(
+        create_retriever, RetrieverConfig(**common, index_root=str(work / "indexes"), index="bench")
+    )
+    generator = thread.start(
+        create_generator, GeneratorConfig(**common, generator=str(checkpoint), max_batch=8, max_queue=64)
+    )
+    gateway = thread.start(
         create_gateway,
         GatewayConfig(
             **common, retrievers=f"127.0.0.1:{retriever.port}", generator_address=f"127.0.0.1:{generator.port}"
         ),
     )
-    stack = Stack(
-        retriever,
-        generator,
-        gateway,
-        f"127.0.0.1:{retriever.port}",
-        f"127.0.0.1:{generator.port}",
-        f"127.0.0.1:{gateway.port}",
-    )
-    return thread, stack, retriever, generator
-
-
-async def asyncio_wait(task: Any) -> None:
-    import asyncio
-
-    await asyncio.wait([task])
+    return thread, BenchServices(retriever, generator, gateway)
 
 
 def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
@@ -309,15 +293,15 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
 
     from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 
-    thread, stack, _, _ = _services(work, config.quick)
+    thread, services = _services(work, config.quick)
     try:
         question = "what is document 42 about?"
         options = generator_pb2.DecodingOptions(max_new_tokens=12)
-        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(services.gateway_address))
         ask = lambda: stub.Ask(gateway_pb2.AskRequest(question=question, k=5, options=options), timeout=120)  # noqa: E731
         # The same work in-process: the retriever's and the generator's own code, no gRPC in between.
-        retriever = stack.retriever.servicers[0].retriever
-        worker = stack.generator.servicers[0].worker
+        retriever = services.retriever.servicers[0].retriever
+        worker = services.generator.servicers[0].worker
         from generator_svc.server import Request
         from rag.types import DecodingOptions
 
@@ -333,11 +317,11 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
         return [Figure("gateway", "Ask end to end, p50", ask_s, direct_s, "retriever + generator code in-process",
                        "overhead <= 5%", overhead <= 0.05, note=f"overhead {overhead:+.1%}")]  # fmt: skip
     finally:
-        _stop(thread, stack)
+        _stop(thread, services)
 
 
-def _stop(thread: Any, stack: Stack) -> None:
-    for served in (stack.gateway, stack.retriever, stack.generator):
+def _stop(thread: Any, services: BenchServices) -> None:
+    for served in (services.gateway, services.retriever, services.generator):
         thread.run(served.stop(0))
     thread.close()
 
@@ -347,9 +331,9 @@ def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
 
     from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 
-    thread, stack, _, _ = _services(work, config.quick)
+    thread, services = _services(work, config.quick)
     try:
-        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(services.gateway_address))
         options = generator_pb2.DecodingOptions(max_new_tokens=12)
         total = 16 if config.quick else 32
 
@@ -369,7 +353,7 @@ def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
         return [Figure("concurrency", "queries/s, 8 concurrent clients vs 1", eight, single, "1 client",
                        ">= 2x", single / eight >= 2, note=f"1 client {1 / single:.2f}, 8 clients {1 / eight:.2f} queries/s")]  # fmt: skip
     finally:
-        _stop(thread, stack)
+        _stop(thread, services)
 
 
 def bench_build(config: BenchConfig, work: Path) -> list[Figure]:

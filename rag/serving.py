@@ -194,6 +194,13 @@ class ServerThread:
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
+    def start(self, create: Callable[[Any], Coroutine[Any, Any, Served]], config: Any) -> Served:
+        """Start a server on this loop and wait until it has loaded its model or index (or failed to)."""
+        served = self.run(create(config))
+        if served.loading is not None:
+            self.run(asyncio.wait([served.loading]))
+        return served
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)

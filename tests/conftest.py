@@ -3,7 +3,6 @@ services running in-process on ephemeral loopback ports."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from gateway.server import create_server as create_gateway
 from generator_svc.config import GeneratorConfig
 from generator_svc.server import create_server as create_generator
 from rag import random_models
-from rag.serving import Served, ServerThread
+from rag.serving import ServerThread
 from rag.v1 import gateway_pb2_grpc, generator_pb2_grpc
 from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
@@ -104,19 +103,6 @@ def loop_thread() -> Iterator[ServerThread]:
     thread.close()
 
 
-def start(thread: ServerThread, create, config) -> Served:  # type: ignore[no-untyped-def]
-    """Start a server on the background loop and wait until it has loaded (or failed to)."""
-    served: Served = thread.run(create(config))
-    if served.loading is not None:
-
-        async def loaded() -> None:
-            assert served.loading is not None
-            await asyncio.wait([served.loading])
-
-        thread.run(loaded())
-    return served
-
-
 @dataclass
 class Services:
     retriever: str
@@ -141,12 +127,9 @@ def local(port: int) -> str:
 def services(loop_thread: ServerThread, tiny: TinyModels, index_root: Path) -> Iterator[Services]:
     """Retriever (tiny sentence encoder), generator (tiny RAG/BART checkpoint) and gateway, in-process."""
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-    retriever = start(
-        loop_thread, create_retriever, RetrieverConfig(**common, index_root=str(index_root), index="tiny")
-    )
-    generator = start(loop_thread, create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
-    gateway = start(
-        loop_thread,
+    retriever = loop_thread.start(create_retriever, RetrieverConfig(**common, index_root=str(index_root), index="tiny"))
+    generator = loop_thread.start(create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
+    gateway = loop_thread.start(
         create_gateway,
         GatewayConfig(**common, retrievers=local(retriever.port), generator_address=local(generator.port)),
     )

@@ -21,7 +21,7 @@ from generator_svc.server import create_server as create_generator
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
-from tests.conftest import TinyModels, local, start
+from tests.conftest import TinyModels, local
 
 QUESTION = "Who discovered penicillin?"
 PASSAGES = [
@@ -40,8 +40,7 @@ def lm(tiny: TinyModels) -> DecoderOnlyLM:
 
 @pytest.fixture(scope="module")
 def stub(loop_thread: ServerThread, tiny: TinyModels) -> Iterator[generator_pb2_grpc.GeneratorServiceStub]:
-    served = start(
-        loop_thread,
+    served = loop_thread.start(
         create_generator,
         GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.causal_lm)),
     )

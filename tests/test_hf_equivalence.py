@@ -25,7 +25,7 @@ from rag.hf_reference import generated_tokens, mask_rag_sequence_padding
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc, passage_pb2
-from tests.conftest import local, start
+from tests.conftest import local
 
 K = 4
 MAX_NEW_TOKENS = 12
@@ -110,8 +110,7 @@ def reference(
 ) -> Iterator[Reference]:
     checkpoint = tmp_path_factory.mktemp("rag") / "checkpoint"
     random_models.save_rag_checkpoint(checkpoint, n_docs=K, generation=RULES[request.param])
-    served = start(
-        loop_thread,
+    served = loop_thread.start(
         create_generator,
         GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(checkpoint)),
     )

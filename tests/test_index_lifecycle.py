@@ -35,7 +35,7 @@ from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import build_index
 from retriever_svc.server import create_server as create_retriever
-from tests.conftest import TinyModels, corpus_records, local, start, write_jsonl
+from tests.conftest import TinyModels, corpus_records, local, write_jsonl
 
 TOKEN = "test-admin-token"
 QUESTION = "Who is the president of Examplia?"
@@ -81,16 +81,14 @@ class Cluster:
 def launch(thread: ServerThread, tiny: TinyModels, root: Path, index: str, shards: int) -> Cluster:
     common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
     retrievers = [
-        start(
-            thread,
+        thread.start(
             create_retriever,
             RetrieverConfig(**common, index_root=str(root), index=index, shard=s, admin_token=TOKEN),
         )
         for s in range(shards)
     ]
-    generator = start(thread, create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
-    gateway = start(
-        thread,
+    generator = thread.start(create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
+    gateway = thread.start(
         create_gateway,
         GatewayConfig(
             **common,

@@ -20,7 +20,7 @@ from retriever_svc.corpus import Document, read_documents, split_passages
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import Manifest, build_index, versions
 from retriever_svc.server import create_server as create_retriever
-from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, start, write_jsonl
+from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, write_jsonl
 
 QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "How high is Mount Everest?"]
 
@@ -38,8 +38,8 @@ def serve(loop_thread: ServerThread) -> Iterator:  # type: ignore[type-arg]
     started: list[Served] = []
 
     def run(**config: object) -> Served:
-        served = start(
-            loop_thread, create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config)
+        served = loop_thread.start(
+            create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config)
         )  # type: ignore[arg-type]
         started.append(served)
         return served

@@ -21,7 +21,7 @@ from rag import metrics
 from rag.serving import ServerThread, new_server
 from rag.types import DecodingOptions, Mode
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
-from tests.conftest import Services, TinyModels, local, start
+from tests.conftest import Services, TinyModels, local
 
 PASSAGES = [
     passage_pb2.Passage(
@@ -119,8 +119,7 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
             lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s),
         )
     )
-    gateway = start(
-        loop_thread,
+    gateway = loop_thread.start(
         create_gateway,
         GatewayConfig(
             host="127.0.0.1", port=0, metrics_port=0, retrievers=services.retriever, generator_address=local(fake.port)
@@ -144,8 +143,7 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
 
 
 def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, loop_thread: ServerThread) -> None:
-    gateway = start(
-        loop_thread,
+    gateway = loop_thread.start(
         create_gateway,
         GatewayConfig(
             host="127.0.0.1", port=0, metrics_port=0, retrievers="127.0.0.1:1", generator_address=services.generator
@@ -241,8 +239,7 @@ def test_score_rejects_empty_answers(services: Services) -> None:
 
 
 def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny: TinyModels) -> None:
-    served = start(
-        loop_thread,
+    served = loop_thread.start(
         create_generator,
         GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.rag_checkpoint), max_queue=1),
     )
@@ -264,8 +261,7 @@ def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny
 
 
 def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(loop_thread: ServerThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    served = start(
-        loop_thread,
+    served = loop_thread.start(
         create_generator,
         GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tmp_path / "missing")),
     )
@@ -362,8 +358,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(
     from prometheus_client import REGISTRY
 
     model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
-    served = start(
-        loop_thread,
+    served = loop_thread.start(
         create_generator,
         GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(model), max_batch=8),
     )
