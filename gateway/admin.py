@@ -33,9 +33,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.swap_timeout = swap_timeout
         self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
 
-    async def _on_all(
-        self, call: str, request: object, endpoints: list[tuple[int, str]], timeout: float
-    ) -> list[object]:
+    async def _on_all(self, call: str, request: object, endpoints: list[str], timeout: float) -> list[object]:
         """Call an IndexAdminService RPC on every endpoint at once; exceptions are returned, not raised."""
         metadata = bearer(self.admin_token)
 
@@ -45,13 +43,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             except grpc.aio.AioRpcError as err:
                 return downstream_error(f"retriever {endpoint}", err)
 
-        return list(await asyncio.gather(*(one(e) for _, e in endpoints)))
+        return list(await asyncio.gather(*(one(e) for e in endpoints)))
 
     async def _statuses(self, timeout: float) -> list[index_admin_pb2.IndexStatus]:
         endpoints = await self.tier.endpoints()
         replies = await self._on_all("GetIndexStatus", index_admin_pb2.GetIndexStatusRequest(), endpoints, timeout)
         statuses = []
-        for (_, endpoint), reply in zip(endpoints, replies, strict=True):
+        for endpoint, reply in zip(endpoints, replies, strict=True):
             if isinstance(reply, RagError):
                 raise reply
             reply.status.endpoint = endpoint  # type: ignore[union-attr]
@@ -93,15 +91,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def _swap(
         self, ref: str, previous: str, statuses: list[index_admin_pb2.IndexStatus]
     ) -> admin_pb2.SwapIndexResponse:
-        endpoints = [(s.shard, s.endpoint) for s in statuses]
+        endpoints = [s.endpoint for s in statuses]
         # Phase 1: load and validate everywhere; any failure aborts with nothing activated.
         started = time.perf_counter()
         loads = await self._on_all(
             "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version=ref), endpoints, self.swap_timeout
         )
-        failures = [r for r in loads if isinstance(r, RagError)]
+        loaded, failures = _split(endpoints, loads)
         if failures:
-            loaded = [e for e, r in zip(endpoints, loads, strict=True) if not isinstance(r, RagError)]
             if ref != previous:
                 await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=ref), loaded, 30)
             raise RagError(
@@ -112,9 +109,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         activations = await self._on_all(
             "ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=ref), endpoints, 30
         )
-        failures = [r for r in activations if isinstance(r, RagError)]
+        done, failures = _split(endpoints, activations)
         if failures:  # a replica vanished between the phases: put the others back
-            done = [e for e, r in zip(endpoints, activations, strict=True) if not isinstance(r, RagError)]
             await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=previous), done, 30)
             raise RagError(
                 f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE
@@ -131,3 +127,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             load_seconds=loaded_at - started,
             activate_seconds=activated_at - loaded_at,
         )
+
+
+def _split(endpoints: list[str], replies: list[object]) -> tuple[list[str], list[RagError]]:
+    """The endpoints that succeeded, and the errors of those that did not."""
+    failures = [r for r in replies if isinstance(r, RagError)]
+    return [e for e, r in zip(endpoints, replies, strict=True) if not isinstance(r, RagError)], failures

@@ -96,9 +96,10 @@ class RetrieverTier:
             self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint))
         return self._admin_stubs[endpoint]
 
-    async def endpoints(self) -> list[tuple[int, str]]:
+    async def endpoints(self) -> list[str]:
+        """Every retriever replica of every shard (each reports its own shard in its status)."""
         per_shard = await asyncio.gather(*(s.endpoints() for s in self.shards))
-        return [(shard.index, e) for shard, found in zip(self.shards, per_shard, strict=True) for e in found]
+        return [e for found in per_shard for e in found]
 
     async def _search_shard(
         self, shard: Shard, question: str, k: int, timeout: float, pin: str = ""
