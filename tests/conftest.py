@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,12 @@ class Services:
 
     def gateway_stub(self) -> gateway_pb2_grpc.GatewayServiceStub:
         return gateway_pb2_grpc.GatewayServiceStub(self.channel(self.gateway))
+
+
+def passage_ids(shard_dir: Path) -> list[str]:
+    """The passage ids a built index shard stores, in row order."""
+    with sqlite3.connect(shard_dir / "passages.sqlite") as db:
+        return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
 
 
 def local(port: int) -> str:

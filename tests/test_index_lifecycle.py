@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import build_index
 from retriever_svc.server import create_server as create_retriever
-from tests.conftest import TinyModels, corpus_records, local, write_jsonl
+from tests.conftest import TinyModels, corpus_records, local, passage_ids, write_jsonl
 
 TOKEN = "test-admin-token"
 QUESTION = "Who is the president of Examplia?"
@@ -133,11 +132,6 @@ def retriever_admin(served: Served, rpc: str, request: object) -> object:
         )
 
 
-def shard_ids(version_dir: Path, shard: int) -> set[str]:
-    with sqlite3.connect(version_dir / f"shard-{shard}" / "passages.sqlite") as db:
-        return {row[0] for row in db.execute("SELECT id FROM passages")}
-
-
 def version_of(passage_id: str) -> str:
     return passage_id.split("-", 1)[0]
 
@@ -227,7 +221,9 @@ def test_answers_stay_on_one_version_while_shards_disagree(tmp_path: Path, tiny:
         version = reply.index_version.partition("@")[2]
         ids = {s.passage.id for s in reply.sources}
         assert {version_of(i) for i in ids} == {version}
-        assert all(ids & shard_ids(root / "kb" / version, shard) for shard in (0, 1))  # both shards answered
+        assert all(
+            ids & set(passage_ids(root / "kb" / version / f"shard-{shard}")) for shard in (0, 1)
+        )  # both shards answered
 
 
 def test_sharded_exact_search_returns_the_unsharded_top_k(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from retriever_svc.corpus import Document, read_documents, split_passages
 from retriever_svc.encoders import load_encoder
 from retriever_svc.index import Manifest, build_index, versions
 from retriever_svc.server import create_server as create_retriever
-from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, write_jsonl
+from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, passage_ids, write_jsonl
 
 QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "How high is Mount Everest?"]
 
@@ -142,7 +142,7 @@ def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Pa
     brute.add(embeddings)
     queries = np.array([list(r.query_embedding) for r in reply.results], dtype=np.float32)
     scores, rows = brute.search(queries, 10)
-    ids = _row_ids(index_root / "tiny" / "v1" / "shard-0")
+    ids = passage_ids(index_root / "tiny" / "v1" / "shard-0")
     for result, expected_rows, expected_scores in zip(reply.results, rows, scores, strict=True):
         assert [p.id for p in result.passages] == [ids[r] for r in expected_rows]
         np.testing.assert_allclose([p.score for p in result.passages], expected_scores, rtol=1e-5, atol=1e-6)
@@ -184,13 +184,6 @@ def test_blockwise_exact_search_equals_faiss(block: int, k: int) -> None:
         assert len({h.row for h in hits} ^ set(expected_rows.tolist())) <= 2 * sum(
             exact[r] == exact[5] for r in expected_rows
         )  # faiss agrees except on the order it picks among exact ties
-
-
-def _row_ids(version_dir: Path) -> list[str]:
-    import sqlite3
-
-    with sqlite3.connect(version_dir / "passages.sqlite") as db:
-        return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
 
 
 def _recall(approximate: retriever_pb2.SearchResponse, exact: retriever_pb2.SearchResponse) -> float:
