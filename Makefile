@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-CODE := rag retriever_svc generator_svc gateway tests bench scripts
+CODE := rag rag_cli retriever_svc generator_svc gateway tests bench scripts
 
 .PHONY: demo test lint install protos clean
 

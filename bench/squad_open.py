@@ -28,14 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rag import assets, paths  # noqa: E402
-from rag.admin_client import AdminConfig, swap  # noqa: E402
-from rag.demo import index_built_from  # noqa: E402
-from rag.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
+from rag import paths  # noqa: E402
 from rag.files import open_text, write_atomically  # noqa: E402
-from rag.up import Stack, UpConfig  # noqa: E402
+from rag.index_ref import IndexRef  # noqa: E402
+from rag.types import Mode  # noqa: E402
+from rag_cli import assets  # noqa: E402
+from rag_cli.admin import AdminConfig, swap  # noqa: E402
+from rag_cli.demo import index_built_from  # noqa: E402
+from rag_cli.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
+from rag_cli.up import Stack, UpConfig  # noqa: E402
 
-GENERATION_MODES = ("closed-book", "concat", "token", "sequence")
+GENERATION_MODES = tuple(m.value for m in (Mode.CLOSED_BOOK, Mode.CONCAT, Mode.TOKEN, Mode.SEQUENCE))
 KS = (1, 5, 10)
 
 
@@ -50,8 +53,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build(corpus: Path, name: str, encoder_spec: str) -> str:
-    reuse = "wiki" if (paths.index_root() / "wiki").is_dir() else ""  # the demo's index: the leads are encoded
+def build(corpus: Path, name: str, encoder_spec: str) -> IndexRef:
+    # The demo's index, when there is one: the leads are encoded already.
+    reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
     return index_built_from(corpus, encoder_spec, name, reuse_from=reuse)
 
 
@@ -108,20 +112,21 @@ def main() -> None:
     admin_token = os.environ["RAG_ADMIN_TOKEN"]
     results: dict[str, list[dict]] = {}
     stack = Stack(
-        UpConfig(index=index_all, generator=str(generator), port=0, retriever_port=0, generator_port=0, metrics_port=0)
+        UpConfig(
+            index=str(index_all), generator=str(generator), port=0, retriever_port=0, generator_port=0, metrics_port=0
+        )
     )
     try:
         gateway = stack.start()
         admin = AdminConfig(gateway=gateway, admin_token=admin_token)
         results["retrieve"] = evaluate(questions_all, out / "retrieve", gateway, "retrieve", (20,), 0, options.seed)
         for mode in GENERATION_MODES:
-            ks = (1,) if mode == "closed-book" else KS
+            ks = (1,) if mode == Mode.CLOSED_BOOK.value else KS
             results[mode] = evaluate(questions_all, out / mode, gateway, mode, ks, options.sample, options.seed)
         # Knowledge update: questions of each half against each half's index, swapping while serving.
         update: dict[tuple[int, int], dict] = {}
         for index in (0, 1):
-            name, version = index_half[index].split("@")
-            swap(admin, version, name)
+            swap(admin, index_half[index].version, index_half[index].name)
             for asked in (0, 1):
                 run = out / f"update-q{asked}-index{index}"
                 update[(asked, index)] = evaluate(
@@ -133,7 +138,7 @@ def main() -> None:
 
 
 def write_report(
-    out: Path, options: argparse.Namespace, results: dict, update: dict, index_all: str, index_half: list[str]
+    out: Path, options: argparse.Namespace, results: dict, update: dict, index_all: IndexRef, index_half: list[IndexRef]
 ) -> None:
     retrieval = results["retrieve"][0]
     lines = [

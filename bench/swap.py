@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,12 +26,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rag.admin_client import AdminConfig, swap  # noqa: E402
 from rag.clients import channel, wait_until_serving  # noqa: E402
-from rag.random_models import save_sentence_encoder  # noqa: E402
 from rag.v1 import retriever_pb2, retriever_pb2_grpc  # noqa: E402
+from rag_cli.admin import AdminConfig, swap  # noqa: E402
+from rag_cli.testing.random_models import save_sentence_encoder  # noqa: E402
+from rag_cli.up import Child, spawn  # noqa: E402
+from retriever_svc.build import build_index  # noqa: E402
 from retriever_svc.encoders import Encoder, load_encoder  # noqa: E402
-from retriever_svc.index import build_index  # noqa: E402
 
 
 class RandomPassages(Encoder):
@@ -59,16 +59,12 @@ def memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
-def serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rag.cli", "serve", *args], stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    address = line.split("listening on ")[1].strip()
-    if not wait_until_serving(address, 600):
-        raise SystemExit(f"{args[0]} did not become ready")
-    return process, address
+def serve(service: str, env: dict[str, str], **flags: object) -> Child:
+    """`rag serve SERVICE` as a child process, as `rag up` starts it, once it is SERVING."""
+    child = spawn(service, {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **flags}, env)
+    if not wait_until_serving(child.learn_address(120), 600):
+        raise SystemExit(f"{service} did not become ready")
+    return child
 
 
 def main() -> None:
@@ -97,18 +93,17 @@ def main() -> None:
 
     token = secrets.token_urlsafe(16)
     env = dict(os.environ, RAG_ADMIN_TOKEN=token)
-    common = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-    base_process, _ = serve(["retriever", *common, "--index-root", str(root), "--index", "tiny"], env)
+    base_process = serve("retriever", env, index_root=root, index="tiny").process
     base = memory_kib(base_process.pid)["VmRSS"]
     base_process.terminate()
 
-    retriever, retriever_address = serve(["retriever", *common, "--index-root", str(root), "--index", "bench@v1"], env)
-    gateway, gateway_address = serve(["gateway", *common, "--retrievers", retriever_address], env)
-    stub = retriever_pb2_grpc.RetrieverServiceStub(channel(retriever_address))
+    retriever = serve("retriever", env, index_root=root, index="bench@v1")
+    gateway = serve("gateway", env, retrievers=retriever.address)
+    stub = retriever_pb2_grpc.RetrieverServiceStub(channel(retriever.address))
     search = retriever_pb2.SearchRequest(questions=["what is passage 42?"] * 8, k=10)
     for _ in range(3):  # touch every page of v1
         stub.Search(search, timeout=120)
-    steady = memory_kib(retriever.pid)["VmRSS"]
+    steady = memory_kib(retriever.process.pid)["VmRSS"]
 
     stop = threading.Event()
     searches = [0]
@@ -120,14 +115,14 @@ def main() -> None:
 
     client = threading.Thread(target=keep_searching)
     client.start()
-    reply = swap(AdminConfig(gateway=gateway_address, admin_token=token), "v2", "bench")
+    reply = swap(AdminConfig(gateway=gateway.address, admin_token=token), "v2", "bench")
     time.sleep(2)  # searches on v2 now touch its pages too
     stop.set()
     client.join()
-    after = memory_kib(retriever.pid)
-    for process in (gateway, retriever):
-        process.terminate()
-        process.wait()
+    after = memory_kib(retriever.process.pid)
+    for child in (gateway, retriever):
+        child.process.terminate()
+        child.process.wait()
 
     one = steady - base
     index_mib = options.passages * options.dim * 4 / 2**20

@@ -13,17 +13,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
-from gateway.retrievers import RetrieverTier, downstream_error
+from gateway.retrievers import RetrieverTier
 from rag import metrics
 from rag.auth import bearer, require_admin
-from rag.errors import RagError
-from rag.index_refs import check_name, check_version
-from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
+from rag.clients import downstream_error
+from rag.errors import RagError, require
+from rag.index_ref import IndexRef
+from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2, index_admin_pb2_grpc
 
 log = logging.getLogger("rag.audit")
+Reply = TypeVar("Reply")
+# One IndexAdminService call on one retriever: (stub, timeout, metadata) -> its reply.
+AdminCall = Callable[[index_admin_pb2_grpc.IndexAdminServiceStub, float, tuple[tuple[str, str], ...]], Awaitable[Reply]]
+
+
+def load(ref: IndexRef) -> AdminCall[index_admin_pb2.LoadIndexResponse]:
+    request = index_admin_pb2.LoadIndexRequest(index_version=str(ref))
+    return lambda stub, timeout, metadata: stub.LoadIndex(request, timeout=timeout, metadata=metadata)
+
+
+def activate(ref: IndexRef) -> AdminCall[index_admin_pb2.ActivateIndexResponse]:
+    request = index_admin_pb2.ActivateIndexRequest(index_version=str(ref))
+    return lambda stub, timeout, metadata: stub.ActivateIndex(request, timeout=timeout, metadata=metadata)
+
+
+def unload(ref: IndexRef) -> AdminCall[index_admin_pb2.UnloadIndexResponse]:
+    request = index_admin_pb2.UnloadIndexRequest(index_version=str(ref))
+    return lambda stub, timeout, metadata: stub.UnloadIndex(request, timeout=timeout, metadata=metadata)
+
+
+def get_status() -> AdminCall[index_admin_pb2.GetIndexStatusResponse]:
+    request = index_admin_pb2.GetIndexStatusRequest()
+    return lambda stub, timeout, metadata: stub.GetIndexStatus(request, timeout=timeout, metadata=metadata)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -33,13 +59,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.swap_timeout = swap_timeout
         self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
 
-    async def _on_all(self, call: str, request: object, endpoints: list[str], timeout: float) -> list[object]:
-        """Call an IndexAdminService RPC on every endpoint at once; exceptions are returned, not raised."""
+    async def _on_all(self, call: AdminCall[Reply], endpoints: list[str], timeout: float) -> list[Reply | RagError]:
+        """Make one IndexAdminService call on every endpoint at once; failures are returned, not raised."""
         metadata = bearer(self.admin_token)
 
-        async def one(endpoint: str) -> object:
+        async def one(endpoint: str) -> Reply | RagError:
             try:
-                return await getattr(self.tier.admin(endpoint), call)(request, timeout=timeout, metadata=metadata)
+                return await call(self.tier.admin(endpoint), timeout, metadata)
             except grpc.aio.AioRpcError as err:
                 return downstream_error(f"retriever {endpoint}", err)
 
@@ -47,13 +73,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _statuses(self, timeout: float) -> list[index_admin_pb2.IndexStatus]:
         endpoints = await self.tier.endpoints()
-        replies = await self._on_all("GetIndexStatus", index_admin_pb2.GetIndexStatusRequest(), endpoints, timeout)
         statuses = []
-        for endpoint, reply in zip(endpoints, replies, strict=True):
+        for endpoint, reply in zip(endpoints, await self._on_all(get_status(), endpoints, timeout), strict=True):
             if isinstance(reply, RagError):
                 raise reply
-            reply.status.endpoint = endpoint  # type: ignore[union-attr]
-            statuses.append(reply.status)  # type: ignore[union-attr]
+            reply.status.endpoint = endpoint
+            statuses.append(reply.status)
         return statuses
 
     async def ListIndexStatus(
@@ -66,15 +91,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.SwapIndexRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SwapIndexResponse:
         caller = require_admin(context, self.admin_token)
-        check_version(request.version)
+        require(bool(request.version), "give the version to swap to, e.g. v3")
+        wanted = IndexRef(request.name, request.version) if request.name else None  # checked before anyone is asked
         async with self._swap_lock:
             started = time.perf_counter()
             statuses = await self._statuses(timeout=30)
-            previous = statuses[0].active_version
-            name = check_name(request.name or previous.partition("@")[0])
-            ref = f"{name}@{request.version}"
+            previous = IndexRef.parse(statuses[0].active_version)
+            ref = wanted or previous.at(request.version)
             try:
-                response = await self._swap(ref, previous, statuses)
+                response = await self._swap(ref, previous, [s.endpoint for s in statuses])
             except RagError as err:
                 metrics.INDEX_SWAPS.labels("failed").inc()
                 metrics.INDEX_SWAP_SECONDS.labels("failed").observe(time.perf_counter() - started)
@@ -88,48 +113,39 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )  # fmt: skip
             return response
 
-    async def _swap(
-        self, ref: str, previous: str, statuses: list[index_admin_pb2.IndexStatus]
-    ) -> admin_pb2.SwapIndexResponse:
-        endpoints = [s.endpoint for s in statuses]
+    async def _swap(self, ref: IndexRef, previous: IndexRef, endpoints: list[str]) -> admin_pb2.SwapIndexResponse:
         # Phase 1: load and validate everywhere; any failure aborts with nothing activated.
         started = time.perf_counter()
-        loads = await self._on_all(
-            "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version=ref), endpoints, self.swap_timeout
-        )
-        loaded, failures = _split(endpoints, loads)
+        loaded, failures = _split(endpoints, await self._on_all(load(ref), endpoints, self.swap_timeout))
         if failures:
             if ref != previous:
-                await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=ref), loaded, 30)
+                await self._on_all(unload(ref), loaded, 30)
             raise RagError(
                 f"swap to {ref} aborted, every retriever still serves {previous}: {failures[0]}", code=failures[0].code
             )
         loaded_at = time.perf_counter()
         # Phase 2: activate everywhere (a pointer swap on each replica).
-        activations = await self._on_all(
-            "ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=ref), endpoints, 30
-        )
-        done, failures = _split(endpoints, activations)
+        done, failures = _split(endpoints, await self._on_all(activate(ref), endpoints, 30))
         if failures:  # a replica vanished between the phases: put the others back
-            await self._on_all("ActivateIndex", index_admin_pb2.ActivateIndexRequest(index_version=previous), done, 30)
+            await self._on_all(activate(previous), done, 30)
             raise RagError(
                 f"activating {ref} failed, rolled back to {previous}: {failures[0]}", code=grpc.StatusCode.UNAVAILABLE
             )
         activated_at = time.perf_counter()
         metrics.INDEX_ACTIVATION_SECONDS.observe(activated_at - loaded_at)
         # Phase 3: release the old version everywhere; each replica closes it once its last request ends.
-        if previous and previous != ref:
-            await self._on_all("UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version=previous), endpoints, 30)
+        if previous != ref:
+            await self._on_all(unload(previous), endpoints, 30)
         return admin_pb2.SwapIndexResponse(
-            index_version=ref,
-            previous_version=previous,
+            index_version=str(ref),
+            previous_version=str(previous),
             retrievers=len(endpoints),
             load_seconds=loaded_at - started,
             activate_seconds=activated_at - loaded_at,
         )
 
 
-def _split(endpoints: list[str], replies: list[object]) -> tuple[list[str], list[RagError]]:
+def _split(endpoints: list[str], replies: list[Reply | RagError]) -> tuple[list[str], list[RagError]]:
     """The endpoints that succeeded, and the errors of those that did not."""
     failures = [r for r in replies if isinstance(r, RagError)]
     return [e for e, r in zip(endpoints, replies, strict=True) if not isinstance(r, RagError)], failures

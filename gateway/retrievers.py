@@ -17,16 +17,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from rag.clients import aio_channel
+from rag.clients import aio_channel, downstream_error
 from rag.errors import FailedPrecondition, InvalidArgument, RagError
-from rag.v1 import index_admin_pb2_grpc, passage_pb2, retriever_pb2, retriever_pb2_grpc
+from rag.index_ref import IndexRef
+from rag.types import Passage, Retrieved
+from rag.v1 import index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 DNS_PREFIX = "dns:///"
-
-
-def downstream_error(service: str, err: grpc.aio.AioRpcError) -> RagError:
-    """A failed downstream call, reported with its own status code and the service that failed."""
-    return RagError(f"{service}: {err.details()}", code=err.code())
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -104,6 +101,7 @@ class RetrieverTier:
     async def _search_shard(
         self, shard: Shard, question: str, k: int, timeout: float, pin: str = ""
     ) -> retriever_pb2.SearchResponse:
+        """One shard's reply (protobuf: merging needs its shard fields and versions as sent)."""
         try:
             reply = await shard.stub.Search(
                 retriever_pb2.SearchRequest(questions=[question], k=k, index_version=pin), timeout=timeout
@@ -117,8 +115,8 @@ class RetrieverTier:
             )
         return reply
 
-    async def search(self, question: str, k: int, timeout: float) -> tuple[list[passage_pb2.Passage], str, float]:
-        """Top-k passages over all shards, all from one index version: (passages, version, temperature)."""
+    async def search(self, question: str, k: int, timeout: float) -> Retrieved:
+        """Top-k passages over all shards, all from one index version."""
         for attempt in range(3):
             replies = await asyncio.gather(*(self._search_shard(s, question, k, timeout) for s in self.shards))
             versions = [r.index_version for r in replies]
@@ -138,7 +136,11 @@ class RetrieverTier:
                         raise
                     continue
             passages = sorted((p for r in replies for p in r.results[0].passages), key=lambda p: -p.score)[:k]
-            return passages, replies[0].index_version, replies[0].score_temperature
+            return Retrieved(
+                tuple(Passage.from_pb(p) for p in passages),
+                IndexRef.parse(replies[0].index_version),
+                replies[0].score_temperature,
+            )
         raise AssertionError("unreachable")
 
 

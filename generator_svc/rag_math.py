@@ -7,7 +7,7 @@ Notation: B questions, K passages per question (rows question-major: row b*K + k
     RAG-Sequence log p(y|x)              = logsumexp_k [ log p(z_k|x) + sum_t log p(y_t|x,z_k,y<t) ]
     posterior    p(z_k|x,y)              = softmax_k [ log p(z_k|x) + sum_t log p(y_t|x,z_k,y<t) ]
 
-The model behind p(y_t|x,z_k,y<t) is a `PassageLM` (generator_svc.models): one row per (question, passage),
+The model behind p(y_t|x,z_k,y<t) is a `PassageLM` (generator_svc.passage_lm): one row per (question, passage),
 encoder-decoder or decoder-only. It is asked for exactly three things: the next-token log-probabilities of
 each row (`step`), a reordering of rows between beams (`reorder`), and teacher-forced log-probabilities
 of given answers (`token_logprobs`). Everything below is independent of the family. The baselines, closed
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from generator_svc.passage_lm import Contexts, DecodingRules, PassageLM
 from rag.types import DecodingOptions, Mode
-
-if TYPE_CHECKING:
-    from generator_svc.models import Contexts, PassageLM
 
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums stay comparable
 
@@ -43,22 +40,6 @@ def log_prior(doc_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 # --------------------------------------------------------------------------------------------------------
 # Decoding rules: the generation-config constraints transformers applies as logits processors.
 # --------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodingRules:
-    """What the checkpoint's generation config imposes on every decode (transformers semantics)."""
-
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-    # Tokens the decoder starts from and that n-gram blocking sees (the decoder start token for BART/T5).
-    decoder_prompt: tuple[int, ...] = ()
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = None
-    no_repeat_ngram_size: int = 0
-    min_new_tokens: int = 0
-    length_penalty: float = 1.0
-    early_stopping: bool | str = False
 
 
 def constrain(scores: torch.Tensor, generated: torch.Tensor, max_new_tokens: int, rules: DecodingRules) -> torch.Tensor:
@@ -287,7 +268,7 @@ def score_answers(
     `skip_leading_bos` leaves a leading BOS token unscored, as transformers does when it ranks RAG-Sequence
     hypotheses: a forced BOS says nothing about the answer.
     """
-    K = ctx.n_docs
+    K = ctx.contexts_per_question
     H, T = len(answers), max(len(a) for a in answers)
     targets = torch.full((H, T), lm.rules.pad_token_id, dtype=torch.long)
     mask = torch.zeros(H, T, dtype=torch.bool)
@@ -334,7 +315,7 @@ def generate(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: Decodin
 
 def _rag_token_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
     """Search over the per-step marginal: one decoder row per (question, beam, passage)."""
-    B, K, N = ctx.num_questions, ctx.n_docs, options.num_beams
+    B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     passages = torch.arange(K)
     rows = (torch.arange(B)[:, None, None] * K + passages).expand(B, N, K).reshape(-1)
     state = lm.start(ctx, rows)
@@ -353,7 +334,7 @@ def _rag_token_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options
 
 def _rag_sequence_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
     """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal."""
-    B, K, N = ctx.num_questions, ctx.n_docs, options.num_beams
+    B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     state = lm.start(ctx, torch.arange(B * K).repeat_interleave(N))  # rows (question, passage, beam)
 
     def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag.errors import RagError
 
+Reply = TypeVar("Reply")
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -34,11 +36,17 @@ def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=channel_options())
 
 
-def unary(address: str, stub: type, rpc: str, request: object, timeout: float, metadata: tuple = ()) -> Any:
-    """One call from a command-line client; a failure becomes a RagError carrying the server's status."""
+def downstream_error(service: str, err: grpc.RpcError) -> RagError:
+    """A failed call to another service, reported with its own status code and the service that failed."""
+    return RagError(f"{service}: {err.details()}", code=err.code())
+
+
+def call(address: str, rpc: Callable[[grpc.Channel], Reply]) -> Reply:
+    """One call from a command-line client, e.g. `call(addr, lambda ch: Stub(ch).Rpc(request, timeout=10))`;
+    a failure becomes a RagError carrying the server's status."""
     try:
         with channel(address) as ch:
-            return getattr(stub(ch), rpc)(request, timeout=timeout, metadata=metadata)
+            return rpc(ch)
     except grpc.RpcError as err:
         raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
 

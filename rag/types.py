@@ -1,13 +1,28 @@
-"""Domain types shared by the services. Protobuf stays at the edges: each type owns its from_pb/to_pb."""
+"""Domain types shared by the services and their clients.
+
+Protobuf stays at the edges: each type owns its `from_pb`/`to_pb`, and parsing checks only what holds for
+every deployment (known enum values, non-negative counts). Limits that depend on the model (how many beams,
+tokens or passages) belong to the generator, which checks them (generator_svc.requests).
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
-from rag.errors import InvalidArgument, require
-from rag.v1 import generator_pb2, passage_pb2
+from rag.errors import require
+from rag.index_ref import IndexRef
+from rag.v1 import gateway_pb2, generator_pb2, passage_pb2
+
+MAX_QUESTION_CHARS = 2000
+
+
+def parse_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    question = text.strip()
+    require(bool(question), "question is empty")
+    require(len(question) <= max_chars, f"question is {len(question)} characters; the limit is {max_chars}")
+    return question
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,9 @@ class Passage:
 
 
 class Mode(enum.Enum):
+    """How an answer is generated: the two RAG marginals, and two baselines. The one vocabulary of the API, the
+    CLI, `rag eval` and the benchmarks."""
+
     TOKEN = "token"
     SEQUENCE = "sequence"
     CLOSED_BOOK = "closed-book"  # baseline: no passage
@@ -38,7 +56,60 @@ class Mode(enum.Enum):
     def is_rag(self) -> bool:
         return self in (Mode.TOKEN, Mode.SEQUENCE)
 
+    @property
+    def label(self) -> str:
+        return _MODE_LABELS[self]
 
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        require(text in _values(cls), f"mode must be one of {', '.join(_values(cls))}, got {text!r}")
+        return cls(text)
+
+    @classmethod
+    def from_pb(cls, pb: generator_pb2.RagMode.ValueType) -> Mode:
+        require(
+            pb in _MODE_FROM_PB,
+            f"unknown mode {pb}; use RAG_MODE_TOKEN, RAG_MODE_SEQUENCE, RAG_MODE_CLOSED_BOOK or RAG_MODE_CONCAT",
+        )
+        return _MODE_FROM_PB[pb]
+
+    def to_pb(self) -> generator_pb2.RagMode.ValueType:
+        return _MODE_TO_PB[self]
+
+
+class SequenceDecoding(enum.Enum):
+    """RAG-Sequence only: thorough re-scores every hypothesis under every passage; fast does not."""
+
+    THOROUGH = "thorough"
+    FAST = "fast"
+
+    @classmethod
+    def parse(cls, text: str) -> SequenceDecoding:
+        require(text in _values(cls), f"sequence decoding must be one of {', '.join(_values(cls))}, got {text!r}")
+        return cls(text)
+
+    @classmethod
+    def from_pb(cls, pb: generator_pb2.SequenceDecoding.ValueType) -> SequenceDecoding:
+        require(
+            pb in _DECODING_FROM_PB,
+            f"unknown sequence_decoding {pb}; use SEQUENCE_DECODING_THOROUGH or SEQUENCE_DECODING_FAST",
+        )
+        return _DECODING_FROM_PB[pb]
+
+    def to_pb(self) -> generator_pb2.SequenceDecoding.ValueType:
+        return _DECODING_TO_PB[self]
+
+
+def _values(enumeration: type[enum.Enum]) -> list[str]:
+    return [member.value for member in enumeration]
+
+
+_MODE_LABELS = {
+    Mode.TOKEN: "RAG-Token",
+    Mode.SEQUENCE: "RAG-Sequence",
+    Mode.CLOSED_BOOK: "closed book",
+    Mode.CONCAT: "concatenated passages",
+}
 _MODE_TO_PB = {
     Mode.TOKEN: generator_pb2.RAG_MODE_TOKEN,
     Mode.SEQUENCE: generator_pb2.RAG_MODE_SEQUENCE,
@@ -46,80 +117,63 @@ _MODE_TO_PB = {
     Mode.CONCAT: generator_pb2.RAG_MODE_CONCAT,
 }
 _MODE_FROM_PB = {generator_pb2.RAG_MODE_UNSPECIFIED: Mode.TOKEN, **{pb: mode for mode, pb in _MODE_TO_PB.items()}}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; requests beyond these get INVALID_ARGUMENT."""
-
-    max_question_chars: int = 2000
-    max_passages: int = 50
-    max_passage_chars: int = 20_000
-    max_beams: int = 8
-    max_new_tokens: int = 256
-    max_answers: int = 32
+_DECODING_TO_PB = {
+    SequenceDecoding.THOROUGH: generator_pb2.SEQUENCE_DECODING_THOROUGH,
+    SequenceDecoding.FAST: generator_pb2.SEQUENCE_DECODING_FAST,
+}
+_DECODING_FROM_PB = {
+    generator_pb2.SEQUENCE_DECODING_UNSPECIFIED: SequenceDecoding.THOROUGH,
+    **{pb: decoding for decoding, pb in _DECODING_TO_PB.items()},
+}
 
 
 @dataclass(frozen=True)
 class DecodingOptions:
     mode: Mode = Mode.TOKEN
-    # RAG-Sequence only: thorough re-scores every hypothesis under every passage; fast does not.
-    thorough: bool = True
+    sequence_decoding: SequenceDecoding = SequenceDecoding.THOROUGH
     num_beams: int = 1
     num_return_sequences: int = 1
-    max_new_tokens: int = 32
+    # 0 = the generator's default (its --max-new-tokens).
+    max_new_tokens: int = 0
     # 0 = every given passage.
     n_docs: int = 0
     # 0 = the default of the encoder that produced the scores.
     score_temperature: float = 0.0
 
-    @classmethod
-    def from_pb(cls, pb: generator_pb2.DecodingOptions, limits: Limits, default_max_new_tokens: int) -> DecodingOptions:
-        """Parse and validate; unset fields take their defaults."""
-        require(
-            pb.mode in _MODE_FROM_PB,
-            f"unknown mode {pb.mode}; use RAG_MODE_TOKEN, RAG_MODE_SEQUENCE, RAG_MODE_CLOSED_BOOK or RAG_MODE_CONCAT",
-        )
-        require(
-            pb.sequence_decoding in (0, generator_pb2.SEQUENCE_DECODING_THOROUGH, generator_pb2.SEQUENCE_DECODING_FAST),
-            f"unknown sequence_decoding {pb.sequence_decoding}; use SEQUENCE_DECODING_THOROUGH or SEQUENCE_DECODING_FAST",
-        )
-        options = cls(
-            mode=_MODE_FROM_PB[pb.mode],
-            thorough=pb.sequence_decoding != generator_pb2.SEQUENCE_DECODING_FAST,
-            num_beams=pb.num_beams or 1,
-            num_return_sequences=pb.num_return_sequences or 1,
-            max_new_tokens=pb.max_new_tokens or default_max_new_tokens,
-            n_docs=pb.n_docs,
-            score_temperature=pb.score_temperature,
-        )
-        options.validate(limits)
-        return options
+    @property
+    def thorough(self) -> bool:
+        return self.sequence_decoding is SequenceDecoding.THOROUGH
 
-    def validate(self, limits: Limits) -> None:
-        require(
-            1 <= self.num_beams <= limits.max_beams,
-            f"num_beams must be in [1, {limits.max_beams}], got {self.num_beams}",
-        )
+    def __post_init__(self) -> None:
+        require(self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}")
         require(
             1 <= self.num_return_sequences <= self.num_beams,
             f"num_return_sequences must be in [1, num_beams={self.num_beams}], got {self.num_return_sequences}",
         )
+        require(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0 (0: the default), got {self.max_new_tokens}")
+        require(self.n_docs >= 0, f"n_docs must be >= 0 (0: every passage), got {self.n_docs}")
         require(
-            1 <= self.max_new_tokens <= limits.max_new_tokens,
-            f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {self.max_new_tokens}",
+            math.isfinite(self.score_temperature) and self.score_temperature >= 0,
+            f"score_temperature must be a finite number >= 0 (0: the encoder's default), got {self.score_temperature}",
         )
-        require(
-            0 <= self.n_docs <= limits.max_passages, f"n_docs must be in [0, {limits.max_passages}], got {self.n_docs}"
+
+    @classmethod
+    def from_pb(cls, pb: generator_pb2.DecodingOptions) -> DecodingOptions:
+        """Parse and check; unset fields take their defaults, zeros stay "the serving default"."""
+        return cls(
+            mode=Mode.from_pb(pb.mode),
+            sequence_decoding=SequenceDecoding.from_pb(pb.sequence_decoding),
+            num_beams=pb.num_beams or 1,
+            num_return_sequences=pb.num_return_sequences or 1,
+            max_new_tokens=pb.max_new_tokens,
+            n_docs=pb.n_docs,
+            score_temperature=pb.score_temperature,
         )
-        require(self.score_temperature >= 0, f"score_temperature must be >= 0, got {self.score_temperature}")
 
     def to_pb(self) -> generator_pb2.DecodingOptions:
         return generator_pb2.DecodingOptions(
-            mode=_MODE_TO_PB[self.mode],
-            sequence_decoding=(
-                generator_pb2.SEQUENCE_DECODING_THOROUGH if self.thorough else generator_pb2.SEQUENCE_DECODING_FAST
-            ),
+            mode=self.mode.to_pb(),
+            sequence_decoding=self.sequence_decoding.to_pb(),
             num_beams=self.num_beams,
             num_return_sequences=self.num_return_sequences,
             max_new_tokens=self.max_new_tokens,
@@ -127,34 +181,27 @@ class DecodingOptions:
             score_temperature=self.score_temperature,
         )
 
-
-def validate_question(question: str, limits: Limits) -> str:
-    question = question.strip()
-    require(bool(question), "question is empty")
-    require(
-        len(question) <= limits.max_question_chars,
-        f"question is {len(question)} characters; the limit is {limits.max_question_chars}",
-    )
-    return question
-
-
-def parse_passages(pbs: Sequence[passage_pb2.Passage], limits: Limits) -> list[Passage]:
-    require(len(pbs) > 0, "no passages given; the generator conditions on at least one")
-    require(len(pbs) <= limits.max_passages, f"{len(pbs)} passages given; the limit is {limits.max_passages}")
-    passages = [Passage.from_pb(pb) for pb in pbs]
-    for i, p in enumerate(passages):
-        require(bool(p.text.strip() or p.title.strip()), f"passage {i} has neither title nor text")
-        if len(p.text) > limits.max_passage_chars:
-            raise InvalidArgument(f"passage {i} is {len(p.text)} characters; the limit is {limits.max_passage_chars}")
-    return passages
+    def with_defaults(self, max_new_tokens: int = 0, score_temperature: float = 0.0) -> DecodingOptions:
+        """These options with the unset (zero) fields given."""
+        return replace(
+            self,
+            max_new_tokens=self.max_new_tokens or max_new_tokens,
+            score_temperature=self.score_temperature or score_temperature,
+        )
 
 
 @dataclass(frozen=True)
 class Hypothesis:
+    """One generated (or scored) answer: its text, marginal log-likelihood, and posterior over the passages."""
+
     text: str
-    token_ids: tuple[int, ...]
     log_prob: float
-    passage_posteriors: tuple[float, ...] = field(default=())
+    passage_posteriors: tuple[float, ...] = ()  # empty for the baselines
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_pb(cls, pb: generator_pb2.Hypothesis) -> Hypothesis:
+        return cls(pb.text, pb.log_prob, tuple(pb.passage_posteriors), tuple(pb.token_ids))
 
     def to_pb(self) -> generator_pb2.Hypothesis:
         return generator_pb2.Hypothesis(
@@ -162,4 +209,121 @@ class Hypothesis:
             token_ids=list(self.token_ids),
             log_prob=self.log_prob,
             passage_posteriors=list(self.passage_posteriors),
+        )
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What the generator returns for one question: hypotheses best first, and p(z|x) over the passages it used."""
+
+    hypotheses: tuple[Hypothesis, ...]
+    passage_priors: tuple[float, ...]
+
+    @classmethod
+    def from_pb(cls, pb: generator_pb2.GenerateResponse) -> Answered:
+        return cls(tuple(Hypothesis.from_pb(h) for h in pb.hypotheses), tuple(pb.passage_priors))
+
+    def to_pb(self) -> generator_pb2.GenerateResponse:
+        return generator_pb2.GenerateResponse(
+            hypotheses=[h.to_pb() for h in self.hypotheses], passage_priors=list(self.passage_priors)
+        )
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """One question's top-k passages, best first, all from one index version."""
+
+    passages: tuple[Passage, ...]
+    index: IndexRef
+    score_temperature: float  # the default temperature of p(z|x) for the encoder that scored them
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    """A question for the gateway. k = 0 means the gateway's default."""
+
+    question: str
+    k: int = 0
+    options: DecodingOptions = field(default_factory=DecodingOptions)
+    retrieve_only: bool = False
+
+    @classmethod
+    def from_pb(cls, pb: gateway_pb2.AskRequest) -> AskRequest:
+        return cls(parse_question(pb.question), pb.k, DecodingOptions.from_pb(pb.options), pb.retrieve_only)
+
+    def to_pb(self) -> gateway_pb2.AskRequest:
+        return gateway_pb2.AskRequest(
+            question=self.question, k=self.k, options=self.options.to_pb(), retrieve_only=self.retrieve_only
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A passage an answer was conditioned on, with its prior p(z|x) and posterior p(z|x,y) (0 for baselines)."""
+
+    passage: Passage
+    prior: float = 0.0
+    posterior: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timings:
+    retrieve_ms: float
+    generate_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What `Ask` returns: the answers best first (none when only retrieving), their sources and index version."""
+
+    answers: tuple[Hypothesis, ...]
+    sources: tuple[Source, ...]
+    index: IndexRef
+    timings: Timings
+
+    @classmethod
+    def of(cls, retrieved: Retrieved, answered: Answered | None, timings: Timings) -> Answer:
+        """The sources are the passages the generator used (the first n_docs), each with the best answer's
+        posterior; a retrieval-only answer lists every passage retrieved."""
+        if answered is None:
+            return cls((), tuple(Source(p) for p in retrieved.passages), retrieved.index, timings)
+        used = retrieved.passages[: len(answered.passage_priors)]
+        best = answered.hypotheses[0].passage_posteriors if answered.hypotheses else ()
+        posteriors = tuple(best) + (0.0,) * (len(used) - len(best))  # the baselines report no posterior
+        sources = tuple(
+            Source(p, prior, posterior)
+            for p, prior, posterior in zip(used, answered.passage_priors, posteriors, strict=True)
+        )
+        return cls(answered.hypotheses, sources, retrieved.index, timings)
+
+    @property
+    def text(self) -> str:
+        return self.answers[0].text if self.answers else ""
+
+    @classmethod
+    def from_pb(cls, pb: gateway_pb2.AskResponse) -> Answer:
+        return cls(
+            answers=tuple(Hypothesis(a.text, a.log_prob, tuple(a.passage_posteriors)) for a in pb.answers),
+            sources=tuple(Source(Passage.from_pb(s.passage), s.prior, s.posterior) for s in pb.sources),
+            index=IndexRef.parse(pb.index_version),
+            timings=Timings(pb.timings.retrieve_ms, pb.timings.generate_ms, pb.timings.total_ms),
+        )
+
+    def to_pb(self) -> gateway_pb2.AskResponse:
+        return gateway_pb2.AskResponse(
+            answers=[
+                gateway_pb2.Answer(text=a.text, log_prob=a.log_prob, passage_posteriors=list(a.passage_posteriors))
+                for a in self.answers
+            ],
+            sources=[
+                gateway_pb2.Source(passage=s.passage.to_pb(), prior=s.prior, posterior=s.posterior)
+                for s in self.sources
+            ],  # fmt: skip
+            index_version=str(self.index),
+            timings=gateway_pb2.Timings(
+                retrieve_ms=self.timings.retrieve_ms,
+                generate_ms=self.timings.generate_ms,
+                total_ms=self.timings.total_ms,
+            ),
         )

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder, PreTrainedTokenizerBase
 
 from rag.errors import FailedPrecondition, InvalidArgument
-from retriever_svc.index import EncoderInfo
+from retriever_svc.layout import EncoderInfo
 
 BATCH_SIZE = 64
 

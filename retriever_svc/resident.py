@@ -25,10 +25,37 @@ from pathlib import Path
 
 from rag import metrics
 from rag.errors import FailedPrecondition, RagError
+from rag.index_ref import IndexRef
+from rag.v1 import index_admin_pb2
 from retriever_svc.encoders import Encoder
-from retriever_svc.index import IndexShard, resolve
+from retriever_svc.layout import resolve
+from retriever_svc.search import IndexShard
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResidentStatus:
+    """What one retriever holds, as IndexAdminService.GetIndexStatus reports it."""
+
+    shard: int
+    num_shards: int
+    active: IndexRef | None
+    staged: IndexRef | None
+    previous: IndexRef | None
+    active_passages: int
+    in_flight: dict[IndexRef, int]
+
+    def to_pb(self) -> index_admin_pb2.IndexStatus:
+        return index_admin_pb2.IndexStatus(
+            shard=self.shard,
+            num_shards=self.num_shards,
+            active_version=str(self.active or ""),
+            staged_version=str(self.staged or ""),
+            previous_version=str(self.previous or ""),
+            active_passages=self.active_passages,
+            in_flight={str(ref): count for ref, count in self.in_flight.items()},
+        )
 
 
 @dataclass
@@ -71,7 +98,7 @@ class ResidentIndexes:
     # -------------------------------------------------------------------------------------------- serving
 
     @contextmanager
-    def acquire(self, ref: str = "") -> Iterator[IndexShard]:
+    def acquire(self, ref: IndexRef | None = None) -> Iterator[IndexShard]:
         """The active version, or the resident version `ref`; held until the block ends."""
         with self._lock:
             entry = self._find(ref) if ref else self.active
@@ -90,12 +117,12 @@ class ResidentIndexes:
             if close:
                 entry.index.close()
 
-    def _find(self, ref: str) -> Resident | None:
+    def _find(self, ref: IndexRef) -> Resident | None:
         return next((e for e in (self.active, self.other) if e is not None and e.index.ref == ref), None)
 
     # -------------------------------------------------------------------------------------------- lifecycle
 
-    def load(self, ref: str) -> IndexShard:
+    def load(self, ref: IndexRef) -> IndexShard:
         """Load and validate `ref` next to the active version (staged); a no-op if it is already resident."""
         with self._load_lock:
             with self._lock:
@@ -121,7 +148,7 @@ class ResidentIndexes:
             )
             return index
 
-    def _open_validated(self, ref: str) -> IndexShard:
+    def _open_validated(self, ref: IndexRef) -> IndexShard:
         index = IndexShard(resolve(self.root, ref), self.shard, self.verify_checksums, self.mmap_ann)
         try:
             check_compatible(self.encoder, index)
@@ -133,7 +160,7 @@ class ResidentIndexes:
             raise
         return index
 
-    def activate(self, ref: str) -> str:
+    def activate(self, ref: IndexRef) -> IndexRef | None:
         """Make the resident version `ref` active; returns the version that was active before."""
         with self._lock:
             if self.active is not None and self.active.index.ref == ref:
@@ -149,9 +176,9 @@ class ResidentIndexes:
                 pass
         metrics.INDEX_INFO.labels(self.active.index.manifest.name, self.active.index.manifest.version).set(1)
         log.info("activated %s (previous: %s)", ref, previous.index.ref if previous else "none")
-        return previous.index.ref if previous else ""
+        return previous.index.ref if previous else None
 
-    def unload(self, ref: str) -> None:
+    def unload(self, ref: IndexRef) -> None:
         """Release a staged version (an aborted swap) or the previous one (a finished swap); not the active one."""
         with self._lock:
             if self.active is not None and self.active.index.ref == ref:
@@ -169,15 +196,16 @@ class ResidentIndexes:
         if close:
             entry.index.close()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ResidentStatus:
         with self._lock:
             active, other, staged = self.active, self.other, self.other_is_staged
             in_flight = {e.index.ref: e.in_flight for e in (active, other) if e is not None}
-        return {
-            "active_version": active.index.ref if active else "",
-            "staged_version": other.index.ref if other and staged else "",
-            "previous_version": other.index.ref if other and not staged else "",
-            "active_passages": active.index.count if active else 0,
-            "num_shards": active.index.manifest.num_shards if active else 0,
-            "in_flight": in_flight,
-        }
+        return ResidentStatus(
+            shard=self.shard,
+            num_shards=active.index.manifest.num_shards if active else 0,
+            active=active.index.ref if active else None,
+            staged=other.index.ref if other and staged else None,
+            previous=other.index.ref if other and not staged else None,
+            active_passages=active.index.count if active else 0,
+            in_flight=in_flight,
+        )

@@ -16,14 +16,15 @@ import numpy as np
 from rag import metrics
 from rag.auth import load_admin_token, require_admin
 from rag.errors import FailedPrecondition, Unavailable, require
-from rag.index_refs import parse_ref
+from rag.index_ref import IndexRef
 from rag.serving import Served, new_server, start_loading
-from rag.types import Limits, Passage, validate_question
+from rag.types import Passage, parse_question
 from rag.v1 import index_admin_pb2, index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
-from retriever_svc.index import IndexShard, Manifest, resolve
+from retriever_svc.layout import MANIFEST, Manifest, resolve
 from retriever_svc.resident import ResidentIndexes
+from retriever_svc.search import IndexShard
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["RetrieverService"].full_name
@@ -36,6 +37,21 @@ class SearchResults:
     query_embeddings: np.ndarray
     index: IndexShard
 
+    def to_pb(self, include_query_embeddings: bool) -> retriever_pb2.SearchResponse:
+        return retriever_pb2.SearchResponse(
+            results=[
+                retriever_pb2.SearchResult(
+                    passages=[p.to_pb() for p in passages],
+                    query_embedding=query.tolist() if include_query_embeddings else [],
+                )
+                for passages, query in zip(self.passages, self.query_embeddings, strict=True)
+            ],
+            index_version=str(self.index.ref),
+            score_temperature=self.index.manifest.encoder.score_temperature,
+            shard=self.index.shard,
+            num_shards=self.index.manifest.num_shards,
+        )
+
 
 class Retriever:
     """The question encoder and the index versions resident on this replica."""
@@ -44,7 +60,9 @@ class Retriever:
         self.indexes = indexes
         self.encoder = indexes.encoder
 
-    def search(self, questions: list[str], k: int, with_embeddings: bool, pinned: str = "") -> SearchResults:
+    def search(
+        self, questions: list[str], k: int, with_embeddings: bool, pinned: IndexRef | None = None
+    ) -> SearchResults:
         with self.indexes.acquire(pinned) as index:  # one version for the whole request
             with metrics.timed("encode"):
                 queries = self.encoder.encode_questions(questions)
@@ -70,7 +88,8 @@ def shard_of(config: RetrieverConfig) -> int:
 def load_retriever(config: RetrieverConfig) -> Retriever:
     """The encoder named by the config (or recorded by the first index), then that index, loaded and active."""
     root = Path(config.index_root)
-    first = Manifest.from_file(resolve(root, config.index) / "manifest.json")
+    wanted = IndexRef.parse(config.index, version_required=False) if config.index else None
+    first = Manifest.from_file(resolve(root, wanted) / MANIFEST)
     encoder = load_encoder(config.encoder or first.encoder.spec)
     indexes = ResidentIndexes(encoder, root, shard_of(config), config.verify_checksums, config.mmap_ann)
     indexes.load(first.ref)
@@ -82,7 +101,6 @@ def load_retriever(config: RetrieverConfig) -> Retriever:
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
     def __init__(self, config: RetrieverConfig) -> None:
         self.config = config
-        self.limits = Limits()
         self.retriever: Retriever | None = None
 
     def ready(self) -> Retriever:
@@ -99,26 +117,11 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
             len(request.questions) <= self.config.max_questions,
             f"{len(request.questions)} questions in one request; the limit is {self.config.max_questions}",
         )
-        questions = [validate_question(q, self.limits) for q in request.questions]
+        questions = [parse_question(q) for q in request.questions]
         require(1 <= request.k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {request.k}")
-        if request.index_version:
-            parse_ref(request.index_version)
-        found = await asyncio.to_thread(
-            retriever.search, questions, request.k, request.include_embeddings, request.index_version
-        )
-        return retriever_pb2.SearchResponse(
-            results=[
-                retriever_pb2.SearchResult(
-                    passages=[p.to_pb() for p in passages],
-                    query_embedding=query.tolist() if request.include_query_embeddings else [],
-                )
-                for passages, query in zip(found.passages, found.query_embeddings, strict=True)
-            ],
-            index_version=found.index.ref,
-            score_temperature=found.index.manifest.encoder.score_temperature,
-            shard=found.index.shard,
-            num_shards=found.index.manifest.num_shards,
-        )
+        pinned = IndexRef.parse(request.index_version) if request.index_version else None
+        found = await asyncio.to_thread(retriever.search, questions, request.k, request.include_embeddings, pinned)
+        return found.to_pb(request.include_query_embeddings)
 
 
 class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
@@ -134,36 +137,33 @@ class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
         self, request: index_admin_pb2.LoadIndexRequest, context: grpc.aio.ServicerContext
     ) -> index_admin_pb2.LoadIndexResponse:
         indexes = self._indexes(context)
-        parse_ref(request.index_version)
+        ref = IndexRef.parse(request.index_version)
         started = time.perf_counter()
-        index = await asyncio.to_thread(indexes.load, request.index_version)
+        index = await asyncio.to_thread(indexes.load, ref)
         return index_admin_pb2.LoadIndexResponse(
-            index_version=index.ref, passages=index.count, load_seconds=time.perf_counter() - started
+            index_version=str(index.ref), passages=index.count, load_seconds=time.perf_counter() - started
         )
 
     async def ActivateIndex(
         self, request: index_admin_pb2.ActivateIndexRequest, context: grpc.aio.ServicerContext
     ) -> index_admin_pb2.ActivateIndexResponse:
         indexes = self._indexes(context)
-        parse_ref(request.index_version)
-        previous = indexes.activate(request.index_version)
-        return index_admin_pb2.ActivateIndexResponse(index_version=request.index_version, previous_version=previous)
+        ref = IndexRef.parse(request.index_version)
+        previous = indexes.activate(ref)
+        return index_admin_pb2.ActivateIndexResponse(index_version=str(ref), previous_version=str(previous or ""))
 
     async def UnloadIndex(
         self, request: index_admin_pb2.UnloadIndexRequest, context: grpc.aio.ServicerContext
     ) -> index_admin_pb2.UnloadIndexResponse:
         indexes = self._indexes(context)
-        parse_ref(request.index_version)
-        await asyncio.to_thread(indexes.unload, request.index_version)
+        await asyncio.to_thread(indexes.unload, IndexRef.parse(request.index_version))
         return index_admin_pb2.UnloadIndexResponse()
 
     async def GetIndexStatus(
         self, request: index_admin_pb2.GetIndexStatusRequest, context: grpc.aio.ServicerContext
     ) -> index_admin_pb2.GetIndexStatusResponse:
         indexes = self._indexes(context)
-        return index_admin_pb2.GetIndexStatusResponse(
-            status=index_admin_pb2.IndexStatus(shard=indexes.shard, **indexes.status())  # type: ignore[arg-type]
-        )
+        return index_admin_pb2.GetIndexStatusResponse(status=indexes.status().to_pb())
 
 
 async def create_server(config: RetrieverConfig) -> Served:

@@ -1,4 +1,7 @@
-"""Generate the Python stubs of protos/rag/v1/*.proto into rag/v1/ (committed), or --check they are current."""
+"""Generate the Python stubs of protos/rag/v1/*.proto into rag/v1/ (committed), or --check they are current.
+
+Type stubs (.pyi) come from mypy-protobuf, for the messages and the gRPC stubs and servicers, so the type
+checker sees every field, enum and RPC."""
 
 from __future__ import annotations
 
@@ -13,14 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 
 
+def _plugin(name: str) -> str:
+    """A protoc plugin installed next to this Python (mypy-protobuf's)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise SystemExit(f"{name} not found next to {sys.executable}: install the dev requirements (mypy-protobuf)")
+    return f"--plugin={name}={path}"
+
+
 def generate(out_dir: Path) -> list[Path]:
     protos = sorted(PROTO_ROOT.glob("rag/v1/*.proto"))
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
+        _plugin("protoc-gen-mypy"),
+        _plugin("protoc-gen-mypy_grpc"),
         f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
+        f"--mypy_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
     ]
     if protoc.main(args + [str(p) for p in protos]) != 0:
         raise SystemExit("protoc failed")

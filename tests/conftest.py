@@ -14,17 +14,13 @@ import grpc
 import pytest
 import transformers
 
-from gateway.config import GatewayConfig
-from gateway.server import create_server as create_gateway
-from generator_svc.config import GeneratorConfig
-from generator_svc.server import create_server as create_generator
-from rag import random_models
 from rag.serving import ServerThread
 from rag.v1 import gateway_pb2_grpc, generator_pb2_grpc
-from retriever_svc.config import RetrieverConfig
+from rag_cli.testing import random_models
+from rag_cli.testing.stack import Launcher
+from retriever_svc.build import build_index
 from retriever_svc.encoders import load_encoder
-from retriever_svc.index import build_index
-from retriever_svc.server import create_server as create_retriever
+from retriever_svc.layout import Manifest
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -90,10 +86,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus_records())
 
 
+def index_build_args(corpus: Path, root: Path, name: str, encoder_spec: str, *extra: str) -> list[str]:
+    """`rag index build` as the tests run it (no progress bar unless `extra` asks for one)."""
+    return ["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", name,
+            "--encoder", encoder_spec, *(extra or ("--no-progress",))]  # fmt: skip
+
+
+def build(corpus: Path, root: Path, name: str, encoder_spec: str, **options: object) -> Manifest:
+    """A new version of index `name` built in-process (the library call behind `rag index build`)."""
+    return build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), show_progress=False, **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def index_root(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
     root = tmp_path_factory.mktemp("indexes")
-    build_index(corpus, "jsonl", root, "tiny", load_encoder(tiny.encoder_spec), show_progress=False)
+    build(corpus, root, "tiny", tiny.encoder_spec)
     return root
 
 
@@ -126,20 +133,18 @@ def passage_ids(shard_dir: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
 
 
-def local(port: int) -> str:
-    return f"127.0.0.1:{port}"
+@pytest.fixture()
+def launch(loop_thread: ServerThread) -> Iterator[Launcher]:
+    """Start services for one test (`launch.retriever(...)`, `launch.stack(...)`); all stop after it."""
+    launcher = Launcher(loop_thread)
+    yield launcher
+    launcher.close()
 
 
 @pytest.fixture(scope="session")
 def services(loop_thread: ServerThread, tiny: TinyModels, index_root: Path) -> Iterator[Services]:
     """Retriever (tiny sentence encoder), generator (tiny RAG/BART checkpoint) and gateway, in-process."""
-    common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-    retriever = loop_thread.start(create_retriever, RetrieverConfig(**common, index_root=str(index_root), index="tiny"))
-    generator = loop_thread.start(create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
-    gateway = loop_thread.start(
-        create_gateway,
-        GatewayConfig(**common, retrievers=local(retriever.port), generator_address=local(generator.port)),
-    )
-    yield Services(local(retriever.port), local(generator.port), local(gateway.port))
-    for served in (gateway, retriever, generator):
-        loop_thread.run(served.stop(0))
+    launcher = Launcher(loop_thread)
+    stack = launcher.stack(index_root, "tiny", tiny.rag_checkpoint)
+    yield Services(stack.retriever_addresses[0], stack.generator_address, stack.gateway_address)
+    launcher.close()

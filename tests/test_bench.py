@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rag.cli import main as rag_cli
+from rag_cli.main import main as rag_cli
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from rag.clients import is_serving
-from tests.conftest import FACTS, TinyModels, corpus_records, write_jsonl
+from tests.conftest import FACTS, TinyModels, corpus_records, index_build_args, write_jsonl
 
-RAG = [sys.executable, "-m", "rag.cli"]
+RAG = [sys.executable, "-m", "rag_cli"]
 TOKEN = "cli-admin-token"
 
 
@@ -41,20 +41,7 @@ class Up:
 @pytest.fixture(scope="module")
 def cli_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
     root = tmp_path_factory.mktemp("cli-indexes")
-    built = rag(
-        "index",
-        "build",
-        "--corpus",
-        str(corpus),
-        "--index-root",
-        str(root),
-        "--name",
-        "facts",
-        "--encoder",
-        tiny.encoder_spec,
-        "--shards",
-        "2",
-    )
+    built = rag(*index_build_args(corpus, root, "facts", tiny.encoder_spec, "--shards", "2"))
     assert built.returncode == 0, built.stderr
     assert built.stdout.strip().splitlines()[-1] == "v1"  # the contract: the last stdout line is the version id
     assert "encoding facts" in built.stderr  # progress bar
@@ -124,8 +111,7 @@ def test_bad_requests_exit_2_with_the_reason(up: Up) -> None:
 
 def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, tmp_path: Path) -> None:
     updated = write_jsonl(tmp_path / "updated.jsonl", [dict(r, id=f"new-{r['id']}") for r in corpus_records()])
-    built = rag("index", "build", "--corpus", str(updated), "--index-root", str(cli_index), "--name", "facts",
-                "--encoder", tiny.encoder_spec, "--shards", "2")  # fmt: skip
+    built = rag(*index_build_args(updated, cli_index, "facts", tiny.encoder_spec, "--shards", "2"))
     assert built.returncode == 0 and built.stdout.split()[-1] == "v2", built.stderr
     admin = {"RAG_ADMIN_TOKEN": TOKEN}
 

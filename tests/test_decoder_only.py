@@ -15,13 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from generator_svc import rag_math
-from generator_svc.config import GeneratorConfig
-from generator_svc.models import DecoderOnlyLM, PassageLM, load_generator, one_each
-from generator_svc.server import create_server as create_generator
+from generator_svc.families import DecoderOnlyLM, load_passage_lm
+from generator_svc.passage_lm import PassageLM, one_each
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
-from tests.conftest import TinyModels, local
+from rag_cli.testing.stack import Launcher, address
+from tests.conftest import TinyModels
 
 QUESTION = "Who discovered penicillin?"
 PASSAGES = [
@@ -33,20 +33,18 @@ PASSAGES = [
 
 @pytest.fixture(scope="module")
 def lm(tiny: TinyModels) -> DecoderOnlyLM:
-    model = load_generator(str(tiny.causal_lm))
+    model = load_passage_lm(str(tiny.causal_lm))
     assert isinstance(model, DecoderOnlyLM)
     return model
 
 
 @pytest.fixture(scope="module")
 def stub(loop_thread: ServerThread, tiny: TinyModels) -> Iterator[generator_pb2_grpc.GeneratorServiceStub]:
-    served = loop_thread.start(
-        create_generator,
-        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.causal_lm)),
-    )
-    with grpc.insecure_channel(local(served.port)) as channel:
+    launcher = Launcher(loop_thread)
+    served = launcher.generator(tiny.causal_lm)
+    with grpc.insecure_channel(address(served)) as channel:
         yield generator_pb2_grpc.GeneratorServiceStub(channel)
-    loop_thread.run(served.stop(0))
+    launcher.close()
 
 
 def hf_generate(tiny: TinyModels, prompt: list[int], num_beams: int, max_new_tokens: int) -> list[tuple[int, ...]]:
@@ -102,7 +100,7 @@ def test_copies_of_one_passage_change_nothing(stub: generator_pb2_grpc.Generator
 @pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
 def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyModels) -> None:
     """The per-step marginal that RAG-Token's search accumulates (KV cache) equals the teacher-forced one."""
-    lm: PassageLM = load_generator(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
+    lm: PassageLM = load_passage_lm(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
     ctx = lm.encode([QUESTION, "What is the capital of France?"], [one_each(PASSAGES), one_each(PASSAGES[::-1])])
     prior = rag_math.log_prior(torch.tensor([[2.0, 1.0, 0.5], [0.5, 1.0, 2.0]]))
     K = len(PASSAGES)

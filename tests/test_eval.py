@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rag.cli import main as rag_cli
 from rag.errors import InvalidArgument
-from rag.eval import Example, exact_match, f1_score, gold_rank, normalize_answer, percentile, read_examples, sample
+from rag_cli.eval import Example, exact_match, f1_score, gold_rank, normalize_answer, percentile, read_examples, sample
+from rag_cli.main import main as rag_cli
 from tests.conftest import Services
 
 

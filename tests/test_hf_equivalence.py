@@ -17,15 +17,14 @@ import torch
 from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
 
 from generator_svc import rag_math
-from generator_svc.config import GeneratorConfig
-from generator_svc.models import load_generator, one_each
-from generator_svc.server import create_server as create_generator
-from rag import random_models
-from rag.hf_reference import generated_tokens, mask_rag_sequence_padding
+from generator_svc.families import load_passage_lm
+from generator_svc.passage_lm import one_each
 from rag.serving import ServerThread
-from rag.types import DecodingOptions, Mode, Passage
+from rag.types import DecodingOptions, Mode, Passage, SequenceDecoding
 from rag.v1 import generator_pb2, generator_pb2_grpc, passage_pb2
-from tests.conftest import local
+from rag_cli.testing import random_models
+from rag_cli.testing.hf_reference import generated_tokens, mask_rag_sequence_padding
+from rag_cli.testing.stack import Launcher, address
 
 K = 4
 MAX_NEW_TOKENS = 12
@@ -61,7 +60,7 @@ class Reference:
         self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
         for key, value in rules.items():  # RagSequence decodes with the generator's own generation config
             setattr(self.rag_sequence.generator.generation_config, key, value)
-        mask_rag_sequence_padding(self.rag_sequence)  # transformers 5 dropped it; see rag.hf_reference
+        mask_rag_sequence_padding(self.rag_sequence)  # transformers 5 dropped it; see rag_cli.testing.hf_reference
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint / "generator_tokenizer")
         # RagRetriever.postprocess_docs: title + " / " + text + " // " + question, double spaces collapsed.
         texts = [
@@ -110,42 +109,41 @@ def reference(
 ) -> Iterator[Reference]:
     checkpoint = tmp_path_factory.mktemp("rag") / "checkpoint"
     random_models.save_rag_checkpoint(checkpoint, n_docs=K, generation=RULES[request.param])
-    served = loop_thread.start(
-        create_generator,
-        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(checkpoint)),
-    )
-    yield Reference(checkpoint, RULES[request.param], local(served.port))
-    loop_thread.run(served.stop(0))
+    launcher = Launcher(loop_thread)
+    served = launcher.generator(checkpoint)
+    yield Reference(checkpoint, RULES[request.param], address(served))
+    launcher.close()
 
 
+THOROUGH = SequenceDecoding.THOROUGH
 CASES = [
-    (Mode.TOKEN, True, 1, 1),  # RAG-Token greedy
-    (Mode.TOKEN, True, 4, 2),  # RAG-Token beam search
-    (Mode.SEQUENCE, True, 1, 1),  # RAG-Sequence thorough, greedy per passage
-    (Mode.SEQUENCE, True, 4, 2),  # RAG-Sequence thorough, beam search per passage
+    (Mode.TOKEN, THOROUGH, 1, 1),  # RAG-Token greedy
+    (Mode.TOKEN, THOROUGH, 4, 2),  # RAG-Token beam search
+    (Mode.SEQUENCE, THOROUGH, 1, 1),  # RAG-Sequence thorough, greedy per passage
+    (Mode.SEQUENCE, THOROUGH, 4, 2),  # RAG-Sequence thorough, beam search per passage
 ]
 
 
-@pytest.mark.parametrize(("mode", "thorough", "num_beams", "num_return"), CASES)
+@pytest.mark.parametrize(("mode", "decoding", "num_beams", "num_return"), CASES)
 def test_generate_matches_transformers_token_for_token(
-    reference: Reference, mode: Mode, thorough: bool, num_beams: int, num_return: int
+    reference: Reference, mode: Mode, decoding: SequenceDecoding, num_beams: int, num_return: int
 ) -> None:
     expected = reference.hf_generate(mode, num_beams, num_return)
-    options = DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS).to_pb()
+    options = DecodingOptions(mode, decoding, num_beams, num_return, MAX_NEW_TOKENS).to_pb()
     assert reference.ours_over_grpc(options) == expected
 
     # The same through the batched math: both questions in one call, rows question-major.
-    lm = load_generator(str(reference.checkpoint))
+    lm = load_passage_lm(str(reference.checkpoint))
     ctx = lm.encode(QUESTIONS, [one_each(passages_for(0)), one_each(passages_for(1))])
     batched = rag_math.generate(
-        lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, thorough, num_beams, num_return, MAX_NEW_TOKENS)
+        lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, decoding, num_beams, num_return, MAX_NEW_TOKENS)
     )
     assert [g.tokens for question in batched for g in question] == expected
 
 
 def test_hypotheses_differ_between_passages(reference: Reference) -> None:
     """Guards the test above: with these weights the passages change the output, so matching is not trivial."""
-    options = DecodingOptions(Mode.SEQUENCE, True, 1, 1, MAX_NEW_TOKENS).to_pb()
+    options = DecodingOptions(Mode.SEQUENCE, THOROUGH, 1, 1, MAX_NEW_TOKENS).to_pb()
     reply = reference.stub.Generate(
         generator_pb2.GenerateRequest(
             question=QUESTIONS[0], passages=[p.to_pb() for p in passages_for(0)], options=options

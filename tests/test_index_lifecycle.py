@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.config import GatewayConfig
-from gateway.server import create_server as create_gateway
-from generator_svc.config import GeneratorConfig
-from generator_svc.server import create_server as create_generator
 from rag.auth import bearer
-from rag.random_models import save_sentence_encoder
-from rag.serving import Served, ServerThread
+from rag.index_ref import IndexRef
+from rag.serving import Served
 from rag.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -30,11 +26,10 @@ from rag.v1 import (
     index_admin_pb2,
     index_admin_pb2_grpc,
 )
-from retriever_svc.config import RetrieverConfig
+from rag_cli.testing.random_models import save_sentence_encoder
+from rag_cli.testing.stack import Launcher, Stack, address
 from retriever_svc.encoders import load_encoder
-from retriever_svc.index import build_index
-from retriever_svc.server import create_server as create_retriever
-from tests.conftest import TinyModels, corpus_records, local, passage_ids, write_jsonl
+from tests.conftest import TinyModels, build, corpus_records, passage_ids, write_jsonl
 
 TOKEN = "test-admin-token"
 QUESTION = "Who is the president of Examplia?"
@@ -54,9 +49,15 @@ def versioned_corpus(tmp: Path, version: str) -> Path:
 
 @dataclass
 class Cluster:
-    gateway: str
-    retrievers: list[Served]
-    served: list[Served]
+    stack: Stack
+
+    @property
+    def gateway(self) -> str:
+        return self.stack.gateway_address
+
+    @property
+    def retrievers(self) -> list[Served]:
+        return self.stack.retrievers
 
     def ask(self, k: int = 4, timeout: float = 60) -> gateway_pb2.AskResponse:
         with grpc.insecure_channel(self.gateway) as channel:
@@ -65,68 +66,38 @@ class Cluster:
                 timeout=timeout,
             )
 
-    def admin(self, rpc: str, request: object, token: str | None = TOKEN) -> object:
+    def swap(self, version: str, name: str = "", token: str | None = TOKEN) -> admin_pb2.SwapIndexResponse:
         with grpc.insecure_channel(self.gateway) as channel:
-            metadata = bearer(token) if token is not None else ()
-            return getattr(admin_pb2_grpc.AdminServiceStub(channel), rpc)(request, timeout=120, metadata=metadata)
+            return admin_pb2_grpc.AdminServiceStub(channel).SwapIndex(
+                admin_pb2.SwapIndexRequest(name=name, version=version), timeout=120, metadata=_auth(token)
+            )
 
-    def swap(self, version: str, name: str = "") -> admin_pb2.SwapIndexResponse:
-        return self.admin("SwapIndex", admin_pb2.SwapIndexRequest(name=name, version=version))  # type: ignore[return-value]
+    def status(self, token: str | None = TOKEN) -> list[index_admin_pb2.IndexStatus]:
+        with grpc.insecure_channel(self.gateway) as channel:
+            reply = admin_pb2_grpc.AdminServiceStub(channel).ListIndexStatus(
+                admin_pb2.ListIndexStatusRequest(), timeout=120, metadata=_auth(token)
+            )
+        return list(reply.retrievers)
 
-    def status(self) -> list:  # type: ignore[type-arg]
-        return list(self.admin("ListIndexStatus", admin_pb2.ListIndexStatusRequest()).retrievers)  # type: ignore[attr-defined]
 
-
-def launch(thread: ServerThread, tiny: TinyModels, root: Path, index: str, shards: int) -> Cluster:
-    common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-    retrievers = [
-        thread.start(
-            create_retriever,
-            RetrieverConfig(**common, index_root=str(root), index=index, shard=s, admin_token=TOKEN),
-        )
-        for s in range(shards)
-    ]
-    generator = thread.start(create_generator, GeneratorConfig(**common, generator=str(tiny.rag_checkpoint)))
-    gateway = thread.start(
-        create_gateway,
-        GatewayConfig(
-            **common,
-            retrievers=",".join(local(r.port) for r in retrievers),
-            generator_address=local(generator.port),
-            admin_token=TOKEN,
-        ),
-    )
-    return Cluster(local(gateway.port), retrievers, [gateway, generator, *retrievers])
+def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
+    return bearer(token) if token is not None else ()
 
 
 @pytest.fixture()
-def cluster_factory(loop_thread: ServerThread, tiny: TinyModels) -> Iterator:  # type: ignore[type-arg]
-    clusters: list[Cluster] = []
-
+def cluster_factory(launch: Launcher, tiny: TinyModels) -> Callable[..., Cluster]:
     def make(root: Path, index: str, shards: int = 1) -> Cluster:
-        clusters.append(launch(loop_thread, tiny, root, index, shards))
-        return clusters[-1]
+        return Cluster(launch.stack(root, index, tiny.rag_checkpoint, shards=shards, admin_token=TOKEN))
 
-    yield make
-    for cluster in clusters:
-        for served in cluster.served:
-            loop_thread.run(served.stop(0))
+    return make
 
 
-def build(root: Path, tmp: Path, tiny: TinyModels, version: str, shards: int = 1, name: str = "kb") -> str:
-    return build_index(
-        versioned_corpus(tmp, version),
-        "jsonl",
-        root,
-        name,
-        load_encoder(tiny.encoder_spec),
-        shards=shards,
-        show_progress=False,
-    ).version
+def build_version(root: Path, tmp: Path, tiny: TinyModels, version: str, shards: int = 1, name: str = "kb") -> str:
+    return build(versioned_corpus(tmp, version), root, name, tiny.encoder_spec, shards=shards).version
 
 
 def retriever_admin(served: Served, rpc: str, request: object) -> object:
-    with grpc.insecure_channel(local(served.port)) as channel:
+    with grpc.insecure_channel(address(served)) as channel:
         return getattr(index_admin_pb2_grpc.IndexAdminServiceStub(channel), rpc)(
             request, timeout=60, metadata=bearer(TOKEN)
         )
@@ -140,10 +111,10 @@ def version_of(passage_id: str) -> str:
 
 
 def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(
-    tmp_path: Path, tiny: TinyModels, cluster_factory
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     root = tmp_path / "indexes"
-    assert build(root, tmp_path, tiny, "v1") == "v1" and build(root, tmp_path, tiny, "v2") == "v2"
+    assert build_version(root, tmp_path, tiny, "v1") == "v1" and build_version(root, tmp_path, tiny, "v2") == "v2"
     cluster = cluster_factory(root, "kb@v1")
     before = cluster.ask(k=1)
     assert before.index_version == "kb@v1" and before.sources[0].passage.text == FACT["v1"]
@@ -164,11 +135,11 @@ def test_a_swap_updates_knowledge_and_a_swap_back_restores_it(
 
 
 def test_no_request_fails_or_mixes_versions_through_20_swaps_of_2_shards(
-    tmp_path: Path, tiny: TinyModels, cluster_factory
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     root = tmp_path / "indexes"
-    build(root, tmp_path, tiny, "v1", shards=2)
-    build(root, tmp_path, tiny, "v2", shards=2)
+    build_version(root, tmp_path, tiny, "v1", shards=2)
+    build_version(root, tmp_path, tiny, "v2", shards=2)
     cluster = cluster_factory(root, "kb@v1", shards=2)
     stop = threading.Event()
     served: list[str] = []
@@ -205,12 +176,14 @@ def test_no_request_fails_or_mixes_versions_through_20_swaps_of_2_shards(
     print(f"\n{len(served)} requests served during 20 swaps of 2 shards")
 
 
-def test_answers_stay_on_one_version_while_shards_disagree(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_answers_stay_on_one_version_while_shards_disagree(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     """Freeze a swap halfway (shard 0 activated, shard 1 not) by driving the retrievers directly: every answer
     must still come from one version on both shards."""
     root = tmp_path / "indexes"
-    build(root, tmp_path, tiny, "v1", shards=2)
-    build(root, tmp_path, tiny, "v2", shards=2)
+    build_version(root, tmp_path, tiny, "v1", shards=2)
+    build_version(root, tmp_path, tiny, "v2", shards=2)
     cluster = cluster_factory(root, "kb@v1", shards=2)
 
     for served in cluster.retrievers:
@@ -226,12 +199,13 @@ def test_answers_stay_on_one_version_while_shards_disagree(tmp_path: Path, tiny:
         )  # both shards answered
 
 
-def test_sharded_exact_search_returns_the_unsharded_top_k(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_sharded_exact_search_returns_the_unsharded_top_k(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     one, three = tmp_path / "one", tmp_path / "three"
     corpus = versioned_corpus(tmp_path, "v1")
-    encoder = load_encoder(tiny.encoder_spec)
-    build_index(corpus, "jsonl", one, "kb", encoder, shards=1, show_progress=False)
-    manifest = build_index(corpus, "jsonl", three, "kb", encoder, shards=3, show_progress=False)
+    build(corpus, one, "kb", tiny.encoder_spec, shards=1)
+    manifest = build(corpus, three, "kb", tiny.encoder_spec, shards=3)
     assert manifest.num_shards == 3 and sum(manifest.shard_counts) == manifest.count
     unsharded, sharded = cluster_factory(one, "kb"), cluster_factory(three, "kb", shards=3)
     for k in (1, 7, 20):
@@ -242,12 +216,11 @@ def test_sharded_exact_search_returns_the_unsharded_top_k(tmp_path: Path, tiny: 
 
 def test_rebuilding_reuses_unchanged_embeddings_exactly(tmp_path: Path, tiny: TinyModels) -> None:
     root = tmp_path / "indexes"
-    encoder = load_encoder(tiny.encoder_spec)
-    build_index(versioned_corpus(tmp_path, "v1"), "jsonl", root, "kb", encoder, show_progress=False)
+    build(versioned_corpus(tmp_path, "v1"), root, "kb", tiny.encoder_spec)
     corpus = versioned_corpus(tmp_path, "v2")
-    reused = build_index(corpus, "jsonl", root, "kb", encoder, show_progress=False)
-    fresh = build_index(corpus, "jsonl", root, "fresh", encoder, reuse_embeddings=False, show_progress=False)
-    borrowed = build_index(corpus, "jsonl", root, "other", encoder, reuse_from="kb@v1", show_progress=False)
+    reused = build(corpus, root, "kb", tiny.encoder_spec)
+    fresh = build(corpus, root, "fresh", tiny.encoder_spec, reuse_embeddings=False)
+    borrowed = build(corpus, root, "other", tiny.encoder_spec, reuse_from=IndexRef("kb", "v1"))
     a, b, c = (np.load(root / m.name / m.version / "shard-0" / "embeddings.npy") for m in (reused, fresh, borrowed))
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(c, b, atol=1e-6)
@@ -282,33 +255,19 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
 
 
 def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_serving(
-    tmp_path: Path, tiny: TinyModels, cluster_factory
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     root = tmp_path / "indexes"
-    build(root, tmp_path, tiny, "v1")
+    build_version(root, tmp_path, tiny, "v1")
     serving_encoder = load_encoder(tiny.encoder_spec).info
 
     _truncate(_copy_version(root, "v1", "v2") / "shard-0" / "embeddings.npy")
     _flip_a_byte(_copy_version(root, "v1", "v3") / "shard-0" / "passages.sqlite")
     (_copy_version(root, "v1", "v4") / "manifest.json").unlink()
     other = save_sentence_encoder(tmp_path / "other-encoder", seed=7)  # same dimension, other weights
-    build_index(
-        versioned_corpus(tmp_path, "v2"),
-        "jsonl",
-        root,
-        "kb",
-        load_encoder(f"sentence-transformer:{other}"),
-        show_progress=False,
-    )  # v5
+    build(versioned_corpus(tmp_path, "v2"), root, "kb", f"sentence-transformer:{other}")  # v5
     narrow = save_sentence_encoder(tmp_path / "narrow-encoder", hidden=16)
-    build_index(
-        versioned_corpus(tmp_path, "v2"),
-        "jsonl",
-        root,
-        "kb",
-        load_encoder(f"sentence-transformer:{narrow}"),
-        show_progress=False,
-    )  # v6
+    build(versioned_corpus(tmp_path, "v2"), root, "kb", f"sentence-transformer:{narrow}")  # v6
     _edit_manifest(
         root / "kb" / "v6", encoder=dict(serving_encoder.to_json(), dim=16)
     )  # claims our encoder, holds 16-d vectors
@@ -337,34 +296,30 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
 
 
 def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
-    tmp_path: Path, tiny: TinyModels, cluster_factory
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     root = tmp_path / "indexes"
-    build(root, tmp_path, tiny, "v1")
-    build(root, tmp_path, tiny, "v2")
+    build_version(root, tmp_path, tiny, "v1")
+    build_version(root, tmp_path, tiny, "v2")
     cluster = cluster_factory(root, "kb@v1")
-    swap = admin_pb2.SwapIndexRequest(version="v2")
     for token, message in ((None, "need `authorization: Bearer <token>`"), ("wrong", "not valid")):
         with pytest.raises(grpc.RpcError) as err:
-            cluster.admin("SwapIndex", swap, token=token)
+            cluster.swap("v2", token=token)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and message in err.value.details()
-    for request in (
-        admin_pb2.SwapIndexRequest(version="../v2"),
-        admin_pb2.SwapIndexRequest(version="/etc/passwd"),
-        admin_pb2.SwapIndexRequest(name="../../etc", version="v1"),
-        admin_pb2.SwapIndexRequest(name="kb/..", version="v1"),
-    ):
+    for version, name in (("../v2", ""), ("/etc/passwd", ""), ("v1", "../../etc"), ("v1", "kb/.."), ("v1\n", "")):
         with pytest.raises(grpc.RpcError) as err:
-            cluster.admin("SwapIndex", request)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+            cluster.swap(version, name)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (version, name)
     assert cluster.ask(k=1).index_version == "kb@v1"
 
 
-def test_a_retriever_holds_at_most_two_versions(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_a_retriever_holds_at_most_two_versions(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     """Driving one retriever directly: loading a third version evicts the other inactive one first."""
     root = tmp_path / "indexes"
     for version in ("v1", "v2", "v1"):
-        build(root, tmp_path, tiny, version)  # kb v1, v2, v3
+        build_version(root, tmp_path, tiny, version)  # kb v1, v2, v3
     cluster = cluster_factory(root, "kb@v1")
     [retriever] = cluster.retrievers
     retriever_admin(retriever, "LoadIndex", index_admin_pb2.LoadIndexRequest(index_version="kb@v2"))
@@ -387,15 +342,17 @@ def test_a_retriever_holds_at_most_two_versions(tmp_path: Path, tiny: TinyModels
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in err.value.details()
 
 
-def test_swaps_and_refused_loads_are_counted(tmp_path: Path, tiny: TinyModels, cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_swaps_and_refused_loads_are_counted(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
     from prometheus_client import REGISTRY
 
     def value(metric: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(metric, labels) or 0.0
 
     root = tmp_path / "indexes"
-    build(root, tmp_path, tiny, "v1", name="metered")
-    build(root, tmp_path, tiny, "v2", name="metered")
+    build_version(root, tmp_path, tiny, "v1", name="metered")
+    build_version(root, tmp_path, tiny, "v2", name="metered")
     _flip_a_byte(_copy_version(root, "v2", "v3", name="metered") / "shard-0" / "embeddings.npy")
     cluster = cluster_factory(root, "metered@v1")
     swapped, failed = (

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from generator_svc import rag_math
-from generator_svc.models import DecoderOnlyLM, load_generator
-from rag import assets
+from generator_svc.families import DecoderOnlyLM, load_passage_lm
 from rag.types import DecodingOptions, Passage
+from rag_cli import assets
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_demo_with_the_small_model_answers_from_the_right_passages() -> None:
     questions = "Who painted Guernica?|Who wrote The Great Gatsby?"
     result = subprocess.run(
-        [sys.executable, "-m", "rag.cli", "demo", "--model", "smollm2-135m", "--corpus-limit", "300", "--questions", questions],
+        [sys.executable, "-m", "rag_cli", "demo", "--model", "smollm2-135m", "--corpus-limit", "300", "--questions", questions],
         capture_output=True, text=True, timeout=1800, env=dict(os.environ),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,7 +39,7 @@ def test_demo_with_the_small_model_answers_from_the_right_passages() -> None:
 
 def test_smollm2_with_one_passage_generates_as_transformers_does() -> None:
     model_dir = assets.converted(assets.smollm2_gguf(), "SmolLM2-135M-Instruct")
-    lm = load_generator(str(model_dir))
+    lm = load_passage_lm(str(model_dir))
     assert isinstance(lm, DecoderOnlyLM)
     passage = Passage(
         "fleming", "Alexander Fleming", "Alexander Fleming was a Scottish physician who discovered penicillin in 1928."

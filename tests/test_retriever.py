@@ -3,7 +3,6 @@ exact search against faiss' brute force, and the RetrieverService contract."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -11,16 +10,25 @@ import grpc
 import numpy as np
 import pytest
 
-from rag.cli import main as rag_cli
 from rag.errors import InvalidArgument
-from rag.serving import Served, ServerThread
+from rag.index_ref import IndexRef
 from rag.v1 import retriever_pb2, retriever_pb2_grpc
-from retriever_svc.config import RetrieverConfig
+from rag_cli.main import main as rag_cli
+from rag_cli.testing.stack import Launcher, address
+from retriever_svc.build import build_index
 from retriever_svc.corpus import Document, read_documents, split_passages
 from retriever_svc.encoders import load_encoder
-from retriever_svc.index import Manifest, build_index, versions
-from retriever_svc.server import create_server as create_retriever
-from tests.conftest import FACTS, Services, TinyModels, corpus_records, local, passage_ids, write_jsonl
+from retriever_svc.layout import Manifest, versions
+from tests.conftest import (
+    FACTS,
+    Services,
+    TinyModels,
+    build,
+    corpus_records,
+    index_build_args,
+    passage_ids,
+    write_jsonl,
+)
 
 QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "How high is Mount Everest?"]
 
@@ -30,23 +38,6 @@ def search(address: str, questions: list[str], k: int, **flags: bool) -> retriev
         return retriever_pb2_grpc.RetrieverServiceStub(channel).Search(
             retriever_pb2.SearchRequest(questions=questions, k=k, **flags), timeout=60
         )
-
-
-@pytest.fixture()
-def serve(loop_thread: ServerThread) -> Iterator:  # type: ignore[type-arg]
-    """Start retrievers on demand; stop them after the test."""
-    started: list[Served] = []
-
-    def run(**config: object) -> Served:
-        served = loop_thread.start(
-            create_retriever, RetrieverConfig(host="127.0.0.1", port=0, metrics_port=0, **config)
-        )  # type: ignore[arg-type]
-        started.append(served)
-        return served
-
-    yield run
-    for served in started:
-        loop_thread.run(served.stop(0))
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -98,25 +89,13 @@ def test_long_documents_split_into_near_equal_passages_keeping_the_title() -> No
 
 def test_build_writes_a_validated_manifest_and_new_versions(tmp_path: Path, tiny: TinyModels, corpus: Path) -> None:
     root = tmp_path / "indexes"
-    args = [
-        "index",
-        "build",
-        "--corpus",
-        str(corpus),
-        "--index-root",
-        str(root),
-        "--name",
-        "wiki",
-        "--encoder",
-        tiny.encoder_spec,
-        "--no-progress",
-    ]
+    args = index_build_args(corpus, root, "wiki", tiny.encoder_spec)
     assert rag_cli(args) == 0
     assert rag_cli(args) == 0
     assert versions(root, "wiki") == ["v1", "v2"]
     manifest = Manifest.from_file(root / "wiki" / "v2" / "manifest.json")
     encoder = load_encoder(tiny.encoder_spec)
-    assert manifest.ref == "wiki@v2"
+    assert manifest.ref == IndexRef("wiki", "v2")
     assert manifest.encoder.question_identity == encoder.info.question_identity
     assert manifest.dim == encoder.info.dim and manifest.metric == "inner_product"
     documents = read_documents(corpus, "jsonl")
@@ -150,23 +129,23 @@ def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Pa
             np.testing.assert_allclose(p.embedding, embeddings[ids.index(p.id)], rtol=1e-6)
 
 
-def test_duplicate_passages_come_back_in_corpus_order(tmp_path: Path, tiny: TinyModels, serve) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_passages_come_back_in_corpus_order(tmp_path: Path, tiny: TinyModels, launch: Launcher) -> None:
     # Real corpora repeat passages (mirrors, templates); equal scores must rank the same way every time.
     copies = [dict(FACTS[0], id=f"copy{i}") for i in range(12)]
     records = corpus_records()[:20] + copies
     corpus = write_jsonl(tmp_path / "copies.jsonl", records)
     same_text = [r["id"] for r in records if r["text"] == FACTS[0]["text"]]  # the original, then the copies
-    build_index(corpus, "jsonl", tmp_path / "indexes", "copies", load_encoder(tiny.encoder_spec), show_progress=False)
-    served = serve(index_root=str(tmp_path / "indexes"), index="copies")
+    build(corpus, tmp_path / "indexes", "copies", tiny.encoder_spec)
+    served = launch.retriever(tmp_path / "indexes", index="copies")
     for k in (3, 8):
-        (result,) = search(local(served.port), [FACTS[0]["text"]], k).results
+        (result,) = search(address(served), [FACTS[0]["text"]], k).results
         assert [p.id for p in result.passages] == same_text[:k]
 
 
 @pytest.mark.parametrize(("block", "k"), [(7, 5), (64, 10), (1000, 1), (5000, 20)])
 def test_blockwise_exact_search_equals_faiss(block: int, k: int) -> None:
     # The retriever scans big indexes in row blocks; small blocks exercise the merging across them.
-    from retriever_svc.index import _exact_top_k
+    from retriever_svc.search import exact_top_k
 
     rng = np.random.default_rng(block)
     embeddings = rng.standard_normal((3000, 16), dtype=np.float32)
@@ -176,7 +155,7 @@ def test_blockwise_exact_search_equals_faiss(block: int, k: int) -> None:
     brute.add(embeddings)
     scores, rows = brute.search(queries, k)
     for hits, expected_rows, expected_scores, query in zip(
-        _exact_top_k(embeddings, queries, k, block), rows, scores, queries, strict=True
+        exact_top_k(embeddings, queries, k, block), rows, scores, queries, strict=True
     ):
         np.testing.assert_allclose([h.score for h in hits], expected_scores, rtol=1e-5)
         exact = embeddings @ query
@@ -194,7 +173,7 @@ def _recall(approximate: retriever_pb2.SearchResponse, exact: retriever_pb2.Sear
     return sum(hits) / len(hits)
 
 
-def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: TinyModels, serve) -> None:  # type: ignore[no-untyped-def]
+def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: TinyModels, launch: Launcher) -> None:
     records = [
         {"id": f"p{i}", "title": f"Entry {i}", "text": f"entry {i} mentions {i * 7919 % 1000} and {i % 97} things"}
         for i in range(10_000)
@@ -204,11 +183,13 @@ def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: Tiny
     questions = [f"which entry mentions {n} things?" for n in range(0, 1000, 50)]
     replies = {}
     for index_type in ("flat", "hnsw", "ivfpq"):
-        assert rag_cli(["index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", index_type,
-                        "--encoder", tiny.encoder_spec, "--index-type", index_type, "--no-progress"]) == 0  # fmt: skip
-        served = serve(index_root=str(root), index=index_type, mmap_ann=index_type != "flat")  # mmap the faiss files
+        args = index_build_args(
+            corpus, root, index_type, tiny.encoder_spec, "--index-type", index_type, "--no-progress"
+        )
+        assert rag_cli(args) == 0
+        served = launch.retriever(root, index=index_type, mmap_ann=index_type != "flat")  # mmap the faiss files
         replies[index_type] = search(
-            local(served.port), questions, 10, include_embeddings=True, include_query_embeddings=True
+            address(served), questions, 10, include_embeddings=True, include_query_embeddings=True
         )
     assert Manifest.from_file(root / "ivfpq" / "v1" / "manifest.json").faiss_factory.startswith("IVF")
     assert _recall(replies["hnsw"], replies["flat"]) >= 0.9
@@ -225,32 +206,17 @@ def test_ivfpq_on_a_small_corpus_is_refused_with_a_reason(tmp_path: Path, tiny: 
         build_index(corpus, "jsonl", tmp_path, "small", load_encoder(tiny.encoder_spec), "ivfpq", show_progress=False)
 
 
-def test_dpr_encoders_build_and_serve_an_index(tmp_path: Path, tiny: TinyModels, corpus: Path, serve) -> None:  # type: ignore[no-untyped-def]
+def test_dpr_encoders_build_and_serve_an_index(
+    tmp_path: Path, tiny: TinyModels, corpus: Path, launch: Launcher
+) -> None:
     spec = f"dpr:question={tiny.dpr_question},context={tiny.dpr_context}"
     root = tmp_path / "indexes"
-    assert (
-        rag_cli(
-            [
-                "index",
-                "build",
-                "--corpus",
-                str(corpus),
-                "--index-root",
-                str(root),
-                "--name",
-                "dpr",
-                "--encoder",
-                spec,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert rag_cli(index_build_args(corpus, root, "dpr", spec)) == 0
     manifest = Manifest.from_file(root / "dpr" / "v1" / "manifest.json")
     assert manifest.encoder.kind == "dpr" and manifest.encoder.score_temperature == 1.0
     assert manifest.encoder.question_identity != manifest.encoder.passage_identity  # two towers
-    served = serve(index_root=str(root), index="dpr")
-    reply = search(local(served.port), QUESTIONS[:1], 5, include_embeddings=True, include_query_embeddings=True)
+    served = launch.retriever(root, index="dpr")
+    reply = search(address(served), QUESTIONS[:1], 5, include_embeddings=True, include_query_embeddings=True)
     assert reply.score_temperature == 1.0
     result = reply.results[0]
     q = np.array(result.query_embedding)
@@ -261,16 +227,16 @@ def test_dpr_encoders_build_and_serve_an_index(tmp_path: Path, tiny: TinyModels,
 
 
 def test_retriever_refuses_an_index_built_by_another_encoder(
-    tmp_path: Path, tiny: TinyModels, index_root: Path, serve
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny: TinyModels, index_root: Path, launch: Launcher
+) -> None:
     other = tmp_path / "other-encoder"
-    from rag.random_models import save_sentence_encoder
+    from rag_cli.testing.random_models import save_sentence_encoder
 
     save_sentence_encoder(other, seed=1)
-    served = serve(index_root=str(index_root), index="tiny", encoder=f"sentence-transformer:{other}")
+    served = launch.retriever(index_root, index="tiny", encoder=f"sentence-transformer:{other}")
     assert "built with a different encoder" in str(served.loading.exception())
     with pytest.raises(grpc.RpcError) as err:
-        search(local(served.port), QUESTIONS, 3)
+        search(address(served), QUESTIONS, 3)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

@@ -7,21 +7,19 @@ import asyncio
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from gateway.config import GatewayConfig
-from gateway.server import create_server as create_gateway
-from generator_svc.config import GeneratorConfig
-from generator_svc.server import create_server as create_generator
 from rag import metrics
-from rag.serving import ServerThread, new_server
-from rag.types import DecodingOptions, Mode
+from rag.serving import ServerConfig, ServerThread, new_server
+from rag.types import AskRequest, DecodingOptions, Mode
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
-from tests.conftest import Services, TinyModels, local
+from rag_cli.testing.stack import Launcher, address, loopback
+from tests.conftest import Services, TinyModels
 
 PASSAGES = [
     passage_pb2.Passage(
@@ -97,6 +95,24 @@ def test_ask_rejects_bad_requests_with_invalid_argument(services: Services, fiel
     assert message in err.details()
 
 
+def test_the_gateway_passes_on_what_its_generator_allows(
+    services: Services, launch: Launcher, tiny: TinyModels
+) -> None:
+    """Decoding limits belong to the generator: the gateway in front of one started with a higher
+    --max-new-tokens accepts what that generator accepts, and passes on its refusal of more."""
+    generator = launch.generator(tiny.rag_checkpoint, max_new_tokens=400)
+    gateway = launch.gateway(services.retriever, address(generator))
+    with grpc.insecure_channel(address(gateway)) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        question = "Who discovered penicillin?"
+        reply = stub.Ask(AskRequest(question, 2, DecodingOptions(max_new_tokens=300)).to_pb(), timeout=120)
+        assert reply.answers  # a gateway with limits of its own refused anything above 256
+        err = status_of(
+            lambda: stub.Ask(AskRequest(question, 2, DecodingOptions(max_new_tokens=401)).to_pb(), timeout=60)
+        )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens must be in [1, 400]" in err.details()
+
+
 class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     """A generator that takes its time and records the deadline it was given."""
 
@@ -109,25 +125,21 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
         return generator_pb2.GenerateResponse()
 
 
-def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Services, loop_thread: ServerThread) -> None:
+def test_gateway_passes_on_what_is_left_of_the_callers_deadline(
+    services: Services, loop_thread: ServerThread, launch: Launcher
+) -> None:
     slow = SlowGenerator()
-    config = GatewayConfig(host="127.0.0.1", port=0, metrics_port=0)
     fake = loop_thread.run(
         new_server(
-            config,
+            loopback(ServerConfig),
             ("rag.v1.GeneratorService",),
             lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s),
         )
     )
-    gateway = loop_thread.start(
-        create_gateway,
-        GatewayConfig(
-            host="127.0.0.1", port=0, metrics_port=0, retrievers=services.retriever, generator_address=local(fake.port)
-        ),
-    )
+    gateway = launch.gateway(services.retriever, address(fake))
     try:
         started = time.monotonic()
-        with grpc.insecure_channel(local(gateway.port)) as channel:
+        with grpc.insecure_channel(address(gateway)) as channel:
             err = status_of(
                 lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
                     gateway_pb2.AskRequest(question="who?"), timeout=1.5
@@ -138,28 +150,19 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(services: Servic
         # What was left of the 1.5 s (gRPC rounds timeouts up a little), not the gateway's own 120 s default.
         assert len(slow.seen_remaining) == 1 and 0 < slow.seen_remaining[0] < 1.6
     finally:
-        loop_thread.run(gateway.stop(0))
         loop_thread.run(fake.stop(0))
 
 
-def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, loop_thread: ServerThread) -> None:
-    gateway = loop_thread.start(
-        create_gateway,
-        GatewayConfig(
-            host="127.0.0.1", port=0, metrics_port=0, retrievers="127.0.0.1:1", generator_address=services.generator
-        ),
-    )
-    try:
-        with grpc.insecure_channel(local(gateway.port)) as channel:
-            err = status_of(
-                lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
-                    gateway_pb2.AskRequest(question="who?"), timeout=10
-                )
+def test_gateway_reports_an_unreachable_service_as_unavailable(services: Services, launch: Launcher) -> None:
+    gateway = launch.gateway("127.0.0.1:1", services.generator)
+    with grpc.insecure_channel(address(gateway)) as channel:
+        err = status_of(
+            lambda: gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
+                gateway_pb2.AskRequest(question="who?"), timeout=10
             )
-        assert err.code() == grpc.StatusCode.UNAVAILABLE
-        assert err.details().startswith("retriever shard 0:")
-    finally:
-        loop_thread.run(gateway.stop(0))
+        )
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.details().startswith("retriever shard 0:")
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -238,48 +241,36 @@ def test_score_rejects_empty_answers(services: Services) -> None:
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
 
 
-def test_generator_refuses_work_beyond_its_queue(loop_thread: ServerThread, tiny: TinyModels) -> None:
-    served = loop_thread.start(
-        create_generator,
-        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tiny.rag_checkpoint), max_queue=1),
-    )
+def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyModels) -> None:
+    served = launch.generator(tiny.rag_checkpoint, max_queue=1)
     options = generator_pb2.DecodingOptions(num_beams=8, max_new_tokens=200)
     request = generator_pb2.GenerateRequest(
         question="Who discovered penicillin?", passages=PASSAGES * 10, options=options
     )
-    try:
-        with grpc.insecure_channel(local(served.port)) as channel:
-            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-            with ThreadPoolExecutor(6) as pool:
-                futures = [pool.submit(stub.Generate.future(request, timeout=120).exception) for _ in range(6)]
-                errors = [f.result() for f in futures]
-        codes = [e.code() for e in errors if e is not None]
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        assert errors.count(None) >= 1  # the queued one was served
-    finally:
-        loop_thread.run(served.stop(0))
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(stub.Generate.future(request, timeout=120).exception) for _ in range(6)]
+            errors = [f.result() for f in futures]
+    codes = [e.code() for e in errors if e is not None]
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert errors.count(None) >= 1  # the queued one was served
 
 
-def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(loop_thread: ServerThread, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    served = loop_thread.start(
-        create_generator,
-        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(tmp_path / "missing")),
-    )
-    try:
-        assert "does not exist" in str(served.loading.exception())
-        with grpc.insecure_channel(local(served.port)) as channel:
-            health = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5
+def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(launch: Launcher, tmp_path: Path) -> None:
+    served = launch.generator(tmp_path / "missing")
+    assert "does not exist" in str(served.loading.exception())
+    with grpc.insecure_channel(address(served)) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        err = status_of(
+            lambda: generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
+                generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5
             )
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            err = status_of(
-                lambda: generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
-                    generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5
-                )
-            )
-        assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.details()
-    finally:
-        loop_thread.run(served.stop(0))
+        )
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.details()
 
 
 # ------------------------------------------------------------------------------------------------ hygiene
@@ -353,15 +344,11 @@ def test_baseline_answers_report_no_posterior(services: Services) -> None:
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
 def test_concurrent_requests_are_batched_without_changing_answers(
-    loop_thread: ServerThread, tiny: TinyModels, family: str
+    launch: Launcher, tiny: TinyModels, family: str
 ) -> None:
     from prometheus_client import REGISTRY
 
-    model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
-    served = loop_thread.start(
-        create_generator,
-        GeneratorConfig(host="127.0.0.1", port=0, metrics_port=0, generator=str(model), max_batch=8),
-    )
+    served = launch.generator(tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm, max_batch=8)
     questions = [
         "Who discovered penicillin?",
         "What is the capital of France?",
@@ -383,17 +370,14 @@ def test_concurrent_requests_are_batched_without_changing_answers(
         REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0,
         REGISTRY.get_sample_value("rag_generator_batch_size_sum") or 0,
     )  # noqa: E731
-    try:
-        with grpc.insecure_channel(local(served.port)) as channel:
-            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-            alone = [stub.Generate(request(i), timeout=60) for i in range(len(questions))]
-            count, total = batches()
-            futures = [stub.Generate.future(request(i), timeout=60) for i in range(len(questions))]
-            together = [f.result() for f in futures]
-        new_count, new_total = batches()
-        assert new_total - total == len(questions) and new_count - count < len(questions)  # some shared a batch
-        for a, b in zip(alone, together, strict=True):
-            assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
-            assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
-    finally:
-        loop_thread.run(served.stop(0))
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        alone = [stub.Generate(request(i), timeout=60) for i in range(len(questions))]
+        count, total = batches()
+        futures = [stub.Generate.future(request(i), timeout=60) for i in range(len(questions))]
+        together = [f.result() for f in futures]
+    new_count, new_total = batches()
+    assert new_total - total == len(questions) and new_count - count < len(questions)  # some shared a batch
+    for a, b in zip(alone, together, strict=True):
+        assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+        assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)

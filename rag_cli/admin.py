@@ -3,13 +3,15 @@ and the file-system side of `rag index list`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rag.auth import bearer, load_admin_token
-from rag.clients import unary
+from rag.clients import call
 from rag.config import option
 from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
+from retriever_svc.layout import MANIFEST, Manifest, directory_bytes, index_names, versions
 
 
 @dataclass
@@ -25,17 +27,26 @@ class SwapConfig(AdminConfig):
     name: str = option("", "index name; default: the name being served")
 
 
-def _call(config: AdminConfig, rpc: str, request: object) -> object:
-    token = load_admin_token(config.admin_token, config.admin_token_file)
-    return unary(config.gateway, admin_pb2_grpc.AdminServiceStub, rpc, request, config.timeout, bearer(token))
-
-
 def swap(config: AdminConfig, version: str, name: str = "") -> admin_pb2.SwapIndexResponse:
-    return _call(config, "SwapIndex", admin_pb2.SwapIndexRequest(name=name, version=version))  # type: ignore[return-value]
+    """Swap every retriever to `version` (of `name`, default: the index being served); the gateway checks both."""
+    request = admin_pb2.SwapIndexRequest(name=name, version=version)
+    metadata = bearer(load_admin_token(config.admin_token, config.admin_token_file))
+    return call(
+        config.gateway,
+        lambda ch: admin_pb2_grpc.AdminServiceStub(ch).SwapIndex(request, timeout=config.timeout, metadata=metadata),
+    )
 
 
 def statuses(config: AdminConfig) -> list[index_admin_pb2.IndexStatus]:
-    return list(_call(config, "ListIndexStatus", admin_pb2.ListIndexStatusRequest()).retrievers)  # type: ignore[attr-defined]
+    request = admin_pb2.ListIndexStatusRequest()
+    metadata = bearer(load_admin_token(config.admin_token, config.admin_token_file))
+    reply = call(
+        config.gateway,
+        lambda ch: admin_pb2_grpc.AdminServiceStub(ch).ListIndexStatus(
+            request, timeout=config.timeout, metadata=metadata
+        ),
+    )
+    return list(reply.retrievers)
 
 
 def format_statuses(found: list[index_admin_pb2.IndexStatus]) -> str:
@@ -49,19 +60,17 @@ def format_statuses(found: list[index_admin_pb2.IndexStatus]) -> str:
 
 def format_versions(root: Path, serving: dict[str, list[str]] | None) -> str:
     """Every version under the index root, with the retrievers serving it when the gateway could say."""
-    from retriever_svc.index import MANIFEST, Manifest, directory_bytes, index_names, versions
-
     rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "CREATED", "SERVED BY")]
     for name in index_names(root):
         for version in versions(root, name):
             manifest = Manifest.from_file(root / name / version / MANIFEST)
-            served = "?" if serving is None else ", ".join(serving.get(manifest.ref, [])) or "-"
+            served = "?" if serving is None else ", ".join(serving.get(str(manifest.ref), [])) or "-"
             size = directory_bytes(root / name / version)
-            rows.append((manifest.ref, str(manifest.count), str(manifest.num_shards), manifest.index_type,
+            rows.append((str(manifest.ref), str(manifest.count), str(manifest.num_shards), manifest.index_type,
                          f"{size / 2**20:.1f} MiB", manifest.created_at, served))  # fmt: skip
     return _table(rows) if len(rows) > 1 else f"no indexes under {root}"
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)

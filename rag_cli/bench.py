@@ -24,11 +24,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rag.config import option
+from rag.types import DecodingOptions
+
+if TYPE_CHECKING:  # the services load torch: `rag bench` imports them only in the sections that run them
+    from rag_cli.testing.stack import Launcher, Stack
 
 SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build")
 
@@ -76,21 +80,19 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
 
     from generator_svc import rag_math
-    from generator_svc.models import load_generator, one_each
-    from rag import random_models
-    from rag.hf_reference import generated_tokens, mask_rag_sequence_padding
-    from rag.types import DecodingOptions, Mode, Passage
+    from generator_svc.families import load_passage_lm
+    from generator_svc.passage_lm import one_each
+    from rag.types import Mode, Passage, SequenceDecoding
+    from rag_cli.testing import random_models
+    from rag_cli.testing.hf_reference import generated_tokens, mask_rag_sequence_padding
 
-    shape = (
-        dict(d_model=64, layers=2, heads=4, ffn=128)
-        if config.quick
-        else dict(d_model=768, layers=6, heads=12, ffn=3072)
-    )
     checkpoint = work / "bart-base-rag"
     # init_std 0.05 rather than BART's 0.02: with 0.02 random weights end every answer at once, and only the
     # fixed costs would be timed; with 0.05 answers run to max_new_tokens, like real multi-token answers.
-    random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **shape)  # type: ignore[arg-type]
-    lm = load_generator(str(checkpoint))
+    random_models.save_rag_checkpoint(
+        checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **_bart_shape(config.quick)
+    )
+    lm = load_passage_lm(str(checkpoint))
     hf_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
     hf_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
     mask_rag_sequence_padding(hf_sequence)
@@ -124,16 +126,17 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
         return generated_tokens(rows, hf_token.config.generator.pad_token_id)
 
     figures = []
+    thorough, fast = SequenceDecoding.THOROUGH, SequenceDecoding.FAST
     cases = [
-        ("RAG-Token greedy", Mode.TOKEN, True, 1, "1.5x"),
-        ("RAG-Token beam 4", Mode.TOKEN, True, 4, "1.5x"),
-        ("RAG-Sequence thorough, beam 1", Mode.SEQUENCE, True, 1, "3x"),
-        ("RAG-Sequence thorough, beam 4", Mode.SEQUENCE, True, 4, "3x"),
-        ("RAG-Sequence fast, beam 4", Mode.SEQUENCE, False, 4, ""),
+        ("RAG-Token greedy", Mode.TOKEN, thorough, 1, "1.5x"),
+        ("RAG-Token beam 4", Mode.TOKEN, thorough, 4, "1.5x"),
+        ("RAG-Sequence thorough, beam 1", Mode.SEQUENCE, thorough, 1, "3x"),
+        ("RAG-Sequence thorough, beam 4", Mode.SEQUENCE, thorough, 4, "3x"),
+        ("RAG-Sequence fast, beam 4", Mode.SEQUENCE, fast, 4, ""),
     ]
-    for name, mode, thorough, beams, goal in cases:
-        options = DecodingOptions(mode=mode, thorough=thorough, num_beams=beams, max_new_tokens=new_tokens)
-        if thorough:
+    for name, mode, decoding, beams, goal in cases:
+        options = DecodingOptions(mode=mode, sequence_decoding=decoding, num_beams=beams, max_new_tokens=new_tokens)
+        if options.thorough:
             assert ours(options) == theirs(mode, beams), f"{name}: tokens differ from transformers"
         ours_s = median_time(lambda: ours(options), config.repeats)
         theirs_s = median_time(lambda: theirs(mode, beams), config.repeats)
@@ -173,7 +176,7 @@ def embedding_like(rng: np.random.Generator, n: int, dim: int, intrinsic: int = 
 def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
     import faiss
 
-    from retriever_svc.index import _exact_top_k
+    from retriever_svc.search import exact_top_k
 
     n, dim = (50_000, 384) if config.quick else (1_000_000, 384)
     rng = np.random.default_rng(0)
@@ -185,9 +188,9 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
     figures = []
     for count in (1, 64):
         queries = queries_pool[:count]
-        ours_ids = [[h.row for h in hits] for hits in _exact_top_k(vectors, queries, 10)]
+        ours_ids = [[h.row for h in hits] for hits in exact_top_k(vectors, queries, 10)]
         assert ours_ids == flat.search(queries, 10)[1].tolist(), "exact search differs from faiss IndexFlatIP"
-        ours_s = median_time(lambda: _exact_top_k(vectors, queries, 10), config.repeats)
+        ours_s = median_time(lambda: exact_top_k(vectors, queries, 10), config.repeats)
         faiss_s = median_time(lambda: flat.search(queries, 10), config.repeats)
         label = f"exact top-10, {count} quer{'y' if count == 1 else 'ies'}, {n:,} x {dim}"
         figures.append(Figure("retrieval", label, ours_s, faiss_s, "faiss IndexFlatIP"))
@@ -209,11 +212,11 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
     hnsw.add(vectors[:m])
     hnsw.hnsw.efSearch = 128
     queries = queries_pool[64:]
-    exact = [{h.row for h in hits} for hits in _exact_top_k(vectors[:m], queries, 10)]
+    exact = [{h.row for h in hits} for hits in exact_top_k(vectors[:m], queries, 10)]
     found = hnsw.search(queries, 10)[1]
     recall = sum(len(e & set(f.tolist())) for e, f in zip(exact, found, strict=True)) / (10 * len(queries))
     hnsw_s = median_time(lambda: [hnsw.search(q[None], 10) for q in queries], config.repeats) / len(queries)
-    exact_s = median_time(lambda: [_exact_top_k(vectors[:m], q[None], 10) for q in queries[:20]], config.repeats) / 20
+    exact_s = median_time(lambda: [exact_top_k(vectors[:m], q[None], 10) for q in queries[:20]], config.repeats) / 20
     figures.append(
         Figure(
             "retrieval",
@@ -230,29 +233,17 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
 # ------------------------------------------------------------------------------------------------ services
 
 
-@dataclass
-class BenchServices:
-    retriever: Any
-    generator: Any
-    gateway: Any
-
-    @property
-    def gateway_address(self) -> str:
-        return f"127.0.0.1:{self.gateway.port}"
+def _bart_shape(quick: bool) -> dict[str, int]:
+    """bart-base (a tiny model with --quick)."""
+    return dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
 
 
-def _services(work: Path, quick: bool) -> tuple[Any, BenchServices]:
+def _services(work: Path, quick: bool) -> tuple[Launcher, Stack]:
     """Tiny encoder + a small index, the bart-base-shaped generator, and the gateway, in-process."""
-    from gateway.config import GatewayConfig
-    from gateway.server import create_server as create_gateway
-    from generator_svc.config import GeneratorConfig
-    from generator_svc.server import create_server as create_generator
-    from rag import random_models
-    from rag.serving import ServerThread
-    from retriever_svc.config import RetrieverConfig
+    from rag_cli.testing import random_models
+    from rag_cli.testing.stack import Launcher
+    from retriever_svc.build import build_index
     from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import build_index
-    from retriever_svc.server import create_server as create_retriever
 
     encoder = random_models.save_sentence_encoder(work / "encoder")
     corpus = work / "corpus.jsonl"
@@ -267,33 +258,18 @@ def _services(work: Path, quick: bool) -> tuple[Any, BenchServices]:
     )
     checkpoint = work / "bart-base-rag"
     if not (checkpoint / "config.json").exists():
-        shape = (
-            dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
-        )
-        random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **shape)  # type: ignore[arg-type]
-    thread = ServerThread()
-    common = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
-    retriever = thread.start(
-        create_retriever, RetrieverConfig(**common, index_root=str(work / "indexes"), index="bench")
-    )
-    generator = thread.start(
-        create_generator, GeneratorConfig(**common, generator=str(checkpoint), max_batch=8, max_queue=64)
-    )
-    gateway = thread.start(
-        create_gateway,
-        GatewayConfig(
-            **common, retrievers=f"127.0.0.1:{retriever.port}", generator_address=f"127.0.0.1:{generator.port}"
-        ),
-    )
-    return thread, BenchServices(retriever, generator, gateway)
+        random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **_bart_shape(quick))
+    launcher = Launcher()
+    return launcher, launcher.stack(work / "indexes", "bench", checkpoint, max_batch=8, max_queue=64)
 
 
 def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
     import grpc
 
+    from generator_svc.requests import Request
     from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 
-    thread, services = _services(work, config.quick)
+    launcher, services = _services(work, config.quick)
     try:
         question = "what is document 42 about?"
         options = generator_pb2.DecodingOptions(max_new_tokens=12)
@@ -301,15 +277,12 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
         ask = lambda: stub.Ask(gateway_pb2.AskRequest(question=question, k=5, options=options), timeout=120)  # noqa: E731
         # The same work in-process: the retriever's and the generator's own code, no gRPC in between.
         retriever = services.retriever.servicers[0].retriever
-        worker = services.generator.servicers[0].worker
-        from generator_svc.server import Request
-        from rag.types import DecodingOptions
+        model = services.generator.servicers[0].worker.model
+        direct_options = DecodingOptions(max_new_tokens=12, score_temperature=0.05)
 
         def direct() -> None:
             found = retriever.search([question], 5, False)
-            worker.generator.generate(
-                [Request(question, found.passages[0], DecodingOptions(max_new_tokens=12, score_temperature=0.05))]
-            )
+            model.generate([Request(question, found.passages[0], direct_options)])
 
         repeats = max(config.repeats, 5)
         ask_s, direct_s = median_time(ask, repeats), median_time(direct, repeats)
@@ -317,13 +290,7 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
         return [Figure("gateway", "Ask end to end, p50", ask_s, direct_s, "retriever + generator code in-process",
                        "overhead <= 5%", overhead <= 0.05, note=f"overhead {overhead:+.1%}")]  # fmt: skip
     finally:
-        _stop(thread, services)
-
-
-def _stop(thread: Any, services: BenchServices) -> None:
-    for served in (services.gateway, services.retriever, services.generator):
-        thread.run(served.stop(0))
-    thread.close()
+        launcher.close()
 
 
 def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
@@ -331,7 +298,7 @@ def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
 
     from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2
 
-    thread, services = _services(work, config.quick)
+    launcher, services = _services(work, config.quick)
     try:
         stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(services.gateway_address))
         options = generator_pb2.DecodingOptions(max_new_tokens=12)
@@ -353,14 +320,14 @@ def bench_concurrency(config: BenchConfig, work: Path) -> list[Figure]:
         return [Figure("concurrency", "queries/s, 8 concurrent clients vs 1", eight, single, "1 client",
                        ">= 2x", single / eight >= 2, note=f"1 client {1 / single:.2f}, 8 clients {1 / eight:.2f} queries/s")]  # fmt: skip
     finally:
-        _stop(thread, services)
+        launcher.close()
 
 
 def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
     from rag import paths
-    from rag.random_models import save_sentence_encoder
+    from rag_cli.testing.random_models import save_sentence_encoder
+    from retriever_svc.build import build_index
     from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import build_index
 
     minilm = paths.models_dir() / paths.DEMO_ENCODER_DIR
     if config.quick or not (minilm / "model.safetensors").exists():
@@ -425,5 +392,5 @@ def markdown(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
-def as_json(figures: list[Figure]) -> str:
+def figures_as_json(figures: list[Figure]) -> str:
     return json.dumps([dict(f.__dict__, ratio=f.ratio) for f in figures])

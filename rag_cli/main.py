@@ -13,8 +13,8 @@
     rag bench [--quick] [--only SECTIONS] [--json]
     rag eval QUESTIONS [--mode token|sequence|closed-book|concat|retrieve] [--k K] [--limit N] [--json]
 
-Every option has an environment mirror (RAG_<OPTION>), shown in --help. Heavy libraries load only in the
-commands that need them, so `rag ask` starts fast.
+Every option has an environment mirror (RAG_<OPTION>), shown in --help. torch and transformers load only in the
+commands that need them (the service modules and index builds are imported there), so `rag ask` starts fast.
 """
 
 from __future__ import annotations
@@ -28,9 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag import paths
+from gateway.config import GatewayConfig
+from generator_svc.config import GeneratorConfig
+from rag import __version__, paths
 from rag.config import add_config_flags, config_from_args, option
 from rag.errors import RagError
+from rag.index_ref import IndexRef
+from rag.serving import Served, ServerConfig, run_forever, setup_logging
+from rag_cli.admin import AdminConfig, SwapConfig, format_statuses, format_versions, statuses, swap
+from rag_cli.ask import AskConfig, as_json, ask, format_answer
+from rag_cli.bench import BenchConfig, figures_as_json, markdown, run_bench
+from rag_cli.demo import DemoConfig, FetchConfig, fetch, run_demo
+from rag_cli.eval import EvalConfig, markdown_table, run_eval
+from rag_cli.up import UpConfig, run_up
+from retriever_svc.config import RetrieverConfig
 
 
 @dataclass
@@ -63,11 +74,12 @@ class ListConfig:
 
 
 def _index_build(config: BuildConfig) -> int:
+    from retriever_svc.build import build_index
     from retriever_svc.corpus import guess_format
     from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import build_index
 
     corpus = Path(config.corpus)
+    reuse_from = IndexRef.parse(config.reuse_from, version_required=False) if config.reuse_from else None
     encoder = load_encoder(config.encoder or paths.demo_encoder_spec())
     manifest = build_index(
         corpus,
@@ -79,7 +91,7 @@ def _index_build(config: BuildConfig) -> int:
         config.passage_words,
         shards=config.shards,
         reuse_embeddings=config.reuse_embeddings,
-        reuse_from=config.reuse_from,
+        reuse_from=reuse_from,
         show_progress=config.progress,
     )
     reused = manifest.embeddings_reused
@@ -93,8 +105,6 @@ def _index_build(config: BuildConfig) -> int:
 
 
 def _index_swap(args: argparse.Namespace) -> int:
-    from rag.admin_client import SwapConfig, swap
-
     config = config_from_args(SwapConfig, args)
     reply = swap(config, args.version, config.name)
     print(
@@ -105,15 +115,11 @@ def _index_swap(args: argparse.Namespace) -> int:
 
 
 def _index_status(args: argparse.Namespace) -> int:
-    from rag.admin_client import AdminConfig, format_statuses, statuses
-
     print(format_statuses(statuses(config_from_args(AdminConfig, args))))
     return 0
 
 
 def _index_list(args: argparse.Namespace) -> int:
-    from rag.admin_client import AdminConfig, format_versions, statuses
-
     config = config_from_args(ListConfig, args)
     serving: dict[str, list[str]] | None = None
     if config.admin_token or config.admin_token_file:
@@ -129,22 +135,27 @@ def _index_list(args: argparse.Namespace) -> int:
 
 
 def _serve(service: str, args: argparse.Namespace) -> int:
-    from rag.serving import run_forever, setup_logging
 
     setup_logging()
-    if service == "retriever":
-        from retriever_svc.config import RetrieverConfig as Config
-        from retriever_svc.server import create_server
-    elif service == "generator":
-        from generator_svc.config import GeneratorConfig as Config  # type: ignore[assignment]
-        from generator_svc.server import create_server  # type: ignore[assignment]
-    else:
-        from gateway.config import GatewayConfig as Config  # type: ignore[assignment]
-        from gateway.server import create_server  # type: ignore[assignment]
-    config = config_from_args(Config, args)
+
+    async def create() -> tuple[Served, ServerConfig]:
+        if service == "retriever":
+            from retriever_svc.server import create_server as create_retriever
+
+            retriever_config = config_from_args(RetrieverConfig, args)
+            return await create_retriever(retriever_config), retriever_config
+        if service == "generator":
+            from generator_svc.server import create_server as create_generator
+
+            generator_config = config_from_args(GeneratorConfig, args)
+            return await create_generator(generator_config), generator_config
+        from gateway.server import create_server as create_gateway
+
+        gateway_config = config_from_args(GatewayConfig, args)
+        return await create_gateway(gateway_config), gateway_config
 
     async def main() -> None:
-        served = await create_server(config)  # type: ignore[arg-type]
+        served, config = await create()
         await run_forever(served, config, service)
 
     asyncio.run(main())
@@ -152,11 +163,15 @@ def _serve(service: str, args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from rag.ask import AskConfig, ask, format_answer
-
     config = config_from_args(AskConfig, args)
-    result = ask(args.question, config)
-    print(json.dumps(result, ensure_ascii=False) if config.json else format_answer(args.question, result))
+    request = config.request(args.question)
+    answer = ask(request, config.gateway, config.timeout)
+    mode = request.options.mode
+    print(
+        json.dumps(as_json(answer, mode), ensure_ascii=False)
+        if config.json
+        else format_answer(request.question, answer, mode)
+    )
     return 0
 
 
@@ -168,19 +183,10 @@ class StrictParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gateway.config import GatewayConfig
-    from generator_svc.config import GeneratorConfig
-    from rag.admin_client import AdminConfig, SwapConfig
-    from rag.ask import AskConfig
-    from rag.bench import BenchConfig
-    from rag.demo import DemoConfig, FetchConfig
-    from rag.eval import EvalConfig
-    from rag.up import UpConfig
-    from retriever_svc.config import RetrieverConfig
-
     parser = argparse.ArgumentParser(
         prog="rag", description="Retrieval-augmented generation over gRPC.", allow_abbrev=False
     )
+    parser.add_argument("--version", action="version", version=f"rag {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=StrictParser)
 
     index = commands.add_parser("index", help="build, list and swap indexes").add_subparsers(
@@ -247,27 +253,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from rag.serving import setup_logging
-    from rag.up import UpConfig, run_up
-
     setup_logging()
     return run_up(config_from_args(UpConfig, args))
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rag.bench import BenchConfig, as_json, markdown, run_bench
-
     config = config_from_args(BenchConfig, args)
     figures = run_bench(config)
     print(markdown(figures))
     if config.json:
-        print(as_json(figures))
+        print(figures_as_json(figures))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rag.eval import EvalConfig, markdown_table, run_eval
-
     config = config_from_args(EvalConfig, args)
     summaries = run_eval(Path(args.questions), config)
     print(markdown_table(summaries))
@@ -277,9 +276,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from rag.demo import FetchConfig, fetch
-    from rag.serving import setup_logging
-
     setup_logging()
     for what, where in fetch(config_from_args(FetchConfig, args)).items():
         print(f"{what}: {where}")
@@ -287,12 +283,5 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rag.demo import DemoConfig, run_demo
-    from rag.serving import setup_logging
-
     setup_logging()
     return run_demo(config_from_args(DemoConfig, args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

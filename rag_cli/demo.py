@@ -16,16 +16,20 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rag import assets, paths
-from rag.admin_client import AdminConfig, swap
-from rag.ask import AskConfig, ask, format_answer
+from rag import paths
 from rag.config import option
 from rag.errors import FailedPrecondition
 from rag.files import sha256_file, write_atomically
-from rag.up import Stack, UpConfig
+from rag.index_ref import IndexRef
+from rag.types import AskRequest, DecodingOptions, Mode
+from rag_cli import assets
+from rag_cli.admin import AdminConfig, swap
+from rag_cli.ask import ask, format_answer
+from rag_cli.up import Stack, UpConfig
+from retriever_svc.layout import MANIFEST, Manifest, versions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ QUESTIONS = (
     "What is the largest planet in the Solar System?",
 )
 GENERATORS = ("qwen2.5-coder-0.5b", "smollm2-135m")
+TIMEOUT = 300.0  # seconds per question
 
 # The knowledge update: the corpus of version 1 (leads as of late 2024) lacks this article; version 2 adds it,
 # as a newer Wikipedia would. Text: Wikipedia, "Charles III" (CC BY-SA 4.0), lead, abridged.
@@ -102,11 +107,11 @@ def updated_corpus(corpus: Path) -> Path:
     return updated
 
 
-def index_built_from(corpus: Path, encoder_spec: str, name: str, reuse_from: str = "") -> str:
+def index_built_from(corpus: Path, encoder_spec: str, name: str, reuse_from: IndexRef | None = None) -> IndexRef:
     """The newest version of `name` built from this corpus with this encoder, building one if there is none
     (with the embeddings of `reuse_from`, or else of the newest version of `name`, where passages match)."""
+    from retriever_svc.build import build_index  # loads torch: only when a build is needed
     from retriever_svc.encoders import load_encoder
-    from retriever_svc.index import MANIFEST, Manifest, build_index, versions
 
     root = paths.index_root()
     corpus_sha = sha256_file(corpus)
@@ -125,19 +130,21 @@ def index_built_from(corpus: Path, encoder_spec: str, name: str, reuse_from: str
     return manifest.ref
 
 
-def show_knowledge_update(ask_config: AskConfig, before: str, after: str) -> None:
+def show_knowledge_update(gateway: str, request: AskRequest, before: IndexRef, after: IndexRef) -> None:
     """Swap the running retrievers to the updated index: the same question, a new answer, a new source."""
-    admin = AdminConfig(gateway=ask_config.gateway, admin_token=os.environ["RAG_ADMIN_TOKEN"])
+    admin = AdminConfig(gateway=gateway, admin_token=os.environ["RAG_ADMIN_TOKEN"])
+    update = replace(request, question=UPDATE_QUESTION)
+    mode = request.options.mode
     print(f"--- knowledge update: {before} lacks the article {UPDATE['title']!r}; {after} adds it ---\n", flush=True)
-    print(format_answer(UPDATE_QUESTION, ask(UPDATE_QUESTION, ask_config)) + "\n", flush=True)
-    reply = swap(admin, after.partition("@")[2])
+    print(format_answer(UPDATE_QUESTION, ask(update, gateway, TIMEOUT), mode) + "\n", flush=True)
+    reply = swap(admin, after.version)
     print(
-        f"rag index swap {after.partition('@')[2]}: {reply.previous_version} -> {reply.index_version} while serving "
+        f"rag index swap {after.version}: {reply.previous_version} -> {reply.index_version} while serving "
         f"(load {reply.load_seconds:.2f} s, activate {reply.activate_seconds * 1000:.0f} ms)\n",
         flush=True,
     )
-    print(format_answer(UPDATE_QUESTION, ask(UPDATE_QUESTION, ask_config)) + "\n", flush=True)
-    swap(admin, before.partition("@")[2])  # back to version 1: the next run starts where this one did
+    print(format_answer(UPDATE_QUESTION, ask(update, gateway, TIMEOUT), mode) + "\n", flush=True)
+    swap(admin, before.version)  # back to version 1: the next run starts where this one did
 
 
 def run_demo(config: DemoConfig) -> int:
@@ -156,21 +163,26 @@ def run_demo(config: DemoConfig) -> int:
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))  # the stack's admin token, for the swap
     stack = Stack(
         UpConfig(
-            index=index_ref, generator=str(generator_dir), port=0, retriever_port=0, generator_port=0, metrics_port=0
+            index=str(index_ref),
+            generator=str(generator_dir),
+            port=0,
+            retriever_port=0,
+            generator_port=0,
+            metrics_port=0,
         )
     )
     try:
         gateway = stack.start()
         print(f"services ready (gateway {gateway}) after {time.perf_counter() - started:.0f} s\n", flush=True)
-        ask_config = AskConfig(gateway=gateway, mode=config.mode, k=config.k)
+        request = AskRequest("", config.k, DecodingOptions(mode=Mode.parse(config.mode)))
         questions = [q.strip() for q in config.questions.split("|") if q.strip()] or list(QUESTIONS)
         latencies = []
         for question in questions:
-            result = ask(question, ask_config)
-            latencies.append(result["timings_ms"]["total"] / 1000)
-            print(format_answer(question, result) + "\n", flush=True)
+            answer = ask(replace(request, question=question), gateway, TIMEOUT)
+            latencies.append(answer.timings.total_ms / 1000)
+            print(format_answer(question, answer, request.options.mode) + "\n", flush=True)
         print(f"{len(questions)} questions, mean {sum(latencies) / len(latencies):.1f} s per question\n", flush=True)
-        show_knowledge_update(ask_config, index_ref, updated_ref)
+        show_knowledge_update(gateway, request, index_ref, updated_ref)
         print(f"demo took {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         stack.stop()

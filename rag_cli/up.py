@@ -44,9 +44,37 @@ class UpConfig:
 
 @dataclass
 class Child:
+    """One `rag serve SERVICE` process; `address` is known once it has said where it listens."""
+
     name: str
     process: subprocess.Popen[str]
     address: str = ""
+
+    def learn_address(self, timeout: float) -> str:
+        """Read the child's `listening on HOST:PORT` line (its port may have been 0)."""
+        found = threading.Event()
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                match = LISTENING.search(line)
+                if match and not found.is_set():
+                    self.address = f"{match.group(1)}:{match.group(2)}"
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(timeout) or not self.address:
+            raise FailedPrecondition(f"{self.name} did not start listening (exit code {self.process.poll()})")
+        return self.address
+
+
+def spawn(service: str, flags: dict[str, object], env: dict[str, str] | None = None) -> Child:
+    """Start `rag serve SERVICE --flag value ...` as a child process (its stdout read for its address)."""
+    command = [sys.executable, "-m", "rag_cli", "serve", service]
+    for key, value in flags.items():
+        command += [flag_name(key), str(value)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env or os.environ.copy())
+    return Child(service, process)
 
 
 class Stack:
@@ -57,31 +85,10 @@ class Stack:
     def _spawn(self, service: str, port: int, metrics_offset: int, **flags: object) -> Child:
         config = self.config
         metrics_port = config.metrics_port + metrics_offset if config.metrics_port else 0
-        args = {"host": config.host, "port": port, "metrics_port": metrics_port, "grace_seconds": config.grace_seconds}
-        args.update(flags)
-        command = [sys.executable, "-m", "rag.cli", "serve", service]
-        for key, value in args.items():
-            command += [flag_name(key), str(value)]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        child = Child(service, process)
+        common = {"host": config.host, "port": port, "metrics_port": metrics_port, "grace_seconds": config.grace_seconds}
+        child = spawn(service, {**common, **flags})
         self.children.append(child)
         return child
-
-    def _learn_address(self, child: Child, timeout: float) -> None:
-        """Read the child's `listening on HOST:PORT` line (its port may have been 0)."""
-        found = threading.Event()
-
-        def read() -> None:
-            assert child.process.stdout is not None
-            for line in child.process.stdout:
-                match = LISTENING.search(line)
-                if match and not found.is_set():
-                    child.address = f"{match.group(1)}:{match.group(2)}"
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout) or not child.address:
-            raise FailedPrecondition(f"{child.name} did not start listening (exit code {child.process.poll()})")
 
     def start(self) -> str:
         """Start all three; returns the gateway address once every service is SERVING."""
@@ -100,7 +107,7 @@ class Stack:
             for shard in range(c.shards)
         ]
         for child in (generator, *retrievers):
-            self._learn_address(child, 120)
+            child.learn_address(120)
         gateway = self._spawn(
             "gateway",
             c.port,
@@ -108,7 +115,7 @@ class Stack:
             retrievers=",".join(r.address for r in retrievers),
             generator_address=generator.address,
         )
-        self._learn_address(gateway, 120)
+        gateway.learn_address(120)
         deadline = time.monotonic() + c.startup_timeout
         waiting = list(self.children)
         while waiting:

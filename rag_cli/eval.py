@@ -23,19 +23,20 @@ import string
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from rag.ask import MODES as ASK_MODES
-from rag.ask import AskConfig, ask
 from rag.config import option
 from rag.errors import InvalidArgument
 from rag.files import open_text, write_atomically
+from rag.types import AskRequest, DecodingOptions, Mode
+from rag_cli.ask import ask
 
-MODES = (*ASK_MODES, "retrieve")
+RETRIEVE = "retrieve"  # retrieval only: no answer is generated
+MODES = (*(m.value for m in Mode), RETRIEVE)
 FORMATS = ("jsonl", "squad", "dpr-qa")
 
 
@@ -199,30 +200,30 @@ def percentile(values: Sequence[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def evaluate_one(example: Example, config: AskConfig, retrieve_only: bool) -> dict[str, Any]:
-    result = ask(example.question, config, retrieve_only=retrieve_only)
-    ids = [p["id"] for p in result["passages"]]
+def evaluate_one(example: Example, request: AskRequest, gateway: str, timeout: float) -> dict[str, Any]:
+    answer = ask(replace(request, question=example.question), gateway, timeout)
+    ids = [s.passage.id for s in answer.sources]
     record = {
         "id": example.id,
-        "mode": "retrieve" if retrieve_only else config.mode,
-        "k": config.k,
+        "mode": RETRIEVE if request.retrieve_only else request.options.mode.value,
+        "k": request.k,
         "question": example.question,
         "answers": list(example.answers),
-        "prediction": result["answer"],
+        "prediction": answer.text,
         "retrieved": ids,
         "gold_rank": gold_rank(ids, example.gold_passage) if example.gold_passage else None,
         "has_gold": bool(example.gold_passage),
-        "latency_ms": result["timings_ms"]["total"],
+        "latency_ms": answer.timings.total_ms,
     }
-    if not retrieve_only:
-        record["exact_match"] = exact_match(result["answer"], example.answers)
-        record["f1"] = f1_score(result["answer"], example.answers)
+    if not request.retrieve_only:
+        record["exact_match"] = exact_match(answer.text, example.answers)
+        record["f1"] = f1_score(answer.text, example.answers)
     return record
 
 
 def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any]:
     summary: dict[str, Any] = {"mode": mode, "k": k, "n": len(records)}
-    if mode != "retrieve":
+    if mode != RETRIEVE:
         summary["exact_match"] = sum(r["exact_match"] for r in records) / max(1, len(records))
         summary["f1"] = sum(r["f1"] for r in records) / max(1, len(records))
     with_gold = [r for r in records if r["has_gold"]]
@@ -275,6 +276,10 @@ def plot_quality_vs_k(summaries: list[dict[str, Any]], path: Path) -> None:
 def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
     if config.mode not in MODES:
         raise InvalidArgument(f"--mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    retrieve_only = config.mode == RETRIEVE
+    options = DecodingOptions(
+        mode=Mode.TOKEN if retrieve_only else Mode.parse(config.mode), max_new_tokens=config.max_new_tokens
+    )
     ks = [int(k) for k in config.ks.split(",") if k.strip()] if config.ks else [config.k]
     examples = sample(read_examples(questions, config.format), config.limit, config.seed)
     out = Path(config.out) if config.out else None
@@ -286,13 +291,9 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
                 if line.strip():
                     record = json.loads(line)
                     done[(record["mode"], record["k"], record["id"])] = record
-    retrieve_only = config.mode == "retrieve"
     summaries = []
     for k in ks:
-        ask_config = AskConfig(
-            gateway=config.gateway, mode="token" if retrieve_only else config.mode, k=k,
-            max_new_tokens=config.max_new_tokens, timeout=config.timeout,
-        )  # fmt: skip
+        request = AskRequest("", k, options, retrieve_only)  # each example's question goes in
         records = []
         with tqdm(
             total=len(examples),
@@ -304,7 +305,7 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
             for example in examples:
                 key = (config.mode, k, example.id)
                 if key not in done:
-                    done[key] = evaluate_one(example, ask_config, retrieve_only)
+                    done[key] = evaluate_one(example, request, config.gateway, config.timeout)
                     if out is not None:
                         with (out / "results.jsonl").open("a", encoding="utf-8") as handle:
                             handle.write(json.dumps(done[key], ensure_ascii=False) + "\n")

@@ -1,23 +1,15 @@
-"""Generator families behind one interface: an LM that reads one passage per row.
+"""The two generator families behind `PassageLM`, and loading them from a local path.
 
-`PassageLM` is all the RAG math (generator_svc.rag_math) needs:
-- `encode` turns B questions x K contexts into per-row encoded inputs, computed once per request
-  (encoder states for BART/T5, a prompt KV cache for decoder-only LMs). A context is what one row reads:
-  one passage for RAG, none (closed book) or all of them (concatenation) for the baselines;
-- `start` / `step` / `reorder` decode rows incrementally with a KV cache;
-- `token_logprobs` teacher-forces given answers, reusing the contexts.
-
-Two families implement it: `EncoderDecoderLM` (BART/T5, including the generator inside an unchanged
-`facebook/rag-*` checkpoint) and `DecoderOnlyLM` (chat/instruct LMs such as Qwen2.5 or SmolLM2).
+`EncoderDecoderLM` (BART/T5, including the generator inside an unchanged `facebook/rag-*` checkpoint) and
+`DecoderOnlyLM` (chat/instruct LMs such as Qwen2.5 or SmolLM2). They differ only in how rows are built and run
+to their first answer token (`encode`) and how one more chunk of tokens runs (`_cache`, `_forward`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,117 +26,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from generator_svc.rag_math import DecodingRules
+from generator_svc.passage_lm import (
+    Context,
+    Contexts,
+    DecodingRules,
+    DecodingState,
+    PassageLM,
+    log_softmax,
+    select_rows,
+)
 from rag.errors import FailedPrecondition
-from rag.types import Passage
 
 log = logging.getLogger(__name__)
-
-
-Context = tuple[Passage, ...]  # the passages one row reads: one for RAG; none or all for the baselines
-
-
-def one_each(passages: Sequence[Passage]) -> list[Context]:
-    """RAG's contexts: one row per passage."""
-    return [(p,) for p in passages]
-
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [rows, heads, length, head_dim]
-
-
-@dataclass
-class Contexts:
-    """Encoded inputs of B questions x K contexts; row b*K + k is question b with context k.
-
-    Each row has been run up to its first answer token: `prefix` is the decoder's self-attention cache at that
-    point (the prompt for a decoder-only LM, the decoder start token for BART/T5) and `first_logprobs` the
-    distribution of the first answer token. Decoding and teacher forcing both start from there, so the shared
-    work of a request is done once.
-    """
-
-    num_questions: int
-    n_docs: int
-    attention_mask: torch.Tensor  # [B*K, L]: the prompt (decoder-only) or the encoder input (BART/T5)
-    prefix: KV
-    first_logprobs: torch.Tensor  # [B*K, V]
-    encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
-    cross: KV | None = None  # BART/T5: cross-attention keys and values, computed once per row
-
-
-@dataclass
-class DecodingState:
-    """Rows being decoded: `rows[i]` is the context row that decoder row i reads."""
-
-    ctx: Contexts
-    rows: torch.Tensor
-    cache: Cache
-    attention_mask: torch.Tensor  # the rows' context mask
-    fed: int = 0  # tokens fed after the prefix
-
-
-def _select(kv: KV, rows: torch.Tensor, config: Any = None) -> DynamicCache:
-    return DynamicCache([(k[rows], v[rows]) for k, v in kv], config=config)
-
-
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-class PassageLM(ABC):
-    """Decoding from the per-row prefix caches, the same for both families; they differ in `encode` (how rows
-    are built and run to their first answer token), `_cache` and `_forward` (how one more chunk of tokens runs)."""
-
-    tokenizer: PreTrainedTokenizerBase
-    rules: DecodingRules
-    bos_token_id: int | None
-    name: str
-
-    @abstractmethod
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
-        """Rows for each question with each of its contexts (the same number of contexts per question)."""
-
-    @abstractmethod
-    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
-        """A fresh cache holding the prefix of each of `rows`."""
-
-    @abstractmethod
-    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
-        """Run tokens [R, T] after what `state` has seen; logits [R, T, V]."""
-
-    @abstractmethod
-    def answer_token_ids(self, answer: str) -> list[int]:
-        """The tokens the model would generate for `answer`, end-of-sequence included."""
-
-    def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
-        """A decoding state with one row per entry of `rows` (indices into the context rows)."""
-        return DecodingState(ctx, rows, self._cache(ctx, rows), ctx.attention_mask[rows])
-
-    @torch.inference_mode()
-    def step(self, state: DecodingState, tokens: torch.Tensor | None) -> torch.Tensor:
-        """Feed one token per row (None at the first step); log p(next token) as float32 [rows, V]."""
-        if tokens is None:  # encoding already ran every row up to its first answer token
-            return state.ctx.first_logprobs[state.rows]
-        logits = self._forward(state, tokens[:, None])
-        state.fed += 1
-        return _log_softmax(logits[:, -1])
-
-    def reorder(self, state: DecodingState, index: torch.Tensor) -> None:
-        """Row i continues the history of row index[i]. Rows only move among rows of the same context, so only
-        the self-attention history moves; prompts, encoder states and cross-attention stay put."""
-        cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
-        cache.reorder_cache(index)
-
-    @torch.inference_mode()
-    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk."""
-        first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
-        if targets.shape[1] == 1:
-            return first
-        logits = self._forward(self.start(ctx, rows), targets[:, :-1])
-        return torch.cat([first, _log_softmax(logits).gather(-1, targets[:, 1:, None]).squeeze(-1)], dim=1)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
 
 
 def _rules_from(
@@ -230,14 +123,16 @@ class EncoderDecoderLM(PassageLM):
             len(contexts[0]),
             mask,
             prefix=[(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
-            first_logprobs=_log_softmax(out.logits[:, -1]),
+            first_logprobs=log_softmax(out.logits[:, -1]),
             encoder_states=states[:1].clone(),  # a view would keep all B*K rows alive while decoding
             cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
         )
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
         assert ctx.cross is not None
-        return EncoderDecoderCache(_select(ctx.prefix, rows), _select(ctx.cross, rows))  # cross: marked computed
+        return EncoderDecoderCache(
+            select_rows(ctx.prefix, rows), select_rows(ctx.cross, rows)
+        )  # cross: marked computed
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         assert state.ctx.encoder_states is not None
@@ -332,10 +227,10 @@ class DecoderOnlyLM(PassageLM):
             return_dict=True,
         )
         prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return Contexts(len(questions), len(contexts[0]), mask, prefix, _log_softmax(out.logits[:, -1]))
+        return Contexts(len(questions), len(contexts[0]), mask, prefix, log_softmax(out.logits[:, -1]))
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
-        return _select(ctx.prefix, rows, self.model.config)
+        return select_rows(ctx.prefix, rows, self.model.config)
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         mask = torch.cat(
@@ -362,7 +257,7 @@ class DecoderOnlyLM(PassageLM):
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_generator(spec: str) -> PassageLM:
+def load_passage_lm(spec: str) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
     directory (safetensors), or a `.gguf` file. Only safetensors/GGUF weights are read; no remote code runs."""
     path = Path(spec).expanduser()

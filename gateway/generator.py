@@ -1,0 +1,27 @@
+"""The gateway's client of the generator tier: domain types in, domain types out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from rag.clients import aio_channel, downstream_error
+from rag.types import Answered, DecodingOptions, Passage
+from rag.v1 import generator_pb2, generator_pb2_grpc
+
+
+class GeneratorClient:
+    def __init__(self, address: str) -> None:
+        self.stub = generator_pb2_grpc.GeneratorServiceStub(aio_channel(address))
+
+    async def generate(
+        self, question: str, passages: Sequence[Passage], options: DecodingOptions, timeout: float
+    ) -> Answered:
+        request = generator_pb2.GenerateRequest(
+            question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
+        )
+        try:
+            return Answered.from_pb(await self.stub.Generate(request, timeout=timeout))
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error("generator", err) from err

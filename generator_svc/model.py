@@ -1,0 +1,65 @@
+"""The model and what the service does with it: decode (RAG-Token, RAG-Sequence, baselines) and score answers.
+
+`RagModel` turns checked requests into rows for the `PassageLM` and hands them to the RAG math; it runs on the
+worker thread only (generator_svc.worker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from generator_svc import rag_math
+from generator_svc.passage_lm import Context, PassageLM, one_each
+from generator_svc.requests import AnswerScore, Request, Scored
+from rag import metrics
+from rag.types import Answered, Hypothesis, Mode
+
+
+class RagModel:
+    def __init__(self, lm: PassageLM) -> None:
+        self.lm = lm
+
+    def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
+        """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""
+        options = request.options
+        passages = request.passages[: request.n_docs]
+        prior = rag_math.log_prior(request.doc_scores(), options.score_temperature)
+        if options.mode.is_rag:
+            return one_each(passages), prior, prior
+        context: Context = () if options.mode is Mode.CLOSED_BOOK else tuple(passages)
+        return [context], torch.zeros(1), prior
+
+    def generate(self, batch: Sequence[Request]) -> list[Answered]:
+        """Decode a batch of requests that share their decoding options and passage count."""
+        options = batch[0].options
+        prepared = [self._contexts(r) for r in batch]
+        with metrics.timed("generate"):
+            ctx = self.lm.encode([r.question for r in batch], [contexts for contexts, _, _ in prepared])
+            found = rag_math.generate(self.lm, ctx, torch.stack([prior for _, prior, _ in prepared]), options)
+        results = []
+        for per_question, (_, _, passage_prior) in zip(found, prepared, strict=True):
+            metrics.GENERATED_TOKENS.inc(sum(len(g.tokens) for g in per_question))
+            hypotheses = tuple(
+                Hypothesis(self.lm.decode(g.tokens), g.log_prob, g.posterior if options.mode.is_rag else (), g.tokens)
+                for g in per_question
+            )
+            results.append(Answered(hypotheses, tuple(passage_prior.exp().tolist())))
+        return results
+
+    def score(self, request: Request, answers: Sequence[str]) -> Scored:
+        contexts, prior, passage_prior = self._contexts(request)
+        with metrics.timed("score"):
+            ctx = self.lm.encode([request.question], [contexts])
+            tokens = [self.lm.answer_token_ids(a) for a in answers]
+            scores = rag_math.score_answers(self.lm, ctx, prior[None, :], [0] * len(answers), tokens)
+            log_probs = scores.log_prob(request.options.mode).tolist()
+            posteriors = scores.posterior().tolist() if request.options.mode.is_rag else [[]] * len(answers)
+        return Scored(
+            tuple(
+                AnswerScore(a, lp, len(t), tuple(post))
+                for a, lp, t, post in zip(answers, log_probs, tokens, posteriors, strict=True)
+            ),
+            tuple(passage_prior.exp().tolist()),
+        )

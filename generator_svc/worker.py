@@ -1,0 +1,125 @@
+"""The model's thread, and batching: Generate requests that wait together and decode alike (same mode, beams,
+lengths and passage count) run as one batch. The RAG math is batched over questions, so concurrent clients
+share each forward pass; torch already uses every core for one batch, so one thread runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from generator_svc.model import RagModel
+from generator_svc.requests import Request
+from rag import metrics
+from rag.errors import DeadlineExceeded
+
+
+def batch_key(request: Request) -> tuple[Any, ...]:
+    """Requests with equal keys decode alike and can share a batch."""
+    o = request.options
+    return (
+        o.mode,
+        o.thorough,
+        o.num_beams,
+        o.num_return_sequences,
+        o.max_new_tokens,
+        request.n_docs,
+    )
+
+
+@dataclass
+class Job:
+    """Work for the model thread; `request` jobs can be batched together, `call` jobs run alone."""
+
+    future: asyncio.Future[Any]
+    deadline: float | None
+    request: Request | None = None
+    call: Callable[[RagModel], Any] | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return () if self.request is None else batch_key(self.request)
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def done() -> None:
+            if self.future.done():
+                return
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
+
+        self.future.get_loop().call_soon_threadsafe(done)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class ModelWorker:
+    """The model's thread: takes the oldest job, and with it every waiting job of the same batch key."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.model: RagModel | None = None
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._waiting: list[Job] = []  # taken from the queue but left for a later batch
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def _next_batch(self) -> list[Job]:
+        if not self._waiting:
+            self._waiting.append(self._jobs.get())
+        while True:  # everything queued now is a candidate
+            try:
+                self._waiting.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        first = self._waiting.pop(0)
+        if first.call is not None:
+            return [first]
+        batch = [first]
+        for job in list(self._waiting):
+            if len(batch) == self.max_batch:
+                break
+            if job.call is None and job.key == first.key:
+                batch.append(job)
+                self._waiting.remove(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            self._execute(self._next_batch())
+
+    def _execute(self, batch: list[Job]) -> None:
+        live = []
+        for job in batch:
+            if job.expired():
+                job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
+            else:
+                live.append(job)
+        if not live:
+            return
+        model = self.model
+        assert model is not None, "jobs are submitted only once the model has loaded"
+        try:
+            if live[0].call is not None:
+                live[0].settle(live[0].call(model))
+                return
+            metrics.GENERATOR_BATCH_SIZE.observe(len(live))
+            results = model.generate([job.request for job in live if job.request is not None])
+            for job, result in zip(live, results, strict=True):
+                job.settle(result)
+        except Exception as err:  # handed to the waiting RPCs, which report it
+            if len(live) == 1:
+                live[0].settle(error=err)
+            else:  # one failing request must not fail the others: run each alone
+                for job in live:
+                    self._execute([job])

@@ -1,0 +1,284 @@
+"""Building a new index version from a corpus, published atomically.
+
+A build writes into `<root>/<name>/.tmp-*` and renames it into place when complete, so a loader never sees a
+half-written version; a failed build removes its temp directory. Passages whose title and text are unchanged
+since the newest version built with the same encoder keep their embeddings, so an update re-encodes only what
+changed. Approximate index types also get a faiss index over the embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from rag.errors import FailedPrecondition, InvalidArgument
+from rag.files import sha256_file
+from rag.index_ref import IndexRef
+from retriever_svc.corpus import Document, read_documents, split_passages
+from retriever_svc.encoders import Encoder
+from retriever_svc.layout import (
+    ANN,
+    EMBEDDINGS,
+    FORMAT_VERSION,
+    MANIFEST,
+    PASSAGES,
+    Manifest,
+    resolve,
+    shard_dir,
+    versions,
+)
+
+log = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 8192  # passages read from the store and encoded per chunk (bounded memory for any corpus)
+
+
+def _faiss_factory(index_type: str, dim: int, count: int) -> str:
+    """The faiss factory string for an index type: "" (exact), hnsw, ivfpq, or a factory string as given."""
+    if index_type == "flat":
+        return ""
+    if index_type == "hnsw":
+        return "HNSW32,Flat"
+    if index_type == "ivfpq":
+        # faiss wants >= 39 training points per list and per PQ centroid (256 of them).
+        nlist = max(1, min(4096, int(4 * np.sqrt(count)), count // 39))
+        if count < 39 * 256:
+            raise InvalidArgument(
+                f"ivfpq needs at least 9,984 passages per shard (39 per PQ centroid) to train; a shard has {count}: "
+                "use flat or hnsw, or fewer shards"
+            )
+        # As many PQ sub-quantisers as divide dim with at least 4 dimensions each.
+        m = next((m for m in (64, 48, 32, 16, 8, 4) if dim % m == 0 and dim // m >= 4), 1)
+        return f"IVF{nlist},PQ{m}"
+    try:  # any other faiss factory string, e.g. "HNSW64,Flat" or "IVF1024,PQ48x8"
+        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise InvalidArgument(
+            f"index type {index_type!r} is neither flat, hnsw, ivfpq nor a faiss factory string faiss accepts: "
+            f"{str(err).strip().splitlines()[-1]}"
+        ) from err
+    return index_type
+
+
+_SCHEMA = "CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL)"
+
+
+def _write_staging_store(path: Path, documents: Iterator[Document], passage_words: int) -> int:
+    """Every passage of the corpus, in order, into one SQLite file; returns the passage count."""
+    connection = sqlite3.connect(path)
+    try:
+        connection.execute("PRAGMA journal_mode=OFF")
+        connection.execute(_SCHEMA)
+        connection.execute("CREATE UNIQUE INDEX passage_ids ON passages (id)")
+        count = 0
+        batch: list[tuple[int, str, str, str]] = []
+        for document in documents:
+            for passage in split_passages(document, passage_words):
+                batch.append((count, passage.id, passage.title, passage.text))
+                count += 1
+                if len(batch) == 10_000:
+                    _insert(connection, batch)
+        _insert(connection, batch)
+        if count == 0:
+            raise InvalidArgument("the corpus holds no passages")
+        return count
+    finally:
+        connection.close()
+
+
+def _insert(connection: sqlite3.Connection, batch: list[tuple[int, str, str, str]]) -> None:
+    try:
+        connection.executemany("INSERT INTO passages VALUES (?, ?, ?, ?)", batch)
+        connection.commit()
+    except sqlite3.IntegrityError as err:  # name the duplicate id: the batch against itself and what came before
+        connection.rollback()
+        seen: set[str] = set()
+        for _, pid, _, _ in batch:
+            if pid in seen or connection.execute("SELECT 1 FROM passages WHERE id = ?", (pid,)).fetchone():
+                raise InvalidArgument(f"passage id {pid!r} occurs twice in the corpus; ids must be unique") from err
+            seen.add(pid)
+        raise
+    batch.clear()
+
+
+def _content_key(title: str, text: str) -> bytes:
+    return hashlib.sha1(f"{title}\0{text}".encode()).digest()
+
+
+class _EmbeddingReuse:
+    """Embeddings of an earlier version built by the same encoder, looked up by passage title and text."""
+
+    def __init__(self, version_dir: Path, manifest: Manifest) -> None:
+        self.by_content: dict[bytes, tuple[int, int]] = {}
+        self.embeddings = []
+        for shard in range(manifest.num_shards):
+            directory = version_dir / shard_dir(shard)
+            self.embeddings.append(np.load(directory / EMBEDDINGS, mmap_mode="r"))
+            with sqlite3.connect(f"file:{directory / PASSAGES}?mode=ro", uri=True) as store:
+                for row, title, text in store.execute("SELECT row, title, text FROM passages"):
+                    self.by_content[_content_key(title, text)] = (shard, row)
+        self.source = manifest.ref
+
+    def lookup(self, title: str, text: str) -> np.ndarray | None:
+        found = self.by_content.get(_content_key(title, text))
+        return None if found is None else self.embeddings[found[0]][found[1]]
+
+
+def _reusable(root: Path, name: str, encoder: Encoder, reuse_from: IndexRef | None) -> _EmbeddingReuse | None:
+    """`reuse_from` (no version: its newest), else the newest version of `name`, if built by this very encoder."""
+    candidates = (
+        [resolve(root, reuse_from)] if reuse_from else [root / name / v for v in reversed(versions(root, name))]
+    )
+    for directory in candidates:
+        try:
+            manifest = Manifest.from_file(directory / MANIFEST)
+        except FailedPrecondition:
+            continue
+        if (
+            manifest.encoder.passage_identity == encoder.info.passage_identity
+            and manifest.format_version == FORMAT_VERSION
+        ):
+            return _EmbeddingReuse(directory, manifest)
+    if reuse_from:
+        raise InvalidArgument(f"cannot reuse embeddings from {reuse_from}: it was built by another encoder")
+    return None
+
+
+def _encode_shard(
+    store_path: Path, out: np.ndarray, encoder: Encoder, reuse: _EmbeddingReuse | None, progress: tqdm
+) -> int:
+    """Fill `out` with the embeddings of the shard's passages; returns how many came from `reuse`."""
+    reused = 0
+    with sqlite3.connect(store_path) as store:
+        count = out.shape[0]
+        for start in range(0, count, ENCODE_CHUNK):
+            rows = store.execute(
+                "SELECT title, text FROM passages WHERE row >= ? AND row < ? ORDER BY row",
+                (start, start + ENCODE_CHUNK),
+            ).fetchall()
+            todo: list[int] = []
+            for i, (title, text) in enumerate(rows):
+                known = reuse.lookup(title, text) if reuse else None
+                if known is None:
+                    todo.append(i)
+                else:
+                    out[start + i] = known
+            reused += len(rows) - len(todo)
+            progress.update(len(rows) - len(todo))
+            if todo:
+                encoded = encoder.encode_passages_sorted(
+                    [rows[i][0] for i in todo], [rows[i][1] for i in todo], progress
+                )
+                out[[start + i for i in todo]] = encoded
+    return reused
+
+
+def build_index(
+    corpus: Path,
+    fmt: str,
+    root: Path,
+    name: str,
+    encoder: Encoder,
+    index_type: str = "flat",
+    passage_words: int = 100,
+    shards: int = 1,
+    reuse_embeddings: bool = True,
+    reuse_from: IndexRef | None = None,
+    show_progress: bool = True,
+) -> Manifest:
+    """Build and publish a new version of `name`, split into `shards` shards; returns its manifest."""
+    IndexRef(name)  # validates the name
+    if not 1 <= shards <= 1024:
+        raise InvalidArgument(f"shards must be in [1, 1024], got {shards}")
+    (root / name).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root / name))
+    try:
+        staging = tmp / "staging.sqlite"
+        count = _write_staging_store(staging, read_documents(corpus, fmt), passage_words)
+        if count < shards:
+            raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
+        bounds = [count * i // shards for i in range(shards + 1)]
+        factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
+        reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
+        reused = 0
+        with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
+            for shard in range(shards):
+                directory = tmp / shard_dir(shard)
+                directory.mkdir()
+                with sqlite3.connect(directory / PASSAGES) as store:
+                    store.execute(_SCHEMA)
+                    store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
+                    store.execute(
+                        "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",
+                        (bounds[shard], bounds[shard], bounds[shard + 1]),
+                    )
+                    store.commit()
+                    store.execute("DETACH DATABASE staging")
+                shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
+                embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
+                reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
+                embeddings.flush()
+                if factory:
+                    _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
+                del embeddings
+        staging.unlink()
+        if reuse is not None:
+            log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = Manifest(
+            name=name,
+            version="",
+            format_version=FORMAT_VERSION,
+            index_type=index_type,
+            faiss_factory=factory,
+            metric="inner_product",
+            dim=encoder.info.dim,
+            count=count,
+            num_shards=shards,
+            shard_counts=[bounds[i + 1] - bounds[i] for i in range(shards)],
+            encoder=encoder.info,
+            corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
+            checksums={f: sha256_file(tmp / f) for f in files},
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
+        )
+        return _publish(tmp, root, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_ann(path: Path, vectors: np.ndarray, factory: str) -> None:
+    ann = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not ann.is_trained:
+        ann.train(vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * 1024]])
+    ann.add(vectors)
+    faiss.write_index(ann, str(path))
+
+
+def _publish(tmp: Path, root: Path, manifest: Manifest) -> Manifest:
+    """Give the build the next version number and rename it into place (atomic on one filesystem)."""
+    while True:
+        existing = versions(root, manifest.name)
+        number = int(existing[-1][1:]) + 1 if existing else 1
+        published = dataclasses.replace(manifest, version=f"v{number}")
+        (tmp / MANIFEST).write_text(published.to_json())
+        os.chmod(tmp, 0o755)
+        try:
+            tmp.rename(root / manifest.name / published.version)
+            return published
+        except OSError:
+            if not (root / manifest.name / published.version).exists():
+                raise  # not a race with a concurrent build: a real error
