@@ -25,14 +25,17 @@ test: $(INSTALLED) lint
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python -m pytest
 
-# Style and obvious bugs (unused names, unsorted imports); the generated stubs are left as protoc writes them.
+# Style and obvious bugs (ruff; the generated stubs are left as protoc writes them), the layer contracts
+# (import-linter: imports run one way, see pyproject.toml) and the types (mypy, with the generated .pyi stubs).
 lint: $(INSTALLED)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 # Regenerate rag/v1 from protos/rag/v1 (the stubs are committed; `make test` fails when they are stale).
 protos: $(INSTALLED)
 	$(BIN)/python scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

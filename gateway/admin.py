@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -24,12 +24,15 @@ from rag.auth import bearer, require_admin
 from rag.clients import downstream_error
 from rag.errors import RagError, require
 from rag.index_ref import IndexRef
-from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2, index_admin_pb2_grpc
+from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
+
+if TYPE_CHECKING:  # the typed stub exists in the .pyi only
+    from rag.v1.index_admin_pb2_grpc import IndexAdminServiceAsyncStub
 
 log = logging.getLogger("rag.audit")
 Reply = TypeVar("Reply")
 # One IndexAdminService call on one retriever: (stub, timeout, metadata) -> its reply.
-AdminCall = Callable[[index_admin_pb2_grpc.IndexAdminServiceStub, float, tuple[tuple[str, str], ...]], Awaitable[Reply]]
+AdminCall = Callable[["IndexAdminServiceAsyncStub", float, tuple[tuple[str, str], ...]], Awaitable[Reply]]
 
 
 def load(ref: IndexRef) -> AdminCall[index_admin_pb2.LoadIndexResponse]:

@@ -13,7 +13,9 @@ from rag.v1 import generator_pb2, generator_pb2_grpc
 
 class GeneratorClient:
     def __init__(self, address: str) -> None:
-        self.stub = generator_pb2_grpc.GeneratorServiceStub(aio_channel(address))
+        self.stub: generator_pb2_grpc.GeneratorServiceAsyncStub = generator_pb2_grpc.GeneratorServiceStub(
+            aio_channel(address)
+        )
 
     async def generate(
         self, question: str, passages: Sequence[Passage], options: DecodingOptions, timeout: float

@@ -45,7 +45,7 @@ def _is_ip(host: str) -> bool:
 class Shard:
     index: int
     replicas: list[str]  # as configured: "host:port" each, or one DNS name standing for every replica
-    stub: retriever_pb2_grpc.RetrieverServiceStub
+    stub: retriever_pb2_grpc.RetrieverServiceAsyncStub
 
     async def endpoints(self) -> list[str]:
         """Every replica's own address: DNS names resolved now (pods come and go)."""
@@ -61,7 +61,7 @@ class Shard:
             except OSError as err:
                 raise RagError(f"cannot resolve retriever {replica}: {err}", code=grpc.StatusCode.UNAVAILABLE) from err
             for info in infos:
-                ip = info[4][0]
+                ip = str(info[4][0])
                 found.append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
         return sorted(set(found))
 
@@ -86,9 +86,9 @@ class RetrieverTier:
             replicas = [r.strip() for r in shard.split("|") if r.strip()]
             stub = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(_channel_target(replicas)))
             self.shards.append(Shard(i, replicas, stub))
-        self._admin_stubs: dict[str, index_admin_pb2_grpc.IndexAdminServiceStub] = {}
+        self._admin_stubs: dict[str, index_admin_pb2_grpc.IndexAdminServiceAsyncStub] = {}
 
-    def admin(self, endpoint: str) -> index_admin_pb2_grpc.IndexAdminServiceStub:
+    def admin(self, endpoint: str) -> index_admin_pb2_grpc.IndexAdminServiceAsyncStub:
         if endpoint not in self._admin_stubs:
             self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint))
         return self._admin_stubs[endpoint]

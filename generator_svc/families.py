@@ -187,7 +187,9 @@ class DecoderOnlyLM(PassageLM):
 
     def _truncate(self, text: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= self.max_passage_tokens else self.tokenizer.decode(ids[: self.max_passage_tokens])
+        return (
+            text if len(ids) <= self.max_passage_tokens else str(self.tokenizer.decode(ids[: self.max_passage_tokens]))
+        )
 
     def prompt_ids(self, question: str, context: Context) -> list[int]:
         if not context:
@@ -322,7 +324,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if not all(p.dtype == torch.float32 for p in model.parameters()):
         raise FailedPrecondition(f"{gguf_path.name} did not dequantise to float32; cannot save it as safetensors")
     # Fully dequantised, the model is a plain float32 one: drop the GGUF quantizer so it saves as safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
     model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -11,9 +11,12 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 ENV_PREFIX = "RAG_"
 
 
@@ -86,5 +89,5 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, skip: 
 
 
 def config_from_args(config_class: type[C], args: argparse.Namespace) -> C:
-    names = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: v for k, v in vars(args).items() if k in names})

@@ -48,9 +48,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith("/rag."):
@@ -159,9 +159,9 @@ async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
         metrics_port = metrics.serve_metrics(config.host, config.metrics_port)
         log.info("%s metrics on http://%s:%d/metrics", name, config.host, metrics_port)
     print(f"{name} listening on {config.host}:{served.port}", flush=True)
-    waiters = [asyncio.ensure_future(stop.wait())]
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if served.loading is not None:
-        waiters.append(served.loading)  # type: ignore[arg-type]
+        waiters.append(served.loading)
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     failed = served.loading is not None and served.loading.done() and served.loading.exception() is not None
     if failed:

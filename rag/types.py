@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from rag.errors import require
 from rag.index_ref import IndexRef
 from rag.v1 import gateway_pb2, generator_pb2, passage_pb2
 
 MAX_QUESTION_CHARS = 2000
+E = TypeVar("E", bound=enum.Enum)
+P = TypeVar("P", bound=int)
 
 
 def parse_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -62,16 +66,11 @@ class Mode(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Mode:
-        require(text in _values(cls), f"mode must be one of {', '.join(_values(cls))}, got {text!r}")
-        return cls(text)
+        return _from_word(cls, text, "mode")
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.RagMode.ValueType) -> Mode:
-        require(
-            pb in _MODE_FROM_PB,
-            f"unknown mode {pb}; use RAG_MODE_TOKEN, RAG_MODE_SEQUENCE, RAG_MODE_CLOSED_BOOK or RAG_MODE_CONCAT",
-        )
-        return _MODE_FROM_PB[pb]
+        return _from_pb_value(_MODE_FROM_PB, pb, "mode", generator_pb2.RagMode.Name)
 
     def to_pb(self) -> generator_pb2.RagMode.ValueType:
         return _MODE_TO_PB[self]
@@ -85,23 +84,28 @@ class SequenceDecoding(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> SequenceDecoding:
-        require(text in _values(cls), f"sequence decoding must be one of {', '.join(_values(cls))}, got {text!r}")
-        return cls(text)
+        return _from_word(cls, text, "sequence decoding")
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.SequenceDecoding.ValueType) -> SequenceDecoding:
-        require(
-            pb in _DECODING_FROM_PB,
-            f"unknown sequence_decoding {pb}; use SEQUENCE_DECODING_THOROUGH or SEQUENCE_DECODING_FAST",
-        )
-        return _DECODING_FROM_PB[pb]
+        return _from_pb_value(_DECODING_FROM_PB, pb, "sequence_decoding", generator_pb2.SequenceDecoding.Name)
 
     def to_pb(self) -> generator_pb2.SequenceDecoding.ValueType:
         return _DECODING_TO_PB[self]
 
 
-def _values(enumeration: type[enum.Enum]) -> list[str]:
-    return [member.value for member in enumeration]
+def _from_word(enumeration: type[E], text: str, what: str) -> E:
+    """The member named by a command-line word, or INVALID_ARGUMENT listing the words."""
+    words = [member.value for member in enumeration]
+    require(text in words, f"{what} must be one of {', '.join(words)}, got {text!r}")
+    return enumeration(text)
+
+
+def _from_pb_value(table: Mapping[P, E], pb: P, field: str, name: Callable[[P], str]) -> E:
+    """The member a protobuf enum value stands for (unset: the default), or INVALID_ARGUMENT naming the values."""
+    names = [name(value) for value in table if value]
+    require(pb in table, f"unknown {field} {pb}; use {', '.join(names[:-1])} or {names[-1]}")
+    return table[pb]
 
 
 _MODE_LABELS = {

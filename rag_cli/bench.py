@@ -32,6 +32,7 @@ from rag.config import option
 from rag.types import DecodingOptions
 
 if TYPE_CHECKING:  # the services load torch: `rag bench` imports them only in the sections that run them
+    from rag_cli.testing.random_models import BartShape
     from rag_cli.testing.stack import Launcher, Stack
 
 SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build")
@@ -89,9 +90,8 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     checkpoint = work / "bart-base-rag"
     # init_std 0.05 rather than BART's 0.02: with 0.02 random weights end every answer at once, and only the
     # fixed costs would be timed; with 0.05 answers run to max_new_tokens, like real multi-token answers.
-    random_models.save_rag_checkpoint(
-        checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **_bart_shape(config.quick)
-    )
+    shape = _bart_shape(config.quick)
+    random_models.save_rag_checkpoint(checkpoint, shape=shape, n_docs=5, init_std=0.05, vocab_size=50265)
     lm = load_passage_lm(str(checkpoint))
     hf_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
     hf_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
@@ -210,7 +210,7 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
     m = min(n, 20_000 if config.quick else 200_000)
     hnsw = faiss.index_factory(dim, "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
     hnsw.add(vectors[:m])
-    hnsw.hnsw.efSearch = 128
+    faiss.ParameterSpace().set_index_parameter(hnsw, "efSearch", 128)
     queries = queries_pool[64:]
     exact = [{h.row for h in hits} for hits in exact_top_k(vectors[:m], queries, 10)]
     found = hnsw.search(queries, 10)[1]
@@ -233,9 +233,11 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
 # ------------------------------------------------------------------------------------------------ services
 
 
-def _bart_shape(quick: bool) -> dict[str, int]:
+def _bart_shape(quick: bool) -> BartShape:
     """bart-base (a tiny model with --quick)."""
-    return dict(d_model=64, layers=2, heads=4, ffn=128) if quick else dict(d_model=768, layers=6, heads=12, ffn=3072)
+    from rag_cli.testing.random_models import BART_BASE, BartShape
+
+    return BartShape(d_model=64, layers=2, heads=4, ffn=128) if quick else BART_BASE
 
 
 def _services(work: Path, quick: bool) -> tuple[Launcher, Stack]:
@@ -258,7 +260,9 @@ def _services(work: Path, quick: bool) -> tuple[Launcher, Stack]:
     )
     checkpoint = work / "bart-base-rag"
     if not (checkpoint / "config.json").exists():
-        random_models.save_rag_checkpoint(checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, **_bart_shape(quick))
+        random_models.save_rag_checkpoint(
+            checkpoint, n_docs=5, init_std=0.05, vocab_size=50265, shape=_bart_shape(quick)
+        )
     launcher = Launcher()
     return launcher, launcher.stack(work / "indexes", "bench", checkpoint, max_batch=8, max_queue=64)
 
@@ -276,7 +280,7 @@ def bench_gateway(config: BenchConfig, work: Path) -> list[Figure]:
         stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(services.gateway_address))
         ask = lambda: stub.Ask(gateway_pb2.AskRequest(question=question, k=5, options=options), timeout=120)  # noqa: E731
         # The same work in-process: the retriever's and the generator's own code, no gRPC in between.
-        retriever = services.retriever.servicers[0].retriever
+        retriever = services.retrievers[0].servicers[0].retriever
         model = services.generator.servicers[0].worker.model
         direct_options = DecodingOptions(max_new_tokens=12, score_temperature=0.05)
 

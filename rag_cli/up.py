@@ -85,7 +85,12 @@ class Stack:
     def _spawn(self, service: str, port: int, metrics_offset: int, **flags: object) -> Child:
         config = self.config
         metrics_port = config.metrics_port + metrics_offset if config.metrics_port else 0
-        common = {"host": config.host, "port": port, "metrics_port": metrics_port, "grace_seconds": config.grace_seconds}
+        common = {
+            "host": config.host,
+            "port": port,
+            "metrics_port": metrics_port,
+            "grace_seconds": config.grace_seconds,
+        }
         child = spawn(service, {**common, **flags})
         self.children.append(child)
         return child

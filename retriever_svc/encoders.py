@@ -16,13 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rag.errors import FailedPrecondition, InvalidArgument
 from retriever_svc.layout import EncoderInfo
@@ -108,9 +115,10 @@ class DPREncoder(Encoder):
 
     def __init__(self, question: Path, context: Path | None, spec: str, score_temperature: float = 1.0) -> None:
         self.question_tokenizer, self.question_model = _load_dpr_tower(question, DPRQuestionEncoder)
-        self.context_tokenizer, self.context_model = (
-            _load_dpr_tower(context, DPRContextEncoder) if context else (None, None)
-        )
+        self.context_tokenizer: PreTrainedTokenizerBase | None = None
+        self.context_model: PreTrainedModel | None = None
+        if context:
+            self.context_tokenizer, self.context_model = _load_dpr_tower(context, DPRContextEncoder)
         question_identity = directory_identity(question)
         self.info = EncoderInfo(
             "dpr",
@@ -138,14 +146,16 @@ class DPREncoder(Encoder):
         return self.context_model(**batch).pooler_output.float().numpy()
 
 
-def _load_dpr_tower(path: Path, cls: Callable[..., torch.nn.Module]) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+def _load_dpr_tower(
+    path: Path, cls: type[DPRQuestionEncoder] | type[DPRContextEncoder]
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") == "rag":  # a RAG checkpoint: its question encoder and question tokenizer
         from transformers import RagTokenForGeneration
 
         rag = RagTokenForGeneration.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
         return AutoTokenizer.from_pretrained(path / "question_encoder_tokenizer"), rag.rag.question_encoder.eval()
-    model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32)  # type: ignore[attr-defined]
+    model = cls.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
     return AutoTokenizer.from_pretrained(path), model.eval()
 
 

@@ -103,7 +103,7 @@ class ResidentIndexes:
         with self._lock:
             entry = self._find(ref) if ref else self.active
             if entry is None:
-                resident = ", ".join(e.index.ref for e in (self.active, self.other) if e) or "none"
+                resident = ", ".join(str(e.index.ref) for e in (self.active, self.other) if e) or "none"
                 raise FailedPrecondition(
                     f"index version {ref or '(active)'} is not resident on this retriever (resident: {resident})"
                 )

@@ -18,6 +18,7 @@ import numpy as np
 
 from rag.errors import FailedPrecondition
 from rag.files import sha256_file
+from rag.index_ref import IndexRef
 from rag.types import Passage
 from retriever_svc.layout import ANN, EMBEDDINGS, FORMAT_VERSION, MANIFEST, PASSAGES, Manifest, shard_dir
 

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -92,9 +93,9 @@ def index_build_args(corpus: Path, root: Path, name: str, encoder_spec: str, *ex
             "--encoder", encoder_spec, *(extra or ("--no-progress",))]  # fmt: skip
 
 
-def build(corpus: Path, root: Path, name: str, encoder_spec: str, **options: object) -> Manifest:
+def build(corpus: Path, root: Path, name: str, encoder_spec: str, **options: Any) -> Manifest:
     """A new version of index `name` built in-process (the library call behind `rag index build`)."""
-    return build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), show_progress=False, **options)  # type: ignore[arg-type]
+    return build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), show_progress=False, **options)
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +132,11 @@ def passage_ids(shard_dir: Path) -> list[str]:
     """The passage ids a built index shard stores, in row order."""
     with sqlite3.connect(shard_dir / "passages.sqlite") as db:
         return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
+
+
+def details(err: grpc.RpcError) -> str:
+    """An error's message (grpc types it as optional)."""
+    return err.details() or ""
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,13 +67,14 @@ def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
         assert time.monotonic() < deadline, "".join(output)
     match = re.search(r"gateway on (\S+); retrievers (\S+); generator (\S+)", output[-1] if output else "")
     assert match, "".join(output)
-    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()  # type: ignore[arg-type]
+    stdout = process.stdout
+    threading.Thread(target=lambda: output.extend(stdout), daemon=True).start()
     yield Up(process, match.group(1), match.group(2), match.group(3), output)
     if process.poll() is None:
         process.kill()
 
 
-def ask_json(up: Up, *args: str, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+def ask_json(up: Up, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     result = rag("ask", "Who discovered penicillin?", "--gateway", up.gateway, "--json", *args, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -101,6 +103,13 @@ def test_text_output_shows_answer_and_sources(up: Up) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Q: Who discovered penicillin?\nA: ")
     assert "sources by posterior" in result.stdout
+
+
+def test_version_and_python_m() -> None:
+    from rag import __version__
+
+    result = rag("--version")  # rag() runs `python -m rag_cli`, the same command as the `rag` script
+    assert result.returncode == 0 and result.stdout.strip() == f"rag {__version__}" and __version__ != "0+unknown"
 
 
 def test_bad_requests_exit_2_with_the_reason(up: Up) -> None:
@@ -148,7 +157,7 @@ def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, t
 
 def test_sigterm_drains_in_flight_requests_then_stops_everything(up: Up) -> None:
     """Runs last in this module: it stops the stack."""
-    slow: dict[str, object] = {}
+    slow: dict[str, Any] = {}
 
     def ask_slowly() -> None:
         started = time.monotonic()

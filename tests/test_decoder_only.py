@@ -83,7 +83,9 @@ def test_left_padded_passages_decode_as_if_alone(lm: DecoderOnlyLM, tiny: TinyMo
 
 
 @pytest.mark.parametrize("mode", [generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE])
-def test_copies_of_one_passage_change_nothing(stub: generator_pb2_grpc.GeneratorServiceStub, mode: int) -> None:
+def test_copies_of_one_passage_change_nothing(
+    stub: generator_pb2_grpc.GeneratorServiceStub, mode: generator_pb2.RagMode.ValueType
+) -> None:
     options = generator_pb2.DecodingOptions(mode=mode, num_beams=2, num_return_sequences=2, max_new_tokens=8)
     one = stub.Generate(
         generator_pb2.GenerateRequest(question=QUESTION, passages=[PASSAGES[0].to_pb()], options=options), timeout=60

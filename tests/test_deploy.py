@@ -89,7 +89,7 @@ def listening_port(objs: list[Obj], container: Obj) -> int:
     service = served(container)
     assert service is not None
     default = next(f.default for f in dataclasses.fields(SERVICE_CONFIGS[service]) if f.name == "port")
-    return int(env_of(objs, container).get("RAG_PORT", default))
+    return int(env_of(objs, container).get("RAG_PORT", str(default)))
 
 
 # -------------------------------------------------------------------------------------------- schemas

@@ -8,7 +8,7 @@ GeneratorService over gRPC (one question per request) and through the batched ma
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -55,7 +55,7 @@ def passages_for(b: int) -> list[Passage]:
 class Reference:
     """transformers' implementation over one checkpoint, plus our GeneratorService over the same one."""
 
-    def __init__(self, checkpoint: Path, rules: dict[str, object], address: str) -> None:
+    def __init__(self, checkpoint: Path, rules: Mapping[str, object], address: str) -> None:
         self.rag_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
         self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
         for key, value in rules.items():  # RagSequence decodes with the generator's own generation config

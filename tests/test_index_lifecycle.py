@@ -29,7 +29,7 @@ from rag.v1 import (
 from rag_cli.testing.random_models import save_sentence_encoder
 from rag_cli.testing.stack import Launcher, Stack, address
 from retriever_svc.encoders import load_encoder
-from tests.conftest import TinyModels, build, corpus_records, passage_ids, write_jsonl
+from tests.conftest import TinyModels, build, corpus_records, details, passage_ids, write_jsonl
 
 TOKEN = "test-admin-token"
 QUESTION = "Who is the president of Examplia?"
@@ -287,8 +287,8 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
         with pytest.raises(grpc.RpcError) as err:
             cluster.swap(version)
         assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), version
-        assert reason in err.value.details() and "every retriever still serves kb@v1" in err.value.details(), (
-            err.value.details()
+        assert reason in details(err.value) and "every retriever still serves kb@v1" in details(err.value), details(
+            err.value
         )
         assert cluster.ask(k=1).index_version == "kb@v1"
         [status] = cluster.status()
@@ -305,7 +305,7 @@ def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
     for token, message in ((None, "need `authorization: Bearer <token>`"), ("wrong", "not valid")):
         with pytest.raises(grpc.RpcError) as err:
             cluster.swap("v2", token=token)
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and message in err.value.details()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and message in details(err.value)
     for version, name in (("../v2", ""), ("/etc/passwd", ""), ("v1", "../../etc"), ("v1", "kb/.."), ("v1\n", "")):
         with pytest.raises(grpc.RpcError) as err:
             cluster.swap(version, name)
@@ -339,7 +339,7 @@ def test_a_retriever_holds_at_most_two_versions(
     )
     with pytest.raises(grpc.RpcError) as err:
         retriever_admin(retriever, "UnloadIndex", index_admin_pb2.UnloadIndexRequest(index_version="kb@v2"))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is active" in details(err.value)
 
 
 def test_swaps_and_refused_loads_are_counted(

@@ -4,6 +4,7 @@ exact search against faiss' brute force, and the RetrieverService contract."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import faiss
 import grpc
@@ -25,6 +26,7 @@ from tests.conftest import (
     TinyModels,
     build,
     corpus_records,
+    details,
     index_build_args,
     passage_ids,
     write_jsonl,
@@ -33,7 +35,7 @@ from tests.conftest import (
 QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "How high is Mount Everest?"]
 
 
-def search(address: str, questions: list[str], k: int, **flags: bool) -> retriever_pb2.SearchResponse:
+def search(address: str, questions: list[str], k: int, **flags: Any) -> retriever_pb2.SearchResponse:
     with grpc.insecure_channel(address) as channel:
         return retriever_pb2_grpc.RetrieverServiceStub(channel).Search(
             retriever_pb2.SearchRequest(questions=questions, k=k, **flags), timeout=60
@@ -234,7 +236,7 @@ def test_retriever_refuses_an_index_built_by_another_encoder(
 
     save_sentence_encoder(other, seed=1)
     served = launch.retriever(index_root, index="tiny", encoder=f"sentence-transformer:{other}")
-    assert "built with a different encoder" in str(served.loading.exception())
+    assert served.loading is not None and "built with a different encoder" in str(served.loading.exception())
     with pytest.raises(grpc.RpcError) as err:
         search(address(served), QUESTIONS, 3)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -254,7 +256,7 @@ def test_search_rejects_bad_requests(services: Services, questions: list[str], k
     with pytest.raises(grpc.RpcError) as err:
         search(services.retriever, questions, k)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in err.value.details()
+    assert message in details(err.value)
 
 
 def test_search_serves_several_questions_in_one_call(services: Services) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,7 +21,7 @@ from rag.serving import ServerConfig, ServerThread, new_server
 from rag.types import AskRequest, DecodingOptions, Mode
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
 from rag_cli.testing.stack import Launcher, address, loopback
-from tests.conftest import Services, TinyModels
+from tests.conftest import Services, TinyModels, details
 
 PASSAGES = [
     passage_pb2.Passage(
@@ -31,12 +33,12 @@ PASSAGES = [
 
 
 def ask(
-    services: Services, question: str = "Who discovered penicillin?", timeout: float = 60, **fields: object
+    services: Services, question: str = "Who discovered penicillin?", timeout: float = 60, **fields: Any
 ) -> gateway_pb2.AskResponse:
     return services.gateway_stub().Ask(gateway_pb2.AskRequest(question=question, **fields), timeout=timeout)
 
 
-def status_of(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+def status_of(call: Callable[[], object]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value
@@ -78,8 +80,11 @@ def test_ask_conditions_on_n_docs_of_the_k_retrieved(services: Services) -> None
         ({"k": 51}, "k must be in [1, 50]"),
         ({"k": -1}, "k must be in [1, 50]"),
         ({"k": 3, "options": generator_pb2.DecodingOptions(n_docs=4)}, "n_docs=4 is more than the k=3"),
-        ({"options": generator_pb2.DecodingOptions(mode=7)}, "unknown mode 7"),
-        ({"options": generator_pb2.DecodingOptions(sequence_decoding=9)}, "unknown sequence_decoding 9"),
+        ({"options": generator_pb2.DecodingOptions(mode=generator_pb2.RagMode.ValueType(7))}, "unknown mode 7"),
+        (
+            {"options": generator_pb2.DecodingOptions(sequence_decoding=generator_pb2.SequenceDecoding.ValueType(9))},
+            "unknown sequence_decoding 9",
+        ),
         ({"options": generator_pb2.DecodingOptions(max_new_tokens=100_000)}, "max_new_tokens must be in"),
         ({"options": generator_pb2.DecodingOptions(num_beams=99)}, "num_beams must be in [1, 8]"),
         (
@@ -88,11 +93,13 @@ def test_ask_conditions_on_n_docs_of_the_k_retrieved(services: Services) -> None
         ),
     ],
 )
-def test_ask_rejects_bad_requests_with_invalid_argument(services: Services, fields: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_ask_rejects_bad_requests_with_invalid_argument(
+    services: Services, fields: dict[str, Any], message: str
+) -> None:
     fields.setdefault("question", "Who discovered penicillin?")
     err = status_of(lambda: ask(services, **fields))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in err.details()
+    assert message in details(err)
 
 
 def test_the_gateway_passes_on_what_its_generator_allows(
@@ -110,7 +117,7 @@ def test_the_gateway_passes_on_what_its_generator_allows(
         err = status_of(
             lambda: stub.Ask(AskRequest(question, 2, DecodingOptions(max_new_tokens=401)).to_pb(), timeout=60)
         )
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens must be in [1, 400]" in err.details()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_new_tokens must be in [1, 400]" in details(err)
 
 
 class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
@@ -119,10 +126,17 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self) -> None:
         self.seen_remaining: list[float] = []
 
-    async def Generate(self, request, context):  # type: ignore[no-untyped-def]
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.GenerateResponse:
         self.seen_remaining.append(context.time_remaining())
         await asyncio.sleep(5)
         return generator_pb2.GenerateResponse()
+
+    async def Score(
+        self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.ScoreResponse:
+        raise NotImplementedError
 
 
 def test_gateway_passes_on_what_is_left_of_the_callers_deadline(
@@ -162,13 +176,13 @@ def test_gateway_reports_an_unreachable_service_as_unavailable(services: Service
             )
         )
     assert err.code() == grpc.StatusCode.UNAVAILABLE
-    assert err.details().startswith("retriever shard 0:")
+    assert details(err).startswith("retriever shard 0:")
 
 
 # ------------------------------------------------------------------------------------------------ generator
 
 
-def generate(services: Services, **fields: object) -> generator_pb2.GenerateResponse:
+def generate(services: Services, **fields: Any) -> generator_pb2.GenerateResponse:
     fields.setdefault("question", "Who discovered penicillin?")
     fields.setdefault("passages", PASSAGES)
     return services.generator_stub().Generate(generator_pb2.GenerateRequest(**fields), timeout=60)
@@ -226,10 +240,10 @@ def test_score_temperature_sharpens_the_prior(services: Services) -> None:
         ({"query_embedding": [1.0, 2.0]}, "passage 0 has a 0-d embedding"),
     ],
 )
-def test_generate_rejects_bad_requests(services: Services, fields: dict, message: str) -> None:  # type: ignore[type-arg]
+def test_generate_rejects_bad_requests(services: Services, fields: dict[str, Any], message: str) -> None:
     err = status_of(lambda: generate(services, **fields))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in err.details()
+    assert message in details(err)
 
 
 def test_score_rejects_empty_answers(services: Services) -> None:
@@ -238,7 +252,7 @@ def test_score_rejects_empty_answers(services: Services) -> None:
         err = status_of(
             lambda: stub.Score(generator_pb2.ScoreRequest(question="q", passages=PASSAGES, answers=answers), timeout=30)
         )
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in details(err)
 
 
 def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyModels) -> None:
@@ -252,14 +266,14 @@ def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyMod
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(stub.Generate.future(request, timeout=120).exception) for _ in range(6)]
             errors = [f.result() for f in futures]
-    codes = [e.code() for e in errors if e is not None]
+    codes = [e.code() for e in errors if isinstance(e, grpc.RpcError)]
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
     assert errors.count(None) >= 1  # the queued one was served
 
 
 def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(launch: Launcher, tmp_path: Path) -> None:
     served = launch.generator(tmp_path / "missing")
-    assert "does not exist" in str(served.loading.exception())
+    assert served.loading is not None and "does not exist" in str(served.loading.exception())
     with grpc.insecure_channel(address(served)) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="rag.v1.GeneratorService"), timeout=5
@@ -270,7 +284,7 @@ def test_a_generator_that_cannot_load_stays_not_serving_and_unavailable(launch: 
                 generator_pb2.GenerateRequest(question="q", passages=PASSAGES), timeout=5
             )
         )
-    assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.details()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in details(err)
 
 
 # ------------------------------------------------------------------------------------------------ hygiene
@@ -310,7 +324,9 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
 
 
 def test_baselines_use_the_same_generator_with_no_or_all_passages(services: Services) -> None:
-    def answer(mode: int, passages: list[passage_pb2.Passage]) -> generator_pb2.GenerateResponse:
+    def answer(
+        mode: generator_pb2.RagMode.ValueType, passages: list[passage_pb2.Passage]
+    ) -> generator_pb2.GenerateResponse:
         return generate(services, passages=passages, options=generator_pb2.DecodingOptions(mode=mode, max_new_tokens=6))
 
     closed = [answer(generator_pb2.RAG_MODE_CLOSED_BOOK, p) for p in (PASSAGES, PASSAGES[1:])]

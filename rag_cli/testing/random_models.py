@@ -12,6 +12,8 @@ exactly as they load real models:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,34 +87,42 @@ def chat_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _bart_config(vocab_size: int, d_model: int, layers: int, heads: int, ffn: int, init_std: float) -> BartConfig:
+def _bart_config(vocab_size: int, shape: BartShape, init_std: float) -> BartConfig:
     return BartConfig(
         init_std=init_std,
         vocab_size=vocab_size,
-        d_model=d_model,
-        encoder_layers=layers,
-        decoder_layers=layers,
-        encoder_attention_heads=heads,
-        decoder_attention_heads=heads,
-        encoder_ffn_dim=ffn,
-        decoder_ffn_dim=ffn,
+        d_model=shape.d_model,
+        encoder_layers=shape.layers,
+        decoder_layers=shape.layers,
+        encoder_attention_heads=shape.heads,
+        decoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn,
+        decoder_ffn_dim=shape.ffn,
         max_position_embeddings=1024,
     )
+
+
+@dataclass(frozen=True)
+class BartShape:
+    d_model: int = 32
+    layers: int = 2
+    heads: int = 2
+    ffn: int = 64
+
+
+BART_BASE = BartShape(d_model=768, layers=6, heads=12, ffn=3072)
 
 
 def save_rag_checkpoint(
     out_dir: Path,
     seed: int = 0,
-    d_model: int = 32,
-    layers: int = 2,
-    heads: int = 2,
-    ffn: int = 64,
+    shape: BartShape = BartShape(),
     n_docs: int = 5,
     init_std: float = 0.2,
-    generation: dict[str, object] | None = None,
+    generation: Mapping[str, object] | None = None,
     vocab_size: int = 0,
 ) -> RagTokenForGeneration:
-    """A RAG checkpoint in the `facebook/rag-*` layout; `d_model=768, layers=6, heads=12, ffn=3072` is bart-base.
+    """A RAG checkpoint in the `facebook/rag-*` layout (a tiny BART generator unless `shape` says otherwise).
 
     `init_std` 0.2 (BART's own is 0.02) makes outputs depend on the passage, so marginalising over passages
     matters in tests. `generation` sets generation-config fields (e.g. no_repeat_ngram_size). `vocab_size`
@@ -121,7 +131,7 @@ def save_rag_checkpoint(
     torch.manual_seed(seed)
     generator_tokenizer, question_tokenizer = bart_tokenizer(), bert_tokenizer()
     vocab = max(vocab_size, len(generator_tokenizer))
-    bart = BartForConditionalGeneration(_bart_config(vocab, d_model, layers, heads, ffn, init_std))
+    bart = BartForConditionalGeneration(_bart_config(vocab, shape, init_std))
     dpr_config = DPRConfig(
         vocab_size=len(question_tokenizer),
         hidden_size=32,
