@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +34,7 @@ from rag_cli.testing.random_models import save_sentence_encoder  # noqa: E402
 from rag_cli.up import Child, spawn  # noqa: E402
 from retriever_svc.build import build_index  # noqa: E402
 from retriever_svc.encoders import Encoder, load_encoder  # noqa: E402
+from retriever_svc.layout import EncoderInfo  # noqa: E402
 
 
 class RandomPassages(Encoder):
@@ -42,8 +44,14 @@ class RandomPassages(Encoder):
         self.info = real.info
         self.rng = np.random.default_rng(seed)
 
-    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
+    def question_vectors(self, questions: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError("builds only")
+
+    def save_question_tower(self, out_dir: Path, document_encoder: EncoderInfo) -> None:
+        raise NotImplementedError("builds only")
+
+    def question_tower_spec(self, path: Path) -> str:
+        raise NotImplementedError("builds only")
 
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         vectors = self.rng.standard_normal((len(texts), self.info.dim)).astype(np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,26 @@ class EncoderDecoderLM(PassageLM):
         docs = [p.title.removeprefix('"').removesuffix('"') + self.title_sep + p.text + self.doc_sep for p in context]
         return (self.prefix + "".join(docs) + question).replace("  ", " ")
 
-    @torch.inference_mode()
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+    def tokenize(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> dict[str, torch.Tensor]:
+        """The encoder input of every row (question-major), padded to the longest."""
         texts = [self.input_text(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         batch = self.tokenizer(
             texts, max_length=self.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
         )
+        return {
+            "input_ids": batch["input_ids"].to(self.device),
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+
+    @torch.inference_mode()
+    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+        batch = self.tokenize(questions, contexts)
         mask = batch["attention_mask"]
         states = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask, return_dict=True)
         states = states.last_hidden_state
         # The decoder start token, once per row: it fills the cross-attention cache (the encoder states
         # projected for every decoder layer) and gives the first answer token's distribution.
-        start = torch.full((len(texts), 1), self.decoder_start, dtype=torch.long)
+        start = torch.full((len(mask), 1), self.decoder_start, dtype=torch.long)
         out = self.model(
             encoder_outputs=(states,),
             attention_mask=mask,
@@ -152,6 +161,17 @@ class EncoderDecoderLM(PassageLM):
         if not ids or ids[-1] not in self.rules.eos_token_ids:
             ids = ids + [self.rules.eos_token_ids[0]]
         return ids
+
+    def teacher_forced(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], targets: torch.Tensor
+    ) -> torch.Tensor:
+        batch = self.tokenize(questions, contexts)
+        K = len(contexts[0])
+        rows = targets.to(self.device).repeat_interleave(K, dim=0)  # [B*K, T]
+        start = torch.full((len(rows), 1), self.decoder_start, dtype=torch.long, device=self.device)
+        out = self.model(**batch, decoder_input_ids=torch.cat([start, rows[:, :-1]], dim=1), return_dict=True)
+        logprobs = log_softmax(out.logits).gather(-1, rows[:, :, None]).squeeze(-1)
+        return logprobs.view(len(questions), K, -1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,6 +273,32 @@ class DecoderOnlyLM(PassageLM):
     def answer_token_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
 
+    def teacher_forced(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Each row is its prompt (left-padded, as `encode` builds it) followed by the answer (the assistant
+        turn); only the last T positions, where the answer tokens are predicted, are projected to the vocabulary."""
+        K, T = len(contexts[0]), targets.shape[1]
+        prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
+        rows = targets.repeat_interleave(K, dim=0)
+        P = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), P + T - 1), self.rules.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, prompt in enumerate(prompts):
+            input_ids[r, P - len(prompt) : P] = torch.tensor(prompt)
+            mask[r, P - len(prompt) :] = 1  # answers are right-padded: what follows one is never attended to
+        input_ids[:, P:] = rows[:, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            logits_to_keep=T,
+            return_dict=True,
+        )
+        logprobs = log_softmax(out.logits).gather(-1, rows.to(self.device)[:, :, None]).squeeze(-1)
+        return logprobs.view(len(questions), K, T)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Loading
@@ -323,8 +369,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     )
     if not all(p.dtype == torch.float32 for p in model.parameters()):
         raise FailedPrecondition(f"{gguf_path.name} did not dequantise to float32; cannot save it as safetensors")
-    # Fully dequantised, the model is a plain float32 one: drop the GGUF quantizer so it saves as safetensors.
+    _save_plain(model, tokenizer, out_dir)
+
+
+def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """A model directory (safetensors, tokenizer, generation config) that load_passage_lm reads."""
+    # A dequantised GGUF model is a plain float32 one: drop the GGUF quantizer so it saves as safetensors.
     model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
     model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def save_passage_lm(lm: PassageLM, source: str, out_dir: Path) -> None:
+    """Save a (fine-tuned) generator in the layout it was loaded from: a `facebook/rag-*` checkpoint stays one
+    (with its generator replaced), anything else becomes a plain model directory. Either way the services load
+    it like any model."""
+    source_path = Path(source).expanduser()
+    if source_path.is_dir() and json.loads((source_path / "config.json").read_text()).get("model_type") == "rag":
+        from transformers import RagTokenForGeneration
+
+        rag = RagTokenForGeneration.from_pretrained(source_path, use_safetensors=True, dtype=torch.float32)
+        rag.rag.generator.load_state_dict(lm.model.state_dict())
+        rag.save_pretrained(out_dir, safe_serialization=True)
+        for tokenizer_dir in ("generator_tokenizer", "question_encoder_tokenizer"):
+            if (source_path / tokenizer_dir).is_dir():
+                shutil.copytree(source_path / tokenizer_dir, out_dir / tokenizer_dir)
+        return
+    _save_plain(lm.model, lm.tokenizer, out_dir)

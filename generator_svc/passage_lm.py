@@ -93,6 +93,7 @@ class PassageLM(ABC):
     """Decoding from the per-row prefix caches, the same for both families; they differ in `encode` (how rows
     are built and run to their first answer token), `_cache` and `_forward` (how one more chunk of tokens runs)."""
 
+    model: Any  # a transformers PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     rules: DecodingRules
     bos_token_id: int | None
@@ -113,6 +114,17 @@ class PassageLM(ABC):
     @abstractmethod
     def answer_token_ids(self, answer: str) -> list[int]:
         """The tokens the model would generate for `answer`, end-of-sequence included."""
+
+    @abstractmethod
+    def teacher_forced(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(targets[b, t] | question b with context k, targets[b, <t]) as [B, K, T], in one pass that
+        gradients flow through (training); `targets` [B, T] is right-padded, positions past an answer are junk."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""

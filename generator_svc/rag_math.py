@@ -255,6 +255,17 @@ class AnswerScores:
         return torch.softmax(self.prior + self.passage_loglik(), dim=-1)
 
 
+def answer_targets(answers: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answers as right-padded targets [H, T], and the mask [H, T] of their real tokens."""
+    T = max(len(a) for a in answers)
+    targets = torch.full((len(answers), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(answers), T, dtype=torch.bool)
+    for h, answer in enumerate(answers):
+        targets[h, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[h, : len(answer)] = True
+    return targets, mask
+
+
 def score_answers(
     lm: PassageLM,
     ctx: Contexts,
@@ -269,17 +280,12 @@ def score_answers(
     hypotheses: a forced BOS says nothing about the answer.
     """
     K = ctx.contexts_per_question
-    H, T = len(answers), max(len(a) for a in answers)
-    targets = torch.full((H, T), lm.rules.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(H, T, dtype=torch.bool)
-    for h, answer in enumerate(answers):
-        targets[h, : len(answer)] = torch.tensor(answer, dtype=torch.long)
-        mask[h, : len(answer)] = True
+    targets, mask = answer_targets(answers, lm.rules.pad_token_id)
     if skip_leading_bos and lm.bos_token_id is not None:
         mask[:, 0] &= targets[:, 0] != lm.bos_token_id
     question_index = torch.tensor(questions, dtype=torch.long)
     rows = (question_index[:, None] * K + torch.arange(K)).view(-1)  # (answer h, passage k) -> context row
-    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0)).view(H, K, T)
+    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0)).view(len(answers), K, -1)
     logprobs = torch.where(mask[:, None, :], logprobs, 0.0)
     return AnswerScores(logprobs, mask, prior[question_index])
 
@@ -367,3 +373,20 @@ def _rag_sequence_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, opti
 
     n = options.num_return_sequences
     return [[pools[b][i] for i in torch.topk(marginals[b], min(n, len(pools[b]))).indices.tolist()] for b in range(B)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training: the paper's loss (section 2.4) is the negative log of the same marginals.
+# --------------------------------------------------------------------------------------------------------
+
+
+def marginal_nll(token_logprobs: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """-log p(y|x) of each question's target under RAG-Token or RAG-Sequence. [B]
+
+    `token_logprobs` [B, K, T] is log p(y_t|x,z_k,y<t) (PassageLM.teacher_forced), `mask` [B, T] marks the
+    target's tokens and `prior` [B, K] is log p(z|x). Gradients reach the generator through the first and the
+    query encoder through the prior (doc_scores = q . d, with d fixed in the index); no passage is labelled.
+    """
+    mask = mask.to(token_logprobs.device)
+    scores = AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior.to(token_logprobs.device))
+    return -scores.log_prob(mode)

@@ -30,12 +30,19 @@ def sha256_file(path: Path) -> str:
 @contextmanager
 def publishing(target: Path) -> Iterator[Path]:
     """Yield a fresh temp path beside `target` (make it a file or a directory); it is renamed onto `target`
-    only if the block completes, and removed otherwise."""
+    only if the block completes, and removed otherwise. A directory already at `target` is replaced: moved
+    aside, the new one renamed into place, then the old one deleted."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
         yield tmp
-        tmp.replace(target)  # atomic; a directory target must not exist yet
+        if tmp.is_dir() and target.is_dir():
+            old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.replace(target)  # atomic
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

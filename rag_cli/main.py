@@ -12,6 +12,8 @@
     rag fetch [--model NAME]                                     (the demo's corpus and models into $RAG_HOME)
     rag bench [--quick] [--only SECTIONS] [--json]
     rag eval QUESTIONS [--mode token|sequence|closed-book|concat|retrieve] [--k K] [--limit N] [--json]
+    rag train QUESTIONS --index NAME[@VERSION] [--train query-encoder|generator|both] [--mode token|sequence]
+              [--k K] [--epochs N] [--max-steps N] [--lr LR] [--lora-rank R] [--dev QUESTIONS] [--out DIR]
 
 Every option has an environment mirror (RAG_<OPTION>), shown in --help. torch and transformers load only in the
 commands that need them (the service modules and index builds are imported there), so `rag ask` starts fast.
@@ -40,6 +42,7 @@ from rag_cli.ask import AskConfig, as_json, ask, format_answer
 from rag_cli.bench import BenchConfig, figures_as_json, markdown, run_bench
 from rag_cli.demo import DemoConfig, FetchConfig, fetch, run_demo
 from rag_cli.eval import EvalConfig, markdown_table, run_eval
+from rag_cli.train_config import TrainConfig
 from rag_cli.up import UpConfig, run_up
 from retriever_svc.config import RetrieverConfig
 
@@ -222,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_flags(commands.add_parser("bench", help="speed against reference implementations (ratios)"), BenchConfig)
 
+    train = commands.add_parser("train", help="fine-tune the query encoder and generator end to end (paper 2.4)")
+    train.add_argument("questions", help="training questions with answers: JSONL, SQuAD v1.1 JSON or DPR QA TSV")
+    add_config_flags(train, TrainConfig)
+
     evaluate = commands.add_parser("eval", help="score a question set through the gateway (EM, F1, recall@k)")
     evaluate.add_argument("questions", help="JSONL, SQuAD v1.1 JSON or DPR QA TSV")
     add_config_flags(evaluate, EvalConfig)
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": lambda: _demo(args),
         "fetch": lambda: _fetch(args),
         "eval": lambda: _eval(args),
+        "train": lambda: _train(args),
         "bench": lambda: _bench(args),
     }
     try:
@@ -272,6 +280,14 @@ def _eval(args: argparse.Namespace) -> int:
     print(markdown_table(summaries))
     if config.json:
         print(json.dumps(summaries[-1] if len(summaries) == 1 else {"sweep": summaries, **summaries[-1]}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rag_cli.train import run_train  # loads torch and the models
+
+    setup_logging()
+    print(run_train(Path(args.questions), config_from_args(TrainConfig, args)).to_json(), flush=True)
     return 0
 
 

@@ -9,12 +9,18 @@ Two kinds, named by an encoder spec:
 
 An encoder's identity is a hash of its files: an index records it, and a retriever refuses to serve an index
 built by another encoder (the vectors would be meaningless).
+
+A fine-tuned query encoder (`rag train`) is a question tower only: its directory holds `question_tower.json`,
+the identity of the document encoder it was trained against. It serves every index that document encoder
+built, the index unchanged (asymmetric pair: for a sentence-transformer, the fine-tuned copy encodes questions
+and the original keeps encoding documents), and builds none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,16 +57,33 @@ def directory_identity(path: Path) -> str:
     return digest.hexdigest()
 
 
+QUESTION_TOWER = "question_tower.json"
+
+
 class Encoder(ABC):
     info: EncoderInfo
+    question_model: PreTrainedModel  # the tower that encodes questions: what fine-tuning changes
 
     @abstractmethod
+    def question_vectors(self, questions: Sequence[str]) -> torch.Tensor:
+        """[len(questions), dim] float32 on the question tower's device; gradients flow when enabled."""
+
+    @torch.inference_mode()
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
         """[len(questions), dim] float32."""
+        return self.question_vectors(questions).float().cpu().numpy()
 
     @abstractmethod
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         """[len(texts), dim] float32."""
+
+    @abstractmethod
+    def save_question_tower(self, out_dir: Path, document_encoder: EncoderInfo) -> None:
+        """Save the question tower (as fine-tuned) into `out_dir`, recording the document encoder it pairs with."""
+
+    @abstractmethod
+    def question_tower_spec(self, path: Path) -> str:
+        """The encoder spec that loads a question tower saved at `path`."""
 
     def encode_passages_sorted(
         self, titles: Sequence[str], texts: Sequence[str], progress: tqdm | None = None
@@ -83,31 +106,63 @@ def _max_length(path: Path, default: int = 256) -> int:
     return default
 
 
+def _write_question_tower(out_dir: Path, document_encoder: EncoderInfo) -> None:
+    (out_dir / QUESTION_TOWER).write_text(json.dumps({"document_encoder": document_encoder.to_json()}, indent=2))
+
+
+def _paired_document_encoder(path: Path) -> EncoderInfo | None:
+    """The document encoder a fine-tuned question tower was trained against (None: not a fine-tuned tower)."""
+    marker = path / QUESTION_TOWER
+    return EncoderInfo.from_json(json.loads(marker.read_text())["document_encoder"]) if marker.exists() else None
+
+
 class SentenceTransformerEncoder(Encoder):
     def __init__(self, path: Path, spec: str, score_temperature: float = 0.05) -> None:
+        self.path = path
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32).eval()
+        self.question_model = self.model  # one model for both sides, until a fine-tuned copy takes the questions
         self.max_length = _max_length(path)
         identity = directory_identity(path)
+        self.document_encoder = _paired_document_encoder(path)
+        paired = self.document_encoder
         self.info = EncoderInfo(
-            "sentence-transformer", spec, identity, identity, self.model.config.hidden_size, score_temperature
+            "sentence-transformer",
+            spec,
+            identity,
+            paired.passage_identity if paired else identity,
+            self.model.config.hidden_size,
+            paired.score_temperature if paired else score_temperature,
         )
 
-    @torch.inference_mode()
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        ).to(self.model.device)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return torch.nn.functional.normalize(pooled, dim=-1)
 
-    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
-        return self._encode(questions)
+    def question_vectors(self, questions: Sequence[str]) -> torch.Tensor:
+        return self._embed(questions)
 
+    @torch.inference_mode()
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-        return self._encode([f"{title}: {text}" if title else text for title, text in zip(titles, texts, strict=True)])
+        if self.document_encoder is not None:
+            raise FailedPrecondition(
+                f"{self.info.spec} is a fine-tuned question tower; encode passages (build indexes) with its "
+                f"document encoder {self.document_encoder.spec}"
+            )
+        return self._embed([f"{t}: {x}" if t else x for t, x in zip(titles, texts, strict=True)]).cpu().numpy()
+
+    def save_question_tower(self, out_dir: Path, document_encoder: EncoderInfo) -> None:
+        shutil.copytree(self.path, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", QUESTION_TOWER))
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        _write_question_tower(out_dir, document_encoder)
+
+    def question_tower_spec(self, path: Path) -> str:
+        return f"sentence-transformer:{path}"
 
 
 class DPREncoder(Encoder):
@@ -119,22 +174,21 @@ class DPREncoder(Encoder):
         self.context_model: PreTrainedModel | None = None
         if context:
             self.context_tokenizer, self.context_model = _load_dpr_tower(context, DPRContextEncoder)
-        question_identity = directory_identity(question)
+        paired = _paired_document_encoder(question)
         self.info = EncoderInfo(
             "dpr",
             spec,
-            question_identity,
-            directory_identity(context) if context else "",
+            directory_identity(question),
+            paired.passage_identity if paired else (directory_identity(context) if context else ""),
             self.question_model.config.projection_dim or self.question_model.config.hidden_size,
-            score_temperature,
+            paired.score_temperature if paired else score_temperature,
         )
 
-    @torch.inference_mode()
-    def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
+    def question_vectors(self, questions: Sequence[str]) -> torch.Tensor:
         batch = self.question_tokenizer(
             list(questions), padding=True, truncation=True, max_length=256, return_tensors="pt"
-        )
-        return self.question_model(**batch).pooler_output.float().numpy()
+        ).to(self.question_model.device)
+        return self.question_model(**batch).pooler_output.float()
 
     @torch.inference_mode()
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
@@ -144,6 +198,14 @@ class DPREncoder(Encoder):
             list(titles), list(texts), padding=True, truncation="only_second", max_length=256, return_tensors="pt"
         )
         return self.context_model(**batch).pooler_output.float().numpy()
+
+    def save_question_tower(self, out_dir: Path, document_encoder: EncoderInfo) -> None:
+        self.question_model.save_pretrained(out_dir, safe_serialization=True)
+        self.question_tokenizer.save_pretrained(out_dir)
+        _write_question_tower(out_dir, document_encoder)
+
+    def question_tower_spec(self, path: Path) -> str:
+        return f"dpr:question={path}"
 
 
 def _load_dpr_tower(

@@ -66,17 +66,22 @@ class Resident:
 
 
 def check_compatible(encoder: Encoder, index: IndexShard) -> None:
-    built_by = index.manifest.encoder
-    if encoder.info.question_identity != built_by.question_identity:
+    """The index's vectors must come from the document side of this question encoder: the same encoder that
+    built it, or a question tower fine-tuned against the encoder that built it."""
+    built_by, ours = index.manifest.encoder, encoder.info
+    same_encoder = ours.question_identity == built_by.question_identity
+    same_documents = bool(ours.passage_identity) and ours.passage_identity == built_by.passage_identity
+    if not (same_encoder or same_documents):
         raise FailedPrecondition(
-            f"{index.ref} was built with a different encoder, {built_by.spec!r} ({built_by.question_identity[:12]}); "
-            f"this retriever runs {encoder.info.spec!r} ({encoder.info.question_identity[:12]})",
+            f"{index.ref} was built with a different encoder, {built_by.spec!r} ({built_by.passage_identity[:12]}); "
+            f"this retriever runs {ours.spec!r}, whose document encoder is "
+            f"{ours.passage_identity[:12] or 'unknown'}: serve it with the encoder that built the index, or a "
+            "query encoder fine-tuned against that one",
             reason="encoder",
         )
-    if encoder.info.dim != index.manifest.dim:
+    if ours.dim != index.manifest.dim:
         raise FailedPrecondition(
-            f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {encoder.info.dim}",
-            reason="dimension",
+            f"{index.ref} has dimension {index.manifest.dim}; the encoder produces {ours.dim}", reason="dimension"
         )
 
 

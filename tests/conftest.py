@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +53,7 @@ def corpus_records(n_filler: int = 40) -> list[dict[str, str]]:
     return FACTS + filler
 
 
-def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -85,6 +88,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus_records())
+
+
+RAG = [sys.executable, "-m", "rag_cli"]  # the `rag` command, as a user runs it
+
+
+def rag(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RAG, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def index_build_args(corpus: Path, root: Path, name: str, encoder_spec: str, *extra: str) -> list[str]:

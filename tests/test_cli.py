@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,16 +17,9 @@ from typing import Any
 import pytest
 
 from rag.clients import is_serving
-from tests.conftest import FACTS, TinyModels, corpus_records, index_build_args, write_jsonl
+from tests.conftest import FACTS, RAG, TinyModels, corpus_records, index_build_args, rag, write_jsonl
 
-RAG = [sys.executable, "-m", "rag_cli"]
 TOKEN = "cli-admin-token"
-
-
-def rag(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RAG, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
 
 
 @dataclass

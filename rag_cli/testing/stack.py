@@ -86,10 +86,14 @@ class Launcher:
         generator_model: Path | str,
         shards: int = 1,
         admin_token: str = "",
+        encoder: str = "",
         **generator_fields: Any,
     ) -> Stack:
-        """Retrievers for every shard of `index`, a generator, and a gateway over them."""
-        retrievers = [self.retriever(index_root, index, shard=s, admin_token=admin_token) for s in range(shards)]
+        """Retrievers for every shard of `index` (question encoder: `encoder`, default the index's), a generator,
+        and a gateway over them."""
+        retrievers = [
+            self.retriever(index_root, index, shard=s, admin_token=admin_token, encoder=encoder) for s in range(shards)
+        ]
         generator = self.generator(generator_model, **generator_fields)
         gateway = self.gateway(",".join(address(r) for r in retrievers), address(generator), admin_token=admin_token)
         return Stack(retrievers, generator, gateway)

@@ -1,0 +1,243 @@
+"""Fine-tuning (paper section 2.4): the loss is the negative marginal log-likelihood computed by the same RAG math
+the generator serves with, and on one batch it equals transformers' RagTokenForGeneration /
+RagSequenceForGeneration loss, with the same gradients for the question encoder and the generator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from transformers import RagSequenceForGeneration, RagTokenForGeneration
+
+from generator_svc import rag_math
+from generator_svc.families import EncoderDecoderLM, load_passage_lm
+from generator_svc.passage_lm import one_each
+from rag.types import AskRequest, DecodingOptions, Mode, Passage
+from rag.v1 import gateway_pb2_grpc
+from rag_cli.testing import random_models
+from rag_cli.testing.stack import Launcher
+from retriever_svc.encoders import DPREncoder, load_encoder
+from tests.conftest import TinyModels, build, index_build_args, rag, write_jsonl
+
+K = 3
+QUESTIONS = ["who discovered penicillin?", "what is the capital of france and its largest city?"]
+ANSWERS = ["alexander fleming", "paris"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("rag") / "checkpoint"
+    random_models.save_rag_checkpoint(path, n_docs=K)
+    return path
+
+
+def passages_for(b: int) -> list[Passage]:
+    return [
+        Passage(f"q{b}p{k}", f"Title {k}", f"passage {k} about question {b}, " * (1 + k) + "with some more words")
+        for k in range(K)
+    ]
+
+
+@pytest.mark.parametrize("mode", [Mode.TOKEN, Mode.SEQUENCE])
+def test_loss_and_gradients_equal_transformers(checkpoint: Path, mode: Mode) -> None:
+    passages = [passages_for(b) for b in range(len(QUESTIONS))]
+    lm = load_passage_lm(str(checkpoint))
+    encoder = load_encoder(f"dpr:{checkpoint}")
+    assert isinstance(lm, EncoderDecoderLM) and isinstance(encoder, DPREncoder)
+    doc_vectors = torch.randn(len(QUESTIONS), K, encoder.info.dim, generator=torch.Generator().manual_seed(0))
+
+    # Ours: p(z|x) from the question tower against fixed passage vectors, p(y|x,z) teacher-forced, the marginal.
+    q = encoder.question_vectors(QUESTIONS)
+    doc_scores = torch.einsum("bd,bkd->bk", q, doc_vectors)
+    targets, mask = rag_math.answer_targets([lm.answer_token_ids(a) for a in ANSWERS], lm.rules.pad_token_id)
+    logprobs = lm.teacher_forced(QUESTIONS, [one_each(p) for p in passages], targets)
+    ours = rag_math.marginal_nll(logprobs, mask, rag_math.log_prior(doc_scores, encoder.info.score_temperature), mode)
+    ours.sum().backward()
+
+    # transformers: the same checkpoint, the same rows, the same question-encoder scores, labels = start + answer.
+    hf_class = RagTokenForGeneration if mode is Mode.TOKEN else RagSequenceForGeneration
+    hf = hf_class.from_pretrained(checkpoint).eval()
+    question_batch = encoder.question_tokenizer(QUESTIONS, padding=True, truncation=True, return_tensors="pt")
+    hf_q = hf.rag.question_encoder(**question_batch)[0]
+    hf_scores = torch.bmm(hf_q.unsqueeze(1), doc_vectors.transpose(1, 2)).squeeze(1)
+    rows = lm.tokenize(QUESTIONS, [one_each(p) for p in passages])
+    start = torch.full((len(QUESTIONS), 1), lm.decoder_start, dtype=torch.long)
+    out = hf(
+        context_input_ids=rows["input_ids"],
+        context_attention_mask=rows["attention_mask"],
+        doc_scores=hf_scores,
+        labels=torch.cat([start, targets], dim=1),
+        n_docs=K,
+    )
+    out.loss.sum().backward()
+
+    torch.testing.assert_close(ours, out.loss, atol=1e-5, rtol=0)
+    for ours_model, their_model in ((lm.model, hf.rag.generator), (encoder.question_model, hf.rag.question_encoder)):
+        theirs = dict(their_model.named_parameters())
+        compared = 0
+        for name, parameter in ours_model.named_parameters():
+            their_grad = theirs[name].grad
+            if parameter.grad is None:
+                assert their_grad is None or not their_grad.any(), name
+                continue
+            assert their_grad is not None, name
+            torch.testing.assert_close(parameter.grad, their_grad, atol=1e-4, rtol=0, msg=name)
+            compared += 1
+        assert compared > 10  # the gradients really reached both models
+
+
+# ------------------------------------------------------------------------------------------------ rag train
+
+TRAIN_QUESTIONS = [
+    {"question": "Who discovered penicillin?", "answers": ["Alexander Fleming"], "gold_passage": "fleming"},
+    {"question": "What is the capital of France?", "answers": ["Paris"], "gold_passage": "paris"},
+    {"question": "What is Earth's highest mountain?", "answers": ["Mount Everest"], "gold_passage": "everest"},
+    {"question": "What is described in sentence 2 of topic 3?", "answers": ["Topic 3"], "gold_passage": "doc3"},
+]
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("questions") / "train.jsonl", TRAIN_QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def dpr_index(tmp_path_factory: pytest.TempPathFactory, tiny: TinyModels, corpus: Path) -> Path:
+    """The corpus indexed by DPR towers whose question tower is the tiny RAG checkpoint's."""
+    root = tmp_path_factory.mktemp("dpr-indexes")
+    build(corpus, root, "facts", f"dpr:question={tiny.rag_checkpoint},context={tiny.dpr_context}")
+    return root
+
+
+def train(questions: Path, *args: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    result = rag("train", str(questions), "--no-progress", "--batch-size", "2", "--lr", "1e-3", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result
+
+
+def test_rag_train_decoder_only_learns_and_its_models_answer_through_rag_up(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path, launch: Launcher
+) -> None:
+    out = tmp_path / "run"
+    summary, _ = train(
+        questions, "--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+        "--k", "3", "--max-steps", "24", "--out", str(out), "--dev", str(questions),
+    )  # fmt: skip
+    assert summary["out"] == str(out) and summary["steps"] == 24
+    assert summary["loss_last"] < summary["loss_first"]  # the marginal likelihood of the answers went up
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert len((out / "losses.jsonl").read_text().splitlines()) == 24
+    # --dev: `rag eval` through `rag up` serving the base models, then the fine-tuned ones.
+    before, after = summary["dev"]["before"], summary["dev"]["after"]
+    assert before["n"] == after["n"] == len(TRAIN_QUESTIONS) and "exact_match" in after and "recall_at_3" in after
+    # The fine-tuned question tower serves the unchanged index; the generator is a plain model directory.
+    tower = json.loads((out / "query_encoder" / "question_tower.json").read_text())["document_encoder"]
+    assert tower["spec"] == tiny.encoder_spec
+    stack = launch.stack(
+        index_root, "tiny", summary["generator"], encoder=f"sentence-transformer:{summary['query_encoder']}"
+    )
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
+            AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=4)).to_pb(), timeout=60
+        )
+    assert reply.index_version == "tiny@v1" and len(reply.sources) == 3 and reply.answers
+
+
+def test_rag_train_encoder_decoder_with_lora_in_rag_sequence(
+    tmp_path: Path, tiny: TinyModels, dpr_index: Path, questions: Path, launch: Launcher
+) -> None:
+    out = tmp_path / "run"
+    summary, _ = train(
+        questions, "--index", "facts", "--index-root", str(dpr_index), "--generator", str(tiny.rag_checkpoint),
+        "--encoder", f"dpr:{tiny.rag_checkpoint}", "--mode", "sequence", "--lora-rank", "4", "--k", "3",
+        "--max-steps", "16", "--out", str(out),
+    )  # fmt: skip
+    assert summary["loss_last"] < summary["loss_first"]
+    generator = Path(summary["generator"])
+    assert json.loads((generator / "config.json").read_text())["model_type"] == "rag"  # the checkpoint's layout
+    tuned, base = load_passage_lm(str(generator)), load_passage_lm(str(tiny.rag_checkpoint))
+    tuned_weights, base_weights = tuned.model.state_dict(), base.model.state_dict()
+    assert set(tuned_weights) == set(base_weights)  # LoRA merged: a plain checkpoint, no adapter weights
+    assert any(not torch.equal(tuned_weights[n], base_weights[n]) for n in base_weights)
+    # The tuned DPR question tower serves the index its document tower built.
+    served = launch.retriever(dpr_index, "facts", encoder=f"dpr:question={summary['query_encoder']}")
+    assert served.loading is not None and served.loading.exception() is None
+
+
+def test_a_fine_tuned_question_tower_refuses_an_index_of_another_document_encoder(
+    tmp_path: Path,
+    tiny: TinyModels,
+    index_root: Path,
+    dpr_index: Path,
+    questions: Path,
+    corpus: Path,
+    launch: Launcher,
+) -> None:
+    out = tmp_path / "run"
+    summary, _ = train(
+        questions, "--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+        "--train", "query-encoder", "--k", "2", "--max-steps", "3", "--out", str(out),
+    )  # fmt: skip
+    assert summary["generator"] is None and summary["query_encoder"]  # the generator stayed frozen
+    tower = f"sentence-transformer:{summary['query_encoder']}"
+    served = launch.retriever(dpr_index, "facts", encoder=tower)
+    assert served.loading is not None
+    message = str(served.loading.exception())
+    assert "built with a different encoder" in message and "dpr:question=" in message and tower in message
+    # and it builds no index: it is a question tower only
+    failed = rag(*index_build_args(corpus, tmp_path / "indexes", "x", tower))
+    assert failed.returncode == 2 and "fine-tuned question tower" in failed.stderr
+
+
+def test_rag_train_resumes_from_its_checkpoint(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path
+) -> None:
+    out = tmp_path / "run"
+    common = ["--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm), "--k", "2",
+              "--out", str(out), "--checkpoint-every", "2"]  # fmt: skip
+    first, _ = train(questions, *common, "--max-steps", "2")
+    second, result = train(questions, *common, "--max-steps", "4")
+    assert "resuming" in result.stderr and second["steps"] == 4 and second["loss_first"] == first["loss_first"]
+    other = rag("train", str(questions), *common, "--max-steps", "4", "--mode", "sequence")
+    assert other.returncode == 2 and "a run with other settings" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("empty questions", "holds no questions"),
+        ("no answers", 'expected {"question", "answers": [...]}'),
+        ("another document encoder", "built with a different encoder"),
+        ("k beyond the index", "is more than the"),
+        ("unknown mode", "--mode must be token or sequence"),
+        ("unknown part", "--train must be one of"),
+    ],
+)
+def test_rag_train_refuses_bad_input_and_writes_nothing(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, dpr_index: Path, questions: Path, setup: str, message: str
+) -> None:
+    out = tmp_path / "run"
+    args = ["--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm), "--out", str(out)]
+    given = questions
+    if setup == "empty questions":
+        given = tmp_path / "empty.jsonl"
+        given.write_text("")
+    elif setup == "no answers":
+        given = write_jsonl(tmp_path / "q.jsonl", [{"question": "Who?"}])
+    elif setup == "another document encoder":
+        args = ["--index", "facts", "--index-root", str(dpr_index), "--encoder", tiny.encoder_spec,
+                "--generator", str(tiny.causal_lm), "--out", str(out)]  # fmt: skip
+    elif setup == "k beyond the index":
+        args += ["--k", "100000"]
+    elif setup == "unknown mode":
+        args += ["--mode", "closed-book"]
+    else:
+        args += ["--train", "everything"]
+    result = rag("train", str(given), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not out.exists()
