@@ -111,11 +111,7 @@ def main() -> None:
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))
     admin_token = os.environ["RAG_ADMIN_TOKEN"]
     results: dict[str, list[dict]] = {}
-    stack = Stack(
-        UpConfig(
-            index=str(index_all), generator=str(generator), port=0, retriever_port=0, generator_port=0, metrics_port=0
-        )
-    )
+    stack = Stack(UpConfig.on_free_ports(index=str(index_all), generator=str(generator)))
     try:
         gateway = stack.start()
         admin = AdminConfig(gateway=gateway, admin_token=admin_token)

@@ -161,16 +161,7 @@ def run_demo(config: DemoConfig) -> int:
     print(f"assets and indexes ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
 
     os.environ.setdefault("RAG_ADMIN_TOKEN", secrets.token_urlsafe(24))  # the stack's admin token, for the swap
-    stack = Stack(
-        UpConfig(
-            index=str(index_ref),
-            generator=str(generator_dir),
-            port=0,
-            retriever_port=0,
-            generator_port=0,
-            metrics_port=0,
-        )
-    )
+    stack = Stack(UpConfig.on_free_ports(index=str(index_ref), generator=str(generator_dir)))
     try:
         gateway = stack.start()
         print(f"services ready (gateway {gateway}) after {time.perf_counter() - started:.0f} s\n", flush=True)

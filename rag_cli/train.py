@@ -204,7 +204,8 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
 
 def _fingerprint(p: Plan, config: TrainConfig) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("max_steps", "epochs", "progress", "dev", "out")}
+    free = ("max_steps", "epochs", "progress", "dev", "out", "device", "checkpoint_every")  # may change on resume
+    settings = {k: v for k, v in asdict(config).items() if k not in free}
     return {"questions_sha256": sha256_file(p.questions), "index": str(p.index), **settings}
 
 
@@ -379,16 +380,7 @@ def _finish(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, losse
 def _evaluate(dev: Path, p: Plan, config: TrainConfig, encoder: str, generator: str) -> dict[str, Any]:
     """`rag eval` on the dev questions through a `rag up` stack serving these models over the same index."""
     stack = Stack(
-        UpConfig(
-            index_root=config.index_root,
-            index=str(p.index),
-            encoder=encoder,
-            generator=generator,
-            port=0,
-            retriever_port=0,
-            generator_port=0,
-            metrics_port=0,
-        )  # fmt: skip
+        UpConfig.on_free_ports(index_root=config.index_root, index=str(p.index), encoder=encoder, generator=generator)
     )
     try:
         gateway = stack.start()

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from rag import paths
 from rag.clients import is_serving
@@ -40,6 +41,11 @@ class UpConfig:
     metrics_port: int = option(9090, "gateway metrics port; generator +1, retrievers +2 and up; 0 turns metrics off")
     startup_timeout: float = option(900.0, "seconds to wait for every service to report SERVING")
     grace_seconds: float = option(10.0, "drain time of each service on shutdown")
+
+    @classmethod
+    def on_free_ports(cls, **fields: Any) -> UpConfig:
+        """A stack on free loopback ports with metrics off: the demo, rag train --dev and the benchmarks."""
+        return cls(**{"port": 0, "retriever_port": 0, "generator_port": 0, "metrics_port": 0, **fields})
 
 
 @dataclass
