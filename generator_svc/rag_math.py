@@ -276,13 +276,16 @@ def score_answers(
 ) -> AnswerScores:
     """Teacher-force answer h (of question questions[h]) under each of that question's K passages.
 
-    `skip_leading_bos` leaves a leading BOS token unscored, as transformers does when it ranks RAG-Sequence
-    hypotheses: a forced BOS says nothing about the answer.
+    `skip_leading_bos` leaves the first token unscored when every answer of a question starts with BOS, as
+    transformers decides when it ranks RAG-Sequence hypotheses (per question: a forced BOS says nothing about
+    the answer, but where some candidates lack it, it tells them apart).
     """
     K = ctx.contexts_per_question
     targets, mask = answer_targets(answers, lm.rules.pad_token_id)
     if skip_leading_bos and lm.bos_token_id is not None:
-        mask[:, 0] &= targets[:, 0] != lm.bos_token_id
+        starts = (targets[:, 0] == lm.bos_token_id).tolist()
+        every = {b: all(s for s, q in zip(starts, questions, strict=True) if q == b) for b in set(questions)}
+        mask[:, 0] &= torch.tensor([not every[b] for b in questions])
     question_index = torch.tensor(questions, dtype=torch.long)
     rows = (question_index[:, None] * K + torch.arange(K)).view(-1)  # (answer h, passage k) -> context row
     logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0)).view(len(answers), K, -1)

@@ -190,3 +190,37 @@ def test_score_equals_transformers_nll(reference: Reference, mode: Mode) -> None
         ours = torch.tensor([s.log_prob for s in reply.scores], dtype=torch.float64)
         assert torch.allclose(-nll.double(), ours, atol=1e-5, rtol=0), (nll, ours)
         assert [s.num_tokens for s in reply.scores] == [len(ids) for ids in encoded]
+
+
+def test_rag_sequence_leaves_bos_unscored_only_when_every_candidate_of_the_question_has_it(
+    reference: Reference,
+) -> None:
+    """transformers ranks a question's RAG-Sequence hypotheses with exclude_bos_score, which drops the first
+    token only when *every* hypothesis starts with BOS; with some that do and some that do not, all are scored."""
+    hf = reference.rag_sequence
+    bos, start, pad = hf.config.generator.bos_token_id, hf.config.generator.decoder_start_token_id, 1
+    lm = load_passage_lm(str(reference.checkpoint))
+    words = [reference.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Fleming", "Paris city")]
+    eos = hf.config.generator.eos_token_id
+    for candidates in ([[bos, *words[0], eos], [*words[1], eos]], [[bos, *words[0], eos], [bos, *words[1], eos]]):
+        b = 0
+        ctx = lm.encode([QUESTIONS[b]], [one_each(passages_for(b))])
+        prior = rag_math.log_prior(SCORES[b : b + 1])
+        ours = rag_math.score_answers(lm, ctx, prior, [0] * len(candidates), candidates, skip_leading_bos=True)
+        labels = torch.full((len(candidates), 1 + max(map(len, candidates))), pad)
+        for i, ids in enumerate(candidates):
+            labels[i, 0] = start
+            labels[i, 1 : 1 + len(ids)] = torch.tensor(ids)
+        rows = slice(b * K, (b + 1) * K)
+        with torch.no_grad():
+            out = hf(
+                context_input_ids=reference.context["context_input_ids"][rows].repeat(len(candidates), 1),
+                context_attention_mask=reference.context["context_attention_mask"][rows].repeat(len(candidates), 1),
+                doc_scores=SCORES[b : b + 1].repeat(len(candidates), 1),
+                decoder_input_ids=labels,
+                n_docs=K,
+            )
+            nll = hf.get_nll(
+                out.logits, SCORES[b : b + 1].repeat(len(candidates), 1), labels, exclude_bos_score=True, n_docs=K
+            )
+        torch.testing.assert_close(ours.rag_sequence(), -nll, atol=1e-5, rtol=0)
