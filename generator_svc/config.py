@@ -18,3 +18,4 @@ class GeneratorConfig(ServerConfig):
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")
+    dtype: str = option("float32", "weights precision: float32 (reference), bfloat16, or int8 (fastest on a CPU)")

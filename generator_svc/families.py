@@ -305,9 +305,39 @@ class DecoderOnlyLM(PassageLM):
 # --------------------------------------------------------------------------------------------------------
 
 
-def load_passage_lm(spec: str) -> PassageLM:
+DTYPES = ("float32", "bfloat16", "int8")
+
+
+def load_passage_lm(spec: str, dtype: str = "float32") -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
-    directory (safetensors), or a `.gguf` file. Only safetensors/GGUF weights are read; no remote code runs."""
+    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `with_precision`). Only
+    safetensors/GGUF weights are read; no remote code runs."""
+    if dtype not in DTYPES:
+        raise FailedPrecondition(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    lm = _load(spec)
+    lm.model = with_precision(lm.model, dtype)
+    return lm
+
+
+def with_precision(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+    """The model for serving in `dtype`: float32 (the reference); bfloat16 (half the memory; fast only where the
+    CPU or GPU computes in it); int8 (every Linear layer with int8 weights and activations quantised on the fly,
+    torch's dynamic quantisation: the matrix products, most of the time on a CPU, run in int8). Log-probabilities
+    are always computed in float32."""
+    if dtype == "bfloat16":
+        return model.to(torch.bfloat16)
+    if dtype == "int8":
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch announces a move of these kernels to torchao; they still run
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def _load(spec: str) -> PassageLM:
     path = Path(spec).expanduser()
     if not path.exists():
         raise FailedPrecondition(f"generator {spec!r} does not exist; give a local model directory or .gguf file")

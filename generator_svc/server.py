@@ -87,8 +87,8 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        lm = load_passage_lm(config.generator)
-        log.info("generator %s loaded (%s)", lm.name, type(lm).__name__)
+        lm = load_passage_lm(config.generator, config.dtype)
+        log.info("generator %s loaded (%s, %s)", lm.name, type(lm).__name__, config.dtype)
         return RagModel(lm)
 
     async def load_in_background() -> None:

@@ -7,7 +7,9 @@ copies of one passage it is unchanged; and the cached decoding path agrees with 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,6 +22,7 @@ from generator_svc.passage_lm import PassageLM, one_each
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
+from rag_cli.testing import random_models
 from rag_cli.testing.stack import Launcher, address
 from tests.conftest import TinyModels
 
@@ -116,3 +119,45 @@ def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyMode
     answers = [found[0][0].tokens, found[1][0].tokens]
     scored = rag_math.score_answers(lm, ctx, prior, [0, 1], answers).rag_token()
     assert scored.tolist() == pytest.approx([found[0][0].log_prob, found[1][0].log_prob], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def peaked_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny chat LM whose next-token distributions have clear favourites (the default one's are nearly flat)."""
+    return random_models.save_causal_lm(tmp_path_factory.mktemp("peaked") / "lm", hidden=64, init_std=1.0)
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_lower_precision_agrees_with_float32_where_the_choice_is_clear(
+    tiny: TinyModels, peaked_lm: Path, family: str, dtype: str
+) -> None:
+    spec = str(peaked_lm if family == "decoder-only" else tiny.rag_checkpoint)
+    reference, lowered = load_passage_lm(spec), load_passage_lm(spec, dtype)
+    questions = [QUESTION, "What is the capital of France?", "How high is Mount Everest?"]
+    contexts = [one_each(PASSAGES), one_each(PASSAGES[::-1]), one_each(PASSAGES[1:] + PASSAGES[:1])]
+    exact = reference.encode(questions, contexts).first_logprobs
+    approximate = lowered.encode(questions, contexts).first_logprobs
+    assert approximate.dtype == torch.float32  # log-probabilities stay float32 whatever the weights
+    # A choice is clear when float32's favourite leads by more than this precision can blur: a share of the
+    # logits' spread (bfloat16 keeps 8 bits of mantissa; int8 quantises each activation tensor to 8 bits).
+    best, spread = exact.topk(2).values, -exact.min(-1).values
+    clear = best[:, 0] - best[:, 1] > {"bfloat16": 0.02, "int8": 0.05}[dtype] * spread
+    assert clear.sum() >= 2
+    assert torch.equal(exact.argmax(-1)[clear], approximate.argmax(-1)[clear])
+    assert not torch.equal(exact, approximate)  # the weights really are in another precision
+
+
+def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
+    served = launch.generator(tiny.causal_lm, dtype="int8")
+    with grpc.insecure_channel(address(served)) as channel:
+        reply = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
+            generator_pb2.GenerateRequest(
+                question=QUESTION,
+                passages=[p.to_pb() for p in PASSAGES],
+                options=generator_pb2.DecodingOptions(max_new_tokens=6),
+            ),
+            timeout=60,
+        )
+    assert reply.hypotheses and math.isfinite(reply.hypotheses[0].log_prob)
+    assert sum(reply.passage_priors) == pytest.approx(1, abs=1e-4)
