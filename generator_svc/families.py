@@ -325,7 +325,7 @@ def with_precision(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
     torch's dynamic quantisation: the matrix products, most of the time on a CPU, run in int8). Log-probabilities
     are always computed in float32."""
     if dtype == "bfloat16":
-        return model.to(torch.bfloat16)
+        return torch.nn.Module.to(model, torch.bfloat16)
     if dtype == "int8":
         import warnings
 
