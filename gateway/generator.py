@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -27,3 +27,23 @@ class GeneratorClient:
             return Answered.from_pb(await self.stub.Generate(request, timeout=timeout))
         except grpc.aio.AioRpcError as err:
             raise downstream_error("generator", err) from err
+
+    async def generate_stream(
+        self, question: str, passages: Sequence[Passage], options: DecodingOptions, timeout: float
+    ) -> AsyncIterator[str | Answered]:
+        """The answer's text deltas as the generator sends them, then the whole answer. Leaving the loop early
+        cancels the call, which stops the generator's decode."""
+        request = generator_pb2.GenerateRequest(
+            question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
+        )
+        call = self.stub.GenerateStream(request, timeout=timeout)
+        try:
+            async for reply in call:
+                if reply.HasField("final"):
+                    yield Answered.from_pb(reply.final)
+                else:
+                    yield reply.text_delta
+        except grpc.aio.AioRpcError as err:
+            raise downstream_error("generator", err) from err
+        finally:
+            call.cancel()  # a no-op once the stream has ended

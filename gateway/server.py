@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -13,9 +14,9 @@ from gateway.generator import GeneratorClient
 from gateway.retrievers import RetrieverTier
 from rag import metrics
 from rag.auth import load_admin_token
-from rag.errors import FailedPrecondition, require
+from rag.errors import FailedPrecondition, Unavailable, require
 from rag.serving import Served, new_server
-from rag.types import Answer, AskRequest, Timings
+from rag.types import Answer, Answered, AskRequest, DecodingOptions, Retrieved, Timings
 from rag.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,37 +43,69 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:
         deadline = Deadline(context, self.config.timeout_seconds)
-        answer = await self.ask(AskRequest.from_pb(request), deadline)
-        return answer.to_pb()
+        ask, started = AskRequest.from_pb(request), time.perf_counter()
+        retrieved = await self._retrieve(ask, deadline)
+        retrieved_at = time.perf_counter()
+        if ask.retrieve_only:
+            return Answer.of(retrieved, None, _timings(started, retrieved_at, None)).to_pb()
+        with metrics.timed("generate_call"):
+            answered = await self.generator.generate(
+                ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
+            )
+        return self._answer(retrieved, answered, started, retrieved_at).to_pb()
 
-    async def ask(self, ask: AskRequest, deadline: Deadline) -> Answer:
-        """Retrieve k passages, then (unless only retrieving) generate over them. The generator owns the limits of
-        decoding: it checks the options it is passed."""
-        started = time.perf_counter()
+    async def AskStream(
+        self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
+        """Ask, with the answer's text sent as the generator decodes it; cancelling stops the generator."""
+        deadline = Deadline(context, self.config.timeout_seconds)
+        ask, started = AskRequest.from_pb(request), time.perf_counter()
+        retrieved = await self._retrieve(ask, deadline)
+        retrieved_at = time.perf_counter()
+        if ask.retrieve_only:
+            answer = Answer.of(retrieved, None, _timings(started, retrieved_at, None))
+            yield gateway_pb2.AskStreamResponse(final=answer.to_pb())
+            return
+        answered: Answered | None = None
+        with metrics.timed("generate_call"):
+            stream = self.generator.generate_stream(
+                ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
+            )
+            async for event in stream:
+                if isinstance(event, str):
+                    yield gateway_pb2.AskStreamResponse(text_delta=event)
+                else:
+                    answered = event
+        if answered is None:
+            raise Unavailable("the generator's stream ended without an answer; retry")
+        yield gateway_pb2.AskStreamResponse(final=self._answer(retrieved, answered, started, retrieved_at).to_pb())
+
+    async def _retrieve(self, ask: AskRequest, deadline: Deadline) -> Retrieved:
+        """k passages for the question (the generator owns the decoding limits: it checks the options itself)."""
         k = ask.k or self.config.default_k
         require(1 <= k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {k}")
         require(ask.options.n_docs <= k, f"n_docs={ask.options.n_docs} is more than the k={k} passages retrieved")
-
         with metrics.timed("retrieve"):
             retrieved = await self.retrievers.search(ask.question, k, deadline.remaining())
         if not retrieved.passages:
             raise FailedPrecondition("the index returned no passages")
-        retrieved_at = time.perf_counter()
-        if ask.retrieve_only:
-            elapsed_ms = (retrieved_at - started) * 1000
-            return Answer.of(retrieved, None, Timings(elapsed_ms, 0.0, elapsed_ms))
+        return retrieved
 
-        options = ask.options.with_defaults(score_temperature=retrieved.score_temperature)
-        with metrics.timed("generate_call"):
-            answered = await self.generator.generate(ask.question, retrieved.passages, options, deadline.remaining())
+    @staticmethod
+    def _options(ask: AskRequest, retrieved: Retrieved) -> DecodingOptions:
+        return ask.options.with_defaults(score_temperature=retrieved.score_temperature)
+
+    @staticmethod
+    def _answer(retrieved: Retrieved, answered: Answered, started: float, retrieved_at: float) -> Answer:
         finished = time.perf_counter()
         metrics.STAGE_SECONDS.labels("end_to_end").observe(finished - started)
-        timings = Timings(
-            retrieve_ms=(retrieved_at - started) * 1000,
-            generate_ms=(finished - retrieved_at) * 1000,
-            total_ms=(finished - started) * 1000,
-        )
-        return Answer.of(retrieved, answered, timings)
+        return Answer.of(retrieved, answered, _timings(started, retrieved_at, finished))
+
+
+def _timings(started: float, retrieved_at: float, finished: float | None) -> Timings:
+    """Milliseconds: retrieval, generation (0 when there was none) and in all."""
+    end = retrieved_at if finished is None else finished
+    return Timings((retrieved_at - started) * 1000, (end - retrieved_at) * 1000, (end - started) * 1000)
 
 
 async def create_server(config: GatewayConfig) -> Served:

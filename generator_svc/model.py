@@ -17,6 +17,30 @@ from rag import metrics
 from rag.types import Answered, Hypothesis, Mode
 
 
+class TextDeltas:
+    """The text of an answer decoded so far, handed out as the pieces that extend what was sent. A replacement
+    character at the end is held back: it may be a multi-byte character split over tokens (an incomplete UTF-8
+    sequence decodes to one), which the next token completes."""
+
+    def __init__(self, lm: PassageLM) -> None:
+        self.lm = lm
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.ended = False
+
+    def push(self, token: int) -> str:
+        if self.ended:
+            return ""
+        self.tokens.append(token)
+        self.ended = token in self.lm.rules.eos_token_ids
+        text = self.lm.decode(self.tokens)
+        text = text[:-1] if text.endswith("\ufffd") else text
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
 class RagModel:
     def __init__(self, lm: PassageLM) -> None:
         self.lm = lm
@@ -31,13 +55,15 @@ class RagModel:
         context: Context = () if options.mode is Mode.CLOSED_BOOK else tuple(passages)
         return [context], torch.zeros(1), prior
 
-    def generate(self, batch: Sequence[Request]) -> list[Answered]:
-        """Decode a batch of requests that share their decoding options and passage count."""
+    def generate(self, batch: Sequence[Request], watch: rag_math.Watch | None = None) -> list[Answered]:
+        """Decode a batch of requests that share their decoding options and passage count; `watch` sees every
+        step (rag_math.generate) and may stop it."""
         options = batch[0].options
         prepared = [self._contexts(r) for r in batch]
         with metrics.timed("generate"):
             ctx = self.lm.encode([r.question for r in batch], [contexts for contexts, _, _ in prepared])
-            found = rag_math.generate(self.lm, ctx, torch.stack([prior for _, prior, _ in prepared]), options)
+            prior = torch.stack([prior for _, prior, _ in prepared])
+            found = rag_math.generate(self.lm, ctx, prior, options, watch)
         results = []
         for per_question, (_, _, passage_prior) in zip(found, prepared, strict=True):
             metrics.GENERATED_TOKENS.inc(sum(len(g.tokens) for g in per_question))

@@ -83,6 +83,13 @@ def _block_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, rules:
 # next_logprobs(tokens, origin) feeds the tokens just chosen (None before the first step) to the rows, after
 # moving row histories so that row i continues row origin[i] (None: no move), and returns log-probs [rows, V].
 NextLogprobs = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+# watch(tokens) is called after every step: greedy search passes the token each row chose, beam search None (its
+# best hypothesis is known only at the end). It may raise (DecodingStopped) to end the decode there.
+Watch = Callable[[torch.Tensor | None], None]
+
+
+class DecodingStopped(Exception):
+    """Raised by a watch to stop decoding (its caller went away)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class Candidate:
 
 
 def greedy_search(
-    next_logprobs: NextLogprobs, num_rows: int, max_new_tokens: int, rules: DecodingRules
+    next_logprobs: NextLogprobs, num_rows: int, max_new_tokens: int, rules: DecodingRules, watch: Watch | None = None
 ) -> list[list[Candidate]]:
     """The argmax token per step; finished rows are fed padding until every row has ended."""
     generated = torch.empty(num_rows, 0, dtype=torch.long)
@@ -109,6 +116,8 @@ def greedy_search(
         generated = torch.cat([generated, chosen[:, None]], dim=1)
         unfinished &= ~torch.isin(chosen, eos)
         tokens = chosen
+        if watch is not None:
+            watch(chosen)
         if not unfinished.any():
             break
     lengths = _lengths(generated, rules.eos_token_ids)
@@ -129,6 +138,7 @@ def beam_search(
     max_new_tokens: int,
     rules: DecodingRules,
     num_return: int,
+    watch: Watch | None = None,
 ) -> list[list[Candidate]]:
     """transformers' vectorised beam search (GenerationMixin._beam_search), one group of beams per input.
 
@@ -199,6 +209,8 @@ def beam_search(
         worst_finished = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, NEG_INF)
         improvable = improvable & (best_possible > worst_finished).any(dim=-1, keepdim=True)
         all_full = fin_done.all() & (early_stopping is True)
+        if watch is not None:
+            watch(None)
         if not improvable.any() or all_full or ends.all():
             break
 
@@ -212,12 +224,17 @@ def beam_search(
 
 
 def search(
-    next_logprobs: NextLogprobs, num_groups: int, options: DecodingOptions, rules: DecodingRules, num_return: int
+    next_logprobs: NextLogprobs,
+    num_groups: int,
+    options: DecodingOptions,
+    rules: DecodingRules,
+    num_return: int,
+    watch: Watch | None = None,
 ) -> list[list[Candidate]]:
     """Greedy for one beam (as transformers does), beam search otherwise."""
     if options.num_beams == 1:
-        return greedy_search(next_logprobs, num_groups, options.max_new_tokens, rules)
-    return beam_search(next_logprobs, num_groups, options.num_beams, options.max_new_tokens, rules, num_return)
+        return greedy_search(next_logprobs, num_groups, options.max_new_tokens, rules, watch)
+    return beam_search(next_logprobs, num_groups, options.num_beams, options.max_new_tokens, rules, num_return, watch)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -305,12 +322,15 @@ class Generated:
     posterior: tuple[float, ...]  # p(z_k|x,y)
 
 
-def generate(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list[Generated]]:
-    """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first."""
-    if options.mode is Mode.SEQUENCE:
-        chosen = _rag_sequence_search(lm, ctx, prior, options)
+def generate(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None = None
+) -> list[list[Generated]]:
+    """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first. `watch` sees
+    each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None."""
+    if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
+        chosen = _rag_sequence_search(lm, ctx, prior, options, None if watch is None else lambda _: watch(None))
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
-        chosen = _rag_token_search(lm, ctx, prior, options)
+        chosen = _rag_token_search(lm, ctx, prior, options, watch)
     # Report exact marginals and posteriors of the chosen answers (one teacher-forced pass).
     questions = [b for b, answers in enumerate(chosen) for _ in answers]
     flat = [answer for answers in chosen for answer in answers]
@@ -322,7 +342,9 @@ def generate(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: Decodin
     return results
 
 
-def _rag_token_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
+def _rag_token_search(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None
+) -> list[list[tuple[int, ...]]]:
     """Search over the per-step marginal: one decoder row per (question, beam, passage)."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     passages = torch.arange(K)
@@ -337,11 +359,13 @@ def _rag_token_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options
         per_passage = lm.step(state, fed).view(B * N, K, -1)
         return torch.logsumexp(beam_prior + per_passage, dim=1)  # log p'(y_t) = logsumexp_k [...]
 
-    found = search(next_logprobs, B, options, lm.rules, options.num_return_sequences)
+    found = search(next_logprobs, B, options, lm.rules, options.num_return_sequences, watch)
     return [[c.tokens for c in group[: options.num_return_sequences]] for group in found]
 
 
-def _rag_sequence_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions) -> list[list]:
+def _rag_sequence_search(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None
+) -> list[list[tuple[int, ...]]]:
     """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     state = lm.start(ctx, torch.arange(B * K).repeat_interleave(N))  # rows (question, passage, beam)
@@ -351,7 +375,7 @@ def _rag_sequence_search(lm: PassageLM, ctx: Contexts, prior: torch.Tensor, opti
             lm.reorder(state, origin)
         return lm.step(state, tokens)
 
-    per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N)
+    per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N, watch=watch)
 
     pools: list[list[tuple[int, ...]]] = []
     beam_loglik: list[torch.Tensor] = []  # fast decoding: log p(y|x,z_k) from passage k's own beams, else -inf

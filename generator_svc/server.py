@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -17,12 +17,14 @@ import torch
 
 from generator_svc.config import GeneratorConfig
 from generator_svc.families import load_passage_lm
-from generator_svc.model import RagModel
+from generator_svc.model import RagModel, TextDeltas
+from generator_svc.rag_math import Watch
 from generator_svc.requests import Limits, Request
 from generator_svc.worker import Job, ModelWorker
 from rag import metrics
 from rag.errors import ResourceExhausted, Unavailable
 from rag.serving import Served, new_server, start_loading
+from rag.types import Answered, Mode
 from rag.v1 import generator_pb2, generator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self,
         context: grpc.aio.ServicerContext,
         request: Request | None = None,
-        call: Callable[[RagModel], Any] | None = None,
+        call: Callable[[RagModel, Watch], Any] | None = None,
     ) -> Any:
         """Queue work for the model thread, refusing when the queue is full; skipped if the caller gave up."""
         if self.worker.model is None:
@@ -57,6 +59,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         try:
             self.worker.submit(job)
             return await job.future
+        except asyncio.CancelledError:  # the caller went away: its decode stops at the next step
+            job.cancelled.set()
+            raise
         finally:
             self.pending -= 1
             metrics.GENERATOR_QUEUE.dec()
@@ -70,11 +75,51 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         answered = await self._submit(context, request=self._parse(request))
         return answered.to_pb()
 
+    async def GenerateStream(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateStreamResponse]:
+        """Generate, with the best answer's text sent as it grows (greedy RAG-Token and the baselines); the
+        decode runs alone and stops at its next step when the call is cancelled."""
+        parsed = self._parse(request)
+        options = parsed.options
+        streams = options.num_beams == 1 and options.mode is not Mode.SEQUENCE
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[str] = asyncio.Queue()
+
+        def run(model: RagModel, stop_when_abandoned: Watch) -> Answered:
+            text = TextDeltas(model.lm)
+
+            def watch(tokens: torch.Tensor | None) -> None:
+                stop_when_abandoned(tokens)
+                if streams and tokens is not None and (delta := text.push(int(tokens[0]))):
+                    loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+            return model.generate([parsed], watch)[0]
+
+        answer = asyncio.ensure_future(self._submit(context, call=run))
+        sent = ""
+        try:
+            while not answer.done() or not deltas.empty():
+                next_delta = asyncio.ensure_future(deltas.get())
+                await asyncio.wait({answer, next_delta}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_delta.done():
+                    next_delta.cancel()
+                    continue
+                sent += next_delta.result()
+                yield generator_pb2.GenerateStreamResponse(text_delta=next_delta.result())
+            answered: Answered = answer.result()
+            best = answered.hypotheses[0].text if answered.hypotheses else ""
+            if best.startswith(sent) and len(best) > len(sent):  # what the last steps added, or all of it
+                yield generator_pb2.GenerateStreamResponse(text_delta=best[len(sent) :])
+            yield generator_pb2.GenerateStreamResponse(final=answered.to_pb())
+        finally:
+            answer.cancel()  # a no-op once done; otherwise _submit marks the job cancelled
+
     async def Score(
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.ScoreResponse:
         parsed, answers = self._parse(request), self.limits.answers(request.answers)
-        scored = await self._submit(context, call=lambda model: model.score(parsed, answers))
+        scored = await self._submit(context, call=lambda model, _: model.score(parsed, answers))
         return scored.to_pb()
 
 

@@ -10,13 +10,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from generator_svc.model import RagModel
+from generator_svc.rag_math import DecodingStopped, Watch
 from generator_svc.requests import Request
 from rag import metrics
-from rag.errors import DeadlineExceeded
+from rag.errors import Cancelled, DeadlineExceeded
 
 
 def batch_key(request: Request) -> tuple[Any, ...]:
@@ -34,12 +35,14 @@ def batch_key(request: Request) -> tuple[Any, ...]:
 
 @dataclass
 class Job:
-    """Work for the model thread; `request` jobs can be batched together, `call` jobs run alone."""
+    """Work for the model thread; `request` jobs can be batched together, `call` jobs run alone (they get a
+    watch that stops their decode when they are cancelled). `cancelled` is set when the caller goes away."""
 
     future: asyncio.Future[Any]
     deadline: float | None
     request: Request | None = None
-    call: Callable[[RagModel], Any] | None = None
+    call: Callable[[RagModel, Watch], Any] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -58,6 +61,20 @@ class Job:
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def abandoned(self) -> bool:
+        """Nobody waits for the result any more: cancelled, or past its deadline."""
+        return self.cancelled.is_set() or self.expired()
+
+
+def stop_when_abandoned(jobs: list[Job]) -> Watch:
+    """A watch that ends the decode between two steps once every job of the batch is abandoned."""
+
+    def watch(_: object) -> None:
+        if all(job.abandoned() for job in jobs):
+            raise DecodingStopped
+
+    return watch
 
 
 class ModelWorker:
@@ -111,12 +128,17 @@ class ModelWorker:
         assert model is not None, "jobs are submitted only once the model has loaded"
         try:
             if live[0].call is not None:
-                live[0].settle(live[0].call(model))
+                live[0].settle(live[0].call(model, stop_when_abandoned(live)))
                 return
             metrics.GENERATOR_BATCH_SIZE.observe(len(live))
-            results = model.generate([job.request for job in live if job.request is not None])
+            requests = [job.request for job in live if job.request is not None]
+            results = model.generate(requests, stop_when_abandoned(live))
             for job, result in zip(live, results, strict=True):
                 job.settle(result)
+        except DecodingStopped:  # every caller went away: the model is free for the next batch
+            metrics.DECODES_STOPPED.inc()
+            for job in live:
+                job.settle(error=Cancelled("the caller cancelled the request or its deadline passed"))
         except Exception as err:  # handed to the waiting RPCs, which report it
             if len(live) == 1:
                 live[0].settle(error=err)

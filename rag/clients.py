@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -47,6 +47,16 @@ def call(address: str, rpc: Callable[[grpc.Channel], Reply]) -> Reply:
     try:
         with channel(address) as ch:
             return rpc(ch)
+    except grpc.RpcError as err:
+        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+
+
+def stream(address: str, rpc: Callable[[grpc.Channel], Iterable[Reply]]) -> Iterator[Reply]:
+    """The replies of one server-streaming call from a command-line client, as they come; a failure becomes a
+    RagError carrying the server's status."""
+    try:
+        with channel(address) as ch:
+            yield from rpc(ch)
     except grpc.RpcError as err:
         raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
 

@@ -53,3 +53,7 @@ def require(condition: bool, message: str) -> None:
 
 class DeadlineExceeded(RagError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(RagError):
+    code = grpc.StatusCode.CANCELLED

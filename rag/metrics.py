@@ -41,6 +41,9 @@ GENERATOR_BATCH_SIZE = Histogram(
     "rag_generator_batch_size", "Generate requests decoded together.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
 GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
+DECODES_STOPPED = Counter(
+    "rag_generator_decodes_stopped_total", "Decodes stopped between two steps because every caller went away."
+)
 
 
 @contextmanager

@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,7 +45,8 @@ class ServerConfig:
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps RagError to its status code, anything else to INTERNAL (logged: it is a bug), and counts RPCs."""
+    """Maps RagError to its status code, anything else to INTERNAL (logged: it is a bug), and counts RPCs; for
+    unary and server-streaming RPCs alike."""
 
     async def intercept_service(
         self,
@@ -53,37 +55,56 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith("/rag."):
+        if handler is None or not method.startswith("/rag."):
             return handler
-        inner: Any = handler.unary_unary  # on an aio server, a coroutine function
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary: Any = handler.unary_unary  # on an aio server, a coroutine function
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return await inner(request, context)
-            except RagError as err:
-                code = err.code
-                await context.abort(err.code, str(err))
-            except grpc.aio.AbortError:  # the servicer aborted with a status of its own
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as err:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("bug while serving %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); see server logs")
-            finally:
-                metrics.REQUESTS.labels(method, code.name).inc()
-                metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - start)
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with _statuses(method, context):
+                    return await unary(request, context)
+                return None  # an error was turned into a status
 
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(unary_behavior, **codec)
+        if handler.unary_stream is not None:
+            stream: Any = handler.unary_stream  # an async generator function
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with _statuses(method, context):
+                    async for reply in stream(request, context):
+                        yield reply
+
+            return grpc.unary_stream_rpc_method_handler(stream_behavior, **codec)
+        return handler
+
+
+@asynccontextmanager
+async def _statuses(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Turn what the block raises into the call's status, and count the call by its status."""
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except RagError as err:
+        code = err.code
+        await context.abort(err.code, str(err))
+    except grpc.aio.AbortError:  # the servicer aborted with a status of its own
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except Exception as err:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("bug while serving %s", method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); see server logs")
+    finally:
+        metrics.REQUESTS.labels(method, code.name).inc()
+        metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - start)
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from rag.clients import call
+from rag.clients import call, stream
 from rag.config import option
 from rag.types import Answer, AskRequest, DecodingOptions, Mode, SequenceDecoding
 from rag.v1 import gateway_pb2_grpc
@@ -42,6 +43,15 @@ def ask(request: AskRequest, gateway: str, timeout: float) -> Answer:
     return Answer.from_pb(reply)
 
 
+def ask_stream(request: AskRequest, gateway: str, timeout: float) -> Iterator[str | Answer]:
+    """The answer's text as it is decoded (pieces that concatenate to it), then the whole answer."""
+    replies = stream(
+        gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).AskStream(request.to_pb(), timeout=timeout)
+    )
+    for reply in replies:
+        yield Answer.from_pb(reply.final) if reply.HasField("final") else reply.text_delta
+
+
 def as_json(answer: Answer, mode: Mode) -> dict[str, Any]:
     """The object `rag ask --json` prints."""
     return {
@@ -69,9 +79,13 @@ def as_json(answer: Answer, mode: Mode) -> dict[str, Any]:
 
 
 def format_answer(question: str, answer: Answer, mode: Mode, top: int = 3) -> str:
+    return f"Q: {question}\nA: {answer.text}\n" + format_sources(answer, mode, top)
+
+
+def format_sources(answer: Answer, mode: Mode, top: int = 3) -> str:
+    """What follows the answer: how it was made, and the passages it rests on, by posterior."""
     t = answer.timings
-    lines = [f"Q: {question}", f"A: {answer.text}"]
-    lines.append(f"   {mode.label} over {answer.index}, {t.total_ms / 1000:.1f} s (retrieve {t.retrieve_ms:.0f} ms)")
+    lines = [f"   {mode.label} over {answer.index}, {t.total_ms / 1000:.1f} s (retrieve {t.retrieve_ms:.0f} ms)"]
     lines.append("   sources by posterior p(z|x,y)   [prior p(z|x)]")
     for s in sorted(answer.sources, key=lambda s: -s.posterior)[:top]:
         snippet = s.passage.text[:90].replace("\n", " ")

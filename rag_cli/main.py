@@ -38,7 +38,7 @@ from rag.errors import RagError
 from rag.index_ref import IndexRef
 from rag.serving import Served, ServerConfig, run_forever, setup_logging
 from rag_cli.admin import AdminConfig, SwapConfig, format_statuses, format_versions, statuses, swap
-from rag_cli.ask import AskConfig, as_json, ask, format_answer
+from rag_cli.ask import AskConfig, as_json, ask, ask_stream, format_sources
 from rag_cli.bench import BenchConfig, figures_as_json, markdown, run_bench
 from rag_cli.demo import DemoConfig, FetchConfig, fetch, run_demo
 from rag_cli.eval import EvalConfig, markdown_table, run_eval
@@ -168,13 +168,20 @@ def _serve(service: str, args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace) -> int:
     config = config_from_args(AskConfig, args)
     request = config.request(args.question)
-    answer = ask(request, config.gateway, config.timeout)
     mode = request.options.mode
-    print(
-        json.dumps(as_json(answer, mode), ensure_ascii=False)
-        if config.json
-        else format_answer(request.question, answer, mode)
-    )
+    if config.json:
+        print(json.dumps(as_json(ask(request, config.gateway, config.timeout), mode), ensure_ascii=False))
+        return 0
+    print(f"Q: {request.question}\nA: ", end="", flush=True)  # then the answer as it is decoded
+    answer = None
+    for event in ask_stream(request, config.gateway, config.timeout):
+        if isinstance(event, str):
+            print(event, end="", flush=True)
+        else:
+            answer = event
+    print()
+    if answer is not None:
+        print(format_sources(answer, mode))
     return 0
 
 

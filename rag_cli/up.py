@@ -33,6 +33,7 @@ class UpConfig:
     index: str = option(paths.DEMO_INDEX, "NAME[@VERSION] to serve")
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index")
     generator: str = option(paths.demo_generator_spec(), "generator model directory, RAG checkpoint or .gguf file")
+    dtype: str = option("float32", "generator weights precision: float32, bfloat16 or int8")
     host: str = option("127.0.0.1", "address every service listens on")
     port: int = option(50051, "gateway port (0 picks a free one)")
     shards: int = option(1, "retrievers to start, one per shard of the index")
@@ -104,7 +105,7 @@ class Stack:
     def start(self) -> str:
         """Start all three; returns the gateway address once every service is SERVING."""
         c = self.config
-        generator = self._spawn("generator", c.generator_port, 1, generator=c.generator)
+        generator = self._spawn("generator", c.generator_port, 1, generator=c.generator, dtype=c.dtype)
         retrievers = [
             self._spawn(
                 "retriever",

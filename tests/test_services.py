@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from rag import metrics
 from rag.serving import ServerConfig, ServerThread, new_server
 from rag.types import AskRequest, DecodingOptions, Mode
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
+from rag_cli.testing import random_models
 from rag_cli.testing.stack import Launcher, address, loopback
 from tests.conftest import Services, TinyModels, details
 
@@ -136,6 +137,11 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
     async def Score(
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.ScoreResponse:
+        raise NotImplementedError
+
+    def GenerateStream(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateStreamResponse]:
         raise NotImplementedError
 
 
@@ -397,3 +403,55 @@ def test_concurrent_requests_are_batched_without_changing_answers(
     for a, b in zip(alone, together, strict=True):
         assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
         assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def ask_stream(address: str, request: AskRequest, timeout: float = 60) -> tuple[list[str], gateway_pb2.AskResponse]:
+    with grpc.insecure_channel(address) as channel:
+        replies = list(gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_pb(), timeout=timeout))
+    assert replies and replies[-1].HasField("final") and not any(r.HasField("final") for r in replies[:-1])
+    return [r.text_delta for r in replies[:-1]], replies[-1].final
+
+
+def test_ask_stream_sends_the_answer_as_it_is_decoded_then_what_ask_returns(services: Services) -> None:
+    request = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=12))
+    deltas, final = ask_stream(services.gateway, request)
+    unary = ask(services, question=request.question, k=3, options=request.options.to_pb())
+    assert "".join(deltas) == final.answers[0].text == unary.answers[0].text and len(deltas) > 1
+    assert [(s.passage.id, s.prior, s.posterior) for s in final.sources] == [
+        (s.passage.id, s.prior, s.posterior) for s in unary.sources
+    ]
+    assert final.index_version == unary.index_version and final.timings.generate_ms > 0
+
+
+def test_rag_sequence_streams_its_answer_when_it_is_known(services: Services) -> None:
+    options = DecodingOptions(mode=Mode.SEQUENCE, num_beams=2, max_new_tokens=8)
+    deltas, final = ask_stream(services.gateway, AskRequest("Who discovered penicillin?", 3, options))
+    assert deltas == ([final.answers[0].text] if final.answers[0].text else [])
+
+
+def test_a_cancelled_stream_stops_the_generators_decode(services: Services, launch: Launcher, tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    # A generator that cannot end an answer before 250 tokens: a decode long enough to be cancelled midway.
+    checkpoint = tmp_path / "long-answers"
+    random_models.save_rag_checkpoint(checkpoint, n_docs=4, generation={"min_new_tokens": 250})
+    generator = launch.generator(checkpoint)
+    gateway = launch.gateway(services.retriever, address(generator))
+    stopped = lambda: REGISTRY.get_sample_value("rag_generator_decodes_stopped_total") or 0.0  # noqa: E731
+    before = stopped()
+    request = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=256))
+    with grpc.insecure_channel(address(gateway)) as channel:
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_pb(), timeout=120)
+        first = next(call)
+        assert first.HasField("text_delta")  # decoding has begun
+        call.cancel()
+        deadline = time.monotonic() + 60
+        while stopped() == before:  # the generator notices between two steps
+            assert time.monotonic() < deadline, "the decode ran on after its caller cancelled"
+            time.sleep(0.05)
+        quick = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=2))
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(quick.to_pb(), timeout=60)
+    assert len(reply.answers) == 1  # the model is free again

@@ -167,3 +167,31 @@ class Timings(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Timings: _TypeAlias = Timings  # noqa: Y015
+
+@_typing.final
+class AskStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_DELTA_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    text_delta: _builtins.str
+    """Text of the answer that follows what was sent before (the deltas concatenate to answers[0].text)."""
+    @_builtins.property
+    def final(self) -> Global___AskResponse:
+        """The last message: the whole answer, sources, index version and timings, as Ask returns them."""
+
+    def __init__(
+        self,
+        *,
+        text_delta: _builtins.str = ...,
+        final: Global___AskResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "final", b"final", "text_delta", b"text_delta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "final", b"final", "text_delta", b"text_delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text_delta", "final"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___AskStreamResponse: _TypeAlias = AskStreamResponse  # noqa: Y015

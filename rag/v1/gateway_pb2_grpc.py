@@ -40,6 +40,11 @@ class GatewayServiceStub:
                 request_serializer=rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
                 response_deserializer=rag_dot_v1_dot_gateway__pb2.AskResponse.FromString,
                 _registered_method=True)
+        self.AskStream = channel.unary_stream(
+                '/rag.v1.GatewayService/AskStream',
+                request_serializer=rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
+                response_deserializer=rag_dot_v1_dot_gateway__pb2.AskStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -52,6 +57,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AskStream(self, request, context):
+        """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
+        other decodings at once when known), then one final message with what Ask returns. Cancelling the call
+        stops the generator's work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Ask,
                     request_deserializer=rag_dot_v1_dot_gateway__pb2.AskRequest.FromString,
                     response_serializer=rag_dot_v1_dot_gateway__pb2.AskResponse.SerializeToString,
+            ),
+            'AskStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AskStream,
+                    request_deserializer=rag_dot_v1_dot_gateway__pb2.AskRequest.FromString,
+                    response_serializer=rag_dot_v1_dot_gateway__pb2.AskStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class GatewayService:
             '/rag.v1.GatewayService/Ask',
             rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
             rag_dot_v1_dot_gateway__pb2.AskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AskStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rag.v1.GatewayService/AskStream',
+            rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
+            rag_dot_v1_dot_gateway__pb2.AskStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,11 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     Ask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskResponse]
+    AskStream: _grpc.UnaryStreamMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskStreamResponse]
+    """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
+    other decodings at once when known), then one final message with what Ask returns. Cancelling the call
+    stops the generator's work.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -41,6 +46,11 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskResponse]  # type: ignore[assignment]
+    AskStream: _aio.UnaryStreamMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskStreamResponse]  # type: ignore[assignment]
+    """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
+    other decodings at once when known), then one final message with what Ask returns. Cancelling the call
+    stops the generator's work.
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public API: retrieve, then generate, with provenance."""
@@ -51,5 +61,16 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.AskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.AskResponse, _abc.Awaitable[_gateway_pb2.AskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AskStream(
+        self,
+        request: _gateway_pb2.AskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.AskStreamResponse], _abc.AsyncIterator[_gateway_pb2.AskStreamResponse]]:
+        """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
+        other decodings at once when known), then one final message with what Ask returns. Cancelling the call
+        stops the generator's work.
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

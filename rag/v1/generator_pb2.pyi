@@ -307,3 +307,31 @@ class AnswerScore(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AnswerScore: _TypeAlias = AnswerScore  # noqa: Y015
+
+@_typing.final
+class GenerateStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_DELTA_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    text_delta: _builtins.str
+    """Text of the best answer that follows what was sent before (the deltas concatenate to its text)."""
+    @_builtins.property
+    def final(self) -> Global___GenerateResponse:
+        """The last message: the whole response, as Generate returns it."""
+
+    def __init__(
+        self,
+        *,
+        text_delta: _builtins.str = ...,
+        final: Global___GenerateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "final", b"final", "text_delta", b"text_delta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "final", b"final", "text_delta", b"text_delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["text_delta", "final"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015

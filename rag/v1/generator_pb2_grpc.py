@@ -40,6 +40,11 @@ class GeneratorServiceStub:
                 request_serializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=rag_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/rag.v1.GeneratorService/GenerateStream',
+                request_serializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Score = channel.unary_unary(
                 '/rag.v1.GeneratorService/Score',
                 request_serializer=rag_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
@@ -53,6 +58,15 @@ class GeneratorServiceServicer:
 
     def Generate(self, request, context):
         """Decode answers with RAG-Token or RAG-Sequence and report which passages each rests on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """The same, streamed: greedy RAG-Token (and baseline) answers token by token as text deltas, then one final
+        message with everything Generate returns. Other decodings send their final message when it is known.
+        Cancelling the call stops the decode at its next step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +86,11 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
                     response_serializer=rag_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
@@ -107,6 +126,33 @@ class GeneratorService:
             '/rag.v1.GeneratorService/Generate',
             rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
             rag_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rag.v1.GeneratorService/GenerateStream',
+            rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+            rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
