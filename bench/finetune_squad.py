@@ -39,9 +39,10 @@ from rag.files import open_text, write_atomically  # noqa: E402
 from rag.index_ref import IndexRef  # noqa: E402
 from rag.types import Mode  # noqa: E402
 from rag_cli import assets  # noqa: E402
-from rag_cli.demo import demo_generator, index_built_from  # noqa: E402
+from rag_cli.demo import demo_generator  # noqa: E402
 from rag_cli.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
 from rag_cli.up import Stack, UpConfig  # noqa: E402
+from retriever_svc.build import index_built_from  # noqa: E402
 
 GENERATION_MODES = (Mode.CLOSED_BOOK, Mode.CONCAT, Mode.TOKEN, Mode.SEQUENCE)
 
@@ -131,7 +132,7 @@ def main() -> None:
     if not corpus.exists():
         write_jsonl(corpus, wiki + squad)
     reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
-    index = index_built_from(corpus, encoder_spec, "squad-open", reuse_from=reuse)
+    index = index_built_from(corpus, encoder_spec, paths.index_root(), "squad-open", reuse_from=reuse)
     print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
 
     previous = out / "report.json"  # stages run before (rag eval's results are cached too: reruns are cheap)

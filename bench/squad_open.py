@@ -34,9 +34,9 @@ from rag.index_ref import IndexRef  # noqa: E402
 from rag.types import Mode  # noqa: E402
 from rag_cli import assets  # noqa: E402
 from rag_cli.admin import AdminConfig, swap  # noqa: E402
-from rag_cli.demo import index_built_from  # noqa: E402
 from rag_cli.eval import EvalConfig, markdown_table, run_eval  # noqa: E402
 from rag_cli.up import Stack, UpConfig  # noqa: E402
+from retriever_svc.build import index_built_from  # noqa: E402
 
 GENERATION_MODES = tuple(m.value for m in (Mode.CLOSED_BOOK, Mode.CONCAT, Mode.TOKEN, Mode.SEQUENCE))
 KS = (1, 5, 10)
@@ -56,7 +56,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def build(corpus: Path, name: str, encoder_spec: str) -> IndexRef:
     # The demo's index, when there is one: the leads are encoded already.
     reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
-    return index_built_from(corpus, encoder_spec, name, reuse_from=reuse)
+    return index_built_from(corpus, encoder_spec, paths.index_root(), name, reuse_from=reuse)
 
 
 def evaluate(

@@ -10,7 +10,12 @@
   memory-bandwidth floor (bytes scanned / measured copy bandwidth); HNSW recall@10 and queries/s;
 - gateway: Ask end to end against calling the same retriever and generator code in-process (p50);
 - concurrency: queries/s with 8 concurrent clients against 1 (the generator batches concurrent requests);
-- build: `rag index build` passages/s against the encoder's forward pass alone.
+- build: `rag index build` passages/s against the encoder's forward pass alone;
+- latency: Ask (streamed) on the demo models, 20 public SQuAD questions at k = 5, RAG-Token and RAG-Sequence, per
+  weights precision: median and p90 seconds, time to first token, EM/F1; against transformers' `generate` of the
+  same model with the k passages in one prompt, and against the floor of the same work on this machine (prompt
+  FLOPs at the measured matrix-multiply rate plus the weights read once per decoded token at the measured memory
+  bandwidth). Skipped, with a message, when the demo models are not fetched (`rag fetch`).
 `--quick` shrinks every size (seconds instead of minutes) so CI can run it; its ratios say little.
 """
 
@@ -29,13 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rag.config import option
-from rag.types import DecodingOptions
+from rag.index_ref import IndexRef
+from rag.types import DecodingOptions, Passage
 
 if TYPE_CHECKING:  # the services load torch: `rag bench` imports them only in the sections that run them
     from rag_cli.testing.random_models import BartShape
     from rag_cli.testing.stack import Launcher, Stack
 
-SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build")
+SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build", "latency")
 
 
 @dataclass
@@ -83,7 +89,7 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     from generator_svc import rag_math
     from generator_svc.families import load_passage_lm
     from generator_svc.passage_lm import one_each
-    from rag.types import Mode, Passage, SequenceDecoding
+    from rag.types import Mode, SequenceDecoding
     from rag_cli.testing import random_models
     from rag_cli.testing.hf_reference import generated_tokens, mask_rag_sequence_padding
 
@@ -365,6 +371,149 @@ def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
 # ------------------------------------------------------------------------------------------------ report
 
 
+# ------------------------------------------------------------------------------------------------ latency
+
+LATENCY_QUESTIONS = Path(__file__).parent / "data" / "squad20.jsonl"  # SQuAD v1.1 dev (CC BY-SA 4.0)
+LATENCY_GOAL_S = 2.5
+
+
+def matmul_rate(size: int = 1024) -> float:
+    """float32 multiply-adds per second a large matrix product reaches here (FLOPs counted as 2 per)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / median_time(lambda: a @ b, 5)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q * 100))
+
+
+def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
+    import sys
+
+    import grpc
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from generator_svc.families import DecoderOnlyLM, load_passage_lm
+    from rag import paths
+    from rag.types import AskRequest, DecodingOptions, Mode
+    from rag.v1 import gateway_pb2_grpc
+    from rag_cli.eval import exact_match, f1_score
+    from rag_cli.testing.random_models import save_causal_lm, save_sentence_encoder
+    from rag_cli.testing.stack import Launcher
+    from retriever_svc.build import build_index, index_built_from
+    from retriever_svc.encoders import load_encoder
+
+    questions = [json.loads(line) for line in LATENCY_QUESTIONS.read_text().splitlines() if line.strip()]
+    paragraphs = [q["passage"] for q in questions]
+    if config.quick:  # tiny random models, the 20 paragraphs as the corpus: the plumbing, not the speed
+        dtypes: tuple[str, ...] = ("float32", "int8")
+        questions, new_tokens = questions[:4], 8
+        encoder_spec = f"sentence-transformer:{save_sentence_encoder(work / 'latency-encoder')}"
+        generator = save_causal_lm(work / "latency-lm")
+        corpus = work / "latency.jsonl"
+        corpus.write_text("".join(json.dumps(p) + "\n" for p in paragraphs))
+        index_root = work / "latency-indexes"
+        index = build_index(corpus, "jsonl", index_root, "latency", load_encoder(encoder_spec), show_progress=False).ref
+    else:
+        encoder_dir, generator = (
+            paths.models_dir() / paths.DEMO_ENCODER_DIR,
+            paths.models_dir() / paths.DEMO_GENERATOR_DIR,
+        )
+        wiki = paths.rag_home() / "corpora" / "wiki_vital_en.jsonl"
+        if not (
+            (encoder_dir / "model.safetensors").exists() and (generator / "config.json").exists() and wiki.exists()
+        ):
+            print("latency: skipped, the demo models and corpus are not fetched (run `rag fetch`)", file=sys.stderr)
+            return []
+        dtypes, new_tokens = ("float32", "bfloat16", "int8"), 32
+        encoder_spec = f"sentence-transformer:{encoder_dir}"
+        corpus = paths.rag_home() / "corpora" / "wiki+squad20.jsonl"
+        if not corpus.exists():
+            corpus.write_text(wiki.read_text() + "".join(json.dumps(p) + "\n" for p in paragraphs))
+        index_root = paths.index_root()
+        reuse = IndexRef(paths.DEMO_INDEX) if (index_root / paths.DEMO_INDEX).is_dir() else None
+        index = index_built_from(corpus, encoder_spec, index_root, "latency", reuse_from=reuse)
+
+    figures: list[Figure] = []
+    retrieved: dict[str, list[Passage]] = {}  # the passages of each question (float32 run), for the references
+    medians: dict[tuple[str, Mode], float] = {}
+    answers: dict[str, str] = {}  # RAG-Token's float32 answers, for the decode steps of the floor
+    for dtype in dtypes:
+        launcher = Launcher()
+        try:
+            stack = launcher.stack(index_root, str(index), generator, dtype=dtype, max_new_tokens=new_tokens)
+            stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+            for mode in (Mode.TOKEN, Mode.SEQUENCE):
+                request = lambda q: AskRequest(q["question"], 5, DecodingOptions(mode=mode)).to_pb()  # noqa: E731
+                list(stub.AskStream(request(questions[0]), timeout=600))  # warm up
+                seconds, first_token, em, f1 = [], [], [], []
+                for q in questions:
+                    started, first = time.perf_counter(), None
+                    for reply in stub.AskStream(request(q), timeout=600):
+                        first = first if first is not None else time.perf_counter() - started
+                        final = reply.final
+                    seconds.append(time.perf_counter() - started)
+                    first_token.append(first or 0.0)
+                    answer = final.answers[0].text if final.answers else ""
+                    em.append(exact_match(answer, q["answers"]))
+                    f1.append(f1_score(answer, q["answers"]))
+                    if dtype == "float32" and mode is Mode.TOKEN:
+                        retrieved[q["id"]] = [Passage.from_pb(s.passage) for s in final.sources]
+                        answers[q["id"]] = answer
+                medians[(dtype, mode)] = statistics.median(seconds)
+                note = (f"p90 {_percentile(seconds, 0.9):.2f} s; first token {statistics.median(first_token):.2f} s; "
+                        f"EM {np.mean(em):.3f}, F1 {np.mean(f1):.3f} over {len(questions)} questions")  # fmt: skip
+                figures.append(
+                    Figure(
+                        "latency",
+                        f"Ask {mode.label}, {dtype}, k=5: median",
+                        medians[(dtype, mode)],
+                        0.0,
+                        "transformers generate, k passages in one prompt",
+                        f"<= {LATENCY_GOAL_S} s",
+                        medians[(dtype, mode)] <= LATENCY_GOAL_S,
+                        note,
+                    )  # fmt: skip
+                )
+        finally:
+            launcher.close()
+
+    # (a) What a user would run instead: transformers' generate, the k passages in one prompt, float32.
+    lm = load_passage_lm(str(generator))
+    assert isinstance(lm, DecoderOnlyLM)
+    model = AutoModelForCausalLM.from_pretrained(generator).eval()
+    prompts = [lm.prompt_ids(q["question"], tuple(retrieved[q["id"]])) for q in questions]
+
+    def concatenated() -> None:
+        with torch.no_grad():
+            for prompt in prompts:
+                model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+
+    reference_s = median_time(concatenated, 1) / len(prompts)
+    # (b) The floor of RAG-Token's work: every passage's prompt once through the model, then the weights read once
+    # per decoded token.
+    parameters = sum(p.numel() for p in model.parameters())
+    prompt_tokens = statistics.median(
+        sum(len(lm.prompt_ids(q["question"], (p,))) for p in retrieved[q["id"]]) for q in questions
+    )
+    flops, bandwidth = matmul_rate(), copy_bandwidth(1 << 28)
+    decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in answers.values())
+    for figure in list(figures):
+        figure.reference_s = reference_s
+        dtype = next(d for d in dtypes if f", {d}," in figure.name)
+        if "RAG-Token" in figure.name:
+            weight_bytes = parameters * {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
+            floor = 2 * parameters * prompt_tokens / flops + decode_steps * weight_bytes / bandwidth
+            figures.append(Figure("latency", f"Ask RAG-Token, {dtype}: against the floor", figure.ours_s, floor,
+                                  "compute and bandwidth floor", "<= 1.5x the floor", figure.ours_s <= 1.5 * floor,
+                                  f"{figure.ours_s / floor:.2f}x the floor ({prompt_tokens:.0f} prompt tokens, "
+                                  f"{decode_steps:.0f} decode steps)"))  # fmt: skip
+    return figures
+
+
 def run_bench(config: BenchConfig) -> list[Figure]:
     sections = [s.strip() for s in config.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = set(sections) - set(SECTIONS)
@@ -373,7 +522,7 @@ def run_bench(config: BenchConfig) -> list[Figure]:
 
         raise InvalidArgument(f"unknown bench sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
     runners = {"generator": bench_generator, "retrieval": bench_retrieval, "gateway": bench_gateway,
-               "concurrency": bench_concurrency, "build": bench_build}  # fmt: skip
+               "concurrency": bench_concurrency, "build": bench_build, "latency": bench_latency}  # fmt: skip
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
         for section in sections:

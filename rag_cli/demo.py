@@ -21,15 +21,13 @@ from pathlib import Path
 
 from rag import paths
 from rag.config import option
-from rag.errors import FailedPrecondition
-from rag.files import sha256_file, write_atomically
+from rag.files import write_atomically
 from rag.index_ref import IndexRef
 from rag.types import AskRequest, DecodingOptions, Mode
 from rag_cli import assets
 from rag_cli.admin import AdminConfig, swap
 from rag_cli.ask import ask, format_answer
 from rag_cli.up import Stack, UpConfig
-from retriever_svc.layout import MANIFEST, Manifest, versions
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +105,6 @@ def updated_corpus(corpus: Path) -> Path:
     return updated
 
 
-def index_built_from(corpus: Path, encoder_spec: str, name: str, reuse_from: IndexRef | None = None) -> IndexRef:
-    """The newest version of `name` built from this corpus with this encoder, building one if there is none
-    (with the embeddings of `reuse_from`, or else of the newest version of `name`, where passages match)."""
-    from retriever_svc.build import build_index  # loads torch: only when a build is needed
-    from retriever_svc.encoders import load_encoder
-
-    root = paths.index_root()
-    corpus_sha = sha256_file(corpus)
-    for version in reversed(versions(root, name)):
-        try:
-            manifest = Manifest.from_file(root / name / version / MANIFEST)
-        except FailedPrecondition:  # unreadable (an older format): build anew
-            continue
-        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec:
-            log.info("reusing index %s", manifest.ref)
-            return manifest.ref
-    encoder = load_encoder(encoder_spec)
-    started = time.perf_counter()
-    manifest = build_index(corpus, "jsonl", root, name, encoder, reuse_from=reuse_from)
-    log.info("built %s (%d passages) in %.0f s", manifest.ref, manifest.count, time.perf_counter() - started)
-    return manifest.ref
-
-
 def show_knowledge_update(gateway: str, request: AskRequest, before: IndexRef, after: IndexRef) -> None:
     """Swap the running retrievers to the updated index: the same question, a new answer, a new source."""
     admin = AdminConfig(gateway=gateway, admin_token=os.environ["RAG_ADMIN_TOKEN"])
@@ -154,9 +129,12 @@ def run_demo(config: DemoConfig) -> int:
     corpus = demo_corpus(config.corpus_limit)
     name = paths.DEMO_INDEX if not config.corpus_limit else f"{paths.DEMO_INDEX}-first{config.corpus_limit}"
     encoder_spec = f"sentence-transformer:{encoder_dir}"
-    index_ref = index_built_from(corpus, encoder_spec, name)
+    from retriever_svc.build import index_built_from  # loads torch: not for `rag demo --help`
+
+    root = paths.index_root()
+    index_ref = index_built_from(corpus, encoder_spec, root, name)
     updated_ref = index_built_from(
-        updated_corpus(corpus), encoder_spec, name
+        updated_corpus(corpus), encoder_spec, root, name
     )  # unchanged passages keep their embeddings
     print(f"assets and indexes ready in {time.perf_counter() - started:.0f} s; starting the services", flush=True)
 

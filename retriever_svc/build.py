@@ -27,7 +27,7 @@ from rag.errors import FailedPrecondition, InvalidArgument
 from rag.files import sha256_file
 from rag.index_ref import IndexRef
 from retriever_svc.corpus import Document, read_documents, split_passages
-from retriever_svc.encoders import Encoder
+from retriever_svc.encoders import Encoder, load_encoder
 from retriever_svc.layout import (
     ANN,
     EMBEDDINGS,
@@ -282,3 +282,23 @@ def _publish(tmp: Path, root: Path, manifest: Manifest) -> Manifest:
         except OSError:
             if not (root / manifest.name / published.version).exists():
                 raise  # not a race with a concurrent build: a real error
+
+
+def index_built_from(
+    corpus: Path, encoder_spec: str, root: Path, name: str, reuse_from: IndexRef | None = None
+) -> IndexRef:
+    """The newest version of `name` built from this corpus file with this encoder, building one if there is none
+    (with the embeddings of `reuse_from`, or else of the newest version of `name`, where passages match)."""
+    corpus_sha = sha256_file(corpus)
+    for version in reversed(versions(root, name)):
+        try:
+            manifest = Manifest.from_file(root / name / version / MANIFEST)
+        except FailedPrecondition:  # unreadable (an older format): build anew
+            continue
+        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec:
+            log.info("reusing index %s", manifest.ref)
+            return manifest.ref
+    started = time.perf_counter()
+    built = build_index(corpus, "jsonl", root, name, load_encoder(encoder_spec), reuse_from=reuse_from)
+    log.info("built %s (%d passages) in %.0f s", built.ref, built.count, time.perf_counter() - started)
+    return built.ref
