@@ -385,6 +385,16 @@ def matmul_rate(size: int = 1024) -> float:
     return 2 * size**3 / median_time(lambda: a @ b, 5)
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and any(flag in cpuinfo.read_text() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q * 100))
 
@@ -428,7 +438,10 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         ):
             print("latency: skipped, the demo models and corpus are not fetched (run `rag fetch`)", file=sys.stderr)
             return []
-        dtypes, new_tokens = ("float32", "bfloat16", "int8"), 32
+        dtypes = ("float32", "bfloat16", "int8") if native_bfloat16() else ("float32", "int8")
+        if "bfloat16" not in dtypes:
+            print("latency: bfloat16 left out, this CPU has no native bfloat16 arithmetic", file=sys.stderr)
+        new_tokens = 32
         encoder_spec = f"sentence-transformer:{encoder_dir}"
         corpus = paths.rag_home() / "corpora" / "wiki+squad20.jsonl"
         if not corpus.exists():
