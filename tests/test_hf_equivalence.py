@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -90,6 +91,25 @@ class Reference:
                 )
         return generated_tokens(rows, self.rag_token.config.generator.pad_token_id)
 
+    def hf_nll(self, model: Any, b: int, answers: list[list[int]], **get_nll: Any) -> torch.Tensor:
+        """transformers' -log p(y|x) of each answer (token ids) to question b: labels are the decoder start plus
+        the answer, padded (get_nll shifts them left itself)."""
+        start, pad = model.config.generator.decoder_start_token_id, model.config.generator.pad_token_id
+        labels = torch.full((len(answers), 1 + max(map(len, answers))), pad)
+        for i, ids in enumerate(answers):
+            labels[i, 0] = start
+            labels[i, 1 : 1 + len(ids)] = torch.tensor(ids)
+        rows, scores = slice(b * K, (b + 1) * K), SCORES[b : b + 1].repeat(len(answers), 1)
+        with torch.no_grad():
+            out = model(
+                context_input_ids=self.context["context_input_ids"][rows].repeat(len(answers), 1),
+                context_attention_mask=self.context["context_attention_mask"][rows].repeat(len(answers), 1),
+                doc_scores=scores,
+                decoder_input_ids=labels,
+                n_docs=K,
+            )
+            return model.get_nll(out.logits, scores, labels, n_docs=K, **get_nll)
+
     def ours_over_grpc(self, options: generator_pb2.DecodingOptions) -> list[tuple[int, ...]]:
         found = []
         for b, question in enumerate(QUESTIONS):
@@ -159,8 +179,6 @@ def test_hypotheses_differ_between_passages(reference: Reference) -> None:
 def test_score_equals_transformers_nll(reference: Reference, mode: Mode) -> None:
     answers = ["Alexander Fleming", "the capital city of France is Paris"]
     hf_model = reference.rag_token if mode is Mode.TOKEN else reference.rag_sequence
-    start = hf_model.config.generator.decoder_start_token_id
-    pad = hf_model.config.generator.pad_token_id
     for b, question in enumerate(QUESTIONS):
         reply = reference.stub.Score(
             generator_pb2.ScoreRequest(
@@ -171,22 +189,8 @@ def test_score_equals_transformers_nll(reference: Reference, mode: Mode) -> None
             ),
             timeout=60,
         )
-        # transformers: labels = decoder start + answer tokens, padded; get_nll shifts them left itself.
         encoded = [reference.tokenizer(a)["input_ids"] for a in answers]
-        labels = torch.full((len(answers), 1 + max(map(len, encoded))), pad)
-        for i, ids in enumerate(encoded):
-            labels[i, 0] = start
-            labels[i, 1 : 1 + len(ids)] = torch.tensor(ids)
-        rows = slice(b * K, (b + 1) * K)
-        with torch.no_grad():
-            out = hf_model(
-                context_input_ids=reference.context["context_input_ids"][rows].repeat(len(answers), 1),
-                context_attention_mask=reference.context["context_attention_mask"][rows].repeat(len(answers), 1),
-                doc_scores=SCORES[b : b + 1].repeat(len(answers), 1),
-                decoder_input_ids=labels,
-                n_docs=K,
-            )
-            nll = hf_model.get_nll(out.logits, SCORES[b : b + 1].repeat(len(answers), 1), labels, n_docs=K)
+        nll = reference.hf_nll(hf_model, b, encoded)
         ours = torch.tensor([s.log_prob for s in reply.scores], dtype=torch.float64)
         assert torch.allclose(-nll.double(), ours, atol=1e-5, rtol=0), (nll, ours)
         assert [s.num_tokens for s in reply.scores] == [len(ids) for ids in encoded]
@@ -198,7 +202,7 @@ def test_rag_sequence_leaves_bos_unscored_only_when_every_candidate_of_the_quest
     """transformers ranks a question's RAG-Sequence hypotheses with exclude_bos_score, which drops the first
     token only when *every* hypothesis starts with BOS; with some that do and some that do not, all are scored."""
     hf = reference.rag_sequence
-    bos, start, pad = hf.config.generator.bos_token_id, hf.config.generator.decoder_start_token_id, 1
+    bos = hf.config.generator.bos_token_id
     lm = load_passage_lm(str(reference.checkpoint))
     words = [reference.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Fleming", "Paris city")]
     eos = hf.config.generator.eos_token_id
@@ -207,20 +211,5 @@ def test_rag_sequence_leaves_bos_unscored_only_when_every_candidate_of_the_quest
         ctx = lm.encode([QUESTIONS[b]], [one_each(passages_for(b))])
         prior = rag_math.log_prior(SCORES[b : b + 1])
         ours = rag_math.score_answers(lm, ctx, prior, [0] * len(candidates), candidates, skip_leading_bos=True)
-        labels = torch.full((len(candidates), 1 + max(map(len, candidates))), pad)
-        for i, ids in enumerate(candidates):
-            labels[i, 0] = start
-            labels[i, 1 : 1 + len(ids)] = torch.tensor(ids)
-        rows = slice(b * K, (b + 1) * K)
-        with torch.no_grad():
-            out = hf(
-                context_input_ids=reference.context["context_input_ids"][rows].repeat(len(candidates), 1),
-                context_attention_mask=reference.context["context_attention_mask"][rows].repeat(len(candidates), 1),
-                doc_scores=SCORES[b : b + 1].repeat(len(candidates), 1),
-                decoder_input_ids=labels,
-                n_docs=K,
-            )
-            nll = hf.get_nll(
-                out.logits, SCORES[b : b + 1].repeat(len(candidates), 1), labels, exclude_bos_score=True, n_docs=K
-            )
+        nll = reference.hf_nll(hf, b, candidates, exclude_bos_score=True)
         torch.testing.assert_close(ours.rag_sequence(), -nll, atol=1e-5, rtol=0)
