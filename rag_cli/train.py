@@ -404,9 +404,10 @@ def _plot(losses: list[float], path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     steps = np.arange(1, len(losses) + 1)
     axes.plot(steps, losses, alpha=0.35, label="loss per step")
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    axes.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    window = max(1, len(losses) // 10)
+    if window > 1:  # batches differ: the trend shows in a running mean
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axes.plot(steps[window - 1 :], smooth, label=f"mean of {window} steps")
     axes.set_xlabel("step")
     axes.set_ylabel("negative marginal log-likelihood")
     axes.set_title(title)
