@@ -268,15 +268,16 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrie
             chosen = order[offset * config.batch_size : (offset + 1) * config.batch_size].tolist()
             batch = [p.examples[i] for i in chosen]
             texts = [e.question for e in batch]
-            passages = retrieval.search(encoder.encode_questions(texts), config.k)
             targets, mask = rag_math.answer_targets(
                 [lm.answer_token_ids(e.answers[0]) for e in batch], lm.rules.pad_token_id
             )
             with autocast:
+                # One encoding of the questions: it retrieves (detached) and gives p(z|x) its gradient.
                 if p.train_encoder:
                     q = encoder.question_vectors(texts)
                 else:
                     q = torch.from_numpy(encoder.encode_questions(texts)).to(p.device)
+                passages = retrieval.search(q.detach().float().cpu().numpy(), config.k)
                 d = torch.tensor([[x.embedding for x in found] for found in passages], device=q.device)
                 prior = rag_math.log_prior(torch.einsum("bd,bkd->bk", q.float(), d), temperature)
                 if frozen is not None:
