@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "finetune"))
     options = parser.parse_args()
     data, out = Path(options.data), Path(options.out)
-    work = paths.rag_home() / "bench" / "finetune"
+    work = paths.rag_home() / "bench" / "finetune" / options.generator  # each generator's runs apart
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +128,7 @@ def main() -> None:
     train_file = write_jsonl(work / "train.jsonl", rng.sample(train, min(options.train_questions, len(train))))
     dev_file = write_jsonl(work / "dev.jsonl", dev)
     dev_sample = write_jsonl(work / "dev-sample.jsonl", rng.sample(dev, min(options.generate_sample, len(dev))))
-    corpus = work / "wiki+squad.jsonl"
+    corpus = work.parent / "wiki+squad.jsonl"  # one corpus, one index, for every generator
     if not corpus.exists():
         write_jsonl(corpus, wiki + squad)
     reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None

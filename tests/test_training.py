@@ -169,6 +169,35 @@ def test_rag_train_encoder_decoder_with_lora_in_rag_sequence(
     assert served.loading is not None and served.loading.exception() is None
 
 
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_rag_train_fully_trains_the_other_family_mode_pairs_and_they_answer_in_that_mode(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, dpr_index: Path, questions: Path, launch: Launcher, family: str
+) -> None:
+    """With the two tests above, every family trains in every mode: decoder-only in RAG-Sequence and
+    encoder-decoder in RAG-Token here, both generators fully (no LoRA)."""
+    if family == "decoder-only":
+        mode, index, root, generator, encoder = Mode.SEQUENCE, "tiny", index_root, str(tiny.causal_lm), ""
+    else:
+        mode, index, root, generator = Mode.TOKEN, "facts", dpr_index, str(tiny.rag_checkpoint)
+        encoder = f"dpr:{tiny.rag_checkpoint}"
+    out = tmp_path / "run"
+    summary, _ = train(
+        questions, "--index", index, "--index-root", str(root), "--generator", generator, "--mode", mode.value,
+        "--k", "3", "--max-steps", "16", "--out", str(out), *(["--encoder", encoder] if encoder else []),
+    )  # fmt: skip
+    assert summary["loss_last"] < summary["loss_first"]
+    tuned = summary["query_encoder"] if family == "decoder-only" else f"question={summary['query_encoder']}"
+    kind = "sentence-transformer" if family == "decoder-only" else "dpr"
+    stack = launch.stack(root, index, summary["generator"], encoder=f"{kind}:{tuned}")
+    options = DecodingOptions(mode=mode, max_new_tokens=4)
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(
+            AskRequest("Who discovered penicillin?", 3, options).to_pb(), timeout=60
+        )
+    assert reply.index_version == f"{index}@v1" and len(reply.sources) == 3 and reply.answers
+    assert abs(sum(s.posterior for s in reply.sources) - 1) < 1e-4  # the tuned model's p(z|x,y) is a distribution
+
+
 def test_a_fine_tuned_question_tower_refuses_an_index_of_another_document_encoder(
     tmp_path: Path,
     tiny: TinyModels,
