@@ -20,7 +20,7 @@ import grpc
 
 from gateway.retrievers import RetrieverTier
 from rag import metrics
-from rag.auth import bearer, require_admin
+from rag.auth import AdminAuth, bearer
 from rag.clients import downstream_error
 from rag.errors import RagError, require
 from rag.index_ref import IndexRef
@@ -58,7 +58,8 @@ def get_status() -> AdminCall[index_admin_pb2.GetIndexStatusResponse]:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, tier: RetrieverTier, admin_token: str, swap_timeout: float) -> None:
         self.tier = tier
-        self.admin_token = admin_token
+        self.admin_token = admin_token  # also what this gateway presents to the retrievers
+        self.auth = AdminAuth(admin_token)
         self.swap_timeout = swap_timeout
         self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
 
@@ -87,13 +88,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListIndexStatus(
         self, request: admin_pb2.ListIndexStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListIndexStatusResponse:
-        require_admin(context, self.admin_token)
+        self.auth.check(context)
         return admin_pb2.ListIndexStatusResponse(retrievers=await self._statuses(timeout=30))
 
     async def SwapIndex(
         self, request: admin_pb2.SwapIndexRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.SwapIndexResponse:
-        caller = require_admin(context, self.admin_token)
+        caller = self.auth.check(context)
         require(bool(request.version), "give the version to swap to, e.g. v3")
         wanted = IndexRef(request.name, request.version) if request.name else None  # checked before anyone is asked
         async with self._swap_lock:

@@ -6,14 +6,16 @@ is checked here, before batching, so that a bad request fails alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rag.errors import require
-from rag.types import DecodingOptions, Passage, parse_question
+from rag.types import MAX_PASSAGE_CHARS, DecodingOptions, Passage, parse_question, passage_problem, require_finite
 from rag.v1 import generator_pb2, passage_pb2
+
+MAX_ANSWER_CHARS_PER_TOKEN = 32  # no tokenizer packs more into one token
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class Limits:
     """What one request may ask of this generator; requests beyond these get INVALID_ARGUMENT."""
 
     max_passages: int = 50
-    max_passage_chars: int = 20_000
+    max_passage_chars: int = MAX_PASSAGE_CHARS
     max_beams: int = 8
     max_new_tokens: int = 256
     max_answers: int = 32
@@ -44,17 +46,25 @@ class Limits:
         require(len(pbs) <= self.max_passages, f"{len(pbs)} passages given; the limit is {self.max_passages}")
         passages = [Passage.from_pb(pb) for pb in pbs]
         for i, p in enumerate(passages):
-            require(bool(p.text.strip() or p.title.strip()), f"passage {i} has neither title nor text")
-            require(
-                len(p.text) <= self.max_passage_chars,
-                f"passage {i} is {len(p.text)} characters; the limit is {self.max_passage_chars}",
-            )
+            problem = passage_problem(p.title, p.text, self.max_passage_chars)
+            require(problem is None, f"passage {i} ({p.id!r}) {problem}")
         return passages
 
-    def answers(self, answers: Sequence[str]) -> list[str]:
+    def answers(self, answers: Sequence[str], token_ids: Callable[[str], list[int]]) -> list[str]:
+        """Score's answers: each one no longer, in the model's tokens, than an answer it may generate (checked on
+        characters first, so that a huge answer is refused before it is tokenized)."""
         require(0 < len(answers) <= self.max_answers, f"give 1 to {self.max_answers} answers, got {len(answers)}")
         for i, answer in enumerate(answers):
             require(bool(answer.strip()), f"answer {i} is empty")
+            require(
+                len(answer) <= MAX_ANSWER_CHARS_PER_TOKEN * self.max_new_tokens,
+                f"answer {i} is {len(answer)} characters; answers may be {self.max_new_tokens} tokens at most",
+            )
+            tokens = len(token_ids(answer))
+            require(
+                tokens <= self.max_new_tokens + 2,  # + the BOS and EOS a checkpoint adds
+                f"answer {i} is {tokens} tokens; answers may be {self.max_new_tokens} tokens at most",
+            )
         return list(answers)
 
 
@@ -74,6 +84,7 @@ class Request:
             self.options.n_docs <= len(self.passages),
             f"n_docs={self.options.n_docs} but only {len(self.passages)} passages were given",
         )
+        require_finite(self.query_embedding, "query_embedding")
         if self.query_embedding:
             for i, p in enumerate(self.passages):
                 require(

@@ -45,8 +45,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         call: Callable[[RagModel, Watch], Any] | None = None,
     ) -> Any:
         """Queue work for the model thread, refusing when the queue is full; skipped if the caller gave up."""
-        if self.worker.model is None:
-            raise Unavailable("the generator is still loading its model; retry shortly")
+        self._model()
         if self.pending >= self.config.max_queue:
             raise ResourceExhausted(
                 f"{self.pending} requests are queued for the model (limit {self.config.max_queue}); retry later"
@@ -65,6 +64,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         finally:
             self.pending -= 1
             metrics.GENERATOR_QUEUE.dec()
+
+    def _model(self) -> RagModel:
+        if self.worker.model is None:
+            raise Unavailable("the generator is still loading its model; retry shortly")
+        return self.worker.model
 
     def _parse(self, pb: generator_pb2.GenerateRequest | generator_pb2.ScoreRequest) -> Request:
         return Request.from_pb(pb, self.limits, self.config.max_new_tokens, self.config.score_temperature)
@@ -118,7 +122,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def Score(
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.ScoreResponse:
-        parsed, answers = self._parse(request), self.limits.answers(request.answers)
+        model = self._model()
+        parsed, answers = self._parse(request), self.limits.answers(request.answers, model.lm.answer_token_ids)
         scored = await self._submit(context, call=lambda model, _: model.score(parsed, answers))
         return scored.to_pb()
 

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rag import metrics
 from rag.config import option
-from rag.errors import RagError
+from rag.errors import InvalidArgument, RagError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,29 +58,36 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith("/rag."):
             return handler
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        # Requests arrive as bytes and are parsed inside `_statuses`, so that one that is not valid protobuf
+        # (or not UTF-8 where a string is) gets INVALID_ARGUMENT and is counted, not UNKNOWN with a traceback.
+        parse = handler.request_deserializer or (lambda raw: raw)
+        codec = {"response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary  # on an aio server, a coroutine function
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
                 async with _statuses(method, context):
-                    return await unary(request, context)
+                    return await unary(_parsed(parse, raw, method), context)
                 return None  # an error was turned into a status
 
             return grpc.unary_unary_rpc_method_handler(unary_behavior, **codec)
         if handler.unary_stream is not None:
             stream: Any = handler.unary_stream  # an async generator function
 
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with _statuses(method, context):
-                    async for reply in stream(request, context):
+                    async for reply in stream(_parsed(parse, raw, method), context):
                         yield reply
 
             return grpc.unary_stream_rpc_method_handler(stream_behavior, **codec)
         return handler
+
+
+def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} message: {err}") from None
 
 
 @asynccontextmanager

@@ -18,6 +18,11 @@ from rag.index_ref import IndexRef
 from rag.v1 import gateway_pb2, generator_pb2, passage_pb2
 
 MAX_QUESTION_CHARS = 2000
+# What a passage may hold, for the generator that reads it and for `rag index build` that stores it (one rule).
+MAX_TITLE_CHARS = 1_000
+MAX_PASSAGE_CHARS = 20_000
+# p(z|x) = softmax(score / temperature): below this, finite scores overflow to inf and the priors turn NaN.
+MIN_SCORE_TEMPERATURE = 1e-3
 E = TypeVar("E", bound=enum.Enum)
 P = TypeVar("P", bound=int)
 
@@ -27,6 +32,21 @@ def parse_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
     require(bool(question), "question is empty")
     require(len(question) <= max_chars, f"question is {len(question)} characters; the limit is {max_chars}")
     return question
+
+
+def passage_problem(title: str, text: str, max_text_chars: int = MAX_PASSAGE_CHARS) -> str | None:
+    """Why a passage cannot be read by a generator (None when it can)."""
+    if not (title.strip() or text.strip()):
+        return "has neither title nor text"
+    if len(title) > MAX_TITLE_CHARS:
+        return f"has a {len(title)}-character title; the limit is {MAX_TITLE_CHARS}"
+    if len(text) > max_text_chars:
+        return f"is {len(text)} characters; the limit is {max_text_chars}"
+    return None
+
+
+def require_finite(values: tuple[float, ...], what: str) -> None:
+    require(all(map(math.isfinite, values)), f"{what} holds NaN or infinity; send finite numbers")
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,10 @@ class Passage:
 
     @classmethod
     def from_pb(cls, pb: passage_pb2.Passage) -> Passage:
-        return cls(id=pb.id, title=pb.title, text=pb.text, score=pb.score, embedding=tuple(pb.embedding))
+        embedding = tuple(pb.embedding)
+        require_finite((pb.score,), f"passage {pb.id!r}'s score")
+        require_finite(embedding, f"passage {pb.id!r}'s embedding")
+        return cls(id=pb.id, title=pb.title, text=pb.text, score=pb.score, embedding=embedding)
 
     def to_pb(self) -> passage_pb2.Passage:
         return passage_pb2.Passage(
@@ -157,8 +180,10 @@ class DecodingOptions:
         require(self.max_new_tokens >= 0, f"max_new_tokens must be >= 0 (0: the default), got {self.max_new_tokens}")
         require(self.n_docs >= 0, f"n_docs must be >= 0 (0: every passage), got {self.n_docs}")
         require(
-            math.isfinite(self.score_temperature) and self.score_temperature >= 0,
-            f"score_temperature must be a finite number >= 0 (0: the encoder's default), got {self.score_temperature}",
+            self.score_temperature == 0
+            or (math.isfinite(self.score_temperature) and self.score_temperature >= MIN_SCORE_TEMPERATURE),
+            f"score_temperature must be 0 (the encoder's default) or a finite number >= {MIN_SCORE_TEMPERATURE}, "
+            f"got {self.score_temperature}",
         )
 
     @classmethod

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from rag import metrics
-from rag.auth import load_admin_token, require_admin
+from rag.auth import AdminAuth, load_admin_token
 from rag.errors import FailedPrecondition, Unavailable, require
 from rag.index_ref import IndexRef
 from rag.serving import Served, new_server, start_loading
@@ -127,10 +127,10 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
 class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
     def __init__(self, serving: RetrieverServicer, admin_token: str) -> None:
         self.serving = serving
-        self.admin_token = admin_token
+        self.auth = AdminAuth(admin_token)
 
     def _indexes(self, context: grpc.aio.ServicerContext) -> ResidentIndexes:
-        require_admin(context, self.admin_token)
+        self.auth.check(context)
         return self.serving.ready().indexes
 
     async def LoadIndex(

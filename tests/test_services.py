@@ -72,37 +72,6 @@ def test_ask_conditions_on_n_docs_of_the_k_retrieved(services: Services) -> None
     assert len(reply.sources) == 2
 
 
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        ({"question": ""}, "question is empty"),
-        ({"question": "   "}, "question is empty"),
-        ({"question": "why? " * 1000}, "the limit is 2000"),
-        ({"k": 51}, "k must be in [1, 50]"),
-        ({"k": -1}, "k must be in [1, 50]"),
-        ({"k": 3, "options": generator_pb2.DecodingOptions(n_docs=4)}, "n_docs=4 is more than the k=3"),
-        ({"options": generator_pb2.DecodingOptions(mode=generator_pb2.RagMode.ValueType(7))}, "unknown mode 7"),
-        (
-            {"options": generator_pb2.DecodingOptions(sequence_decoding=generator_pb2.SequenceDecoding.ValueType(9))},
-            "unknown sequence_decoding 9",
-        ),
-        ({"options": generator_pb2.DecodingOptions(max_new_tokens=100_000)}, "max_new_tokens must be in"),
-        ({"options": generator_pb2.DecodingOptions(num_beams=99)}, "num_beams must be in [1, 8]"),
-        (
-            {"options": generator_pb2.DecodingOptions(num_beams=2, num_return_sequences=3)},
-            "num_return_sequences must be in [1, num_beams=2]",
-        ),
-    ],
-)
-def test_ask_rejects_bad_requests_with_invalid_argument(
-    services: Services, fields: dict[str, Any], message: str
-) -> None:
-    fields.setdefault("question", "Who discovered penicillin?")
-    err = status_of(lambda: ask(services, **fields))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in details(err)
-
-
 def test_the_gateway_passes_on_what_its_generator_allows(
     services: Services, launch: Launcher, tiny: TinyModels
 ) -> None:
@@ -235,30 +204,6 @@ def test_score_temperature_sharpens_the_prior(services: Services) -> None:
         services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=0.05)
     ).passage_priors
     assert max(flat) < 0.4 and max(sharp) > 0.99
-
-
-@pytest.mark.parametrize(
-    ("fields", "message"),
-    [
-        ({"passages": []}, "no passages given"),
-        ({"passages": [passage_pb2.Passage(id="x")]}, "has neither title nor text"),
-        ({"options": generator_pb2.DecodingOptions(n_docs=5)}, "n_docs=5 but only 3 passages"),
-        ({"query_embedding": [1.0, 2.0]}, "passage 0 has a 0-d embedding"),
-    ],
-)
-def test_generate_rejects_bad_requests(services: Services, fields: dict[str, Any], message: str) -> None:
-    err = status_of(lambda: generate(services, **fields))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in details(err)
-
-
-def test_score_rejects_empty_answers(services: Services) -> None:
-    stub = services.generator_stub()
-    for answers, message in (([], "give 1 to 32 answers"), (["ok", " "], "answer 1 is empty")):
-        err = status_of(
-            lambda: stub.Score(generator_pb2.ScoreRequest(question="q", passages=PASSAGES, answers=answers), timeout=30)
-        )
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in details(err)
 
 
 def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyModels) -> None:
