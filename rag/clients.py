@@ -48,7 +48,7 @@ def call(address: str, rpc: Callable[[grpc.Channel], Reply]) -> Reply:
         with channel(address) as ch:
             return rpc(ch)
     except grpc.RpcError as err:
-        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+        raise client_error(address, err) from err
 
 
 def stream(address: str, rpc: Callable[[grpc.Channel], Iterable[Reply]]) -> Iterator[Reply]:
@@ -58,7 +58,25 @@ def stream(address: str, rpc: Callable[[grpc.Channel], Iterable[Reply]]) -> Iter
         with channel(address) as ch:
             yield from rpc(ch)
     except grpc.RpcError as err:
-        raise RagError(f"{err.code().name}: {err.details()}", code=err.code()) from err
+        raise client_error(address, err) from err
+
+
+_NEXT_STEP = {
+    grpc.StatusCode.UNAVAILABLE: "is the service running there? (`rag up` starts one; --gateway or RAG_GATEWAY "
+    "picks the address)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "it did not answer in time; raise --timeout, or retry when it is less busy",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "it is overloaded; retry shortly",
+    grpc.StatusCode.UNAUTHENTICATED: "set RAG_ADMIN_TOKEN or --admin-token-file to the service's admin token",
+}
+
+
+def client_error(address: str, err: grpc.RpcError) -> RagError:
+    """What a command-line client reports: the status, the server's message, and what to do next."""
+    details = err.details() or ""
+    if err.code() is grpc.StatusCode.UNAVAILABLE and ("connect" in details.lower() or not details):
+        details = f"cannot reach {address}"  # grpc's own text names sockets and errno, not the user's problem
+    hint = _NEXT_STEP.get(err.code())
+    return RagError(f"{err.code().name}: {details}" + (f"; {hint}" if hint else ""), code=err.code())
 
 
 def is_serving(address: str, timeout: float = 2.0) -> bool:

@@ -3,9 +3,14 @@ and the file-system side of `rag index list`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from rag.auth import bearer, load_admin_token
 from rag.clients import call
@@ -20,6 +25,7 @@ class AdminConfig:
     admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
     admin_token_file: str = option("", "file holding the admin token")
     timeout: float = option(900.0, "deadline in seconds")
+    json: bool = option(False, "print one JSON document instead of a table")
 
 
 @dataclass
@@ -58,17 +64,35 @@ def format_statuses(found: list[index_admin_pb2.IndexStatus]) -> str:
     return _table(rows)
 
 
-def format_versions(root: Path, serving: dict[str, list[str]] | None) -> str:
-    """Every version under the index root, with the retrievers serving it when the gateway could say."""
-    rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "CREATED", "SERVED BY")]
+def version_records(root: Path, serving: dict[str, list[str]] | None) -> list[dict[str, Any]]:
+    """Every version under the index root, with the retrievers serving it (None when the gateway was not asked)."""
+    records = []
     for name in index_names(root):
         for version in versions(root, name):
             manifest = Manifest.from_file(root / name / version / MANIFEST)
-            served = "?" if serving is None else ", ".join(serving.get(str(manifest.ref), [])) or "-"
-            size = directory_bytes(root / name / version)
-            rows.append((str(manifest.ref), str(manifest.count), str(manifest.num_shards), manifest.index_type,
-                         f"{size / 2**20:.1f} MiB", manifest.created_at, served))  # fmt: skip
+            records.append({
+                "index": str(manifest.ref), "passages": manifest.count, "shards": manifest.num_shards,
+                "type": manifest.index_type, "bytes": directory_bytes(root / name / version),
+                "created_at": manifest.created_at,
+                "served_by": None if serving is None else serving.get(str(manifest.ref), []),
+            })  # fmt: skip
+    return records
+
+
+def format_versions(root: Path, records: list[dict[str, Any]]) -> str:
+    rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "CREATED", "SERVED BY")]
+    for r in records:
+        served = "?" if r["served_by"] is None else ", ".join(r["served_by"]) or "-"
+        rows.append((r["index"], str(r["passages"]), str(r["shards"]), r["type"], f"{r['bytes'] / 2**20:.1f} MiB",
+                     r["created_at"], served))  # fmt: skip
     return _table(rows) if len(rows) > 1 else f"no indexes under {root}"
+
+
+def admin_json(value: Message | Sequence[Message]) -> str:
+    """The JSON a `--json` admin command prints (protobuf field names)."""
+    if isinstance(value, Message):
+        return json.dumps(MessageToDict(value, preserving_proto_field_name=True))
+    return json.dumps([MessageToDict(v, preserving_proto_field_name=True) for v in value])
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:

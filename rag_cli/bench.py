@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -400,7 +401,6 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
-    import sys
 
     import grpc
     import torch
@@ -541,7 +541,7 @@ def run_bench(config: BenchConfig) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
         for section in sections:
             figures += runners[section](config, Path(tmp))
-            print(markdown(figures[-1:]).splitlines()[-1], flush=True)
+            print(markdown(figures[-1:]).splitlines()[-1], file=sys.stderr, flush=True)  # progress
     return figures
 
 

@@ -48,7 +48,7 @@ class EvalConfig:
     ks: str = option("", "comma-separated k values to sweep instead of --k (writes a plot with --out)")
     limit: int = option(0, "evaluate a random sample of this many questions (0 = all)")
     seed: int = option(0, "seed of that sample")
-    format: str = option("", f"{', '.join(FORMATS)}; default: from the file")
+    questions_format: str = option("", f"{', '.join(FORMATS)}; default: from the file")
     max_new_tokens: int = option(0, "answer length limit; 0 = the generator's default")
     out: str = option("", "directory for results.jsonl (resumable), summary.json, table.md, quality_vs_k.png")
     timeout: float = option(600.0, "deadline per question, seconds")
@@ -281,7 +281,7 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
         mode=Mode.TOKEN if retrieve_only else Mode.parse(config.mode), max_new_tokens=config.max_new_tokens
     )
     ks = [int(k) for k in config.ks.split(",") if k.strip()] if config.ks else [config.k]
-    examples = sample(read_examples(questions, config.format), config.limit, config.seed)
+    examples = sample(read_examples(questions, config.questions_format), config.limit, config.seed)
     out = Path(config.out) if config.out else None
     done: dict[tuple[str, int, str], dict[str, Any]] = {}
     if out is not None:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from gateway.config import GatewayConfig
 from generator_svc.config import GeneratorConfig
 from rag import __version__, paths
@@ -37,7 +39,16 @@ from rag.config import add_config_flags, config_from_args, option
 from rag.errors import RagError
 from rag.index_ref import IndexRef
 from rag.serving import Served, ServerConfig, run_forever, setup_logging
-from rag_cli.admin import AdminConfig, SwapConfig, format_statuses, format_versions, statuses, swap
+from rag_cli.admin import (
+    AdminConfig,
+    SwapConfig,
+    admin_json,
+    format_statuses,
+    format_versions,
+    statuses,
+    swap,
+    version_records,
+)
 from rag_cli.ask import AskConfig, as_json, ask, ask_stream, format_sources
 from rag_cli.bench import BenchConfig, figures_as_json, markdown, run_bench
 from rag_cli.demo import DemoConfig, FetchConfig, fetch, run_demo
@@ -74,6 +85,7 @@ class ListConfig:
     gateway: str = option("127.0.0.1:50051", "gateway to ask which versions are being served (needs the admin token)")
     admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
     admin_token_file: str = option("", "file holding the admin token")
+    json: bool = option(False, "print one JSON document instead of a table")
 
 
 def _index_build(config: BuildConfig) -> int:
@@ -110,6 +122,9 @@ def _index_build(config: BuildConfig) -> int:
 def _index_swap(args: argparse.Namespace) -> int:
     config = config_from_args(SwapConfig, args)
     reply = swap(config, args.version, config.name)
+    if config.json:
+        print(admin_json(reply))
+        return 0
     print(
         f"swapped {reply.previous_version or '(none)'} -> {reply.index_version} on {reply.retrievers} retriever(s) "
         f"(load {reply.load_seconds:.2f} s, activate {reply.activate_seconds * 1000:.0f} ms)"
@@ -118,7 +133,9 @@ def _index_swap(args: argparse.Namespace) -> int:
 
 
 def _index_status(args: argparse.Namespace) -> int:
-    print(format_statuses(statuses(config_from_args(AdminConfig, args))))
+    config = config_from_args(AdminConfig, args)
+    found = statuses(config)
+    print(admin_json(found) if config.json else format_statuses(found))
     return 0
 
 
@@ -133,7 +150,8 @@ def _index_list(args: argparse.Namespace) -> int:
                 serving.setdefault(s.active_version, []).append(f"{s.endpoint} (shard {s.shard})")
         except RagError as err:
             print(f"(not showing what is served: {err})", file=sys.stderr)
-    print(format_versions(Path(config.index_root), serving))
+    records = version_records(Path(config.index_root), serving)
+    print(json.dumps(records) if config.json else format_versions(Path(config.index_root), records))
     return 0
 
 
@@ -264,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command]()
     except RagError as err:
         print(f"rag {args.command}: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
+
+
+def exit_code(err: RagError) -> int:
+    """2 when what the command was given is invalid (as argparse exits on a bad flag), 1 when it failed."""
+    return 2 if err.code is grpc.StatusCode.INVALID_ARGUMENT else 1
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -275,18 +298,17 @@ def _up(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     config = config_from_args(BenchConfig, args)
     figures = run_bench(config)
-    print(markdown(figures))
-    if config.json:
-        print(figures_as_json(figures))
+    print(figures_as_json(figures) if config.json else markdown(figures))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     config = config_from_args(EvalConfig, args)
     summaries = run_eval(Path(args.questions), config)
-    print(markdown_table(summaries))
     if config.json:
         print(json.dumps(summaries[-1] if len(summaries) == 1 else {"sweep": summaries, **summaries[-1]}))
+    else:
+        print(markdown_table(summaries))
     return 0
 
 

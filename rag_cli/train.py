@@ -90,10 +90,10 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     require(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
-    examples = [e for e in read_examples(questions, config.format) if e.answers and e.answers[0].strip()]
+    examples = [e for e in read_examples(questions, config.questions_format) if e.answers and e.answers[0].strip()]
     require(bool(examples), f"{questions} holds no question with an answer to train on")
     if config.dev:
-        read_examples(Path(config.dev), config.format)  # a bad dev set fails now, not after training
+        read_examples(Path(config.dev), config.questions_format)  # a bad dev set fails now, not after training
     root = Path(config.index_root)
     wanted = IndexRef.parse(config.index, version_required=False)
     index_dir = resolve(root, wanted)
@@ -386,7 +386,10 @@ def _evaluate(dev: Path, p: Plan, config: TrainConfig, encoder: str, generator: 
     try:
         gateway = stack.start()
         summaries = run_eval(
-            dev, EvalConfig(gateway=gateway, mode=p.mode.value, k=config.k, format=config.format, progress=False)
+            dev,
+            EvalConfig(
+                gateway=gateway, mode=p.mode.value, k=config.k, questions_format=config.questions_format, progress=False
+            ),
         )
     finally:
         stack.stop()

@@ -32,6 +32,6 @@ class TrainConfig:
     out: str = option("", "output directory; default $RAG_HOME/train/<index name>; a rerun resumes there")
     device: str = option("auto", f"{', '.join(DEVICES)} (auto: CUDA when there is one)")
     seed: int = option(0, "seed of the question order and of the initial LoRA weights")
-    format: str = option("", "question-set format (jsonl, squad, dpr-qa); default: from the file")
+    questions_format: str = option("", "question-set format (jsonl, squad, dpr-qa); default: from the file")
     checkpoint_every: int = option(50, "steps between resumable checkpoints")
     progress: bool = option(True, "show a progress bar")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
     assert rag_cli(["bench", "--quick", "--repeats", "1", "--json"]) == 0
-    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    figures = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON document, nothing else
     assert {f["section"] for f in figures} == {"generator", "retrieval", "gateway", "concurrency", "build", "latency"}
     names = " | ".join(f["name"] for f in figures)
     for expected in ("RAG-Token greedy", "RAG-Token beam 4", "RAG-Sequence thorough, beam 1", "RAG-Sequence thorough, beam 4",

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -69,7 +70,7 @@ def up(cli_index: Path, tiny: TinyModels) -> Iterator[Up]:
 def ask_json(up: Up, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     result = rag("ask", "Who discovered penicillin?", "--gateway", up.gateway, "--json", *args, env=env)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout)  # --json: only JSON on stdout
 
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
@@ -110,6 +111,16 @@ def test_bad_requests_exit_2_with_the_reason(up: Up) -> None:
     assert "INVALID_ARGUMENT: k must be in [1, 50], got 500" in result.stderr
 
 
+def test_client_errors_say_what_to_do_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{free.getsockname()[1]}"
+    result = rag("ask", "Who?", "--gateway", nowhere)
+    assert result.returncode == 1, result.stderr
+    assert f"UNAVAILABLE: cannot reach {nowhere}; is the service running there?" in result.stderr
+    assert "Traceback" not in result.stderr and "failed to connect to all addresses" not in result.stderr
+
+
 def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, tmp_path: Path) -> None:
     updated = write_jsonl(tmp_path / "updated.jsonl", [dict(r, id=f"new-{r['id']}") for r in corpus_records()])
     built = rag(*index_build_args(updated, cli_index, "facts", tiny.encoder_spec, "--shards", "2"))
@@ -142,8 +153,16 @@ def test_index_swap_status_and_list(up: Up, cli_index: Path, tiny: TinyModels, t
     )
 
     refused = rag("index", "swap", "v1", "--gateway", up.gateway, env={"RAG_ADMIN_TOKEN": "wrong"})
-    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
-    assert rag("index", "swap", "v1", "--gateway", up.gateway, env=admin).returncode == 0  # rollback
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "RAG_ADMIN_TOKEN" in refused.stderr
+    # --json: one JSON document on stdout, for scripts
+    rolled_back = rag("index", "swap", "v1", "--gateway", up.gateway, "--json", env=admin)  # rollback
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    assert json.loads(rolled_back.stdout)["index_version"] == "facts@v1"
+    status_json = json.loads(rag("index", "status", "--gateway", up.gateway, "--json", env=admin).stdout)
+    assert {s["active_version"] for s in status_json} == {"facts@v1"} and len(status_json) == 2
+    listed_json = rag("index", "list", "--index-root", str(cli_index), "--gateway", up.gateway, "--json", env=admin)
+    served = {r["index"]: r["served_by"] for r in json.loads(listed_json.stdout)}
+    assert len(served["facts@v1"]) == 2 and served["facts@v2"] == []
     assert ask_json(up, "--max-new-tokens", "2")["index_version"] == "facts@v1"
 
 

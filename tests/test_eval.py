@@ -143,8 +143,7 @@ def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.
         "--no-progress",
     ]
     assert rag_cli(args) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    summary = json.loads(lines[-1])
+    summary = json.loads(capsys.readouterr().out)  # --json: stdout is the JSON document alone
     assert summary["n"] == 3 and summary["mode"] == mode and summary["k"] == 3
     assert 0 <= summary["recall_at_k"] <= 1 and summary["recall_at_1"] <= summary["recall_at_k"]
     assert summary["latency_ms"]["p50"] > 0
@@ -152,7 +151,8 @@ def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.
         assert "exact_match" not in summary
     else:
         assert 0 <= summary["exact_match"] <= summary["f1"] <= 1
-    assert lines[0].startswith("| mode | k | n | EM | F1 | recall@k |")
+    assert rag_cli([a for a in args if a != "--json"]) == 0  # without it, the Markdown table
+    assert capsys.readouterr().out.startswith("| mode | k | n | EM | F1 | recall@k |")
 
 
 def test_rag_eval_resumes_and_plots_a_k_sweep(
@@ -174,12 +174,12 @@ def test_rag_eval_resumes_and_plots_a_k_sweep(
         "--no-progress",
     ]
     assert rag_cli([*args, "--gateway", services.gateway]) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first = json.loads(capsys.readouterr().out)  # --json: only JSON on stdout
     assert [s["k"] for s in first["sweep"]] == [1, 2, 3]
     assert (out / "quality_vs_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "results.jsonl").read_text().splitlines()) == 9
     # A rerun finds every answer in results.jsonl: it needs no gateway at all, and gives the same summary.
     assert rag_cli([*args, "--gateway", "127.0.0.1:1"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == first
+    assert json.loads(capsys.readouterr().out) == first
     assert len((out / "results.jsonl").read_text().splitlines()) == 9
     assert json.loads((out / "summary.json").read_text()) == first["sweep"]
