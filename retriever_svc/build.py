@@ -9,6 +9,7 @@ changed. Approximate index types also get a faiss index over the embeddings.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from rag.errors import FailedPrecondition, InvalidArgument
 from rag.files import sha256_file
 from rag.index_ref import IndexRef
-from retriever_svc.corpus import Document, read_documents, split_passages
+from retriever_svc.corpus import Document, check_passages, read_documents, split_passages
 from retriever_svc.encoders import Encoder, load_encoder
 from retriever_svc.layout import (
     ANN,
@@ -75,7 +77,7 @@ def _faiss_factory(index_type: str, dim: int, count: int) -> str:
 _SCHEMA = "CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL)"
 
 
-def _write_staging_store(path: Path, documents: Iterator[Document], passage_words: int) -> int:
+def _write_staging_store(path: Path, passages: Iterator[Document]) -> int:
     """Every passage of the corpus, in order, into one SQLite file; returns the passage count."""
     connection = sqlite3.connect(path)
     try:
@@ -84,12 +86,11 @@ def _write_staging_store(path: Path, documents: Iterator[Document], passage_word
         connection.execute("CREATE UNIQUE INDEX passage_ids ON passages (id)")
         count = 0
         batch: list[tuple[int, str, str, str]] = []
-        for document in documents:
-            for passage in split_passages(document, passage_words):
-                batch.append((count, passage.id, passage.title, passage.text))
-                count += 1
-                if len(batch) == 10_000:
-                    _insert(connection, batch)
+        for passage in passages:
+            batch.append((count, passage.id, passage.title, passage.text))
+            count += 1
+            if len(batch) == 10_000:
+                _insert(connection, batch)
         _insert(connection, batch)
         if count == 0:
             raise InvalidArgument("the corpus holds no passages")
@@ -202,62 +203,118 @@ def build_index(
     IndexRef(name)  # validates the name
     if not 1 <= shards <= 1024:
         raise InvalidArgument(f"shards must be in [1, 1024], got {shards}")
+    if passage_words < 1:
+        raise InvalidArgument(f"--passage-words must be at least 1, got {passage_words}")
     (root / name).mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(root / name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root / name))
-    try:
-        staging = tmp / "staging.sqlite"
-        count = _write_staging_store(staging, read_documents(corpus, fmt), passage_words)
-        if count < shards:
-            raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
-        bounds = [count * i // shards for i in range(shards + 1)]
-        factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
-        reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
-        reused = 0
-        with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
-            for shard in range(shards):
-                directory = tmp / shard_dir(shard)
-                directory.mkdir()
-                with sqlite3.connect(directory / PASSAGES) as store:
-                    store.execute(_SCHEMA)
-                    store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
-                    store.execute(
-                        "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",
-                        (bounds[shard], bounds[shard], bounds[shard + 1]),
-                    )
-                    store.commit()
-                    store.execute("DETACH DATABASE staging")
-                shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
-                embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
-                reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
-                embeddings.flush()
-                if factory:
-                    _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
-                del embeddings
-        staging.unlink()
-        if reuse is not None:
-            log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        manifest = Manifest(
-            name=name,
-            version="",
-            format_version=FORMAT_VERSION,
-            index_type=index_type,
-            faiss_factory=factory,
-            metric="inner_product",
-            dim=encoder.info.dim,
-            count=count,
-            num_shards=shards,
-            shard_counts=[bounds[i + 1] - bounds[i] for i in range(shards)],
-            encoder=encoder.info,
-            corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
-            checksums={f: sha256_file(tmp / f) for f in files},
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
-        )
-        return _publish(tmp, root, manifest)
-    except BaseException:
+    with _building(tmp):
+        return _build_into(tmp, corpus, fmt, root, name, encoder, index_type, passage_words, shards,
+                           reuse_embeddings, reuse_from, show_progress)  # fmt: skip
+
+
+ABANDONED_AFTER_SECONDS = 3600  # a temp directory without a lock file (a build killed before it took one)
+
+
+@contextmanager
+def _building(tmp: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the temp directory while this build runs, so that another build can tell a
+    live build's directory from one a killed build left behind; remove both when done."""
+    lock = tmp.with_name(tmp.name + ".lock")
+    with lock.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+            lock.unlink(missing_ok=True)
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Remove the temp directories of builds that were killed (their lock is free, or they never took one)."""
+    for tmp in directory.glob(".tmp-*"):
+        if not tmp.is_dir():
+            continue
+        lock = tmp.with_name(tmp.name + ".lock")
+        try:
+            with lock.open("r+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live build: BlockingIOError
+        except BlockingIOError:
+            continue
+        except FileNotFoundError:
+            if time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_SECONDS:
+                continue
+        log.warning("removing %s, left by a build that did not finish", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        lock.unlink(missing_ok=True)
+
+
+def _build_into(
+    tmp: Path,
+    corpus: Path,
+    fmt: str,
+    root: Path,
+    name: str,
+    encoder: Encoder,
+    index_type: str,
+    passage_words: int,
+    shards: int,
+    reuse_embeddings: bool,
+    reuse_from: IndexRef | None,
+    show_progress: bool,
+) -> Manifest:
+    """Build into `tmp` and publish it as the next version."""
+    staging = tmp / "staging.sqlite"
+    passages = (p for document in read_documents(corpus, fmt) for p in split_passages(document, passage_words))
+    count = _write_staging_store(staging, check_passages(passages, corpus))
+    if count < shards:
+        raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
+    bounds = [count * i // shards for i in range(shards + 1)]
+    factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
+    reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
+    reused = 0
+    with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
+        for shard in range(shards):
+            directory = tmp / shard_dir(shard)
+            directory.mkdir()
+            with sqlite3.connect(directory / PASSAGES) as store:
+                store.execute(_SCHEMA)
+                store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
+                store.execute(
+                    "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",
+                    (bounds[shard], bounds[shard], bounds[shard + 1]),
+                )
+                store.commit()
+                store.execute("DETACH DATABASE staging")
+            shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
+            embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
+            reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
+            embeddings.flush()
+            if factory:
+                _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
+            del embeddings
+    staging.unlink()
+    if reuse is not None:
+        log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    manifest = Manifest(
+        name=name,
+        version="",
+        format_version=FORMAT_VERSION,
+        index_type=index_type,
+        faiss_factory=factory,
+        metric="inner_product",
+        dim=encoder.info.dim,
+        count=count,
+        num_shards=shards,
+        shard_counts=[bounds[i + 1] - bounds[i] for i in range(shards)],
+        encoder=encoder.info,
+        corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
+        checksums={f: sha256_file(tmp / f) for f in files},
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
+    )
+    return _publish(tmp, root, manifest)
 
 
 def _write_ann(path: Path, vectors: np.ndarray, factory: str) -> None:

@@ -3,6 +3,9 @@ exact search against faiss' brute force, and the RetrieverService contract."""
 
 from __future__ import annotations
 
+import fcntl
+import gzip
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,74 @@ def test_failed_build_leaves_no_version_and_no_temp_files(tmp_path: Path, tiny: 
     with pytest.raises(InvalidArgument, match="occurs twice"):
         build_index(corpus, "jsonl", root, "dup", load_encoder(tiny.encoder_spec), show_progress=False)
     assert list((root / "dup").iterdir()) == []
+
+
+GOOD_LINE = '{"id": "ok", "title": "Fine", "text": "A passage any generator reads."}\n'
+
+
+def _bad_corpus(tmp_path: Path, case: str) -> Path:
+    if case == "directory":
+        return tmp_path
+    name = "corpus.jsonl.gz" if "gzip" in case else "corpus.jsonl"
+    lines = {
+        "empty passage": '{"id": "e", "title": "", "text": "  "}\n',
+        "null text": '{"id": "n", "title": "T", "text": null}\n',
+        "a 25k-character word": json.dumps({"id": "w", "title": "T", "text": "x" * 25_000}) + "\n",
+        "a 2k-character title": json.dumps({"id": "t", "title": "T" * 2_000, "text": "text"}) + "\n",
+    }
+    data = (GOOD_LINE + lines.get(case, "")).encode()
+    if case == "latin-1":
+        data = GOOD_LINE.encode() + '{"id": "c", "title": "Café", "text": "crème"}\n'.encode("latin-1")
+    elif case == "binary":
+        data = bytes(range(256)) * 8
+    elif case == "broken gzip":
+        data = gzip.compress(GOOD_LINE.encode() * 1000)[:-40]
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty passage", "corpus.jsonl:2: passage 'e' has neither title nor text"),
+        ("null text", "corpus.jsonl:2: expected a JSON object with id, title and text ('text' must be a string"),
+        ("a 25k-character word", "corpus.jsonl:2: passage 'w' is 25000 characters; the limit is 20000"),
+        ("a 2k-character title", "corpus.jsonl:2: passage 't' has a 2000-character title; the limit is 1000"),
+        ("latin-1", "corpus.jsonl:2: not UTF-8 text (invalid continuation byte at byte 25)"),
+        ("binary", "corpus.jsonl:1: expected a JSON object with id, title and text"),
+        ("broken gzip", "is it a whole gzip file?"),
+        ("not gzip", "is it a whole gzip file?"),
+        ("passage words 0", "--passage-words must be at least 1, got 0"),
+        ("directory", "is a directory; give a .jsonl or .tsv file"),
+    ],
+)
+def test_index_build_refuses_what_no_generator_reads_by_line_and_writes_nothing(
+    tmp_path: Path, tiny: TinyModels, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    corpus = _bad_corpus(tmp_path, case)
+    root = tmp_path / "indexes"
+    extra = ["--passage-words", "0", "--no-progress"] if case == "passage words 0" else []
+    assert rag_cli(index_build_args(corpus, root, "bad", tiny.encoder_spec, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (root / "bad").exists() or list((root / "bad").iterdir()) == []
+
+
+def test_a_build_removes_what_killed_builds_left_and_keeps_a_live_builds(
+    tmp_path: Path, tiny: TinyModels, corpus: Path
+) -> None:
+    root = tmp_path / "indexes"
+    (root / "wiki").mkdir(parents=True)
+    killed, live = root / "wiki" / ".tmp-killed", root / "wiki" / ".tmp-live"
+    for directory in (killed, live):
+        (directory / "shard-0").mkdir(parents=True)
+        directory.with_name(directory.name + ".lock").touch()
+    with (live.with_name(live.name + ".lock")).open("r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a build still running, in another process or thread
+        build(corpus, root, "wiki", tiny.encoder_spec)
+        left = sorted(p.name for p in (root / "wiki").iterdir())
+    assert left == [".tmp-live", ".tmp-live.lock", "v1"]
 
 
 def test_exact_search_equals_faiss_flat_index(services: Services, index_root: Path) -> None:
