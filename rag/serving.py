@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -205,6 +206,7 @@ async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS) leaves the Python stack in the log, not silence
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )

@@ -21,6 +21,10 @@ class RetrieverConfig(ServerConfig):
     max_k: int = option(100, "largest k a request may ask for")
     max_questions: int = option(64, "most questions in one Search request")
     verify_checksums: bool = option(True, "check every index file against its manifest checksum when loading")
-    mmap_ann: bool = option(False, "memory-map approximate (faiss) indexes instead of reading them into RAM")
+    mmap: bool = option(
+        False,
+        "memory-map the embeddings and faiss indexes instead of reading them into RAM (for indexes larger than RAM; "
+        "a served file then truncated on disk kills the process with SIGBUS)",
+    )
     admin_token: str = option("", "token for the IndexAdminService RPCs; prefer the env mirror or a token file")
     admin_token_file: str = option("", "file holding the admin token (a mounted Kubernetes Secret)")

@@ -87,13 +87,13 @@ def check_compatible(encoder: Encoder, index: IndexShard) -> None:
 
 class ResidentIndexes:
     def __init__(
-        self, encoder: Encoder, root: Path, shard: int, verify_checksums: bool = True, mmap_ann: bool = False
+        self, encoder: Encoder, root: Path, shard: int, verify_checksums: bool = True, mmap: bool = False
     ) -> None:
         self.encoder = encoder
         self.root = root
         self.shard = shard
         self.verify_checksums = verify_checksums
-        self.mmap_ann = mmap_ann
+        self.mmap = mmap
         self._lock = threading.Lock()  # guards the fields below; held only for pointer updates
         self._load_lock = threading.Lock()  # one load at a time
         self.active: Resident | None = None
@@ -128,14 +128,17 @@ class ResidentIndexes:
     # -------------------------------------------------------------------------------------------- lifecycle
 
     def load(self, ref: IndexRef) -> IndexShard:
-        """Load and validate `ref` next to the active version (staged); a no-op if it is already resident."""
+        """Load and validate `ref` next to the active version (staged). A version already resident is not
+        loaded again, but its files are checked again: a swap to it must fail if they changed on disk."""
         with self._load_lock:
             with self._lock:
                 found = self._find(ref)
-                if found is not None:
-                    if found is self.other:
-                        self.other_is_staged = True
-                    return found.index
+                if found is not None and found is self.other:
+                    self.other_is_staged = True
+            if found is not None:
+                found.index.verify_files()
+                return found.index
+            with self._lock:
                 evicted, self.other = self.other, None  # stay within two resident versions while loading
             if evicted is not None:
                 self._retire(evicted)
@@ -154,7 +157,7 @@ class ResidentIndexes:
             return index
 
     def _open_validated(self, ref: IndexRef) -> IndexShard:
-        index = IndexShard(resolve(self.root, ref), self.shard, self.verify_checksums, self.mmap_ann)
+        index = IndexShard(resolve(self.root, ref), self.shard, self.verify_checksums, self.mmap)
         try:
             check_compatible(self.encoder, index)
             hits = index.search(self.encoder.encode_questions(["smoke test"]), 1)

@@ -34,7 +34,7 @@ class Hit:
 class IndexShard:
     """One shard of one version, loaded and validated; read-only and safe to search from many threads."""
 
-    def __init__(self, version_dir: Path, shard: int, verify_checksums: bool = True, mmap_ann: bool = False) -> None:
+    def __init__(self, version_dir: Path, shard: int, verify_checksums: bool = True, mmap: bool = False) -> None:
         self.manifest = m = Manifest.from_file(version_dir / MANIFEST)
         self.shard = shard
         where = f"{m.ref} shard {shard}"
@@ -56,15 +56,13 @@ class IndexShard:
             raise FailedPrecondition(
                 f"{where}: missing {', '.join(missing or sorted(required - set(expected)))}", reason="missing_file"
             )
+        self.version_dir, self.checksums = version_dir, expected
         if verify_checksums:
-            for file, digest in sorted(expected.items()):
-                if sha256_file(version_dir / file) != digest:
-                    raise FailedPrecondition(
-                        f"{where}: checksum mismatch for {file}; the file is corrupt or was changed", reason="checksum"
-                    )
+            self.verify_files()
         count = m.shard_counts[shard]
         try:
-            self.embeddings = np.load(directory / EMBEDDINGS, mmap_mode="r")
+            # Read into RAM unless asked: a mapped file truncated on disk kills the process (SIGBUS) when read.
+            self.embeddings = np.load(directory / EMBEDDINGS, mmap_mode="r" if mmap else None)
         except (ValueError, OSError) as err:
             raise FailedPrecondition(f"{where}: {EMBEDDINGS} is unreadable ({err})") from err
         if self.embeddings.shape != (count, m.dim) or self.embeddings.dtype != np.float32:
@@ -74,7 +72,7 @@ class IndexShard:
             )
         self.ann = None
         if m.faiss_factory:
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap_ann else 0
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
             self.ann = faiss.read_index(str(directory / ANN), flags)
             if self.ann.ntotal != count or self.ann.d != m.dim:
                 raise FailedPrecondition(
@@ -91,6 +89,15 @@ class IndexShard:
                 f"{where}: {PASSAGES} holds {stored} passages, the manifest says {count}", reason="shape"
             )
         self.count = count
+
+    def verify_files(self) -> None:
+        """FAILED_PRECONDITION unless this shard's files on disk still match the manifest's checksums."""
+        for file, digest in sorted(self.checksums.items()):
+            if sha256_file(self.version_dir / file) != digest:
+                raise FailedPrecondition(
+                    f"{self.ref} shard {self.shard}: checksum mismatch for {file}; the file is corrupt or was changed",
+                    reason="checksum",
+                )
 
     @property
     def ref(self) -> IndexRef:
@@ -120,10 +127,16 @@ class IndexShard:
 
     def passages(self, hits: Sequence[Hit], with_embeddings: bool) -> list[Passage]:
         rows = [h.row for h in hits]
-        with self._store_lock:
-            found = self._store.execute(
-                f"SELECT row, id, title, text FROM passages WHERE row IN ({','.join('?' * len(rows))})", rows
-            ).fetchall()
+        try:
+            with self._store_lock:
+                found = self._store.execute(
+                    f"SELECT row, id, title, text FROM passages WHERE row IN ({','.join('?' * len(rows))})", rows
+                ).fetchall()
+        except sqlite3.DatabaseError as err:  # the file changed on disk after it was verified
+            raise FailedPrecondition(
+                f"{self.ref} shard {self.shard}: {PASSAGES} changed on disk while served ({err}); restore it, or "
+                "swap to another version"
+            ) from err
         by_row = {row: (pid, title, text) for row, pid, title, text in found}
         return [
             Passage(

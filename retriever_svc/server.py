@@ -91,7 +91,7 @@ def load_retriever(config: RetrieverConfig) -> Retriever:
     wanted = IndexRef.parse(config.index, version_required=False) if config.index else None
     first = Manifest.from_file(resolve(root, wanted) / MANIFEST)
     encoder = load_encoder(config.encoder or first.encoder.spec)
-    indexes = ResidentIndexes(encoder, root, shard_of(config), config.verify_checksums, config.mmap_ann)
+    indexes = ResidentIndexes(encoder, root, shard_of(config), config.verify_checksums, config.mmap)
     indexes.load(first.ref)
     indexes.activate(first.ref)
     log.info("serving %s shard %d/%d with %s", first.ref, indexes.shard, first.num_shards, encoder.info.spec)

@@ -295,6 +295,23 @@ def test_corrupt_or_mismatched_versions_are_refused_and_the_old_one_keeps_servin
         assert (status.active_version, status.staged_version) == ("kb@v1", "")
 
 
+def test_a_served_file_truncated_on_disk_neither_kills_the_retriever_nor_passes_a_swap_to_it(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
+    root = tmp_path / "indexes"
+    build_version(root, tmp_path, tiny, "v1")
+    cluster = cluster_factory(root, "kb@v1")
+    embeddings = root / "kb" / "v1" / "shard-0" / "embeddings.npy"
+    with embeddings.open("r+b") as handle:  # in place, as a bad copy or a full disk would
+        handle.truncate(embeddings.stat().st_size // 3)
+    assert cluster.ask(k=2).index_version == "kb@v1"  # read into RAM when loaded: no SIGBUS
+    with pytest.raises(grpc.RpcError) as err:  # a swap to the active version checks its files again
+        cluster.swap("v1")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "checksum mismatch for shard-0/embeddings.npy" in details(err.value)
+    assert cluster.ask(k=2).index_version == "kb@v1"
+
+
 def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
     tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
 ) -> None:

@@ -260,7 +260,7 @@ def test_hnsw_and_ivfpq_indexes_search_close_to_exact(tmp_path: Path, tiny: Tiny
             corpus, root, index_type, tiny.encoder_spec, "--index-type", index_type, "--no-progress"
         )
         assert rag_cli(args) == 0
-        served = launch.retriever(root, index=index_type, mmap_ann=index_type != "flat")  # mmap the faiss files
+        served = launch.retriever(root, index=index_type, mmap=index_type != "flat")  # mmap the faiss files
         replies[index_type] = search(
             address(served), questions, 10, include_embeddings=True, include_query_embeddings=True
         )
