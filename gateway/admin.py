@@ -61,7 +61,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.admin_token = admin_token  # also what this gateway presents to the retrievers
         self.auth = AdminAuth(admin_token)
         self.swap_timeout = swap_timeout
-        self._swap_lock = asyncio.Lock()  # one swap at a time through this gateway
+        self._swap_lock = asyncio.Lock()  # one swap (or repair) at a time through this gateway
+        self.desired: IndexRef | None = None  # the version this gateway last swapped every retriever to
 
     async def _on_all(self, call: AdminCall[Reply], endpoints: list[str], timeout: float) -> list[Reply | RagError]:
         """Make one IndexAdminService call on every endpoint at once; failures are returned, not raised."""
@@ -109,6 +110,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 metrics.INDEX_SWAP_SECONDS.labels("failed").observe(time.perf_counter() - started)
                 log.warning("index swap by %s: %s -> %s FAILED, nothing changed: %s", caller, previous, ref, err)
                 raise
+            self.desired = ref
             metrics.INDEX_SWAPS.labels("swapped").inc()
             metrics.INDEX_SWAP_SECONDS.labels("swapped").observe(time.perf_counter() - started)
             log.info(
@@ -116,6 +118,42 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 caller, previous, ref, response.retrievers, response.load_seconds, response.activate_seconds,
             )  # fmt: skip
             return response
+
+    async def reconcile(self) -> list[str]:
+        """Bring every retriever that serves another version than the one this gateway last swapped to back to
+        it (a replica restarted after a swap comes up on its configured version); returns those repaired."""
+        if self.desired is None or self._swap_lock.locked():
+            return []
+        async with self._swap_lock:
+            desired, endpoints = self.desired, await self.tier.endpoints()
+            replies = await self._on_all(get_status(), endpoints, 30)
+            drifted = [
+                (endpoint, reply.status.active_version)
+                for endpoint, reply in zip(endpoints, replies, strict=True)
+                if not isinstance(reply, RagError) and reply.status.active_version != str(desired)
+            ]
+            repaired = []
+            for endpoint, serving in drifted:
+                [loaded] = await self._on_all(load(desired), [endpoint], self.swap_timeout)
+                [activated] = await self._on_all(activate(desired), [endpoint], 30) if loaded else [loaded]
+                if isinstance(activated, RagError):
+                    log.warning("retriever %s serves %s, not %s, and cannot be moved: %s",
+                                endpoint, serving, desired, activated)  # fmt: skip
+                    continue
+                if serving:
+                    await self._on_all(unload(IndexRef.parse(serving)), [endpoint], 30)
+                log.warning("retriever %s served %s, not %s (restarted?): moved it back", endpoint, serving, desired)
+                metrics.INDEX_SWAPS.labels("repaired").inc()
+                repaired.append(endpoint)
+            return repaired
+
+    async def reconcile_forever(self, every_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                await self.reconcile()
+            except Exception:
+                logging.getLogger(__name__).exception("bug while reconciling the retrievers' index versions")
 
     async def _swap(self, ref: IndexRef, previous: IndexRef, endpoints: list[str]) -> admin_pb2.SwapIndexResponse:
         # Phase 1: load and validate everywhere; any failure aborts with nothing activated.

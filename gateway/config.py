@@ -23,6 +23,10 @@ class GatewayConfig(ServerConfig):
     max_k: int = option(50, "largest k a request may ask for")
     timeout_seconds: float = option(120.0, "deadline for a request whose caller set none")
     swap_timeout_seconds: float = option(900.0, "deadline for an index swap (loading large indexes takes time)")
+    reconcile_seconds: float = option(
+        10.0,
+        "how often to bring retrievers serving another version than the last swap's back to it (0: never)",
+    )
     admin_token: str = option(
         "", "token for the AdminService RPCs (also sent to retrievers); prefer the env mirror or a file"
     )

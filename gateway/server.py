@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -120,5 +121,7 @@ async def create_server(config: GatewayConfig) -> Served:
 
     served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register)
     served.servicers = (servicer, admin)
+    if config.reconcile_seconds > 0 and admin.admin_token:
+        served.background = asyncio.ensure_future(admin.reconcile_forever(config.reconcile_seconds))
     await served.mark_serving()  # stateless: ready once listening; downstream readiness shows per request
     return served

@@ -44,6 +44,9 @@ class ServerConfig:
     max_concurrent_rpcs: int = option(64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(16, "largest request or response, in MiB")
     grace_seconds: float = option(10.0, "on SIGTERM, how long in-flight RPCs may take to finish")
+    max_connection_age_seconds: float = option(
+        300.0, "close client connections after this long (they reconnect, and spread over replicas added since)"
+    )
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -125,6 +128,7 @@ class Served:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     loading: asyncio.Task[None] | None = None
+    background: asyncio.Future[None] | None = None  # periodic work (the gateway's reconciling), stopped with it
     servicers: tuple[Any, ...] = ()  # for in-process use (benchmarks, debugging)
 
     async def mark_serving(self) -> None:
@@ -134,8 +138,9 @@ class Served:
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        if self.loading is not None and not self.loading.done():
-            self.loading.cancel()
+        for task in (self.loading, self.background):
+            if task is not None and not task.done():
+                task.cancel()
 
 
 async def new_server(
@@ -154,6 +159,7 @@ async def new_server(
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
+            *_connection_age(config.max_connection_age_seconds),
         ],
     )
     register(server)
@@ -167,6 +173,14 @@ async def new_server(
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
     return Served(server, port, health_servicer, service_names)
+
+
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """Age out client connections (grpc adds jitter), so that long-lived clients re-resolve and balance over
+    replicas an autoscaler added; calls in flight on an aged connection get 10 minutes to finish."""
+    if seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(seconds * 1000)), ("grpc.max_connection_age_grace_ms", 600_000)]
 
 
 def start_loading(served: Served, load: Callable[[], Awaitable[None]]) -> None:

@@ -2,7 +2,8 @@
 
 Each service runs as its own `rag serve` process, as it would in a cluster. The retriever and generator
 start first (their models load in parallel), the gateway is pointed at them, and the stack is ready when
-all three report SERVING on grpc.health.v1. SIGINT/SIGTERM drains the gateway first, then the others.
+all three report SERVING on grpc.health.v1. A service that dies is started again on its address, with backoff.
+SIGINT/SIGTERM drains the gateway first, then the others.
 """
 
 from __future__ import annotations
@@ -55,24 +56,48 @@ class Child:
 
     name: str
     process: subprocess.Popen[str]
+    flags: dict[str, object]
     address: str = ""
+    started_at: float = 0.0
+    restarts: int = 0  # consecutive quick crashes, for the backoff
+    restart_at: float | None = None  # when a crashed child is due to be started again
+
+    def __post_init__(self) -> None:
+        self.started_at = time.monotonic()
+        self._listening = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            match = LISTENING.search(line)
+            if match and not self._listening.is_set():
+                self.address = f"{match.group(1)}:{match.group(2)}"
+                self._listening.set()
 
     def learn_address(self, timeout: float) -> str:
-        """Read the child's `listening on HOST:PORT` line (its port may have been 0)."""
-        found = threading.Event()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                match = LISTENING.search(line)
-                if match and not found.is_set():
-                    self.address = f"{match.group(1)}:{match.group(2)}"
-                    found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout) or not self.address:
+        """Wait for the child's `listening on HOST:PORT` line (its port may have been 0)."""
+        if not self._listening.wait(timeout) or not self.address:
             raise FailedPrecondition(f"{self.name} did not start listening (exit code {self.process.poll()})")
         return self.address
+
+    def restart_delay(self) -> float:
+        """Exponential backoff over quick crashes (1 s doubling to 30 s), reset once a child ran for a minute."""
+        if time.monotonic() - self.started_at > STABLE_SECONDS:
+            self.restarts = 0
+        self.restarts += 1
+        return float(min(MAX_BACKOFF_SECONDS, 2 ** (self.restarts - 1)))
+
+    def respawned(self) -> Child:
+        """The same service started again on the same address, so that whoever calls it reconnects."""
+        port = int(self.address.rpartition(":")[2]) if self.address else self.flags.get("port", 0)
+        child = spawn(self.name, {**self.flags, "port": port})
+        child.restarts = self.restarts
+        return child
+
+
+STABLE_SECONDS = 60.0
+MAX_BACKOFF_SECONDS = 30.0
 
 
 def spawn(service: str, flags: dict[str, object], env: dict[str, str] | None = None) -> Child:
@@ -81,7 +106,7 @@ def spawn(service: str, flags: dict[str, object], env: dict[str, str] | None = N
     for key, value in flags.items():
         command += [flag_name(key), str(value)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env or os.environ.copy())
-    return Child(service, process)
+    return Child(service, process, flags)
 
 
 class Stack:
@@ -146,12 +171,23 @@ class Stack:
         return gateway.address
 
     def wait(self, stop: threading.Event) -> int:
-        """Block until `stop` is set or a service dies; returns the exit status for `rag up`."""
+        """Serve until `stop` is set, restarting a service that dies (on its address, with backoff), as a
+        Kubernetes Deployment would; returns the exit status for `rag up`."""
         while not stop.wait(0.5):
-            for child in self.children:
-                if child.process.poll() is not None:
-                    log.error("%s exited with code %s; stopping the stack", child.name, child.process.returncode)
-                    return 1
+            for i, child in enumerate(self.children):
+                if child.process.poll() is None:
+                    continue
+                now = time.monotonic()
+                if child.restart_at is None:
+                    delay = child.restart_delay()
+                    child.restart_at = now + delay
+                    log.error(
+                        "%s (%s) exited with code %s; restarting it in %.0fs (restart %d in a row)",
+                        child.name, child.address, child.process.returncode, delay, child.restarts,
+                    )  # fmt: skip
+                elif now >= child.restart_at:
+                    self.children[i] = child.respawned()
+                    log.info("%s restarted (pid %d)", child.name, self.children[i].process.pid)
         return 0
 
     def stop(self) -> None:
