@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 
 from rag import metrics
 from rag.auth import AdminAuth, load_admin_token
@@ -88,6 +89,8 @@ def shard_of(config: RetrieverConfig) -> int:
 def load_retriever(config: RetrieverConfig) -> Retriever:
     """The encoder named by the config (or recorded by the first index), then that index, loaded and active."""
     root = Path(config.index_root)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     wanted = IndexRef.parse(config.index, version_required=False) if config.index else None
     first = Manifest.from_file(resolve(root, wanted) / MANIFEST)
     encoder = load_encoder(config.encoder or first.encoder.spec)
