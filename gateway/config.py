@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rag.config import option
 from rag.serving import ServerConfig
+from rag.tls import ClientTLS
 
 
 @dataclass
@@ -23,6 +24,12 @@ class GatewayConfig(ServerConfig):
     max_k: int = option(50, "largest k a request may ask for")
     timeout_seconds: float = option(120.0, "deadline for a request whose caller set none")
     swap_timeout_seconds: float = option(900.0, "deadline for an index swap (loading large indexes takes time)")
+    tls_ca: str = option(
+        "",
+        "CA (PEM) to verify the retrievers and the generator with; set: call them over TLS, presenting "
+        "--tls-cert/--tls-key as the client certificate (mTLS)",
+    )
+    tls_server_name: str = option("", "name the backends' certificates carry, when their addresses are IPs")
     reconcile_seconds: float = option(
         10.0,
         "how often to bring retrievers serving another version than the last swap's back to it (0: never)",
@@ -31,3 +38,9 @@ class GatewayConfig(ServerConfig):
         "", "token for the AdminService RPCs (also sent to retrievers); prefer the env mirror or a file"
     )
     admin_token_file: str = option("", "file holding the admin token (a mounted Kubernetes Secret)")
+
+    def backend_tls(self) -> ClientTLS:
+        """How the gateway calls its backends: TLS when --tls-ca is set, with its own certificate as the client's."""
+        if not self.tls_ca:
+            return ClientTLS()
+        return ClientTLS(self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)

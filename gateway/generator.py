@@ -7,14 +7,15 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from rag.clients import aio_channel, downstream_error
+from rag.tls import ClientTLS
 from rag.types import Answered, DecodingOptions, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
 
 
 class GeneratorClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: ClientTLS | None = None) -> None:
         self.stub: generator_pb2_grpc.GeneratorServiceAsyncStub = generator_pb2_grpc.GeneratorServiceStub(
-            aio_channel(address)
+            aio_channel(address, tls)
         )
 
     async def generate(

@@ -20,6 +20,7 @@ import grpc
 from rag.clients import aio_channel, downstream_error
 from rag.errors import FailedPrecondition, InvalidArgument, RagError
 from rag.index_ref import IndexRef
+from rag.tls import ClientTLS
 from rag.types import Passage, Retrieved
 from rag.v1 import index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
@@ -77,20 +78,21 @@ def _channel_target(replicas: list[str]) -> str:
 
 
 class RetrieverTier:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, tls: ClientTLS | None = None) -> None:
+        self.tls = tls
         shards = [s.strip() for s in spec.split(",") if s.strip()]
         if not shards:
             raise InvalidArgument("no retrievers configured (--retrievers)")
         self.shards = []
         for i, shard in enumerate(shards):
             replicas = [r.strip() for r in shard.split("|") if r.strip()]
-            stub = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(_channel_target(replicas)))
+            stub = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(_channel_target(replicas), tls))
             self.shards.append(Shard(i, replicas, stub))
         self._admin_stubs: dict[str, index_admin_pb2_grpc.IndexAdminServiceAsyncStub] = {}
 
     def admin(self, endpoint: str) -> index_admin_pb2_grpc.IndexAdminServiceAsyncStub:
         if endpoint not in self._admin_stubs:
-            self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint))
+            self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint, self.tls))
         return self._admin_stubs[endpoint]
 
     async def endpoints(self) -> list[str]:

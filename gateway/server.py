@@ -39,8 +39,8 @@ class Deadline:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.retrievers = RetrieverTier(config.retrievers)
-        self.generator = GeneratorClient(config.generator_address)
+        self.retrievers = RetrieverTier(config.retrievers, config.backend_tls())
+        self.generator = GeneratorClient(config.generator_address, config.backend_tls())
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:
         deadline = Deadline(context, self.config.timeout_seconds)

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag.errors import RagError
+from rag.tls import ClientTLS
 
 Reply = TypeVar("Reply")
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -33,11 +34,15 @@ def channel_options(max_message_mb: int = 16) -> list[tuple[str, object]]:
     ]
 
 
-def aio_channel(address: str) -> grpc.aio.Channel:
+def aio_channel(address: str, tls: ClientTLS | None = None) -> grpc.aio.Channel:
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(address, tls.credentials(), options=channel_options() + tls.channel_options())
     return grpc.aio.insecure_channel(address, options=channel_options())
 
 
-def channel(address: str) -> grpc.Channel:
+def channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:
+    if tls is not None and tls.enabled:
+        return grpc.secure_channel(address, tls.credentials(), options=channel_options() + tls.channel_options())
     return grpc.insecure_channel(address, options=channel_options())
 
 
@@ -46,21 +51,23 @@ def downstream_error(service: str, err: grpc.RpcError) -> RagError:
     return RagError(f"{service}: {err.details()}", code=err.code())
 
 
-def call(address: str, rpc: Callable[[grpc.Channel], Reply]) -> Reply:
+def call(address: str, rpc: Callable[[grpc.Channel], Reply], tls: ClientTLS | None = None) -> Reply:
     """One call from a command-line client, e.g. `call(addr, lambda ch: Stub(ch).Rpc(request, timeout=10))`;
     a failure becomes a RagError carrying the server's status."""
     try:
-        with channel(address) as ch:
+        with channel(address, tls) as ch:
             return rpc(ch)
     except grpc.RpcError as err:
         raise client_error(address, err) from err
 
 
-def stream(address: str, rpc: Callable[[grpc.Channel], Iterable[Reply]]) -> Iterator[Reply]:
+def stream(
+    address: str, rpc: Callable[[grpc.Channel], Iterable[Reply]], tls: ClientTLS | None = None
+) -> Iterator[Reply]:
     """The replies of one server-streaming call from a command-line client, as they come; a failure becomes a
     RagError carrying the server's status."""
     try:
-        with channel(address) as ch:
+        with channel(address, tls) as ch:
             yield from rpc(ch)
     except grpc.RpcError as err:
         raise client_error(address, err) from err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 
@@ -56,7 +60,25 @@ def timed(stage: str) -> Iterator[None]:
         STAGE_SECONDS.labels(stage).observe(time.perf_counter() - start)
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Expose /metrics over HTTP on a daemon thread; returns the bound port (port 0 picks a free one)."""
-    server, _ = start_http_server(port, addr=host)
+def serve_metrics(host: str, port: int, ready: Callable[[], bool] = lambda: True) -> int:
+    """Serve over plain HTTP on a daemon thread: /metrics (Prometheus), /readyz (200 while the service is
+    SERVING, else 503) and /livez (200: the process answers). The last two are for probes that cannot speak
+    TLS or gRPC (the kubelet's gRPC probe has no TLS). Returns the bound port (0 picks a free one)."""
+    prometheus = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/readyz", "/livez"):
+            ok = path == "/livez" or ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not serving\n"]
+        return prometheus(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return int(server.server_port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # probes every few seconds are not news

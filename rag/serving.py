@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from rag import metrics
 from rag.config import option
 from rag.errors import InvalidArgument, RagError
+from rag.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +45,9 @@ class ServerConfig:
     max_concurrent_rpcs: int = option(64, "RPCs in flight before new ones get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(16, "largest request or response, in MiB")
     grace_seconds: float = option(10.0, "on SIGTERM, how long in-flight RPCs may take to finish")
+    tls_cert: str = option("", "server certificate (PEM); with --tls-key: serve TLS (reread when it changes)")
+    tls_key: str = option("", "private key (PEM) of --tls-cert")
+    tls_client_ca: str = option("", "CA (PEM) that client certificates must chain to; set: require them (mTLS)")
     max_connection_age_seconds: float = option(
         300.0, "close client connections after this long (they reconnect, and spread over replicas added since)"
     )
@@ -130,12 +134,15 @@ class Served:
     loading: asyncio.Task[None] | None = None
     background: asyncio.Future[None] | None = None  # periodic work (the gateway's reconciling), stopped with it
     servicers: tuple[Any, ...] = ()  # for in-process use (benchmarks, debugging)
+    ready: bool = False  # what grpc.health.v1 says, readable from other threads (the /readyz probe)
 
     async def mark_serving(self) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
 
     async def stop(self, grace: float | None) -> None:
+        self.ready = False
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         for task in (self.loading, self.background):
@@ -168,7 +175,9 @@ async def new_server(
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    tls = ServerTLS(config.tls_cert, config.tls_key, config.tls_client_ca)
+    where = f"{config.host}:{config.port}"
+    port = server.add_secure_port(where, tls.credentials()) if tls.enabled else server.add_insecure_port(where)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
@@ -200,8 +209,10 @@ async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if config.metrics_port:
-        metrics_port = metrics.serve_metrics(config.host, config.metrics_port)
-        log.info("%s metrics on http://%s:%d/metrics", name, config.host, metrics_port)
+        metrics_port = metrics.serve_metrics(
+            config.host, config.metrics_port, lambda: served.ready and not stop.is_set()
+        )
+        log.info("%s metrics on http://%s:%d/metrics (probes: /readyz, /livez)", name, config.host, metrics_port)
     print(f"{name} listening on {config.host}:{served.port}", flush=True)
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if served.loading is not None:

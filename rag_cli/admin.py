@@ -15,12 +15,13 @@ from google.protobuf.message import Message
 from rag.auth import bearer, load_admin_token
 from rag.clients import call
 from rag.config import option
+from rag.tls import ClientTLSConfig
 from rag.v1 import admin_pb2, admin_pb2_grpc, index_admin_pb2
 from retriever_svc.layout import MANIFEST, Manifest, directory_bytes, index_names, versions
 
 
 @dataclass
-class AdminConfig:
+class AdminConfig(ClientTLSConfig):
     gateway: str = option("127.0.0.1:50051", "gateway address")
     admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
     admin_token_file: str = option("", "file holding the admin token")
@@ -40,6 +41,7 @@ def swap(config: AdminConfig, version: str, name: str = "") -> admin_pb2.SwapInd
     return call(
         config.gateway,
         lambda ch: admin_pb2_grpc.AdminServiceStub(ch).SwapIndex(request, timeout=config.timeout, metadata=metadata),
+        config.client_tls(),
     )
 
 
@@ -51,6 +53,7 @@ def statuses(config: AdminConfig) -> list[index_admin_pb2.IndexStatus]:
         lambda ch: admin_pb2_grpc.AdminServiceStub(ch).ListIndexStatus(
             request, timeout=config.timeout, metadata=metadata
         ),
+        config.client_tls(),
     )
     return list(reply.retrievers)
 

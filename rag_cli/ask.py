@@ -8,12 +8,13 @@ from typing import Any
 
 from rag.clients import call, stream
 from rag.config import option
+from rag.tls import ClientTLS, ClientTLSConfig
 from rag.types import Answer, AskRequest, DecodingOptions, Mode, SequenceDecoding
 from rag.v1 import gateway_pb2_grpc
 
 
 @dataclass
-class AskConfig:
+class AskConfig(ClientTLSConfig):
     gateway: str = option("127.0.0.1:50051", "gateway address")
     mode: str = option("token", "token (RAG-Token), sequence (RAG-Sequence), or a baseline: closed-book, concat")
     sequence_decoding: str = option("thorough", "RAG-Sequence decoding: thorough or fast")
@@ -38,15 +39,17 @@ class AskConfig:
         return AskRequest(question, self.k, options, retrieve_only)
 
 
-def ask(request: AskRequest, gateway: str, timeout: float) -> Answer:
-    reply = call(gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).Ask(request.to_pb(), timeout=timeout))
+def ask(request: AskRequest, gateway: str, timeout: float, tls: ClientTLS | None = None) -> Answer:
+    reply = call(gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).Ask(request.to_pb(), timeout=timeout), tls)
     return Answer.from_pb(reply)
 
 
-def ask_stream(request: AskRequest, gateway: str, timeout: float) -> Iterator[str | Answer]:
+def ask_stream(
+    request: AskRequest, gateway: str, timeout: float, tls: ClientTLS | None = None
+) -> Iterator[str | Answer]:
     """The answer's text as it is decoded (pieces that concatenate to it), then the whole answer."""
     replies = stream(
-        gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).AskStream(request.to_pb(), timeout=timeout)
+        gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).AskStream(request.to_pb(), timeout=timeout), tls
     )
     for reply in replies:
         yield Answer.from_pb(reply.final) if reply.HasField("final") else reply.text_delta

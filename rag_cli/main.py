@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -80,12 +81,10 @@ class BuildConfig:
 
 
 @dataclass
-class ListConfig:
+class ListConfig(AdminConfig):
+    """The gateway (with the admin token) is asked which versions are being served."""
+
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
-    gateway: str = option("127.0.0.1:50051", "gateway to ask which versions are being served (needs the admin token)")
-    admin_token: str = option("", "admin token; prefer the env mirror or --admin-token-file")
-    admin_token_file: str = option("", "file holding the admin token")
-    json: bool = option(False, "print one JSON document instead of a table")
 
 
 def _index_build(config: BuildConfig) -> int:
@@ -144,7 +143,7 @@ def _index_list(args: argparse.Namespace) -> int:
     serving: dict[str, list[str]] | None = None
     if config.admin_token or config.admin_token_file:
         try:
-            found = statuses(AdminConfig(config.gateway, config.admin_token, config.admin_token_file, timeout=10))
+            found = statuses(dataclasses.replace(config, timeout=10))
             serving = {}
             for s in found:
                 serving.setdefault(s.active_version, []).append(f"{s.endpoint} (shard {s.shard})")
@@ -188,11 +187,15 @@ def _ask(args: argparse.Namespace) -> int:
     request = config.request(args.question)
     mode = request.options.mode
     if config.json:
-        print(json.dumps(as_json(ask(request, config.gateway, config.timeout), mode), ensure_ascii=False))
+        print(
+            json.dumps(
+                as_json(ask(request, config.gateway, config.timeout, config.client_tls()), mode), ensure_ascii=False
+            )
+        )
         return 0
     print(f"Q: {request.question}\nA: ", end="", flush=True)  # then the answer as it is decoded
     answer = None
-    for event in ask_stream(request, config.gateway, config.timeout):
+    for event in ask_stream(request, config.gateway, config.timeout, config.client_tls()):
         if isinstance(event, str):
             print(event, end="", flush=True)
         else:

@@ -130,12 +130,19 @@ def test_manifests_name_only_flags_and_env_mirrors_the_cli_accepts(rendered: lis
         )
 
 
-def test_probes_are_grpc_on_the_port_each_service_listens_on(rendered: list[Obj]) -> None:
+def test_probes_are_grpc_on_the_port_each_service_listens_on_or_http_when_it_speaks_tls(rendered: list[Obj]) -> None:
     for workload, container in containers(rendered):
         port = listening_port(rendered, container)
         assert {"name": "grpc", "containerPort": port} in container["ports"]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == port, (workload["metadata"]["name"], probe)
+        tls = "RAG_TLS_CERT" in env_of(rendered, container)  # the kubelet's gRPC probe has no TLS
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+            where = (workload["metadata"]["name"], probe)
+            if tls:
+                assert (
+                    container[probe]["httpGet"] == {"path": path, "port": "metrics"} and "grpc" not in container[probe]
+                )
+            else:
+                assert container[probe]["grpc"]["port"] == port, where
         startup = container["startupProbe"]
         if served(container) != "gateway":  # model and index loading take minutes
             assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
@@ -286,6 +293,20 @@ def test_network_policies_deny_by_default_in_and_out(rendered: list[Obj]) -> Non
         labels = job["spec"]["template"]["metadata"]["labels"]
         if "RAG_ADMIN_TOKEN_FILE" in str(job):
             assert labels.get("app.kubernetes.io/component") == "admin"
+
+
+def test_prod_runs_mtls_between_the_gateway_and_its_backends() -> None:
+    prod = render("prod")
+    for workload, container in containers(prod):
+        env = env_of(prod, container)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secret = {v["name"]: v.get("secret", {}).get("secretName") for v in pod_spec(workload)["volumes"]}
+        assert secret[mounts["/etc/rag/tls"]] == "rag-tls"
+        assert env["RAG_TLS_CERT"].startswith("/etc/rag/tls/") and env["RAG_TLS_KEY"].startswith("/etc/rag/tls/")
+        if served(container) == "gateway":
+            assert env["RAG_TLS_CA"] == "/etc/rag/tls/ca.crt"  # it verifies the backends, presenting its cert
+        else:
+            assert env["RAG_TLS_CLIENT_CA"] == "/etc/rag/tls/ca.crt"  # they require a client certificate
 
 
 def test_the_jobs_mount_the_admin_secret_the_overlays_provide() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -272,6 +273,21 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
     for stage in ("encode", "search", "generate", "retrieve", "end_to_end"):
         assert f'rag_stage_duration_seconds_count{{stage="{stage}"}}' in page
     assert 'rag_index_info{name="tiny",version="v1"} 1.0' in page
+
+
+def test_the_metrics_port_answers_probes_that_cannot_speak_tls() -> None:
+    serving = False
+    port = metrics.serve_metrics("127.0.0.1", 0, lambda: serving)
+
+    def status(path: str) -> int:
+        try:
+            return int(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert (status("/readyz"), status("/livez")) == (503, 200)
+    serving = True
+    assert (status("/readyz"), status("/livez"), status("/metrics")) == (200, 200, 200)
 
 
 def test_baselines_use_the_same_generator_with_no_or_all_passages(services: Services) -> None:
