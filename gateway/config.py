@@ -20,6 +20,10 @@ class GatewayConfig(ServerConfig):
     generator_address: str = option(
         "127.0.0.1:50053", "generator address (dns:///name:port balances over all its pods)"
     )
+    max_in_flight: int = option(
+        16, "Asks in progress at once (retrieval and generation); about the generators' --max-queue in all"
+    )
+    max_waiting: int = option(16, "Asks waiting for a slot; beyond them, RESOURCE_EXHAUSTED before any work")
     default_k: int = option(5, "passages to retrieve when a request leaves k unset")
     max_k: int = option(50, "largest k a request may ask for")
     timeout_seconds: float = option(120.0, "deadline for a request whose caller set none")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.admin import AdminServicer
+from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.generator import GeneratorClient
 from gateway.retrievers import RetrieverTier
@@ -41,45 +42,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.config = config
         self.retrievers = RetrieverTier(config.retrievers, config.backend_tls())
         self.generator = GeneratorClient(config.generator_address, config.backend_tls())
+        self.admission = Admission(config.max_in_flight, config.max_waiting)
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:
         deadline = Deadline(context, self.config.timeout_seconds)
-        ask, started = AskRequest.from_pb(request), time.perf_counter()
-        retrieved = await self._retrieve(ask, deadline)
-        retrieved_at = time.perf_counter()
-        if ask.retrieve_only:
-            return Answer.of(retrieved, None, _timings(started, retrieved_at, None)).to_pb()
-        with metrics.timed("generate_call"):
-            answered = await self.generator.generate(
-                ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
-            )
-        return self._answer(retrieved, answered, started, retrieved_at).to_pb()
+        ask = AskRequest.from_pb(request)
+        async with self.admission.slot():
+            started = time.perf_counter()
+            retrieved = await self._retrieve(ask, deadline)
+            retrieved_at = time.perf_counter()
+            if ask.retrieve_only:
+                return Answer.of(retrieved, None, _timings(started, retrieved_at, None)).to_pb()
+            with metrics.timed("generate_call"):
+                answered = await self.generator.generate(
+                    ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
+                )
+            return self._answer(retrieved, answered, started, retrieved_at).to_pb()
 
     async def AskStream(
         self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
         """Ask, with the answer's text sent as the generator decodes it; cancelling stops the generator."""
         deadline = Deadline(context, self.config.timeout_seconds)
-        ask, started = AskRequest.from_pb(request), time.perf_counter()
-        retrieved = await self._retrieve(ask, deadline)
-        retrieved_at = time.perf_counter()
-        if ask.retrieve_only:
-            answer = Answer.of(retrieved, None, _timings(started, retrieved_at, None))
-            yield gateway_pb2.AskStreamResponse(final=answer.to_pb())
-            return
-        answered: Answered | None = None
-        with metrics.timed("generate_call"):
-            stream = self.generator.generate_stream(
-                ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
-            )
-            async for event in stream:
-                if isinstance(event, str):
-                    yield gateway_pb2.AskStreamResponse(text_delta=event)
-                else:
-                    answered = event
-        if answered is None:
-            raise Unavailable("the generator's stream ended without an answer; retry")
-        yield gateway_pb2.AskStreamResponse(final=self._answer(retrieved, answered, started, retrieved_at).to_pb())
+        ask = AskRequest.from_pb(request)
+        async with self.admission.slot():
+            started = time.perf_counter()
+            retrieved = await self._retrieve(ask, deadline)
+            retrieved_at = time.perf_counter()
+            if ask.retrieve_only:
+                answer = Answer.of(retrieved, None, _timings(started, retrieved_at, None))
+                yield gateway_pb2.AskStreamResponse(final=answer.to_pb())
+                return
+            answered: Answered | None = None
+            with metrics.timed("generate_call"):
+                stream = self.generator.generate_stream(
+                    ask.question, retrieved.passages, self._options(ask, retrieved), deadline.remaining()
+                )
+                async for event in stream:
+                    if isinstance(event, str):
+                        yield gateway_pb2.AskStreamResponse(text_delta=event)
+                    else:
+                        answered = event
+            if answered is None:
+                raise Unavailable("the generator's stream ended without an answer; retry")
+            final = self._answer(retrieved, answered, started, retrieved_at)
+        yield gateway_pb2.AskStreamResponse(final=final.to_pb())
 
     async def _retrieve(self, ask: AskRequest, deadline: Deadline) -> Retrieved:
         """k passages for the question (the generator owns the decoding limits: it checks the options itself)."""

@@ -416,3 +416,33 @@ def test_a_cancelled_stream_stops_the_generators_decode(services: Services, laun
         quick = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=2))
         reply = gateway_pb2_grpc.GatewayServiceStub(channel).Ask(quick.to_pb(), timeout=60)
     assert len(reply.answers) == 1  # the model is free again
+
+
+def test_overload_is_shed_before_retrieval(services: Services, launch: Launcher, tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    checkpoint = tmp_path / "long-answers"  # decodes that stay in progress until cancelled
+    random_models.save_rag_checkpoint(checkpoint, n_docs=4, generation={"min_new_tokens": 250})
+    gateway = launch.gateway(services.retriever, address(launch.generator(checkpoint)), max_in_flight=1, max_waiting=0)
+    searches = lambda: REGISTRY.get_sample_value(  # noqa: E731
+        "rag_requests_total", {"method": "/rag.v1.RetrieverService/Search", "code": "OK"}
+    )
+    long = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=256))
+    quick = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=2))
+    with grpc.insecure_channel(address(gateway)) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        call = stub.AskStream(long.to_pb(), timeout=120)
+        assert next(call).HasField("text_delta")  # the one slot is taken
+        before = searches()
+        err = status_of(lambda: stub.Ask(quick.to_pb(), timeout=60))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in details(err)
+        assert searches() == before  # refused before any retrieval
+        call.cancel()
+        deadline = time.monotonic() + 60
+        while True:  # the slot frees once the cancelled stream has unwound
+            try:
+                assert len(stub.Ask(quick.to_pb(), timeout=60).answers) == 1
+                break
+            except grpc.RpcError as busy:
+                assert busy.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
