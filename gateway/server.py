@@ -48,9 +48,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         deadline = Deadline(context, self.config.timeout_seconds)
         ask = AskRequest.from_pb(request)
         async with self.admission.slot():
-            started = time.perf_counter()
-            retrieved = await self._retrieve(ask, deadline)
-            retrieved_at = time.perf_counter()
+            retrieved, started, retrieved_at = await self._retrieve(ask, deadline)
             if ask.retrieve_only:
                 return Answer.of(retrieved, None, _timings(started, retrieved_at, None)).to_pb()
             with metrics.timed("generate_call"):
@@ -66,12 +64,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         deadline = Deadline(context, self.config.timeout_seconds)
         ask = AskRequest.from_pb(request)
         async with self.admission.slot():
-            started = time.perf_counter()
-            retrieved = await self._retrieve(ask, deadline)
-            retrieved_at = time.perf_counter()
+            retrieved, started, retrieved_at = await self._retrieve(ask, deadline)
             if ask.retrieve_only:
-                answer = Answer.of(retrieved, None, _timings(started, retrieved_at, None))
-                yield gateway_pb2.AskStreamResponse(final=answer.to_pb())
+                yield gateway_pb2.AskStreamResponse(
+                    final=Answer.of(retrieved, None, _timings(started, retrieved_at, None)).to_pb()
+                )
                 return
             answered: Answered | None = None
             with metrics.timed("generate_call"):
@@ -88,8 +85,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             final = self._answer(retrieved, answered, started, retrieved_at)
         yield gateway_pb2.AskStreamResponse(final=final.to_pb())
 
-    async def _retrieve(self, ask: AskRequest, deadline: Deadline) -> Retrieved:
-        """k passages for the question (the generator owns the decoding limits: it checks the options itself)."""
+    async def _retrieve(self, ask: AskRequest, deadline: Deadline) -> tuple[Retrieved, float, float]:
+        """k passages for the question (the generator owns the decoding limits: it checks the options itself),
+        with when retrieval started and ended."""
+        started = time.perf_counter()
         k = ask.k or self.config.default_k
         require(1 <= k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {k}")
         require(ask.options.n_docs <= k, f"n_docs={ask.options.n_docs} is more than the k={k} passages retrieved")
@@ -97,7 +96,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             retrieved = await self.retrievers.search(ask.question, k, deadline.remaining())
         if not retrieved.passages:
             raise FailedPrecondition("the index returned no passages")
-        return retrieved
+        return retrieved, started, time.perf_counter()
 
     @staticmethod
     def _options(ask: AskRequest, retrieved: Retrieved) -> DecodingOptions:
