@@ -92,6 +92,8 @@ class EncoderDecoderLM(PassageLM):
         self.decoder_start = int(start)
         self.rules = _rules_from(generation_config, tokenizer, (self.decoder_start,))
         self.bos_token_id = generation_config.bos_token_id
+        positions = getattr(model.config, "max_position_embeddings", None)  # BART has a table; T5 has none
+        self.max_answer_tokens = positions - 2 if positions else None  # the decoder start and BOS take two
 
     def input_text(self, question: str, context: Context) -> str:
         """transformers' RAG input, `title / text // question`; several passages joined by ` // `."""

@@ -98,6 +98,8 @@ class PassageLM(ABC):
     rules: DecodingRules
     bos_token_id: int | None
     name: str
+    # The longest answer the model can hold (its decoder's positions), when it has such a limit.
+    max_answer_tokens: int | None = None
 
     @abstractmethod
     def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -71,7 +72,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return self.worker.model
 
     def _parse(self, pb: generator_pb2.GenerateRequest | generator_pb2.ScoreRequest) -> Request:
-        return Request.from_pb(pb, self.limits, self.config.max_new_tokens, self.config.score_temperature)
+        default_max_new_tokens = min(self.config.max_new_tokens, self.limits.max_new_tokens)
+        return Request.from_pb(pb, self.limits, default_max_new_tokens, self.config.score_temperature)
 
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -139,6 +141,9 @@ async def create_server(config: GeneratorConfig) -> Served:
             torch.set_num_threads(config.threads)
         lm = load_passage_lm(config.generator, config.dtype)
         log.info("generator %s loaded (%s, %s)", lm.name, type(lm).__name__, config.dtype)
+        if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
+            log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
+            servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)
         return RagModel(lm)
 
     async def load_in_background() -> None:

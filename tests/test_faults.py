@@ -12,8 +12,17 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rag.auth import bearer
-from rag.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, generator_pb2, passage_pb2, retriever_pb2
-from rag_cli.testing.stack import Launcher
+from rag.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    generator_pb2,
+    generator_pb2_grpc,
+    passage_pb2,
+    retriever_pb2,
+)
+from rag_cli.testing import random_models
+from rag_cli.testing.stack import Launcher, address
 from tests.conftest import Services, TinyModels, details
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -156,3 +165,25 @@ def test_failed_admin_authentications_are_logged_then_limited(
         with pytest.raises(grpc.RpcError) as err:
             admin.ListIndexStatus(request, timeout=30, metadata=bearer("s3cret"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry in" in details(err.value)
+
+
+def test_answers_are_limited_to_the_positions_the_model_has(launch: Launcher, tmp_path: Any) -> None:
+    """A BART with 40 positions holds 38 answer tokens: longer Score answers and Generate limits are refused
+    before any work (they used to reach the model and fail with IndexError, as INTERNAL)."""
+    checkpoint = tmp_path / "short-positions"
+    random_models.save_rag_checkpoint(checkpoint, n_docs=1, shape=random_models.BartShape(positions=40))
+    served = launch.generator(checkpoint)
+    with grpc.insecure_channel(address(served)) as channel:
+        for request, message in (
+            (score("fleming " * 60), "answers may be 38 tokens at most"),
+            (generate(options=generator_pb2.DecodingOptions(max_new_tokens=39)), "max_new_tokens must be in [1, 38]"),
+        ):
+            method = SCORE if isinstance(request, generator_pb2.ScoreRequest) else GENERATE
+            with pytest.raises(grpc.RpcError) as err:
+                call(channel, method.split()[1], request)
+            assert err.value.code() == INVALID and message in details(err.value), details(err.value)
+        assert call_ok(channel, generate(options=generator_pb2.DecodingOptions(max_new_tokens=38)))
+
+
+def call_ok(channel: grpc.Channel, request: generator_pb2.GenerateRequest) -> bool:
+    return len(generator_pb2_grpc.GeneratorServiceStub(channel).Generate(request, timeout=120).hypotheses) == 1

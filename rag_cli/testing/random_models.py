@@ -98,7 +98,7 @@ def _bart_config(vocab_size: int, shape: BartShape, init_std: float) -> BartConf
         decoder_attention_heads=shape.heads,
         encoder_ffn_dim=shape.ffn,
         decoder_ffn_dim=shape.ffn,
-        max_position_embeddings=1024,
+        max_position_embeddings=shape.positions,
     )
 
 
@@ -108,6 +108,7 @@ class BartShape:
     layers: int = 2
     heads: int = 2
     ffn: int = 64
+    positions: int = 1024  # bart-base's; fewer make a model whose answers run out of positions
 
 
 BART_BASE = BartShape(d_model=768, layers=6, heads=12, ffn=3072)
