@@ -103,6 +103,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             return model.generate([parsed], watch)[0]
 
         answer = asyncio.ensure_future(self._submit(context, call=run))
+        next_delta: asyncio.Future[str] | None = None
         sent = ""
         try:
             while not answer.done() or not deltas.empty():
@@ -120,6 +121,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             yield generator_pb2.GenerateStreamResponse(final=answered.to_pb())
         finally:
             answer.cancel()  # a no-op once done; otherwise _submit marks the job cancelled
+            if next_delta is not None:
+                next_delta.cancel()  # the caller left while we waited for text: no task is left pending
 
     async def Score(
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
