@@ -135,7 +135,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             repaired = []
             for endpoint, serving in drifted:
                 [loaded] = await self._on_all(load(desired), [endpoint], self.swap_timeout)
-                [activated] = await self._on_all(activate(desired), [endpoint], 30) if loaded else [loaded]
+                [activated] = (
+                    [loaded] if isinstance(loaded, RagError) else await self._on_all(activate(desired), [endpoint], 30)
+                )
                 if isinstance(activated, RagError):
                     log.warning("retriever %s serves %s, not %s, and cannot be moved: %s",
                                 endpoint, serving, desired, activated)  # fmt: skip
