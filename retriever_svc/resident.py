@@ -129,14 +129,16 @@ class ResidentIndexes:
 
     def load(self, ref: IndexRef) -> IndexShard:
         """Load and validate `ref` next to the active version (staged). A version already resident is not
-        loaded again, but its files are checked again: a swap to it must fail if they changed on disk."""
+        loaded again, but its files are checked again (with --verify-checksums): a swap to it must fail if they
+        changed on disk."""
         with self._load_lock:
             with self._lock:
                 found = self._find(ref)
                 if found is not None and found is self.other:
                     self.other_is_staged = True
             if found is not None:
-                found.index.verify_files()
+                if self.verify_checksums:
+                    found.index.verify_files()
                 return found.index
             with self._lock:
                 evicted, self.other = self.other, None  # stay within two resident versions while loading
