@@ -40,8 +40,9 @@ class Deadline:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.retrievers = RetrieverTier(config.retrievers, config.backend_tls())
-        self.generator = GeneratorClient(config.generator_address, config.backend_tls())
+        backend_tls = config.backend_tls()
+        self.retrievers = RetrieverTier(config.retrievers, backend_tls)
+        self.generator = GeneratorClient(config.generator_address, backend_tls)
         self.admission = Admission(config.max_in_flight, config.max_waiting)
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ def open_text(path: Path, newline: str | None = None) -> IO[str]:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline=newline)
     return path.open("r", encoding="utf-8", newline=newline)
+
+
+def open_bytes(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    """The same file as bytes (for readers that decode line by line and name the line that is not UTF-8)."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
 def sha256_file(path: Path) -> str:

@@ -209,8 +209,57 @@ def build_index(
     _remove_abandoned_builds(root / name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root / name))
     with _building(tmp):
-        return _build_into(tmp, corpus, fmt, root, name, encoder, index_type, passage_words, shards,
-                           reuse_embeddings, reuse_from, show_progress)  # fmt: skip
+        staging = tmp / "staging.sqlite"
+        passages = (p for document in read_documents(corpus, fmt) for p in split_passages(document, passage_words))
+        count = _write_staging_store(staging, check_passages(passages, corpus))
+        if count < shards:
+            raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
+        bounds = [count * i // shards for i in range(shards + 1)]
+        factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
+        reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
+        reused = 0
+        with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
+            for shard in range(shards):
+                directory = tmp / shard_dir(shard)
+                directory.mkdir()
+                with sqlite3.connect(directory / PASSAGES) as store:
+                    store.execute(_SCHEMA)
+                    store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
+                    store.execute(
+                        "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",
+                        (bounds[shard], bounds[shard], bounds[shard + 1]),
+                    )
+                    store.commit()
+                    store.execute("DETACH DATABASE staging")
+                shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
+                embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
+                reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
+                embeddings.flush()
+                if factory:
+                    _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
+                del embeddings
+        staging.unlink()
+        if reuse is not None:
+            log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = Manifest(
+            name=name,
+            version="",
+            format_version=FORMAT_VERSION,
+            index_type=index_type,
+            faiss_factory=factory,
+            metric="inner_product",
+            dim=encoder.info.dim,
+            count=count,
+            num_shards=shards,
+            shard_counts=[bounds[i + 1] - bounds[i] for i in range(shards)],
+            encoder=encoder.info,
+            corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
+            checksums={f: sha256_file(tmp / f) for f in files},
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
+        )
+        return _publish(tmp, root, manifest)
 
 
 ABANDONED_AFTER_SECONDS = 3600  # a temp directory without a lock file (a build killed before it took one)
@@ -247,74 +296,6 @@ def _remove_abandoned_builds(directory: Path) -> None:
         log.warning("removing %s, left by a build that did not finish", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         lock.unlink(missing_ok=True)
-
-
-def _build_into(
-    tmp: Path,
-    corpus: Path,
-    fmt: str,
-    root: Path,
-    name: str,
-    encoder: Encoder,
-    index_type: str,
-    passage_words: int,
-    shards: int,
-    reuse_embeddings: bool,
-    reuse_from: IndexRef | None,
-    show_progress: bool,
-) -> Manifest:
-    """Build into `tmp` and publish it as the next version."""
-    staging = tmp / "staging.sqlite"
-    passages = (p for document in read_documents(corpus, fmt) for p in split_passages(document, passage_words))
-    count = _write_staging_store(staging, check_passages(passages, corpus))
-    if count < shards:
-        raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
-    bounds = [count * i // shards for i in range(shards + 1)]
-    factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
-    reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
-    reused = 0
-    with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
-        for shard in range(shards):
-            directory = tmp / shard_dir(shard)
-            directory.mkdir()
-            with sqlite3.connect(directory / PASSAGES) as store:
-                store.execute(_SCHEMA)
-                store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
-                store.execute(
-                    "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",
-                    (bounds[shard], bounds[shard], bounds[shard + 1]),
-                )
-                store.commit()
-                store.execute("DETACH DATABASE staging")
-            shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
-            embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
-            reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
-            embeddings.flush()
-            if factory:
-                _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
-            del embeddings
-    staging.unlink()
-    if reuse is not None:
-        log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    manifest = Manifest(
-        name=name,
-        version="",
-        format_version=FORMAT_VERSION,
-        index_type=index_type,
-        faiss_factory=factory,
-        metric="inner_product",
-        dim=encoder.info.dim,
-        count=count,
-        num_shards=shards,
-        shard_counts=[bounds[i + 1] - bounds[i] for i in range(shards)],
-        encoder=encoder.info,
-        corpus={"path": str(corpus.resolve()), "format": fmt, "sha256": sha256_file(corpus)},
-        checksums={f: sha256_file(tmp / f) for f in files},
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
-    )
-    return _publish(tmp, root, manifest)
 
 
 def _write_ann(path: Path, vectors: np.ndarray, factory: str) -> None:

@@ -10,7 +10,6 @@ unit is 100 words); the title stays with every passage, ids become `<doc id>-<n>
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import math
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import InvalidArgument
+from rag.files import open_bytes
 from rag.types import passage_problem
 
 FORMATS = ("jsonl", "dpr-tsv")
@@ -61,7 +61,7 @@ def read_documents(path: Path, fmt: str) -> Iterator[Document]:
 def _lines(path: Path) -> Iterator[str]:
     """The file's lines (decompressed when it ends in .gz), each decoded as UTF-8 on its own, so that a line
     that is not UTF-8 is named by its number."""
-    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+    with open_bytes(path) as handle:
         for number, raw in enumerate(handle, 1):
             try:
                 yield raw.decode("utf-8")
