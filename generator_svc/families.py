@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from generator_svc.passage_lm import (
+    KV,
     Context,
     Contexts,
     DecodingRules,
@@ -234,24 +236,73 @@ class DecoderOnlyLM(PassageLM):
 
     @torch.inference_mode()
     def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+        """Every prompt run once, and what prompts share run once: the prefix common to all rows (system prompt,
+        chat template) is computed for one row and shared; the rest of each prompt runs in buckets of similar
+        length, since padding costs as much as tokens. Row r comes out as [shared][padding][its own tokens]:
+        each prompt still ends where its answer begins."""
         prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), self.rules.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.long)
-        for r, prompt in enumerate(prompts):  # left padding: every prompt ends where the answer begins
-            input_ids[r, length - len(prompt) :] = torch.tensor(prompt)
-            mask[r, length - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        shared = _shared_prefix_length(prompts) if len(prompts) > 1 else 0
+        prefix = self._prefill([prompts[0][:shared]], [], 0)[0] if shared else []
+        own = [p[shared:] for p in prompts]
+        width = shared + max(len(p) for p in own)
+        mask = torch.zeros(len(own), width, dtype=torch.long)
+        mask[:, :shared] = 1
+        kv: KV = []
+        first_logprobs = torch.empty(0)
+        for bucket in _buckets([len(p) for p in own], self.padding_slack):
+            bucket_kv, bucket_mask, logits = self._prefill([own[r] for r in bucket], prefix, shared)
+            rows, start = torch.tensor(bucket), width - bucket_mask.shape[1]
+            if not kv:  # the shapes are known now: heads and head size of every layer
+                kv = [
+                    (
+                        k.new_zeros(len(own), k.shape[1], width, k.shape[3]),
+                        v.new_zeros(len(own), v.shape[1], width, v.shape[3]),
+                    )
+                    for k, v in bucket_kv
+                ]
+                for (k, v), (k0, v0) in zip(kv, prefix, strict=False):  # no prefix: nothing to copy
+                    k[:, :, :shared], v[:, :, :shared] = k0, v0
+                first_logprobs = torch.empty(len(own), logits.shape[-1], device=logits.device)
+            for (k, v), (kb, vb) in zip(kv, bucket_kv, strict=True):
+                k[rows, :, start:], v[rows, :, start:] = kb, vb
+            mask[rows, start:] = bucket_mask
+            first_logprobs[rows] = log_softmax(logits)
+        return Contexts(len(questions), len(contexts[0]), mask, kv, first_logprobs)
+
+    @property
+    def padding_slack(self) -> float:
+        """How much padding a bucket may add to its tokens: on a CPU padding costs like tokens; a GPU has
+        arithmetic to spare and pays per forward pass instead."""
+        return 0.1 if self.device.type == "cpu" else math.inf
+
+    def _prefill(self, rows: Sequence[Sequence[int]], prefix: KV, offset: int) -> tuple[KV, torch.Tensor, torch.Tensor]:
+        """Run token rows (left-padded to the longest) after a one-row `prefix` of `offset` tokens; the rows'
+        own part of the cache, their mask and the logits of their last position."""
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), self.rules.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, longest - len(row) :] = torch.tensor(row)
+            mask[i, longest - len(row) :] = 1
+        n = len(rows)
+        past = (
+            DynamicCache(
+                [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix], config=self.model.config
+            )
+            if prefix
+            else DynamicCache(config=self.model.config)
+        )
         out = self.model(  # logits of the last position only: the vocabulary projection is a quarter of the work
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
+            input_ids=ids.to(self.device),
+            attention_mask=torch.cat([mask.new_ones(n, offset), mask], 1).to(self.device),
+            position_ids=(offset + (mask.cumsum(-1) - 1).clamp(min=0)).to(self.device),
+            past_key_values=past,
             use_cache=True,
             logits_to_keep=1,
             return_dict=True,
         )
-        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return Contexts(len(questions), len(contexts[0]), mask, prefix, log_softmax(out.logits[:, -1]))
+        kv = [(layer.keys[:, :, offset:], layer.values[:, :, offset:]) for layer in out.past_key_values.layers]
+        return kv, mask, out.logits[:, -1]
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
         return select_rows(ctx.prefix, rows, self.model.config)
@@ -300,6 +351,29 @@ class DecoderOnlyLM(PassageLM):
         )
         logprobs = log_softmax(out.logits).gather(-1, rows.to(self.device)[:, :, None]).squeeze(-1)
         return logprobs.view(len(questions), K, T)
+
+
+def _shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt has in common, leaving each at least one of its own."""
+    shortest = min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
+        length += 1
+    return length
+
+
+def _buckets(lengths: Sequence[int], slack: float) -> list[list[int]]:
+    """Row indices grouped by length, shortest first, so that padding each group to its longest row adds at
+    most `slack` of the group's tokens."""
+    buckets: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if buckets and lengths[r] * (len(buckets[-1]) + 1) <= (1 + slack) * (
+            sum(lengths[i] for i in buckets[-1]) + lengths[r]
+        ):
+            buckets[-1].append(r)
+        else:
+            buckets.append([r])
+    return buckets
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -85,6 +85,25 @@ def test_left_padded_passages_decode_as_if_alone(lm: DecoderOnlyLM, tiny: TinyMo
         assert [candidates[0].tokens] == hf_generate(tiny, lm.prompt_ids(QUESTION, (passage,)), 1, 10)
 
 
+def test_what_prompts_share_runs_once(lm: DecoderOnlyLM) -> None:
+    """The system prompt and chat template that every row starts with run for one row only; the rest of each
+    prompt runs once, padded at most 10% (rows are bucketed by length)."""
+    fed: list[int] = []
+    hook = lm.model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        ctx = lm.encode([QUESTION, "What is the capital of France?"], [one_each(PASSAGES), one_each(PASSAGES)])
+    finally:
+        hook.remove()
+    prompts = [lm.prompt_ids(q, (p,)) for q in (QUESTION, "What is the capital of France?") for p in PASSAGES]
+    shared = next(i for i in range(len(prompts[0])) if len({tuple(p[: i + 1]) for p in prompts}) > 1)
+    assert shared > 10  # the chat template's system turn, at least
+    own = sum(len(p) - shared for p in prompts)
+    assert fed[0] == shared and own <= sum(fed[1:]) <= 1.1 * own
+    assert ctx.attention_mask.sum(-1).tolist() == [len(p) for p in prompts]
+
+
 @pytest.mark.parametrize("mode", [generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE])
 def test_copies_of_one_passage_change_nothing(
     stub: generator_pb2_grpc.GeneratorServiceStub, mode: generator_pb2.RagMode.ValueType
