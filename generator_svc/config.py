@@ -8,6 +8,8 @@ from rag import paths
 from rag.config import option
 from rag.serving import ServerConfig
 
+DEVICES = ("auto", "cpu", "cuda")  # where a model runs (auto: CUDA when torch sees one)
+
 
 @dataclass
 class GeneratorConfig(ServerConfig):
@@ -18,4 +20,5 @@ class GeneratorConfig(ServerConfig):
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")
-    dtype: str = option("float32", "weights precision: float32 (reference), bfloat16, or int8 (fastest on a CPU)")
+    dtype: str = option("float32", "weights precision: float32 (reference), bfloat16 (for a GPU), or int8 (for a CPU)")
+    device: str = option("auto", "where the model runs: auto (CUDA when torch sees one), cpu or cuda")

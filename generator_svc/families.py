@@ -28,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from generator_svc.config import DEVICES
 from generator_svc.passage_lm import (
     KV,
     Context,
@@ -121,7 +122,7 @@ class EncoderDecoderLM(PassageLM):
         states = states.last_hidden_state
         # The decoder start token, once per row: it fills the cross-attention cache (the encoder states
         # projected for every decoder layer) and gives the first answer token's distribution.
-        start = torch.full((len(mask), 1), self.decoder_start, dtype=torch.long)
+        start = torch.full((len(mask), 1), self.decoder_start, dtype=torch.long, device=self.device)
         out = self.model(
             encoder_outputs=(states,),
             attention_mask=mask,
@@ -134,9 +135,9 @@ class EncoderDecoderLM(PassageLM):
         return Contexts(
             len(questions),
             len(contexts[0]),
-            mask,
+            mask.cpu(),
             prefix=[(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
-            first_logprobs=log_softmax(out.logits[:, -1]),
+            first_logprobs=log_softmax(out.logits[:, -1]).cpu(),
             encoder_states=states[:1].clone(),  # a view would keep all B*K rows alive while decoding
             cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
         )
@@ -151,8 +152,8 @@ class EncoderDecoderLM(PassageLM):
         assert state.ctx.encoder_states is not None
         out = self.model(  # cross-attention reads its cached keys and values: the states only give the shape
             encoder_outputs=(state.ctx.encoder_states.expand(len(state.rows), -1, -1),),
-            attention_mask=state.attention_mask,
-            decoder_input_ids=tokens,
+            attention_mask=state.attention_mask.to(self.device),
+            decoder_input_ids=tokens.to(self.device),
             past_key_values=state.cache,
             use_cache=True,
             return_dict=True,
@@ -262,11 +263,11 @@ class DecoderOnlyLM(PassageLM):
                 ]
                 for (k, v), (k0, v0) in zip(kv, prefix, strict=False):  # no prefix: nothing to copy
                     k[:, :, :shared], v[:, :, :shared] = k0, v0
-                first_logprobs = torch.empty(len(own), logits.shape[-1], device=logits.device)
+                first_logprobs = torch.empty(len(own), logits.shape[-1])
             for (k, v), (kb, vb) in zip(kv, bucket_kv, strict=True):
-                k[rows, :, start:], v[rows, :, start:] = kb, vb
+                k[rows.to(k.device), :, start:], v[rows.to(v.device), :, start:] = kb, vb
             mask[rows, start:] = bucket_mask
-            first_logprobs[rows] = log_softmax(logits)
+            first_logprobs[rows] = log_softmax(logits).cpu()
         return Contexts(len(questions), len(contexts[0]), mask, kv, first_logprobs)
 
     @property
@@ -313,9 +314,9 @@ class DecoderOnlyLM(PassageLM):
         )
         next_position = state.attention_mask.sum(-1, keepdim=True)  # prompts are left-padded: real tokens only
         out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=next_position + state.fed + torch.arange(tokens.shape[1]),
+            input_ids=tokens.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=(next_position + state.fed + torch.arange(tokens.shape[1])).to(self.device),
             past_key_values=state.cache,
             use_cache=True,
             return_dict=True,
@@ -384,15 +385,27 @@ def _buckets(lengths: Sequence[int], slack: float) -> list[list[int]]:
 DTYPES = ("float32", "bfloat16", "int8")
 
 
-def load_passage_lm(spec: str, dtype: str = "float32") -> PassageLM:
+def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu") -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
-    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `with_precision`). Only
-    safetensors/GGUF weights are read; no remote code runs."""
+    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `with_precision`) on `device`
+    (auto: CUDA when torch sees one). Only safetensors/GGUF weights are read; no remote code runs."""
     if dtype not in DTYPES:
         raise FailedPrecondition(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    where = resolve_device(device)
+    if where.type == "cuda" and dtype == "int8":
+        raise FailedPrecondition("int8 runs on a CPU only (torch's dynamic quantisation); use bfloat16 on a GPU")
     lm = _load(spec)
-    lm.model = with_precision(lm.model, dtype)
+    lm.model = with_precision(torch.nn.Module.to(lm.model, where), dtype)
     return lm
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu` or `cuda` as a torch device (auto: CUDA when torch sees one)."""
+    if name not in DEVICES:
+        raise FailedPrecondition(f"device {name!r} is not one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition("device cuda, but torch sees no CUDA device here; use auto or cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # The MLP's output projection of each family (Llama/Qwen/SmolLM, BART, T5). Its input carries a few very large

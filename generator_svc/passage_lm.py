@@ -8,6 +8,9 @@
 - `token_logprobs` teacher-forces given answers, reusing the contexts;
 - `rules`: what the checkpoint's generation config imposes on every decode.
 
+The model may sit on a GPU; what the RAG math sees (log-probabilities, masks, token ids) stays on the CPU: a
+step's distributions are small next to the model's work, and the search stays one plain code path.
+
 The two families that implement it live in generator_svc.families.
 """
 
@@ -47,8 +50,8 @@ class Contexts:
     num_questions: int
     contexts_per_question: int
     attention_mask: torch.Tensor  # [B*K, L]: the prompt (decoder-only) or the encoder input (BART/T5)
-    prefix: KV
-    first_logprobs: torch.Tensor  # [B*K, V]
+    prefix: KV  # on the model's device, like `cross`
+    first_logprobs: torch.Tensor  # [B*K, V], on the CPU
     encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
     cross: KV | None = None  # BART/T5: cross-attention keys and values, computed once per row
 
@@ -66,7 +69,7 @@ class DecodingState:
 
 def select_rows(kv: KV, rows: torch.Tensor, config: Any = None) -> DynamicCache:
     """A cache holding the given rows of `kv` (a copy: decoding extends it row by row)."""
-    return DynamicCache([(k[rows], v[rows]) for k, v in kv], config=config)
+    return DynamicCache([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv], config=config)
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,7 @@ class PassageLM(ABC):
             return state.ctx.first_logprobs[state.rows]
         logits = self._forward(state, tokens[:, None])
         state.fed += 1
-        return log_softmax(logits[:, -1])
+        return log_softmax(logits[:, -1]).cpu()
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> None:
         """Row i continues the history of row index[i]. Rows only move among rows of the same context, so only
@@ -154,7 +157,8 @@ class PassageLM(ABC):
         if targets.shape[1] == 1:
             return first
         logits = self._forward(self.start(ctx, rows), targets[:, :-1])
-        return torch.cat([first, log_softmax(logits).gather(-1, targets[:, 1:, None]).squeeze(-1)], dim=1)
+        rest = log_softmax(logits).gather(-1, targets[:, 1:, None].to(logits.device)).squeeze(-1)
+        return torch.cat([first, rest.cpu()], dim=1)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True)).strip()

@@ -142,8 +142,8 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        lm = load_passage_lm(config.generator, config.dtype)
-        log.info("generator %s loaded (%s, %s)", lm.name, type(lm).__name__, config.dtype)
+        lm = load_passage_lm(config.generator, config.dtype, config.device)
+        log.info("generator %s loaded (%s, %s on %s)", lm.name, type(lm).__name__, config.dtype, lm.device)
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)

@@ -43,7 +43,7 @@ import transformers
 from tqdm import tqdm
 
 from generator_svc import rag_math
-from generator_svc.families import load_passage_lm, save_passage_lm
+from generator_svc.families import load_passage_lm, resolve_device, save_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
 from rag import paths
 from rag.errors import FailedPrecondition, require
@@ -88,8 +88,6 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
     require(config.max_steps >= 0 and config.lora_rank >= 0, "--max-steps and --lora-rank must be >= 0")
     require(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise FailedPrecondition("--device cuda, but torch sees no CUDA device here; use --device auto or cpu")
     examples = [e for e in read_examples(questions, config.questions_format) if e.answers and e.answers[0].strip()]
     require(bool(examples), f"{questions} holds no question with an answer to train on")
     if config.dev:
@@ -102,9 +100,7 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
         config.k <= manifest.count,
         f"--k {config.k} is more than the {manifest.count} passages {manifest.ref} holds",
     )
-    device = torch.device(
-        "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = resolve_device(config.device)
     out = (Path(config.out) if config.out else paths.rag_home() / "train" / manifest.name).resolve()
     return Plan(
         questions,

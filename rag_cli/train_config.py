@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from generator_svc.config import DEVICES
 from rag import paths
 from rag.config import option
 from rag.types import Mode
 
 WHAT = ("query-encoder", "generator", "both")
 MODES = (Mode.TOKEN.value, Mode.SEQUENCE.value)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
