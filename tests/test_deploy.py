@@ -47,8 +47,9 @@ def render(overlay: str) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def jobs() -> list[Obj]:
-    return [yaml.safe_load(path.read_text()) for path in sorted((K8S / "jobs").glob("*.yaml"))]
+def jobs(overlay: str = "") -> list[Obj]:
+    """The Jobs as an overlay renders them (deploy/k8s/overlays/<env>/jobs); every overlay's by default."""
+    return [job for env in ([overlay] if overlay else ["dev", "prod"]) for job in render(f"{env}/jobs")]
 
 
 @pytest.fixture(scope="module", params=["dev", "prod"])
@@ -120,9 +121,7 @@ def test_manifests_name_only_flags_and_env_mirrors_the_cli_accepts(rendered: lis
         try:
             args = parser.parse_args(container["args"])
         except SystemExit:
-            pytest.fail(
-                f"{workload['metadata'].get('name') or workload['metadata']['generateName']}: rag rejects {container['args']}"
-            )
+            pytest.fail(f"{workload['metadata']['name']}: rag rejects {container['args']}")
         accepted = {"RAG_HOME"} | {env_name(k) for k in vars(args)}
         unknown = sorted(k for k in env_of(rendered, container) if k.startswith("RAG_") and k not in accepted)
         assert not unknown, (
@@ -190,7 +189,7 @@ def test_gateway_addresses_every_shard_of_every_retriever_set(rendered: list[Obj
 def test_every_container_runs_non_root_read_only_with_limits(rendered: list[Obj]) -> None:
     for workload, container in [*containers(rendered), *containers(jobs())]:
         pod = pod_spec(workload)
-        where = f"{workload['kind']} {workload['metadata'].get('name', workload['metadata'].get('generateName'))}"
+        where = f"{workload['kind']} {workload['metadata']['name']}"
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, where
         assert pod["automountServiceAccountToken"] is False, where
         security = container["securityContext"]
@@ -311,10 +310,30 @@ def test_prod_runs_mtls_between_the_gateway_and_its_backends() -> None:
 
 def test_the_jobs_mount_the_admin_secret_the_overlays_provide() -> None:
     dev = {s["metadata"]["name"] for s in of_kind(render("dev"), "Secret")}
-    for job in jobs():
+    for job in jobs("dev"):
         for volume in pod_spec(job).get("volumes", []):
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in dev  # prod: created out of band by that name
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_each_overlay_renders_its_jobs_for_its_stack(overlay: str) -> None:
+    """The Jobs take the overlay's namespace and image, build an index for as many shards as the overlay runs
+    retriever pods per StatefulSet, and (prod) verify the gateway's TLS certificate."""
+    stack, overlay_jobs = render(overlay), jobs(overlay)
+    assert {j["metadata"]["name"] for j in overlay_jobs} == {"rag-fetch", "rag-index-build", "rag-index-swap"}
+    [namespace] = {o["metadata"]["namespace"] for o in stack if "namespace" in o["metadata"]}
+    [image] = {c["image"] for _, c in containers(stack)}
+    for job in overlay_jobs:
+        assert job["metadata"]["namespace"] == namespace
+        assert [c["image"] for c in pod_spec(job)["containers"]] == [image]
+    [build] = [j for j in overlay_jobs if j["metadata"]["name"] == "rag-index-build"]
+    args = pod_spec(build)["containers"][0]["args"]
+    shards = {s["spec"].get("replicas", 1) for s in of_kind(stack, "StatefulSet")}
+    assert {int(args[args.index("--shards") + 1])} == shards
+    [swap] = [j for j in overlay_jobs if j["metadata"]["name"] == "rag-index-swap"]
+    gateway_serves_tls = any("RAG_TLS_CERT" in env_of(stack, c) for w, c in containers(stack) if served(c) == "gateway")
+    assert ("RAG_TLS_CA" in env_of(stack, pod_spec(swap)["containers"][0])) == gateway_serves_tls
 
 
 def test_pods_outlive_the_services_drain_and_are_scraped(rendered: list[Obj]) -> None:
