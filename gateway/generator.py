@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from rag.clients import aio_channel, downstream_error
+from rag.clients import Backend, downstream_error
 from rag.tls import ClientTLS
 from rag.types import Answered, DecodingOptions, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
@@ -14,8 +14,8 @@ from rag.v1 import generator_pb2, generator_pb2_grpc
 
 class GeneratorClient:
     def __init__(self, address: str, tls: ClientTLS | None = None) -> None:
-        self.stub: generator_pb2_grpc.GeneratorServiceAsyncStub = generator_pb2_grpc.GeneratorServiceStub(
-            aio_channel(address, tls)
+        self.backend: Backend[generator_pb2_grpc.GeneratorServiceAsyncStub] = Backend(
+            address, tls, generator_pb2_grpc.GeneratorServiceStub
         )
 
     async def generate(
@@ -25,7 +25,7 @@ class GeneratorClient:
             question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
         )
         try:
-            return Answered.from_pb(await self.stub.Generate(request, timeout=timeout))
+            return Answered.from_pb(await self.backend().Generate(request, timeout=timeout))
         except grpc.aio.AioRpcError as err:
             raise downstream_error("generator", err) from err
 
@@ -37,7 +37,7 @@ class GeneratorClient:
         request = generator_pb2.GenerateRequest(
             question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
         )
-        call = self.stub.GenerateStream(request, timeout=timeout)
+        call = self.backend().GenerateStream(request, timeout=timeout)
         try:
             async for reply in call:
                 if reply.HasField("final"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from rag.clients import aio_channel, downstream_error
+from rag.clients import Backend, downstream_error
 from rag.errors import FailedPrecondition, InvalidArgument, RagError
 from rag.index_ref import IndexRef
 from rag.tls import ClientTLS
@@ -46,7 +46,7 @@ def _is_ip(host: str) -> bool:
 class Shard:
     index: int
     replicas: list[str]  # as configured: "host:port" each, or one DNS name standing for every replica
-    stub: retriever_pb2_grpc.RetrieverServiceAsyncStub
+    backend: Backend[retriever_pb2_grpc.RetrieverServiceAsyncStub]
 
     async def endpoints(self) -> list[str]:
         """Every replica's own address: DNS names resolved now (pods come and go)."""
@@ -86,14 +86,14 @@ class RetrieverTier:
         self.shards = []
         for i, shard in enumerate(shards):
             replicas = [r.strip() for r in shard.split("|") if r.strip()]
-            stub = retriever_pb2_grpc.RetrieverServiceStub(aio_channel(_channel_target(replicas), tls))
-            self.shards.append(Shard(i, replicas, stub))
-        self._admin_stubs: dict[str, index_admin_pb2_grpc.IndexAdminServiceAsyncStub] = {}
+            backend = Backend(_channel_target(replicas), tls, retriever_pb2_grpc.RetrieverServiceStub)
+            self.shards.append(Shard(i, replicas, backend))
+        self._admin: dict[str, Backend[index_admin_pb2_grpc.IndexAdminServiceAsyncStub]] = {}
 
     def admin(self, endpoint: str) -> index_admin_pb2_grpc.IndexAdminServiceAsyncStub:
-        if endpoint not in self._admin_stubs:
-            self._admin_stubs[endpoint] = index_admin_pb2_grpc.IndexAdminServiceStub(aio_channel(endpoint, self.tls))
-        return self._admin_stubs[endpoint]
+        if endpoint not in self._admin:
+            self._admin[endpoint] = Backend(endpoint, self.tls, index_admin_pb2_grpc.IndexAdminServiceStub)
+        return self._admin[endpoint]()
 
     async def endpoints(self) -> list[str]:
         """Every retriever replica of every shard (each reports its own shard in its status)."""
@@ -105,7 +105,7 @@ class RetrieverTier:
     ) -> retriever_pb2.SearchResponse:
         """One shard's reply (protobuf: merging needs its shard fields and versions as sent)."""
         try:
-            reply = await shard.stub.Search(
+            reply = await shard.backend().Search(
                 retriever_pb2.SearchRequest(questions=[question], k=k, index_version=pin), timeout=timeout
             )
         except grpc.aio.AioRpcError as err:

@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rag.errors import RagError
+from rag.errors import FailedPrecondition, RagError
 from rag.tls import ClientTLS
 
+log = logging.getLogger(__name__)
 Reply = TypeVar("Reply")
+Stub = TypeVar("Stub")
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -38,6 +42,41 @@ def aio_channel(address: str, tls: ClientTLS | None = None) -> grpc.aio.Channel:
     if tls is not None and tls.enabled:
         return grpc.aio.secure_channel(address, tls.credentials(), options=channel_options() + tls.channel_options())
     return grpc.aio.insecure_channel(address, options=channel_options())
+
+
+class Backend(Generic[Stub]):
+    """A long-lived client of one service: `backend()` is its stub. grpc reads channel credentials once, so
+    when the client's TLS files change (cert-manager rotates a mounted Secret in place) the channel is made
+    again and new calls present the new certificate; calls on the old channel get a grace period to finish."""
+
+    CLOSE_GRACE_S = 60.0
+
+    def __init__(self, address: str, tls: ClientTLS | None, stub: Callable[[grpc.aio.Channel], Stub]) -> None:
+        self.address, self.tls, self._make_stub = address, tls, stub
+        self._stamp = tls.stamp() if tls is not None and tls.enabled else ()
+        self._channel = aio_channel(address, tls)
+        self._stub = stub(self._channel)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> Stub:
+        if self.tls is not None and self.tls.enabled and self.tls.stamp() != self._stamp:
+            self._renew()
+        return self._stub
+
+    def _renew(self) -> None:
+        assert self.tls is not None
+        stamp = self.tls.stamp()
+        try:
+            channel = aio_channel(self.address, self.tls)
+        except FailedPrecondition as err:  # mid-rotation (a file missing or half written): keep the old one
+            log.warning("client TLS files changed but cannot be read yet (%s); keeping the previous ones", err)
+            return
+        old, self._channel = self._channel, channel
+        self._stub, self._stamp = self._make_stub(channel), stamp
+        closing = asyncio.get_running_loop().create_task(old.close(grace=self.CLOSE_GRACE_S))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        log.info("client TLS files changed: new calls to %s present the new certificate", self.address)
 
 
 def channel(address: str, tls: ClientTLS | None = None) -> grpc.Channel:

@@ -4,7 +4,8 @@
   that CA (mTLS). The files are read again when they change (cert-manager rotates the Secret in place), at the
   next handshake, without a restart.
 - Clients (the gateway's channels to its backends, the `rag` commands): `--tls-ca` turns TLS on and verifies the
-  server against that CA; `--tls-cert/--tls-key`, when set, are presented as the client certificate.
+  server against that CA; `--tls-cert/--tls-key`, when set, are presented as the client certificate. The
+  gateway's channels are made again when these files change (rag.clients.Backend).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def _read(path: str, what: str) -> bytes:
     if b"-----BEGIN" not in data:
         raise FailedPrecondition(f"the TLS {what} {path} is not PEM")
     return data
+
+
+def _mtime(path: str) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return -1
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,10 @@ class ClientTLS:
     @property
     def enabled(self) -> bool:
         return bool(self.ca)
+
+    def stamp(self) -> tuple[int, ...]:
+        """When the files last changed (what tells a rotation; -1 for one that cannot be read)."""
+        return tuple(_mtime(p) for p in (self.ca, self.cert, self.key) if p)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(

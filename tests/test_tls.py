@@ -93,13 +93,19 @@ def ask(gateway: str, tls: ClientTLS) -> str:
 def test_mtls_on_every_link_refuses_clients_without_a_certificate_and_reloads_a_rotated_one(
     tmp_path: Path, tiny: TinyModels, index_root: Path, launch: Launcher
 ) -> None:
-    ca = Authority(tmp_path, "main")
+    ca, rotated = Authority(tmp_path, "main"), Authority(tmp_path, "rotated")
     (server_cert, server_key), (client_cert, client_key) = ca.issue("services"), ca.issue("client")
-    server = {"tls_cert": str(server_cert), "tls_key": str(server_key)}
-    mtls = {**server, "tls_client_ca": str(ca.ca)}  # the backends: clients must present a certificate
+    gateway_cert, gateway_key = ca.issue("gateway")
+    client_cas = tmp_path / "client-cas.crt"  # both CAs, so that a gateway certificate from either gets in
+    client_cas.write_bytes(ca.ca.read_bytes() + rotated.ca.read_bytes())
+    # The backends: clients must present a certificate (mTLS).
+    mtls = {"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_client_ca": str(client_cas)}
     retriever = launch.retriever(index_root, "tiny", **mtls)
     generator = launch.generator(tiny.rag_checkpoint, **mtls)
-    gateway = launch.gateway(address(retriever), address(generator), **mtls, tls_ca=str(ca.ca))
+    gateway = launch.gateway(
+        address(retriever), address(generator), tls_cert=str(gateway_cert), tls_key=str(gateway_key),
+        tls_client_ca=str(client_cas), tls_ca=str(ca.ca),
+    )  # fmt: skip
     where = address(gateway)
 
     assert ask(where, ClientTLS(str(ca.ca), str(client_cert), str(client_key))) == "tiny@v1"
@@ -121,8 +127,33 @@ def test_mtls_on_every_link_refuses_clients_without_a_certificate_and_reloads_a_
 
     # Rotation in place (as cert-manager updates a mounted Secret): the gateway's next handshake gets a
     # certificate from another CA, without a restart; clients that trust only the new CA get through.
-    rotated = Authority(tmp_path, "rotated")
-    new_cert, new_key = rotated.issue("services-rotated")
-    server_cert.write_bytes(new_cert.read_bytes())
-    server_key.write_bytes(new_key.read_bytes())
+    new_cert, new_key = rotated.issue("gateway-rotated")
+    gateway_key.write_bytes(new_key.read_bytes())
+    gateway_cert.write_bytes(new_cert.read_bytes())
     assert ask(where, ClientTLS(str(rotated.ca), str(client_cert), str(client_key))) == "tiny@v1"
+
+
+def test_the_gateway_presents_a_rotated_client_certificate_without_a_restart(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, launch: Launcher
+) -> None:
+    """The backends trust client certificates of one CA; the gateway starts with one from another CA and is
+    refused, until its certificate files are replaced in place (a Secret rotated by cert-manager)."""
+    trusted, stale = Authority(tmp_path, "trusted"), Authority(tmp_path, "stale")
+    backend_cert, backend_key = trusted.issue("backends")
+    backends = {"tls_cert": str(backend_cert), "tls_key": str(backend_key), "tls_client_ca": str(trusted.ca)}
+    retriever = launch.retriever(index_root, "tiny", **backends)
+    generator = launch.generator(tiny.rag_checkpoint, **backends)
+    gateway_cert, gateway_key = stale.issue("gateway")  # its server certificate and its client one
+    gateway = launch.gateway(
+        address(retriever), address(generator), tls_cert=str(gateway_cert), tls_key=str(gateway_key),
+        tls_ca=str(trusted.ca),
+    )  # fmt: skip
+
+    with pytest.raises(grpc.RpcError) as refused:
+        ask(address(gateway), ClientTLS(str(stale.ca)))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the backends refused the gateway's certificate
+
+    new_cert, new_key = trusted.issue("gateway-renewed")
+    gateway_key.write_bytes(new_key.read_bytes())
+    gateway_cert.write_bytes(new_cert.read_bytes())
+    assert ask(address(gateway), ClientTLS(str(trusted.ca))) == "tiny@v1"
