@@ -327,14 +327,15 @@ def generate(
 ) -> list[list[Generated]]:
     """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first. `watch` sees
     each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None."""
+    scores: AnswerScores | None = None
     if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
         chosen = _rag_sequence_search(lm, ctx, prior, options, None if watch is None else lambda _: watch(None))
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
-        chosen = _rag_token_search(lm, ctx, prior, options, watch)
-    # Report exact marginals and posteriors of the chosen answers (one teacher-forced pass).
+        chosen, scores = _rag_token_search(lm, ctx, prior, options, watch)
     questions = [b for b, answers in enumerate(chosen) for _ in answers]
     flat = [answer for answers in chosen for answer in answers]
-    scores = score_answers(lm, ctx, prior, questions, flat)
+    if scores is None:  # exact marginals and posteriors of the chosen answers, in one teacher-forced pass
+        scores = score_answers(lm, ctx, prior, questions, flat)
     log_probs, posteriors = scores.log_prob(options.mode).tolist(), scores.posterior().tolist()
     results: list[list[Generated]] = [[] for _ in chosen]
     for h, (b, tokens) in enumerate(zip(questions, flat, strict=True)):
@@ -344,23 +345,45 @@ def generate(
 
 def _rag_token_search(
     lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None
-) -> list[list[tuple[int, ...]]]:
-    """Search over the per-step marginal: one decoder row per (question, beam, passage)."""
+) -> tuple[list[list[tuple[int, ...]]], AnswerScores | None]:
+    """Search over the per-step marginal: one decoder row per (question, beam, passage). Greedy search also
+    returns the answers' scores: it has computed every chosen token's log-probability under every passage, so
+    scoring them again would repeat the work (beams are reordered, so those are scored afterwards)."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     passages = torch.arange(K)
     rows = (torch.arange(B)[:, None, None] * K + passages).expand(B, N, K).reshape(-1)
     state = lm.start(ctx, rows)
     beam_prior = prior.repeat_interleave(N, dim=0)[:, :, None]  # [B*N, K, 1]
+    picked: list[torch.Tensor] = []  # greedy: log p(y_t|x,z_k,y<t) of each chosen token, [B, K] per step
+    last: list[torch.Tensor] = []  # greedy: the latest step's per-passage log-probs, until its token is known
 
     def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:
         if origin is not None:  # every passage row of a beam follows its beam
             lm.reorder(state, (origin[:, None] * K + passages).view(-1))
         fed = None if tokens is None else tokens.repeat_interleave(K)
         per_passage = lm.step(state, fed).view(B * N, K, -1)
+        if N == 1:
+            if tokens is not None:
+                picked.append(_log_prob_of(last.pop(), tokens))
+            last.append(per_passage)
         return torch.logsumexp(beam_prior + per_passage, dim=1)  # log p'(y_t) = logsumexp_k [...]
 
     found = search(next_logprobs, B, options, lm.rules, options.num_return_sequences, watch)
-    return [[c.tokens for c in group[: options.num_return_sequences]] for group in found]
+    chosen = [[c.tokens for c in group[: options.num_return_sequences]] for group in found]
+    if N > 1:
+        return chosen, None
+    answers = [group[0] for group in chosen]
+    step = len(picked)  # the last step's token was chosen but never fed
+    final = torch.tensor([a[step] if len(a) > step else lm.rules.pad_token_id for a in answers])
+    picked.append(_log_prob_of(last.pop(), final))
+    _, mask = answer_targets(answers, lm.rules.pad_token_id)
+    token_logprobs = torch.stack(picked, dim=-1)[:, :, : mask.shape[1]]  # [B, K, T]
+    return chosen, AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
+
+
+def _log_prob_of(per_passage: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token_b | x, z_k, ...) from per-passage log-probs [B, K, V] and one token per question. [B, K]"""
+    return per_passage.gather(-1, tokens.view(-1, 1, 1).expand(-1, per_passage.shape[1], 1)).squeeze(-1)
 
 
 def _rag_sequence_search(

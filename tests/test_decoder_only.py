@@ -140,6 +140,26 @@ def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyMode
     assert scored.tolist() == pytest.approx([found[0][0].log_prob, found[1][0].log_prob], abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_greedy_rag_token_scores_its_answers_from_the_search_itself(family: str, tiny: TinyModels) -> None:
+    """No pass after the search: its own per-passage log-probabilities give the marginal and the posterior,
+    which equal a teacher-forced scoring of the same answers."""
+    lm: PassageLM = load_passage_lm(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
+    ctx = lm.encode([QUESTION, "What is the capital of France?"], [one_each(PASSAGES), one_each(PASSAGES[::-1])])
+    prior = rag_math.log_prior(torch.tensor([[2.0, 1.0, 0.5], [0.5, 1.0, 2.0]]))
+    passes: list[object] = []
+    hook = lm.model.register_forward_hook(lambda *_: passes.append(None))
+    try:
+        found = rag_math.generate(lm, ctx, prior, DecodingOptions(mode=Mode.TOKEN, max_new_tokens=8))
+    finally:
+        hook.remove()
+    answers = [found[0][0].tokens, found[1][0].tokens]
+    assert len(passes) == max(len(a) for a in answers) - 1  # one per token fed; the first came with encoding
+    scored = rag_math.score_answers(lm, ctx, prior, [0, 1], answers)
+    assert [g[0].log_prob for g in found] == pytest.approx(scored.rag_token().tolist(), abs=1e-4)
+    assert [list(g[0].posterior) for g in found] == [pytest.approx(p, abs=1e-4) for p in scored.posterior().tolist()]
+
+
 @pytest.fixture(scope="module")
 def peaked_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny chat LM whose next-token distributions have clear favourites (the default one's are nearly flat)."""
