@@ -242,7 +242,7 @@ class DecoderOnlyLM(PassageLM):
         length, since padding costs as much as tokens. Row r comes out as [shared][padding][its own tokens]:
         each prompt still ends where its answer begins."""
         prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
-        shared = _shared_prefix_length(prompts) if len(prompts) > 1 else 0
+        shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = self._prefill([prompts[0][:shared]], [], 0)[0] if shared else []
         own = [p[shared:] for p in prompts]
         width = shared + max(len(p) for p in own)
@@ -354,7 +354,7 @@ class DecoderOnlyLM(PassageLM):
         return logprobs.view(len(questions), K, T)
 
 
-def _shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every prompt has in common, leaving each at least one of its own."""
     shortest = min(len(p) for p in prompts)
     length = 0

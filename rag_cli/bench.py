@@ -406,7 +406,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from generator_svc.families import DecoderOnlyLM, load_passage_lm
+    from generator_svc.families import DecoderOnlyLM, load_passage_lm, shared_prefix_length
     from rag import paths
     from rag.types import AskRequest, DecodingOptions, Mode
     from rag.v1 import gateway_pb2_grpc
@@ -507,12 +507,16 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
                 model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
 
     reference_s = median_time(concatenated, 1) / len(prompts)
-    # (b) The floor of RAG-Token's work: every passage's prompt once through the model, then the weights read once
-    # per decoded token.
+    # (b) The floor of RAG-Token's work: every passage's prompt once through the model (what the prompts share,
+    # once), then the weights read once per decoded token.
     parameters = sum(p.numel() for p in model.parameters())
-    prompt_tokens = statistics.median(
-        sum(len(lm.prompt_ids(q["question"], (p,))) for p in retrieved[q["id"]]) for q in questions
-    )
+
+    def prompt_work(question: dict[str, Any]) -> int:
+        prompts = [lm.prompt_ids(question["question"], (p,)) for p in retrieved[question["id"]]]
+        shared = shared_prefix_length(prompts)
+        return shared + sum(len(p) - shared for p in prompts)
+
+    prompt_tokens = statistics.median(prompt_work(q) for q in questions)
     flops, bandwidth = matmul_rate(), copy_bandwidth(1 << 28)
     decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in answers.values())
     for figure in list(figures):
