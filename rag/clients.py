@@ -65,14 +65,14 @@ class Backend(Generic[Stub]):
 
     def _renew(self) -> None:
         assert self.tls is not None
-        stamp = self.tls.stamp()
+        self._stamp = self.tls.stamp()  # tried once per change: the next write changes it again
         try:
             channel = aio_channel(self.address, self.tls)
         except FailedPrecondition as err:  # mid-rotation (a file missing or half written): keep the old one
             log.warning("client TLS files changed but cannot be read yet (%s); keeping the previous ones", err)
             return
         old, self._channel = self._channel, channel
-        self._stub, self._stamp = self._make_stub(channel), stamp
+        self._stub = self._make_stub(channel)
         closing = asyncio.get_running_loop().create_task(old.close(grace=self.CLOSE_GRACE_S))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
