@@ -32,11 +32,16 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def _mtime(path: str) -> int:
-    try:
-        return Path(path).stat().st_mtime_ns
-    except OSError:
-        return -1
+def _stamp(*paths: str) -> tuple[int, ...]:
+    """When the given files last changed (what tells a rotation; -1 for one that cannot be read)."""
+
+    def mtime(path: str) -> int:
+        try:
+            return Path(path).stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    return tuple(mtime(p) for p in paths if p)
 
 
 @dataclass(frozen=True)
@@ -62,17 +67,16 @@ class ServerTLS:
 
     def credentials(self) -> grpc.ServerCredentials:
         """Credentials that reread the files at the next handshake after any of them changed."""
-        files = [Path(p) for p in (self.cert, self.key, self.client_ca) if p]
-        stamps = [f.stat().st_mtime_ns for f in files]
+        stamps = _stamp(self.cert, self.key, self.client_ca)
 
         def fetch() -> grpc.ServerCertificateConfiguration | None:
             nonlocal stamps
+            now = _stamp(self.cert, self.key, self.client_ca)
+            if now == stamps:
+                return None  # unchanged: keep the current configuration
             try:
-                now = [f.stat().st_mtime_ns for f in files]
-                if now == stamps:
-                    return None  # unchanged: keep the current configuration
                 configuration = self._configuration()
-            except (OSError, FailedPrecondition) as err:  # mid-rotation: keep serving with what we have
+            except FailedPrecondition as err:  # mid-rotation: keep serving with what we have
                 log.warning("TLS files changed but cannot be read yet (%s); keeping the previous ones", err)
                 return None
             stamps = now
@@ -105,8 +109,8 @@ class ClientTLS:
         return bool(self.ca)
 
     def stamp(self) -> tuple[int, ...]:
-        """When the files last changed (what tells a rotation; -1 for one that cannot be read)."""
-        return tuple(_mtime(p) for p in (self.ca, self.cert, self.key) if p)
+        """When its files last changed: rag.clients.Backend makes its channel again after a change."""
+        return _stamp(self.ca, self.cert, self.key)
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
