@@ -28,14 +28,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from generator_svc import context_attention
 from generator_svc.config import DEVICES
+from generator_svc.context_attention import KV, SharedContext
 from generator_svc.passage_lm import (
-    KV,
     Context,
     Contexts,
     DecodingRules,
     DecodingState,
     PassageLM,
+    holding,
     log_softmax,
     select_rows,
 )
@@ -83,6 +85,7 @@ class EncoderDecoderLM(PassageLM):
         title_sep: str = " / ",
         doc_sep: str = " // ",
     ) -> None:
+        context_attention.install(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -142,11 +145,13 @@ class EncoderDecoderLM(PassageLM):
             cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
         )
 
-    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
         assert ctx.cross is not None
-        return EncoderDecoderCache(
-            select_rows(ctx.prefix, rows), select_rows(ctx.cross, rows)
-        )  # cross: marked computed
+        # The decoder start token's cache is one token per row: copied. The cross-attention cache keeps one row
+        # per context row (the attention reads it per context, see context_attention); holding it marks it
+        # computed, so the encoder states are never projected again.
+        cache = EncoderDecoderCache(select_rows(ctx.prefix, rows), holding(ctx.cross))
+        return cache, SharedContext(rows, ctx.attention_mask)
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         assert state.ctx.encoder_states is not None
@@ -156,8 +161,11 @@ class EncoderDecoderLM(PassageLM):
             decoder_input_ids=tokens.to(self.device),
             past_key_values=state.cache,
             use_cache=True,
+            shared_context=state.shared,
             return_dict=True,
         )
+        assert state.ctx.cross is not None
+        state.shared.check_read(len(state.ctx.cross))
         state.cache = out.past_key_values
         return out.logits
 
@@ -202,6 +210,7 @@ class DecoderOnlyLM(PassageLM):
         max_passage_tokens: int = 256,
         system_prompt: str | None = None,
     ) -> None:
+        context_attention.install(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -305,22 +314,21 @@ class DecoderOnlyLM(PassageLM):
         kv = [(layer.keys[:, :, offset:], layer.values[:, :, offset:]) for layer in out.past_key_values.layers]
         return kv, mask, out.logits[:, -1]
 
-    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
-        return select_rows(ctx.prefix, rows, self.model.config)
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
+        # The rows' cache starts empty: the prompts stay in `ctx.prefix`, read in place by the attention.
+        return DynamicCache(config=self.model.config), SharedContext(rows, ctx.attention_mask, ctx.prefix)
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
-        mask = torch.cat(
-            [state.attention_mask, state.attention_mask.new_ones(len(tokens), state.fed + tokens.shape[1])], 1
-        )
         next_position = state.attention_mask.sum(-1, keepdim=True)  # prompts are left-padded: real tokens only
-        out = self.model(
+        out = self.model(  # no mask: the prompt's is the shared context's, and a row's own tokens are all real
             input_ids=tokens.to(self.device),
-            attention_mask=mask.to(self.device),
             position_ids=(next_position + state.fed + torch.arange(tokens.shape[1])).to(self.device),
             past_key_values=state.cache,
             use_cache=True,
+            shared_context=state.shared,
             return_dict=True,
         )
+        state.shared.check_read(len(state.ctx.prefix))
         state.cache = out.past_key_values
         return out.logits
 

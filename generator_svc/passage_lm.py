@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 from transformers import Cache, DynamicCache, EncoderDecoderCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
+from generator_svc.context_attention import KV, SharedContext
 from rag.types import Passage
 
 Context = tuple[Passage, ...]  # the passages one row reads: one for RAG; none or all for the baselines
@@ -32,9 +34,6 @@ Context = tuple[Passage, ...]  # the passages one row reads: one for RAG; none o
 def one_each(passages: Sequence[Passage]) -> list[Context]:
     """RAG's contexts: one row per passage."""
     return [(p,) for p in passages]
-
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [rows, heads, length, head_dim]
 
 
 @dataclass
@@ -58,11 +57,13 @@ class Contexts:
 
 @dataclass
 class DecodingState:
-    """Rows being decoded: `rows[i]` is the context row that decoder row i reads."""
+    """Rows being decoded: `rows[i]` is the context row that decoder row i reads. `cache` holds what the rows
+    decoded themselves; what they read from their context rows stays there (`shared`), never copied per row."""
 
     ctx: Contexts
     rows: torch.Tensor
     cache: Cache
+    shared: SharedContext
     attention_mask: torch.Tensor  # the rows' context mask
     fed: int = 0  # tokens fed after the prefix
 
@@ -70,6 +71,17 @@ class DecodingState:
 def select_rows(kv: KV, rows: torch.Tensor, config: Any = None) -> DynamicCache:
     """A cache holding the given rows of `kv` (a copy: decoding extends it row by row)."""
     return DynamicCache([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv], config=config)
+
+
+def holding(kv: KV) -> DynamicCache:
+    """A cache that holds `kv` itself, not a copy (DynamicCache's constructor would concatenate)."""
+    cache = DynamicCache()
+    for k, v in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -109,8 +121,8 @@ class PassageLM(ABC):
         """Rows for each question with each of its contexts (the same number of contexts per question)."""
 
     @abstractmethod
-    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> Cache:
-        """A fresh cache holding the prefix of each of `rows`."""
+    def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
+        """A fresh cache for decoding `rows`, and what they read from their context rows in place."""
 
     @abstractmethod
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
@@ -133,7 +145,7 @@ class PassageLM(ABC):
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""
-        return DecodingState(ctx, rows, self._cache(ctx, rows), ctx.attention_mask[rows])
+        return DecodingState(ctx, rows, *self._cache(ctx, rows), ctx.attention_mask[rows])
 
     @torch.inference_mode()
     def step(self, state: DecodingState, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -146,7 +158,7 @@ class PassageLM(ABC):
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> None:
         """Row i continues the history of row index[i]. Rows only move among rows of the same context, so only
-        the self-attention history moves; prompts, encoder states and cross-attention stay put."""
+        the tokens they decoded move; prompts, encoder states and cross-attention stay put."""
         cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
         cache.reorder_cache(index)  # type: ignore[arg-type]  # a LongTensor; torch types it as Tensor
 

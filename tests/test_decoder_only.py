@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 
 from generator_svc import rag_math
 from generator_svc.families import DecoderOnlyLM, load_passage_lm
@@ -138,6 +139,51 @@ def test_cached_decoding_agrees_with_teacher_forcing(family: str, tiny: TinyMode
     answers = [found[0][0].tokens, found[1][0].tokens]
     scored = rag_math.score_answers(lm, ctx, prior, [0, 1], answers).rag_token()
     assert scored.tolist() == pytest.approx([found[0][0].log_prob, found[1][0].log_prob], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_beams_read_their_passages_in_place(family: str, tiny: TinyModels) -> None:
+    """Decoder rows keep only the tokens they decoded: prompts and cross-attention stay one row per passage,
+    however many beams read them and however beams reorder, and the log-probabilities equal teacher forcing
+    over each row's whole input (transformers' own attention, nothing shared)."""
+    lm: PassageLM = load_passage_lm(str(tiny.causal_lm if family == "decoder-only" else tiny.rag_checkpoint))
+    K, N = len(PASSAGES), 2
+    ctx = lm.encode([QUESTION], [one_each(PASSAGES)])
+    state = lm.start(ctx, torch.arange(K).repeat(N))  # RAG-Token's layout: row n*K + k is beam n, passage k
+    torch.manual_seed(0)
+    history = torch.empty(N * K, 0, dtype=torch.long)
+    logprobs = lm.step(state, None)
+    for swap in (False, True, False):
+        if swap:  # beam 0 continues beam 1's history and the other way round
+            order = torch.arange(N * K).view(N, K).flip(0).reshape(-1)
+            lm.reorder(state, order)
+            history = history[order]
+        tokens = torch.randint(3, logprobs.shape[-1], (N,)).repeat_interleave(K)
+        history = torch.cat([history, tokens[:, None]], 1)
+        logprobs = lm.step(state, tokens)
+    own = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
+    starts = 1 if family == "encoder-decoder" else 0  # the decoder start token, one per row
+    assert own.get_seq_length() == starts + history.shape[1]
+    if ctx.cross is not None:  # the encoder side, once per passage: the very tensors encoding made
+        assert isinstance(state.cache, EncoderDecoderCache)
+        layers = state.cache.cross_attention_cache.layers
+        assert all(isinstance(layer, DynamicLayer) for layer in layers)
+        kept = [layer.keys for layer in layers if isinstance(layer, DynamicLayer)]
+        assert all(a is b for a, b in zip(kept, [k for k, _ in ctx.cross], strict=True))
+    targets = torch.cat([history, logprobs.argmax(-1, keepdim=True)], 1).view(N, K, -1)[:, 0]
+    forced = lm.teacher_forced([QUESTION] * N, [one_each(PASSAGES)] * N, targets)  # [N, K, T]
+    assert logprobs.gather(1, targets.repeat_interleave(K, 0)[:, -1:]).view(N, K).tolist() == [
+        pytest.approx(row, abs=1e-4) for row in forced[:, :, -1].tolist()
+    ]
+    # Rows that read passages unequally often (answers of two questions, 1 and 2 of them) read them as well.
+    ctx2 = lm.encode([QUESTION, "Where is Paris?"], [one_each(PASSAGES), one_each(PASSAGES)])
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 3, 4, 5])
+    answers = torch.cat([targets[:1], targets], 0).repeat_interleave(K, 0)
+    scored = lm.token_logprobs(ctx2, rows, answers).view(3, K, -1)
+    forced2 = lm.teacher_forced(
+        [QUESTION, "Where is Paris?", "Where is Paris?"], [one_each(PASSAGES)] * 3, answers[::K]
+    )
+    assert scored.tolist() == [[pytest.approx(r, abs=1e-4) for r in row] for row in forced2.tolist()]
 
 
 @pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
