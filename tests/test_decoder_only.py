@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer
 
 from generator_svc import rag_math
-from generator_svc.families import DecoderOnlyLM, load_passage_lm
+from generator_svc.families import DecoderOnlyLM, FewRowLinear, load_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
@@ -246,3 +246,15 @@ def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
         )
     assert reply.hypotheses and math.isfinite(reply.hypotheses[0].log_prob)
     assert sum(reply.passage_priors) == pytest.approx(1, abs=1e-4)
+
+
+def test_few_row_products_compute_what_linear_layers_do(lm: DecoderOnlyLM) -> None:
+    """Served in float32 on a CPU, wide layers multiply a few rows in the order the CPU runs fast; the
+    results are the Linear layer's."""
+    wide = [m for m in lm.model.modules() if isinstance(m, FewRowLinear)]
+    assert wide and all(m.out_features > m.in_features for m in wide)
+    torch.manual_seed(0)
+    for rows in (1, 2, 5, 10, 11):
+        x = torch.randn(rows, 1, wide[0].in_features)
+        expected = torch.nn.functional.linear(x, wide[0].weight, wide[0].bias)
+        assert torch.allclose(wide[0](x), expected, atol=1e-5)
