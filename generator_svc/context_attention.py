@@ -52,7 +52,6 @@ class SharedContext:
         self.gather = None if bool((counts == counts[0]).all()) else rows
         self.order = torch.argsort(rows, stable=True) if self.gather is None else None
         self.inverse = torch.argsort(self.order) if self.order is not None else None
-        self.rows = rows
         bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(mask == 0, float("-inf"))
         self.bias = bias if self.gather is None else bias[rows]  # [C or R, L]
         self.device_bias: dict[torch.device, torch.Tensor] = {}
