@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from generator_svc import rag_math
 from generator_svc.families import DecoderOnlyLM, FewRowLinear, load_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
+from rag.errors import FailedPrecondition
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
@@ -184,6 +185,17 @@ def test_beams_read_their_passages_in_place(family: str, tiny: TinyModels) -> No
         [QUESTION, "Where is Paris?", "Where is Paris?"], [one_each(PASSAGES)] * 3, answers[::K]
     )
     assert scored.tolist() == [[pytest.approx(r, abs=1e-4) for r in row] for row in forced2.tolist()]
+
+
+def test_a_model_whose_attention_skips_the_shared_context_is_refused(tiny: TinyModels) -> None:
+    """Decoding without the prompt would answer from nothing: a model whose layers do not read the shared context
+    (its attention set back to plain SDPA here) fails with a reason instead."""
+    lm = load_passage_lm(str(tiny.causal_lm))
+    lm.model.set_attn_implementation("sdpa")
+    ctx = lm.encode([QUESTION], [one_each(PASSAGES)])
+    prior = rag_math.log_prior(torch.tensor([[2.0, 1.0, 0.5]]))
+    with pytest.raises(FailedPrecondition, match="attention interface"):
+        rag_math.generate(lm, ctx, prior, DecodingOptions(max_new_tokens=4))
 
 
 @pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
