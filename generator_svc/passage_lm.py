@@ -52,7 +52,7 @@ class Contexts:
     prefix: KV  # on the model's device, like `cross`
     first_logprobs: torch.Tensor  # [B*K, V], on the CPU
     encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
-    cross: KV | None = None  # BART/T5: cross-attention keys and values, computed once per row
+    cross: KV | None = None  # BART/T5: cross-attention keys and values, once per context row (read in place)
 
 
 @dataclass
