@@ -39,47 +39,48 @@ class SharedContext:
 
     `prompt` is a decoder-only LM's per-layer prompt cache [C, kv_heads, L, head_dim] (None for an
     encoder-decoder, whose cross-attention cache holds the context instead), `mask` [C, L] marks the real
-    tokens of the context (prompt or encoder input).
+    tokens of the context (prompt or encoder input). What the attention indexes with sits on the model's
+    `device` from the start: every layer of every step reads it.
     """
 
-    def __init__(self, rows: torch.Tensor, mask: torch.Tensor, prompt: KV | None = None) -> None:
+    def __init__(
+        self, rows: torch.Tensor, mask: torch.Tensor, layers: int, device: torch.device, prompt: KV | None = None
+    ) -> None:
         self.prompt = prompt
-        self.reads = 0  # attention calls that read the context (checked by the caller: see `check_read`)
+        self.layers = layers  # the decoder layers that must read the context on every forward pass
+        self.reads = 0  # attention calls that read it so far (see `check_read`)
         counts = torch.bincount(rows, minlength=len(mask))
         # Rows that read a context row the same number of times (each beam reads each passage once) attend in
         # groups, one per context row. Otherwise (answers of unequal counts per question) the context is
         # gathered per row for the call: correct, with the copy a plain cache would have made.
-        self.gather = None if bool((counts == counts[0]).all()) else rows
-        self.order = torch.argsort(rows, stable=True) if self.gather is None else None
-        self.inverse = torch.argsort(self.order) if self.order is not None else None
+        uniform = bool((counts == counts[0]).all())
+        self.gather = None if uniform else rows.to(device)
+        order = torch.argsort(rows, stable=True) if uniform else None
+        self.order = None if order is None else order.to(device)
+        self.inverse = None if order is None else torch.argsort(order).to(device)
         bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(mask == 0, float("-inf"))
-        self.bias = bias if self.gather is None else bias[rows]  # [C or R, L]
-        self.device_bias: dict[torch.device, torch.Tensor] = {}
+        self.bias = (bias if uniform else bias[rows]).to(device)[:, None, None, :]  # [C or R, 1, 1, L]
 
-    def check_read(self, layers: int) -> None:
+    def check_read(self) -> None:
         """After a forward pass: every layer read the context through this module's attention."""
-        if self.reads != layers:
+        if self.reads != self.layers:
             raise FailedPrecondition(
                 "the generator's attention does not go through transformers' attention interface "
-                f"({self.reads} of {layers} layers read the shared context); this model cannot be served"
+                f"({self.reads} of {self.layers} layers read the shared context); this model cannot be served"
             )
         self.reads = 0
 
-    def _context(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _context(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gather is not None:
-            index = self.gather.to(keys.device)
-            keys, values = keys[index], values[index]
-        bias = self.device_bias.get(keys.device)
-        if bias is None:
-            bias = self.device_bias[keys.device] = self.bias.to(keys.device)[:, None, None, :]
-        return keys, values, bias
+            return keys[self.gather], values[self.gather]
+        return keys, values
 
     def _grouped(self, x: torch.Tensor, contexts: int, kv_heads: int) -> torch.Tensor:
         """[R, H, T, E] -> [C, kv_heads, rows per context * heads per kv head * T, E]: the queries (or
         probabilities) of the rows reading each context row, as one batch entry per context row."""
         R, H, T, E = x.shape
         if self.order is not None:
-            x = x[self.order.to(x.device)]
+            x = x[self.order]
         per = R // contexts
         return (
             x.reshape(contexts, per, kv_heads, H // kv_heads, T, E).transpose(1, 2).reshape(contexts, kv_heads, -1, E)
@@ -88,7 +89,7 @@ class SharedContext:
     def _ungrouped(self, y: torch.Tensor, rows: int, heads: int, length: int) -> torch.Tensor:
         C, kv_heads, _, E = y.shape
         y = y.view(C, kv_heads, rows // C, heads // kv_heads, length, E).transpose(1, 2).reshape(rows, heads, length, E)
-        return y[self.inverse.to(y.device)] if self.inverse is not None else y
+        return y[self.inverse] if self.inverse is not None else y
 
     def attend(
         self,
@@ -101,9 +102,9 @@ class SharedContext:
         decoded tokens, [R, kv_heads, S, D], the last T of them being the queries') is causal. [R, T, H, D]"""
         self.reads += 1
         R, H, T, D = query.shape
-        keys, values, bias = self._context(*context)
+        keys, values = self._context(*context)
         C, kv_heads, L = keys.shape[:3]
-        scores = (self._grouped(query, C, kv_heads) @ keys.transpose(-1, -2)).float() * scaling + bias
+        scores = (self._grouped(query, C, kv_heads) @ keys.transpose(-1, -2)).float() * scaling + self.bias
         if own is not None:
             own_keys, own_values = own
             S = own_keys.shape[2]

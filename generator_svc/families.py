@@ -151,7 +151,7 @@ class EncoderDecoderLM(PassageLM):
         # per context row (the attention reads it per context, see context_attention); holding it marks it
         # computed, so the encoder states are never projected again.
         cache = EncoderDecoderCache(select_rows(ctx.prefix, rows), holding(ctx.cross))
-        return cache, SharedContext(rows, ctx.attention_mask)
+        return cache, SharedContext(rows, ctx.attention_mask, len(ctx.cross), self.device)
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         assert state.ctx.encoder_states is not None
@@ -164,8 +164,7 @@ class EncoderDecoderLM(PassageLM):
             shared_context=state.shared,
             return_dict=True,
         )
-        assert state.ctx.cross is not None
-        state.shared.check_read(len(state.ctx.cross))
+        state.shared.check_read()
         state.cache = out.past_key_values
         return out.logits
 
@@ -316,7 +315,8 @@ class DecoderOnlyLM(PassageLM):
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
         # The rows' cache starts empty: the prompts stay in `ctx.prefix`, read in place by the attention.
-        return DynamicCache(config=self.model.config), SharedContext(rows, ctx.attention_mask, ctx.prefix)
+        shared = SharedContext(rows, ctx.attention_mask, len(ctx.prefix), self.device, prompt=ctx.prefix)
+        return DynamicCache(config=self.model.config), shared
 
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
         next_position = state.attention_mask.sum(-1, keepdim=True)  # prompts are left-padded: real tokens only
@@ -328,7 +328,7 @@ class DecoderOnlyLM(PassageLM):
             shared_context=state.shared,
             return_dict=True,
         )
-        state.shared.check_read(len(state.ctx.prefix))
+        state.shared.check_read()
         state.cache = out.past_key_values
         return out.logits
 

@@ -68,9 +68,9 @@ class DecodingState:
     fed: int = 0  # tokens fed after the prefix
 
 
-def select_rows(kv: KV, rows: torch.Tensor, config: Any = None) -> DynamicCache:
+def select_rows(kv: KV, rows: torch.Tensor) -> DynamicCache:
     """A cache holding the given rows of `kv` (a copy: decoding extends it row by row)."""
-    return DynamicCache([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv], config=config)
+    return DynamicCache([(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in kv])
 
 
 def holding(kv: KV) -> DynamicCache:
