@@ -384,6 +384,7 @@ def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
 
 LATENCY_QUESTIONS = Path(__file__).parent / "data" / "squad20.jsonl"  # SQuAD v1.1 dev (CC BY-SA 4.0)
 LATENCY_GOAL_S = 2.5
+LATENCY_K = 5  # passages per question in the latency section
 
 
 def matmul_rate(size: int = 1024) -> float:
@@ -469,7 +470,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
             stack = launcher.stack(index_root, str(index), generator, dtype=dtype, max_new_tokens=new_tokens)
             stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
             for mode in (Mode.TOKEN, Mode.SEQUENCE):
-                request = lambda q: AskRequest(q["question"], 5, DecodingOptions(mode=mode)).to_pb()  # noqa: E731
+                request = lambda q: AskRequest(q["question"], LATENCY_K, DecodingOptions(mode=mode)).to_pb()  # noqa: E731
                 list(stub.AskStream(request(questions[0]), timeout=600))  # warm up
                 seconds, first_token, em, f1 = [], [], [], []
                 for q in questions:
@@ -491,7 +492,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
                 figures.append(
                     Figure(
                         "latency",
-                        f"Ask {mode.label}, {dtype}, k=5: median",
+                        f"Ask {mode.label}, {dtype}, k={LATENCY_K}: median",
                         medians[(dtype, mode)],
                         0.0,
                         "transformers generate, k passages in one prompt",
@@ -528,7 +529,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         return shared + sum(len(p) - shared for p in prompts)
 
     prompt_tokens = statistics.median(prompt_work(q) for q in questions)
-    prompt_flops = 2 * blocks * prompt_tokens + 2 * head.numel() * 5
+    prompt_flops = 2 * blocks * prompt_tokens + 2 * head.numel() * LATENCY_K
     flops, bandwidth = matmul_rate(), read_bandwidth()
     decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in answers.values())
     for figure in list(figures):
