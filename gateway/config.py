@@ -24,6 +24,9 @@ class GatewayConfig(ServerConfig):
         16, "Asks in progress at once (retrieval and generation); about the generators' --max-queue in all"
     )
     max_waiting: int = option(16, "Asks waiting for a slot; beyond them, RESOURCE_EXHAUSTED before any work")
+    retrieval: str = option(
+        "", "dense, lexical or hybrid for Asks that name none; empty: the retrievers' default (their --retrieval)"
+    )
     default_k: int = option(5, "passages to retrieve when a request leaves k unset")
     max_k: int = option(50, "largest k a request may ask for")
     timeout_seconds: float = option(120.0, "deadline for a request whose caller set none")

@@ -1,7 +1,8 @@
 """The gateway's view of the retriever tier: shards (each a set of replicas) and their endpoints.
 
 Search goes to one replica per shard (round robin), all shards in parallel; the results merge into one top-k
-by score. Every answer comes from one index version on all shards: while a swap is being activated some
+by score. Hybrid search asks each shard for all its fusion candidates and fuses their union again, which gives
+what one shard holding every passage would (rag.fusion). Every answer comes from one index version on all shards: while a swap is being activated some
 shards may already serve the new version, so shards that answered from another version are asked again,
 pinned to the version most shards answered from (both versions are resident everywhere during a swap).
 Admin calls go to every replica individually.
@@ -19,9 +20,10 @@ import grpc
 
 from rag.clients import Backend, downstream_error
 from rag.errors import FailedPrecondition, InvalidArgument, RagError
+from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.tls import ClientTLS
-from rag.types import Passage, Retrieved
+from rag.types import Passage, RetrievalMode, Retrieved, to_pb_or_unset
 from rag.v1 import index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 DNS_PREFIX = "dns:///"
@@ -101,13 +103,14 @@ class RetrieverTier:
         return [e for found in per_shard for e in found]
 
     async def _search_shard(
-        self, shard: Shard, question: str, k: int, timeout: float, pin: str = ""
+        self, shard: Shard, request: retriever_pb2.SearchRequest, timeout: float, pin: str = ""
     ) -> retriever_pb2.SearchResponse:
         """One shard's reply (protobuf: merging needs its shard fields and versions as sent)."""
+        pinned = retriever_pb2.SearchRequest()
+        pinned.CopyFrom(request)
+        pinned.index_version = pin
         try:
-            reply = await shard.backend().Search(
-                retriever_pb2.SearchRequest(questions=[question], k=k, index_version=pin), timeout=timeout
-            )
+            reply = await shard.backend().Search(pinned, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise downstream_error(f"retriever shard {shard.index}", err) from err
         if reply.num_shards != len(self.shards) or reply.shard != shard.index:
@@ -117,10 +120,13 @@ class RetrieverTier:
             )
         return reply
 
-    async def search(self, question: str, k: int, timeout: float) -> Retrieved:
-        """Top-k passages over all shards, all from one index version."""
+    async def search(self, question: str, k: int, timeout: float, mode: RetrievalMode | None = None) -> Retrieved:
+        """Top-k passages over all shards, all from one index version; `mode` None: the retrievers' default."""
+        request = retriever_pb2.SearchRequest(
+            questions=[question], k=k, retrieval=to_pb_or_unset(mode), fusion_candidates=len(self.shards) > 1
+        )
         for attempt in range(3):
-            replies = await asyncio.gather(*(self._search_shard(s, question, k, timeout) for s in self.shards))
+            replies = await asyncio.gather(*(self._search_shard(s, request, timeout) for s in self.shards))
             versions = [r.index_version for r in replies]
             if len(set(versions)) > 1:  # a swap is being activated: ask the others for the majority's version
                 chosen = Counter(versions).most_common(1)[0][0]
@@ -129,7 +135,7 @@ class RetrieverTier:
                         *(
                             _done(r)
                             if r.index_version == chosen
-                            else self._search_shard(s, question, k, timeout, pin=chosen)
+                            else self._search_shard(s, request, timeout, pin=chosen)
                             for s, r in zip(self.shards, replies, strict=True)
                         )
                     )
@@ -137,11 +143,11 @@ class RetrieverTier:
                     if err.code != grpc.StatusCode.FAILED_PRECONDITION or attempt == 2:
                         raise
                     continue
-            passages = sorted((p for r in replies for p in r.results[0].passages), key=lambda p: -p.score)[:k]
+            served = RetrievalMode.from_pb(replies[0].retrieval) or RetrievalMode.DENSE
+            found = [[Passage.from_pb(p) for p in r.results[0].passages] for r in replies]
+            passages = Fusion.from_pb(replies[0].fusion).merge(found, k, served)
             return Retrieved(
-                tuple(Passage.from_pb(p) for p in passages),
-                IndexRef.parse(replies[0].index_version),
-                replies[0].score_temperature,
+                tuple(passages), IndexRef.parse(replies[0].index_version), replies[0].score_temperature, served
             )
         raise AssertionError("unreachable")
 

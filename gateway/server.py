@@ -16,9 +16,9 @@ from gateway.generator import GeneratorClient
 from gateway.retrievers import RetrieverTier
 from rag import metrics
 from rag.auth import load_admin_token
-from rag.errors import FailedPrecondition, Unavailable, require
+from rag.errors import FailedPrecondition, NotFound, Unavailable, require
 from rag.serving import Served, new_server
-from rag.types import Answer, Answered, AskRequest, DecodingOptions, Retrieved, Timings
+from rag.types import Answer, Answered, AskRequest, DecodingOptions, RetrievalMode, Retrieved, Timings
 from rag.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.retrievers = RetrieverTier(config.retrievers, backend_tls)
         self.generator = GeneratorClient(config.generator_address, backend_tls)
         self.admission = Admission(config.max_in_flight, config.max_waiting)
+        self.default_retrieval = RetrievalMode.parse(config.retrieval) if config.retrieval else None
 
     async def Ask(self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.AskResponse:
         deadline = Deadline(context, self.config.timeout_seconds)
@@ -93,9 +94,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         k = ask.k or self.config.default_k
         require(1 <= k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {k}")
         require(ask.options.n_docs <= k, f"n_docs={ask.options.n_docs} is more than the k={k} passages retrieved")
+        mode = ask.retrieval or self.default_retrieval
         with metrics.timed("retrieve"):
-            retrieved = await self.retrievers.search(ask.question, k, deadline.remaining())
-        if not retrieved.passages:
+            retrieved = await self.retrievers.search(ask.question, k, deadline.remaining(), mode)
+        if not retrieved.passages and retrieved.retrieval is RetrievalMode.LEXICAL and not ask.retrieve_only:
+            raise NotFound(
+                "no passage shares a word with the question (lexical retrieval; stop words do not count): ask with "
+                "retrieval hybrid or dense",
+                reason="no_lexical_match",
+            )
+        if not retrieved.passages and not ask.retrieve_only:
             raise FailedPrecondition("the index returned no passages")
         return retrieved, started, time.perf_counter()
 

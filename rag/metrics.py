@@ -25,6 +25,12 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
+SEARCH_SECONDS = Histogram(
+    "rag_search_duration_seconds",
+    "Retriever time per Search request (encoding and search), by retrieval mode: dense, lexical or hybrid.",
+    ["retrieval"],
+    buckets=_LATENCY_BUCKETS,
+)
 INDEX_INFO = Gauge("rag_index_info", "1 for the index version a retriever serves.", ["name", "version"])
 INDEX_LOAD_FAILURES = Counter(
     "rag_index_load_failures_total", "Index versions a retriever refused to load, by reason.", ["reason"]

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from rag.errors import require
 from rag.index_ref import IndexRef
-from rag.v1 import gateway_pb2, generator_pb2, passage_pb2
+from rag.v1 import gateway_pb2, generator_pb2, passage_pb2, retriever_pb2
 
 MAX_QUESTION_CHARS = 2000
 # What a passage may hold, for the generator that reads it and for `rag index build` that stores it (one rule).
@@ -54,19 +54,29 @@ class Passage:
     id: str
     title: str
     text: str
-    score: float = 0.0
+    score: float = 0.0  # what it was ranked by and the prior's logit (times its temperature)
     embedding: tuple[float, ...] = ()
+    dense_score: float | None = None  # q . d, when the question was encoded
+    lexical_score: float | None = None  # normalised BM25, when the lexical index was searched
 
     @classmethod
     def from_pb(cls, pb: passage_pb2.Passage) -> Passage:
         embedding = tuple(pb.embedding)
-        require_finite((pb.score,), f"passage {pb.id!r}'s score")
+        dense = pb.dense_score if pb.HasField("dense_score") else None
+        lexical = pb.lexical_score if pb.HasField("lexical_score") else None
+        require_finite((pb.score, *(s for s in (dense, lexical) if s is not None)), f"passage {pb.id!r}'s score")
         require_finite(embedding, f"passage {pb.id!r}'s embedding")
-        return cls(id=pb.id, title=pb.title, text=pb.text, score=pb.score, embedding=embedding)
+        return cls(pb.id, pb.title, pb.text, pb.score, embedding, dense, lexical)
 
     def to_pb(self) -> passage_pb2.Passage:
         return passage_pb2.Passage(
-            id=self.id, title=self.title, text=self.text, score=self.score, embedding=list(self.embedding)
+            id=self.id,
+            title=self.title,
+            text=self.text,
+            score=self.score,
+            embedding=list(self.embedding),
+            dense_score=self.dense_score,
+            lexical_score=self.lexical_score,
         )
 
 
@@ -117,6 +127,40 @@ class SequenceDecoding(enum.Enum):
         return _DECODING_TO_PB[self]
 
 
+class RetrievalMode(enum.Enum):
+    """How passages are found: by embedding (dense), by BM25 over the words (lexical), or both fused (hybrid)."""
+
+    DENSE = "dense"
+    LEXICAL = "lexical"
+    HYBRID = "hybrid"
+
+    @property
+    def uses_dense(self) -> bool:
+        return self is not RetrievalMode.LEXICAL
+
+    @property
+    def uses_lexical(self) -> bool:
+        return self is not RetrievalMode.DENSE
+
+    @classmethod
+    def parse(cls, text: str) -> RetrievalMode:
+        return _from_word(cls, text, "retrieval")
+
+    @classmethod
+    def from_pb(cls, pb: retriever_pb2.RetrievalMode.ValueType) -> RetrievalMode | None:
+        """The mode a request names; None when it leaves the choice to the server."""
+        if pb == retriever_pb2.RETRIEVAL_MODE_UNSPECIFIED:
+            return None
+        return _from_pb_value(_RETRIEVAL_FROM_PB, pb, "retrieval", retriever_pb2.RetrievalMode.Name)
+
+    def to_pb(self) -> retriever_pb2.RetrievalMode.ValueType:
+        return _RETRIEVAL_TO_PB[self]
+
+
+def to_pb_or_unset(mode: RetrievalMode | None) -> retriever_pb2.RetrievalMode.ValueType:
+    return mode.to_pb() if mode else retriever_pb2.RETRIEVAL_MODE_UNSPECIFIED
+
+
 def _from_word(enumeration: type[E], text: str, what: str) -> E:
     """The member named by a command-line word, or INVALID_ARGUMENT listing the words."""
     words = [member.value for member in enumeration]
@@ -144,6 +188,12 @@ _MODE_TO_PB = {
     Mode.CONCAT: generator_pb2.RAG_MODE_CONCAT,
 }
 _MODE_FROM_PB = {generator_pb2.RAG_MODE_UNSPECIFIED: Mode.TOKEN, **{pb: mode for mode, pb in _MODE_TO_PB.items()}}
+_RETRIEVAL_TO_PB = {
+    RetrievalMode.DENSE: retriever_pb2.RETRIEVAL_MODE_DENSE,
+    RetrievalMode.LEXICAL: retriever_pb2.RETRIEVAL_MODE_LEXICAL,
+    RetrievalMode.HYBRID: retriever_pb2.RETRIEVAL_MODE_HYBRID,
+}
+_RETRIEVAL_FROM_PB = {pb: mode for mode, pb in _RETRIEVAL_TO_PB.items()}
 _DECODING_TO_PB = {
     SequenceDecoding.THOROUGH: generator_pb2.SEQUENCE_DECODING_THOROUGH,
     SequenceDecoding.FAST: generator_pb2.SEQUENCE_DECODING_FAST,
@@ -264,7 +314,8 @@ class Retrieved:
 
     passages: tuple[Passage, ...]
     index: IndexRef
-    score_temperature: float  # the default temperature of p(z|x) for the encoder that scored them
+    score_temperature: float  # the default temperature of p(z|x) for the scores (the encoder's, or the fusion's)
+    retrieval: RetrievalMode = RetrievalMode.DENSE
 
 
 @dataclass(frozen=True)
@@ -275,14 +326,25 @@ class AskRequest:
     k: int = 0
     options: DecodingOptions = field(default_factory=DecodingOptions)
     retrieve_only: bool = False
+    retrieval: RetrievalMode | None = None  # None: the gateway's default
 
     @classmethod
     def from_pb(cls, pb: gateway_pb2.AskRequest) -> AskRequest:
-        return cls(parse_question(pb.question), pb.k, DecodingOptions.from_pb(pb.options), pb.retrieve_only)
+        return cls(
+            parse_question(pb.question),
+            pb.k,
+            DecodingOptions.from_pb(pb.options),
+            pb.retrieve_only,
+            RetrievalMode.from_pb(pb.retrieval),
+        )
 
     def to_pb(self) -> gateway_pb2.AskRequest:
         return gateway_pb2.AskRequest(
-            question=self.question, k=self.k, options=self.options.to_pb(), retrieve_only=self.retrieve_only
+            question=self.question,
+            k=self.k,
+            options=self.options.to_pb(),
+            retrieve_only=self.retrieve_only,
+            retrieval=to_pb_or_unset(self.retrieval),
         )
 
 
@@ -310,13 +372,14 @@ class Answer:
     sources: tuple[Source, ...]
     index: IndexRef
     timings: Timings
+    retrieval: RetrievalMode = RetrievalMode.DENSE
 
     @classmethod
     def of(cls, retrieved: Retrieved, answered: Answered | None, timings: Timings) -> Answer:
         """The sources are the passages the generator used (the first n_docs), each with the best answer's
         posterior; a retrieval-only answer lists every passage retrieved."""
         if answered is None:
-            return cls((), tuple(Source(p) for p in retrieved.passages), retrieved.index, timings)
+            return cls((), tuple(Source(p) for p in retrieved.passages), retrieved.index, timings, retrieved.retrieval)
         used = retrieved.passages[: len(answered.passage_priors)]
         best = answered.hypotheses[0].passage_posteriors if answered.hypotheses else ()
         posteriors = tuple(best) + (0.0,) * (len(used) - len(best))  # the baselines report no posterior
@@ -324,7 +387,7 @@ class Answer:
             Source(p, prior, posterior)
             for p, prior, posterior in zip(used, answered.passage_priors, posteriors, strict=True)
         )
-        return cls(answered.hypotheses, sources, retrieved.index, timings)
+        return cls(answered.hypotheses, sources, retrieved.index, timings, retrieved.retrieval)
 
     @property
     def text(self) -> str:
@@ -337,6 +400,7 @@ class Answer:
             sources=tuple(Source(Passage.from_pb(s.passage), s.prior, s.posterior) for s in pb.sources),
             index=IndexRef.parse(pb.index_version),
             timings=Timings(pb.timings.retrieve_ms, pb.timings.generate_ms, pb.timings.total_ms),
+            retrieval=RetrievalMode.from_pb(pb.retrieval) or RetrievalMode.DENSE,
         )
 
     def to_pb(self) -> gateway_pb2.AskResponse:
@@ -355,4 +419,5 @@ class Answer:
                 generate_ms=self.timings.generate_ms,
                 total_ms=self.timings.total_ms,
             ),
+            retrieval=self.retrieval.to_pb(),
         )

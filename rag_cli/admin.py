@@ -76,6 +76,8 @@ def version_records(root: Path, serving: dict[str, list[str]] | None) -> list[di
             records.append({
                 "index": str(manifest.ref), "passages": manifest.count, "shards": manifest.num_shards,
                 "type": manifest.index_type, "bytes": directory_bytes(root / name / version),
+                "lexical": {"bytes": manifest.lexical["bytes"], "build_seconds": manifest.lexical["build_seconds"],
+                            "terms": manifest.lexical["vocabulary"]} if manifest.lexical else None,
                 "created_at": manifest.created_at,
                 "served_by": None if serving is None else serving.get(str(manifest.ref), []),
             })  # fmt: skip
@@ -83,11 +85,16 @@ def version_records(root: Path, serving: dict[str, list[str]] | None) -> list[di
 
 
 def format_versions(root: Path, records: list[dict[str, Any]]) -> str:
-    rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "CREATED", "SERVED BY")]
+    rows = [("INDEX", "PASSAGES", "SHARDS", "TYPE", "SIZE", "LEXICAL", "CREATED", "SERVED BY")]
     for r in records:
         served = "?" if r["served_by"] is None else ", ".join(r["served_by"]) or "-"
+        lexical = (
+            f"{r['lexical']['bytes'] / 2**20:.1f} MiB, built in {r['lexical']['build_seconds']:.1f} s"
+            if r["lexical"]
+            else "none"
+        )
         rows.append((r["index"], str(r["passages"]), str(r["shards"]), r["type"], f"{r['bytes'] / 2**20:.1f} MiB",
-                     r["created_at"], served))  # fmt: skip
+                     lexical, r["created_at"], served))  # fmt: skip
     return _table(rows) if len(rows) > 1 else f"no indexes under {root}"
 
 

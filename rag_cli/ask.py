@@ -9,7 +9,7 @@ from typing import Any
 from rag.clients import call, stream
 from rag.config import option
 from rag.tls import ClientTLS, ClientTLSConfig
-from rag.types import Answer, AskRequest, DecodingOptions, Mode, SequenceDecoding
+from rag.types import Answer, AskRequest, DecodingOptions, Mode, RetrievalMode, SequenceDecoding
 from rag.v1 import gateway_pb2_grpc
 
 
@@ -19,6 +19,7 @@ class AskConfig(ClientTLSConfig):
     mode: str = option("token", "token (RAG-Token), sequence (RAG-Sequence), or a baseline: closed-book, concat")
     sequence_decoding: str = option("thorough", "RAG-Sequence decoding: thorough or fast")
     k: int = option(5, "passages to retrieve")
+    retrieval: str = option("", "dense, lexical or hybrid; empty: the gateway's default")
     n_docs: int = option(0, "condition on the best n_docs of them; 0 = all k")
     num_beams: int = option(1, "beam size; 1 = greedy")
     num_return_sequences: int = option(1, "answers to return (at most num_beams)")
@@ -36,7 +37,8 @@ class AskConfig(ClientTLSConfig):
             max_new_tokens=self.max_new_tokens,
             n_docs=self.n_docs,
         )
-        return AskRequest(question, self.k, options, retrieve_only)
+        retrieval = RetrievalMode.parse(self.retrieval) if self.retrieval else None
+        return AskRequest(question, self.k, options, retrieve_only, retrieval)
 
 
 def ask(request: AskRequest, gateway: str, timeout: float, tls: ClientTLS | None = None) -> Answer:
@@ -61,6 +63,7 @@ def as_json(answer: Answer, mode: Mode) -> dict[str, Any]:
         "answer": answer.text,
         "answers": [{"text": a.text, "log_prob": a.log_prob} for a in answer.answers],
         "mode": mode.value,
+        "retrieval": answer.retrieval.value,
         "index_version": str(answer.index),
         "passages": [
             {
@@ -68,6 +71,8 @@ def as_json(answer: Answer, mode: Mode) -> dict[str, Any]:
                 "title": s.passage.title,
                 "text": s.passage.text,
                 "score": s.passage.score,
+                "dense_score": s.passage.dense_score,
+                "lexical_score": s.passage.lexical_score,
                 "prior": s.prior,
                 "posterior": s.posterior,
             }
@@ -88,7 +93,10 @@ def format_answer(question: str, answer: Answer, mode: Mode, top: int = 3) -> st
 def format_sources(answer: Answer, mode: Mode, top: int = 3) -> str:
     """What follows the answer: how it was made, and the passages it rests on, by posterior."""
     t = answer.timings
-    lines = [f"   {mode.label} over {answer.index}, {t.total_ms / 1000:.1f} s (retrieve {t.retrieve_ms:.0f} ms)"]
+    lines = [
+        f"   {mode.label} over {answer.index} ({answer.retrieval.value} retrieval), {t.total_ms / 1000:.1f} s "
+        f"(retrieve {t.retrieve_ms:.0f} ms)"
+    ]
     lines.append("   sources by posterior p(z|x,y)   [prior p(z|x)]")
     for s in sorted(answer.sources, key=lambda s: -s.posterior)[:top]:
         snippet = s.passage.text[:90].replace("\n", " ")

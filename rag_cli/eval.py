@@ -32,7 +32,7 @@ from tqdm import tqdm
 from rag.config import option
 from rag.errors import InvalidArgument
 from rag.files import open_text, write_atomically
-from rag.types import AskRequest, DecodingOptions, Mode
+from rag.types import AskRequest, DecodingOptions, Mode, RetrievalMode
 from rag_cli.ask import ask
 
 RETRIEVE = "retrieve"  # retrieval only: no answer is generated
@@ -45,6 +45,7 @@ class EvalConfig:
     gateway: str = option("127.0.0.1:50051", "gateway address")
     mode: str = option("token", f"one of {', '.join(MODES)} (retrieve: retrieval only)")
     k: int = option(5, "passages per question")
+    retrieval: str = option("", "dense, lexical or hybrid; empty: the gateway's default")
     ks: str = option("", "comma-separated k values to sweep instead of --k (writes a plot with --out)")
     limit: int = option(0, "evaluate a random sample of this many questions (0 = all)")
     seed: int = option(0, "seed of that sample")
@@ -210,7 +211,13 @@ def evaluate_one(example: Example, request: AskRequest, gateway: str, timeout: f
         "question": example.question,
         "answers": list(example.answers),
         "prediction": answer.text,
+        "retrieval": answer.retrieval.value,
+        "requested_retrieval": request.retrieval.value if request.retrieval else "",
         "retrieved": ids,
+        "scores": [
+            {"score": s.passage.score, "dense": s.passage.dense_score, "lexical": s.passage.lexical_score}
+            for s in answer.sources
+        ],
         "gold_rank": gold_rank(ids, example.gold_passage) if example.gold_passage else None,
         "has_gold": bool(example.gold_passage),
         "latency_ms": answer.timings.total_ms,
@@ -222,7 +229,8 @@ def evaluate_one(example: Example, request: AskRequest, gateway: str, timeout: f
 
 
 def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"mode": mode, "k": k, "n": len(records)}
+    served = sorted({r.get("retrieval", "dense") for r in records})
+    summary: dict[str, Any] = {"mode": mode, "retrieval": "+".join(served), "k": k, "n": len(records)}
     if mode != RETRIEVE:
         summary["exact_match"] = sum(r["exact_match"] for r in records) / max(1, len(records))
         summary["f1"] = sum(r["f1"] for r in records) / max(1, len(records))
@@ -240,13 +248,17 @@ def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any
 
 
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
-    lines = ["| mode | k | n | EM | F1 | recall@k | p50 latency (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | retrieval | k | n | EM | F1 | recall@k | p50 latency (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         em = f"{s['exact_match']:.3f}" if "exact_match" in s else "-"
         f1 = f"{s['f1']:.3f}" if "f1" in s else "-"
         recall = f"{s['recall_at_k']:.3f}" if "recall_at_k" in s else "-"
         lines.append(
-            f"| {s['mode']} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | {s['latency_ms']['p50'] / 1000:.2f} |"
+            f"| {s['mode']} | {s.get('retrieval', 'dense')} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | "
+            f"{s['latency_ms']['p50'] / 1000:.2f} |"
         )
     return "\n".join(lines)
 
@@ -283,17 +295,18 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
     ks = [int(k) for k in config.ks.split(",") if k.strip()] if config.ks else [config.k]
     examples = sample(read_examples(questions, config.questions_format), config.limit, config.seed)
     out = Path(config.out) if config.out else None
-    done: dict[tuple[str, int, str], dict[str, Any]] = {}
+    retrieval = RetrievalMode.parse(config.retrieval) if config.retrieval else None
+    done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if (out / "results.jsonl").exists():
             for line in (out / "results.jsonl").read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
-                    done[(record["mode"], record["k"], record["id"])] = record
+                    done[(record["mode"], record.get("requested_retrieval", ""), record["k"], record["id"])] = record
     summaries = []
     for k in ks:
-        request = AskRequest("", k, options, retrieve_only)  # each example's question goes in
+        request = AskRequest("", k, options, retrieve_only, retrieval)  # each example's question goes in
         records = []
         with tqdm(
             total=len(examples),
@@ -303,7 +316,7 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
             file=sys.stderr,
         ) as bar:
             for example in examples:
-                key = (config.mode, k, example.id)
+                key = (config.mode, config.retrieval, k, example.id)
                 if key not in done:
                     done[key] = evaluate_one(example, request, config.gateway, config.timeout)
                     if out is not None:

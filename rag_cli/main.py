@@ -77,6 +77,7 @@ class BuildConfig:
     reuse_from: str = option(
         "", "reuse embeddings from this index (NAME[@VERSION]) instead of the newest version of --name"
     )
+    lexical: bool = option(True, "build a lexical (BM25) index beside the dense one, for lexical and hybrid retrieval")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -107,11 +108,14 @@ def _index_build(config: BuildConfig) -> int:
         reuse_embeddings=config.reuse_embeddings,
         reuse_from=reuse_from,
         show_progress=config.progress,
+        lexical=config.lexical,
     )
-    reused = manifest.embeddings_reused
+    reused, lexical = manifest.embeddings_reused, manifest.lexical
     print(
         f"built {manifest.ref}: {manifest.count} passages in {manifest.num_shards} shard(s), {manifest.index_type}, "
-        f"dim {manifest.dim}" + (f"; {reused['passages']} embeddings reused from {reused['from']}" if reused else ""),
+        f"dim {manifest.dim}"
+        + (f"; {reused['passages']} embeddings reused from {reused['from']}" if reused else "")
+        + (f"; lexical index of {lexical['vocabulary']} terms in {lexical['build_seconds']:.2f} s" if lexical else ""),
         file=sys.stderr,
     )
     print(manifest.version)

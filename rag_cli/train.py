@@ -48,10 +48,11 @@ from generator_svc.passage_lm import PassageLM, one_each
 from rag import paths
 from rag.errors import FailedPrecondition, require
 from rag.files import publishing, sha256_file, write_atomically
+from rag.fusion import Fusion
 from rag.index_ref import IndexRef
-from rag.types import Mode, Passage
+from rag.types import Mode, Passage, RetrievalMode
 from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
-from rag_cli.train_config import DEVICES, MODES, WHAT, TrainConfig
+from rag_cli.train_config import DEVICES, MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
 from rag_cli.up import Stack, UpConfig
 from retriever_svc.encoders import Encoder, load_encoder
 from retriever_svc.layout import MANIFEST, Manifest, resolve
@@ -82,6 +83,11 @@ class Plan:
 def plan(questions: Path, config: TrainConfig) -> Plan:
     require(config.train in WHAT, f"--train must be one of {', '.join(WHAT)}, got {config.train!r}")
     require(config.mode in MODES, f"--mode must be token or sequence, got {config.mode!r}")
+    require(
+        config.retrieval in TRAIN_RETRIEVAL,
+        f"--retrieval must be dense or hybrid (lexical scores give the query encoder no gradient), got "
+        f"{config.retrieval!r}",
+    )
     require(config.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
     require(config.k >= 1, f"--k must be at least 1, got {config.k}")
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
@@ -117,17 +123,30 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
 
 
 class Retrieval:
-    """Top-k search over every shard of the fixed index, returning passages with the vectors it stores."""
+    """Top-k search over every shard of the fixed index, dense or hybrid as the retrievers search it, returning
+    passages with the vectors the index stores."""
 
-    def __init__(self, index_dir: Path, manifest: Manifest) -> None:
+    def __init__(self, index_dir: Path, manifest: Manifest, mode: RetrievalMode) -> None:
         self.shards = [IndexShard(index_dir, shard) for shard in range(manifest.num_shards)]
+        self.mode = mode
+        self.fusion = Fusion(dense_temperature=manifest.encoder.score_temperature)
+        if mode.uses_lexical:
+            self.shards[0].require_lexical()
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Passage]]:
-        found: list[list[Passage]] = [[] for _ in queries]
-        for shard in self.shards:
-            for b, hits in enumerate(shard.search(queries, k)):
-                found[b] += shard.passages(hits, with_embeddings=True)
-        return [sorted(passages, key=lambda p: -p.score)[:k] for passages in found]
+    def search(self, questions: list[str], queries: np.ndarray, k: int) -> list[list[Passage]]:
+        keep_all = len(self.shards) > 1
+        per_shard = [shard.find(questions, queries, k, self.mode, self.fusion, True, keep_all) for shard in self.shards]
+        return [self.fusion.merge([found[b] for found in per_shard], k, self.mode) for b in range(len(questions))]
+
+    def log_prior(self, q: torch.Tensor, passages: list[list[Passage]]) -> torch.Tensor:
+        """log p(z|x) as the retrievers score it, with the gradient of the query vectors q [B, D] through q . d:
+        dense, softmax(q . d / T); hybrid, softmax(q . d / T + weight * lexical) (the linear fusion)."""
+        d = torch.tensor([[x.embedding for x in found] for found in passages], device=q.device)
+        dense = torch.einsum("bd,bkd->bk", q.float(), d)
+        if self.mode is RetrievalMode.DENSE:
+            return rag_math.log_prior(dense, self.fusion.dense_temperature)
+        lexical = torch.tensor([[x.lexical_score or 0.0 for x in found] for found in passages], device=q.device)
+        return rag_math.log_prior(self.fusion.logit(dense, lexical), 1.0)
 
     def close(self) -> None:
         for shard in self.shards:
@@ -188,7 +207,7 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
     transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
     p = plan(questions, config)
     encoder = load_encoder(config.encoder or p.manifest.encoder.spec)
-    retrieval = Retrieval(p.index_dir, p.manifest)
+    retrieval = Retrieval(p.index_dir, p.manifest, RetrievalMode.parse(config.retrieval))
     try:
         for shard in retrieval.shards:
             check_compatible(encoder, shard)
@@ -253,7 +272,6 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrie
     autocast: AbstractContextManager[Any] = (
         torch.autocast("cuda", dtype=torch.bfloat16) if p.device.type == "cuda" else nullcontext()
     )
-    temperature = encoder.info.score_temperature
     started = time.perf_counter()
     with tqdm(
         total=total, initial=step, desc="rag train", unit="step", disable=not config.progress, file=sys.stderr
@@ -273,9 +291,8 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrie
                     q = encoder.question_vectors(texts)
                 else:
                     q = torch.from_numpy(encoder.encode_questions(texts)).to(p.device)
-                passages = retrieval.search(q.detach().float().cpu().numpy(), config.k)
-                d = torch.tensor([[x.embedding for x in found] for found in passages], device=q.device)
-                prior = rag_math.log_prior(torch.einsum("bd,bkd->bk", q.float(), d), temperature)
+                passages = retrieval.search(texts, q.detach().float().cpu().numpy(), config.k)
+                prior = retrieval.log_prior(q, passages)
                 if frozen is not None:
                     logprobs = frozen.logprobs(batch, passages, targets, mask).to(p.device)
                 else:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from generator_svc.config import DEVICES
 from rag import paths
 from rag.config import option
-from rag.types import Mode
+from rag.types import Mode, RetrievalMode
 
 WHAT = ("query-encoder", "generator", "both")
 MODES = (Mode.TOKEN.value, Mode.SEQUENCE.value)
+TRAIN_RETRIEVAL = (RetrievalMode.DENSE.value, RetrievalMode.HYBRID.value)
 
 
 @dataclass
@@ -23,6 +24,11 @@ class TrainConfig:
     train: str = option("both", f"what learns: {', '.join(WHAT)}")
     mode: str = option("token", "the marginal the loss uses: token (RAG-Token) or sequence (RAG-Sequence)")
     k: int = option(5, "passages retrieved per question")
+    retrieval: str = option(
+        "dense",
+        "dense, or hybrid (the linear fusion with BM25, as the retrievers serve it; the gradient reaches the query "
+        "encoder through its dense term)",
+    )
     epochs: int = option(1, "passes over the questions")
     max_steps: int = option(0, "train this many steps, cycling through the questions (overrides --epochs; 0 = off)")
     lr: float = option(3e-5, "peak learning rate (AdamW, linear warmup and decay)")

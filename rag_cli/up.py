@@ -38,6 +38,11 @@ class UpConfig:
     host: str = option("127.0.0.1", "address every service listens on")
     port: int = option(50051, "gateway port (0 picks a free one)")
     shards: int = option(1, "retrievers to start, one per shard of the index")
+    retrieval: str = option(
+        "hybrid",
+        "dense, lexical or hybrid: the retrievers' mode for Asks that name none (dense where the index has "
+        "no lexical index)",
+    )
     retriever_port: int = option(50052, "port of shard 0's retriever; shard i listens 100*i above (0 picks free ones)")
     generator_port: int = option(50053, "generator port (0 picks a free one)")
     metrics_port: int = option(9090, "gateway metrics port; generator +1, retrievers +2 and up; 0 turns metrics off")
@@ -140,6 +145,7 @@ class Stack:
                 index=c.index,
                 encoder=c.encoder,
                 shard=shard,
+                retrieval=c.retrieval,
             )  # fmt: skip
             for shard in range(c.shards)
         ]

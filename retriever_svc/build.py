@@ -3,7 +3,8 @@
 A build writes into `<root>/<name>/.tmp-*` and renames it into place when complete, so a loader never sees a
 half-written version; a failed build removes its temp directory. Passages whose title and text are unchanged
 since the newest version built with the same encoder keep their embeddings, so an update re-encodes only what
-changed. Approximate index types also get a faiss index over the embeddings.
+changed. Approximate index types also get a faiss index over the embeddings; every version gets a lexical (BM25)
+index beside the dense one unless asked not to, published in the same rename and covered by the same checksums.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import faiss
@@ -41,6 +42,7 @@ from retriever_svc.layout import (
     shard_dir,
     versions,
 )
+from retriever_svc.lexical import build_lexical
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ def build_index(
     reuse_embeddings: bool = True,
     reuse_from: IndexRef | None = None,
     show_progress: bool = True,
+    lexical: bool = True,
 ) -> Manifest:
     """Build and publish a new version of `name`, split into `shards` shards; returns its manifest."""
     IndexRef(name)  # validates the name
@@ -239,6 +242,12 @@ def build_index(
                     _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
                 del embeddings
         staging.unlink()
+        lexical_record = build_lexical(
+            [_shard_texts(tmp / shard_dir(shard) / PASSAGES) for shard in range(shards)],
+            [tmp / shard_dir(shard) for shard in range(shards)],
+        ) if lexical else {}  # fmt: skip
+        if lexical:
+            log.info("lexical index: %(vocabulary)d terms, %(bytes)d bytes in %(build_seconds).2f s", lexical_record)
         if reuse is not None:
             log.info("reused the embeddings of %d of %d passages from %s", reused, count, reuse.source)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -258,8 +267,16 @@ def build_index(
             checksums={f: sha256_file(tmp / f) for f in files},
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
+            lexical=lexical_record,
         )
         return _publish(tmp, root, manifest)
+
+
+def _shard_texts(store_path: Path) -> Iterator[str]:
+    """What the lexical index holds of each passage, in row order: its title and its text."""
+    with closing(sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)) as store:
+        for title, text in store.execute("SELECT title, text FROM passages ORDER BY row"):
+            yield f"{title}\n{text}"
 
 
 ABANDONED_AFTER_SECONDS = 3600  # a temp directory without a lock file (a build killed before it took one)
@@ -325,7 +342,8 @@ def _publish(tmp: Path, root: Path, manifest: Manifest) -> Manifest:
 def index_built_from(
     corpus: Path, encoder_spec: str, root: Path, name: str, reuse_from: IndexRef | None = None
 ) -> IndexRef:
-    """The newest version of `name` built from this corpus file with this encoder, building one if there is none
+    """The newest version of `name` built from this corpus file with this encoder and with a lexical index, building
+    one if there is none
     (with the embeddings of `reuse_from`, or else of the newest version of `name`, where passages match)."""
     corpus_sha = sha256_file(corpus)
     for version in reversed(versions(root, name)):
@@ -333,7 +351,7 @@ def index_built_from(
             manifest = Manifest.from_file(root / name / version / MANIFEST)
         except FailedPrecondition:  # unreadable (an older format): build anew
             continue
-        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec:
+        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec and manifest.lexical:
             log.info("reusing index %s", manifest.ref)
             return manifest.ref
     started = time.perf_counter()

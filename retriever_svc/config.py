@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from rag import paths
 from rag.config import option
+from rag.fusion import Fusion, FusionMethod
 from rag.serving import ServerConfig
+from rag.types import RetrievalMode
 
 
 @dataclass
@@ -20,6 +22,14 @@ class RetrieverConfig(ServerConfig):
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index manifest")
     max_k: int = option(100, "largest k a request may ask for")
     max_questions: int = option(64, "most questions in one Search request")
+    retrieval: str = option(
+        RetrievalMode.HYBRID.value,
+        "dense, lexical or hybrid: the mode of requests that name none (served dense where the version has no "
+        "lexical index)",
+    )
+    fusion: str = option(Fusion.method.value, "how hybrid retrieval fuses its lists: linear (DPR's) or rrf")
+    fusion_weight: float = option(Fusion.weight, "linear fusion: weight of the normalised BM25 score (logit units)")
+    fusion_candidates: int = option(Fusion.candidates, "hybrid: each list's top max(k, N) passages are fused")
     verify_checksums: bool = option(True, "check every index file against its manifest checksum when loading")
     mmap: bool = option(
         False,
@@ -29,3 +39,9 @@ class RetrieverConfig(ServerConfig):
     threads: int = option(0, "torch threads for the question encoder; 0 = one per core")
     admin_token: str = option("", "token for the IndexAdminService RPCs; prefer the env mirror or a token file")
     admin_token_file: str = option("", "file holding the admin token (a mounted Kubernetes Secret)")
+
+    def default_retrieval(self) -> RetrievalMode:
+        return RetrievalMode.parse(self.retrieval)
+
+    def fusion_settings(self) -> Fusion:
+        return Fusion(FusionMethod.parse(self.fusion), self.fusion_weight, self.fusion_candidates)

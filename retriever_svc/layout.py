@@ -8,6 +8,7 @@ An index root holds named indexes; each build is a new immutable version directo
         shard-<i>/passages.sqlite   row -> (id, title, text)
                   embeddings.npy    float32 [count, dim], row-aligned; memory-mapped when loaded
                   ann.faiss         only for approximate index types (HNSW, IVF-PQ, faiss factory strings)
+                  lexical/          the BM25 index (retriever_svc.lexical), unless built with --no-lexical
 
 Shard i holds the i-th contiguous slice of the corpus's passages; a retriever serves one shard. Building is
 retriever_svc.build, loading and searching retriever_svc.search; this module needs neither torch nor faiss, so
@@ -72,6 +73,8 @@ class Manifest:
     checksums: dict[str, str]  # "shard-<i>/<file>" -> sha256
     created_at: str
     embeddings_reused: dict[str, object] = dataclasses.field(default_factory=dict)  # {"from": ref, "passages": n}
+    # The lexical index: analyzer, BM25 parameters, global statistics, build time and size; {} when there is none.
+    lexical: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         data = dict(self.__dict__, encoder=self.encoder.to_json())

@@ -1,8 +1,10 @@
-"""Loading one shard of an index version, validated, and searching it.
+"""Loading one shard of an index version, validated, and searching it: densely, lexically or both.
 
 Exact search is a blocked matrix product over the memory-mapped embeddings (faster than faiss' IndexFlatIP
 for batches, and equal to it); approximate indexes search with faiss, then rescore their candidates exactly,
-so every score is the true inner product q . d that the generator's prior uses.
+so every score is the true inner product q . d that the generator's prior uses. Lexical search is BM25 over
+the shard's lexical index (retriever_svc.lexical); hybrid search scores the union of both lists' candidates
+both ways and fuses them (rag.fusion).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -18,8 +20,10 @@ import numpy as np
 
 from rag.errors import FailedPrecondition
 from rag.files import sha256_file
+from rag.fusion import Fusion
 from rag.index_ref import IndexRef
-from rag.types import Passage
+from rag.types import Passage, RetrievalMode
+from retriever_svc import lexical
 from retriever_svc.layout import ANN, EMBEDDINGS, FORMAT_VERSION, MANIFEST, PASSAGES, Manifest, shard_dir
 
 ANN_CANDIDATES = 8  # approximate indexes propose this many times k candidates; exact rescoring keeps the best k
@@ -50,7 +54,9 @@ class IndexShard:
             )
         directory = version_dir / shard_dir(shard)
         expected = {f: digest for f, digest in m.checksums.items() if f.startswith(shard_dir(shard) + "/")}
-        required = {f"{shard_dir(shard)}/{f}" for f in (PASSAGES, EMBEDDINGS) + ((ANN,) if m.faiss_factory else ())}
+        lexical_files = tuple(f"{lexical.LEXICAL}/{f}" for f in (*lexical.FILES, lexical.IDF)) if m.lexical else ()
+        own = (PASSAGES, EMBEDDINGS) + ((ANN,) if m.faiss_factory else ()) + lexical_files
+        required = {f"{shard_dir(shard)}/{f}" for f in own}
         missing = sorted(f for f in required if not (version_dir / f).is_file())
         if missing or not required <= set(expected):
             raise FailedPrecondition(
@@ -79,6 +85,7 @@ class IndexShard:
                     f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}",
                     reason="shape",
                 )
+        self.lexical = lexical.LexicalShard(directory / lexical.LEXICAL, count, where, mmap) if m.lexical else None
         self._store = sqlite3.connect(
             f"file:{directory / PASSAGES}?mode=ro&immutable=1", uri=True, check_same_thread=False
         )
@@ -124,6 +131,57 @@ class IndexShard:
             order = np.argsort(-exact, kind="stable")[:k]
             results.append([Hit(int(r), float(s)) for r, s in zip(found[order], exact[order], strict=True)])
         return results
+
+    def require_lexical(self) -> lexical.LexicalShard:
+        if self.lexical is None:
+            raise FailedPrecondition(
+                f"{self.ref} has no lexical index (built with --no-lexical, or before lexical indexes): rebuild it "
+                f"with `rag index build --corpus {self.manifest.corpus.get('path', 'CORPUS')} --name "
+                f"{self.manifest.name}` (lexical is on by default) and swap to the new version, or ask with "
+                "retrieval dense",
+                reason="no_lexical",
+            )
+        return self.lexical
+
+    def find(
+        self,
+        questions: Sequence[str],
+        queries: np.ndarray | None,
+        k: int,
+        mode: RetrievalMode,
+        fusion: Fusion,
+        with_embeddings: bool = False,
+        keep_all: bool = False,
+    ) -> list[list[Passage]]:
+        """Each question's passages, best first: dense (needs the encoded `queries`), lexical, or hybrid (the
+        fused top k, or with `keep_all` every fusion candidate of this shard, for a caller merging shards)."""
+        if mode is RetrievalMode.DENSE:
+            assert queries is not None
+            return [
+                [replace(p, dense_score=p.score) for p in self.passages(hits, with_embeddings)]
+                for hits in self.search(queries, k)
+            ]
+        index = self.require_lexical()
+        n = max(k, fusion.candidates)
+        dense_hits = self.search(queries, n) if queries is not None and mode is RetrievalMode.HYBRID else []
+        found = []
+        for i, question in enumerate(questions):
+            scores = index.scores(index.term_ids(question))
+            if mode is RetrievalMode.LEXICAL:
+                hits = [Hit(r, float(scores[r])) for r in lexical.top_rows(scores, k)]
+                found.append([replace(p, lexical_score=p.score) for p in self.passages(hits, with_embeddings)])
+                continue
+            assert queries is not None
+            rows = sorted({h.row for h in dense_hits[i]} | set(lexical.top_rows(scores, n)))
+            dense = self.embeddings[rows] @ queries[i]
+            pool = [
+                replace(p, dense_score=float(d), lexical_score=float(scores[r]))
+                for p, d, r in zip(
+                    self.passages([Hit(r, 0.0) for r in rows], with_embeddings), dense, rows, strict=True
+                )
+            ]
+            found.append(fusion.fuse(pool, k, keep_all))
+        return found
 
     def passages(self, hits: Sequence[Hit], with_embeddings: bool) -> list[Passage]:
         rows = [h.row for h in hits]

@@ -1,5 +1,5 @@
-"""RetrieverService (encode questions, search one shard of a resident index version) and IndexAdminService
-(load, activate and unload versions on this replica)."""
+"""RetrieverService (encode questions, search one shard of a resident index version densely, lexically or both)
+and IndexAdminService (load, activate and unload versions on this replica)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -17,9 +17,10 @@ import torch
 from rag import metrics
 from rag.auth import AdminAuth, load_admin_token
 from rag.errors import FailedPrecondition, Unavailable, require
+from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.serving import Served, new_server, start_loading
-from rag.types import Passage, parse_question
+from rag.types import Passage, RetrievalMode, parse_question
 from rag.v1 import index_admin_pb2, index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig
 from retriever_svc.encoders import load_encoder
@@ -35,43 +36,64 @@ ADMIN_SERVICE_NAME = index_admin_pb2.DESCRIPTOR.services_by_name["IndexAdminServ
 @dataclass(frozen=True)
 class SearchResults:
     passages: list[list[Passage]]  # per question, best first
-    query_embeddings: np.ndarray
+    query_embeddings: np.ndarray | None  # None when the questions were not encoded (lexical retrieval)
     index: IndexShard
+    mode: RetrievalMode
+    fusion: Fusion
 
     def to_pb(self, include_query_embeddings: bool) -> retriever_pb2.SearchResponse:
+        queries = self.query_embeddings if include_query_embeddings and self.query_embeddings is not None else None
         return retriever_pb2.SearchResponse(
             results=[
                 retriever_pb2.SearchResult(
                     passages=[p.to_pb() for p in passages],
-                    query_embedding=query.tolist() if include_query_embeddings else [],
+                    query_embedding=queries[i].tolist() if queries is not None else [],
                 )
-                for passages, query in zip(self.passages, self.query_embeddings, strict=True)
+                for i, passages in enumerate(self.passages)
             ],
             index_version=str(self.index.ref),
-            score_temperature=self.index.manifest.encoder.score_temperature,
+            score_temperature=self.fusion.prior_temperature(self.mode),
             shard=self.index.shard,
             num_shards=self.index.manifest.num_shards,
+            retrieval=self.mode.to_pb(),
+            fusion=self.fusion.to_pb(),
         )
 
 
 class Retriever:
     """The question encoder and the index versions resident on this replica."""
 
-    def __init__(self, indexes: ResidentIndexes) -> None:
+    def __init__(self, indexes: ResidentIndexes, default_mode: RetrievalMode, fusion: Fusion) -> None:
         self.indexes = indexes
         self.encoder = indexes.encoder
+        self.default_mode = default_mode
+        self.fusion = fusion
 
     def search(
-        self, questions: list[str], k: int, with_embeddings: bool, pinned: IndexRef | None = None
+        self,
+        questions: list[str],
+        k: int,
+        with_embeddings: bool,
+        pinned: IndexRef | None = None,
+        mode: RetrievalMode | None = None,
+        keep_all: bool = False,
     ) -> SearchResults:
         with self.indexes.acquire(pinned) as index:  # one version for the whole request
-            with metrics.timed("encode"):
-                queries = self.encoder.encode_questions(questions)
+            if mode is None:  # the server's default, where this version can serve it
+                mode = self.default_mode if index.lexical is not None else RetrievalMode.DENSE
+            elif mode.uses_lexical:
+                index.require_lexical()
+            started = time.perf_counter()
+            queries = None
+            if mode.uses_dense:
+                with metrics.timed("encode"):
+                    queries = self.encoder.encode_questions(questions)
+            fusion = replace(self.fusion, dense_temperature=index.manifest.encoder.score_temperature)
             with metrics.timed("search"):
-                hits = index.search(queries, k)
-                passages = [index.passages(h, with_embeddings) for h in hits]
+                passages = index.find(questions, queries, k, mode, fusion, with_embeddings, keep_all)
+            metrics.SEARCH_SECONDS.labels(mode.value).observe(time.perf_counter() - started)
         metrics.PASSAGES_SERVED.inc(sum(len(p) for p in passages))
-        return SearchResults(passages, queries, index)
+        return SearchResults(passages, queries, index, mode, fusion)
 
 
 def shard_of(config: RetrieverConfig) -> int:
@@ -98,7 +120,15 @@ def load_retriever(config: RetrieverConfig) -> Retriever:
     indexes.load(first.ref)
     indexes.activate(first.ref)
     log.info("serving %s shard %d/%d with %s", first.ref, indexes.shard, first.num_shards, encoder.info.spec)
-    return Retriever(indexes)
+    mode = config.default_retrieval()
+    if mode.uses_lexical and not first.lexical:
+        log.warning(
+            "%s has no lexical index: requests that name no retrieval mode are served dense, not %s, until a version "
+            "with one is swapped in (`rag index build` makes one by default)",
+            first.ref,
+            mode.value,
+        )
+    return Retriever(indexes, mode, config.fusion_settings())
 
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
@@ -123,7 +153,10 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         questions = [parse_question(q) for q in request.questions]
         require(1 <= request.k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {request.k}")
         pinned = IndexRef.parse(request.index_version) if request.index_version else None
-        found = await asyncio.to_thread(retriever.search, questions, request.k, request.include_embeddings, pinned)
+        mode = RetrievalMode.from_pb(request.retrieval)
+        found = await asyncio.to_thread(
+            retriever.search, questions, request.k, request.include_embeddings, pinned, mode, request.fusion_candidates
+        )
         return found.to_pb(request.include_query_embeddings)
 
 
@@ -170,6 +203,7 @@ class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
 
 
 async def create_server(config: RetrieverConfig) -> Served:
+    config.default_retrieval(), config.fusion_settings()  # bad settings fail at start, not when loading
     servicer = RetrieverServicer(config)
     admin = IndexAdminServicer(servicer, load_admin_token(config.admin_token, config.admin_token_file))
 

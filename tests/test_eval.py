@@ -145,6 +145,7 @@ def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.
     assert rag_cli(args) == 0
     summary = json.loads(capsys.readouterr().out)  # --json: stdout is the JSON document alone
     assert summary["n"] == 3 and summary["mode"] == mode and summary["k"] == 3
+    assert summary["retrieval"] == "hybrid"  # the retrievers' default, where the index has a lexical index
     assert 0 <= summary["recall_at_k"] <= 1 and summary["recall_at_1"] <= summary["recall_at_k"]
     assert summary["latency_ms"]["p50"] > 0
     if mode == "retrieve":
@@ -152,7 +153,26 @@ def test_rag_eval_end_to_end(services: Services, tmp_path: Path, capsys: pytest.
     else:
         assert 0 <= summary["exact_match"] <= summary["f1"] <= 1
     assert rag_cli([a for a in args if a != "--json"]) == 0  # without it, the Markdown table
-    assert capsys.readouterr().out.startswith("| mode | k | n | EM | F1 | recall@k |")
+    assert capsys.readouterr().out.startswith("| mode | retrieval | k | n | EM | F1 | recall@k |")
+
+
+@pytest.mark.parametrize("retrieval", ["dense", "lexical", "hybrid"])
+def test_rag_eval_retrieval_modes_record_why_each_passage_ranked(
+    services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str], retrieval: str
+) -> None:
+    out = tmp_path / "out"
+    args = ["eval", str(_question_set(tmp_path)), "--gateway", services.gateway, "--mode", "retrieve",
+            "--retrieval", retrieval, "--ks", "1,3", "--out", str(out), "--json", "--no-progress"]  # fmt: skip
+    assert rag_cli(args) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["retrieval"] for s in summaries["sweep"]] == [retrieval, retrieval]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert records and all(r["retrieval"] == retrieval for r in records)
+    scores = [s for r in records for s in r["scores"]]
+    assert scores and all((s["dense"] is not None) == (retrieval != "lexical") for s in scores)
+    assert all((s["lexical"] is not None) == (retrieval != "dense") for s in scores)
+    if retrieval == "lexical":  # "Who discovered penicillin?" shares words with one passage only
+        assert records[0]["retrieved"][0] == "fleming" and records[0]["gold_rank"] == 1
 
 
 def test_rag_eval_resumes_and_plots_a_k_sweep(

@@ -23,6 +23,7 @@ from retriever_svc.build import build_index
 from retriever_svc.corpus import Document, read_documents, split_passages
 from retriever_svc.encoders import load_encoder
 from retriever_svc.layout import Manifest, versions
+from retriever_svc.lexical import FILES as LEXICAL_FILES
 from tests.conftest import (
     FACTS,
     Services,
@@ -39,6 +40,8 @@ QUESTIONS = ["Who discovered penicillin?", "What is the capital of France?", "Ho
 
 
 def search(address: str, questions: list[str], k: int, **flags: Any) -> retriever_pb2.SearchResponse:
+    """Dense search unless `flags` name another retrieval mode (tests/test_hybrid.py covers lexical and hybrid)."""
+    flags.setdefault("retrieval", retriever_pb2.RETRIEVAL_MODE_DENSE)
     with grpc.insecure_channel(address) as channel:
         return retriever_pb2_grpc.RetrieverServiceStub(channel).Search(
             retriever_pb2.SearchRequest(questions=questions, k=k, **flags), timeout=60
@@ -105,7 +108,9 @@ def test_build_writes_a_validated_manifest_and_new_versions(tmp_path: Path, tiny
     assert manifest.dim == encoder.info.dim and manifest.metric == "inner_product"
     documents = read_documents(corpus, "jsonl")
     assert manifest.count == sum(len(list(split_passages(d))) for d in documents) > len(corpus_records())
-    assert set(manifest.checksums) == {"shard-0/passages.sqlite", "shard-0/embeddings.npy"}
+    lexical = {f"shard-0/lexical/{f}" for f in (*LEXICAL_FILES, "idf.npy")}  # the BM25 index, by default
+    assert set(manifest.checksums) == {"shard-0/passages.sqlite", "shard-0/embeddings.npy", *lexical}
+    assert manifest.lexical["documents"] == manifest.count and manifest.lexical["analyzer"]["stemmer"]
     assert manifest.num_shards == 1 and manifest.shard_counts == [manifest.count]
     assert not [p for p in (root / "wiki").iterdir() if p.name.startswith(".")]
 

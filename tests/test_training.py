@@ -277,3 +277,22 @@ def test_rag_train_refuses_bad_input_and_writes_nothing(
     result = rag("train", str(given), *args)
     assert result.returncode == exit_code and message in result.stderr, result.stderr[-2000:]
     assert not out.exists()
+
+
+def test_rag_train_one_step_with_hybrid_candidates_trains_the_query_encoder(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path
+) -> None:
+    # Hybrid: candidates from both lists, p(z|x) = softmax(q.d / T + weight * bm25); the gradient reaches the query
+    # encoder through the dense term.
+    common = ["--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+              "--train", "query-encoder", "--k", "3", "--max-steps", "1", "--lr", "1e-2"]  # fmt: skip
+    runs = {mode: train(questions, *common, "--retrieval", mode, "--out", str(tmp_path / mode))[0]
+            for mode in ("dense", "hybrid")}  # fmt: skip
+    assert runs["hybrid"]["steps"] == 1 and torch.isfinite(torch.tensor(runs["hybrid"]["loss_first"]))
+    assert runs["hybrid"]["loss_first"] != pytest.approx(runs["dense"]["loss_first"])  # another prior, other passages
+    base = load_encoder(tiny.encoder_spec).question_model.state_dict()
+    trained = load_encoder(f"sentence-transformer:{runs['hybrid']['query_encoder']}").question_model.state_dict()
+    assert any(not torch.equal(base[name], trained[name]) for name in base)
+    refused = rag("train", str(questions), *common, "--retrieval", "lexical", "--out", str(tmp_path / "lexical"))
+    assert refused.returncode == 2 and "dense or hybrid" in refused.stderr
+    assert not (tmp_path / "lexical").exists()

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from rag.v1 import generator_pb2 as _generator_pb2
 from rag.v1 import passage_pb2 as _passage_pb2
+from rag.v1 import retriever_pb2 as _retriever_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,11 +29,14 @@ class AskRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     RETRIEVE_ONLY_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     k: _builtins.int
     """Passages to retrieve; 0 = the gateway's default."""
     retrieve_only: _builtins.bool
     """Retrieve only: return the sources, generate nothing (retrieval evaluation, debugging)."""
+    retrieval: _retriever_pb2.RetrievalMode.ValueType
+    """Dense, lexical or hybrid; unset: the gateway's default (its --retrieval), else the retrievers'."""
     @_builtins.property
     def options(self) -> _generator_pb2.DecodingOptions: ...
     def __init__(
@@ -42,10 +46,11 @@ class AskRequest(_message.Message):
         k: _builtins.int = ...,
         options: _generator_pb2.DecodingOptions | None = ...,
         retrieve_only: _builtins.bool = ...,
+        retrieval: _retriever_pb2.RetrievalMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "options", b"options", "question", b"question", "retrieve_only", b"retrieve_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "options", b"options", "question", b"question", "retrieval", b"retrieval", "retrieve_only", b"retrieve_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -59,8 +64,11 @@ class AskResponse(_message.Message):
     SOURCES_FIELD_NUMBER: _builtins.int
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     """"<name>@<version>" of the index that served the passages."""
+    retrieval: _retriever_pb2.RetrievalMode.ValueType
+    """The retrieval mode that found the sources."""
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Answer]:
         """Best first."""
@@ -78,10 +86,11 @@ class AskResponse(_message.Message):
         sources: _abc.Iterable[Global___Source] | None = ...,
         index_version: _builtins.str = ...,
         timings: Global___Timings | None = ...,
+        retrieval: _retriever_pb2.RetrievalMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "index_version", b"index_version", "sources", b"sources", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "index_version", b"index_version", "retrieval", b"retrieval", "sources", b"sources", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,13 +24,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rag/v1/passage.proto\x12\x06rag.v1\"T\n\x07Passage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x11\n\tembedding\x18\x05 \x03(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rag/v1/passage.proto\x12\x06rag.v1\"\xac\x01\n\x07Passage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x11\n\tembedding\x18\x05 \x03(\x02\x12\x18\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlexical_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_dense_scoreB\x10\n\x0e_lexical_scoreb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rag.v1.passage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PASSAGE']._serialized_start=32
-  _globals['_PASSAGE']._serialized_end=116
+  _globals['_PASSAGE']._serialized_start=33
+  _globals['_PASSAGE']._serialized_end=205
 # @@protoc_insertion_point(module_scope)

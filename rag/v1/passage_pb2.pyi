@@ -11,10 +11,10 @@ import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    from typing import TypeAlias as _TypeAlias
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    from typing_extensions import TypeAlias as _TypeAlias
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -29,12 +29,23 @@ class Passage(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
+    DENSE_SCORE_FIELD_NUMBER: _builtins.int
+    LEXICAL_SCORE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable passage id from the corpus (for split documents: "<doc id>-<n>")."""
     title: _builtins.str
     text: _builtins.str
     score: _builtins.float
-    """Retrieval score: inner product of the query and passage embeddings."""
+    """Retrieval score: what the passage was ranked by and what the generator's prior p(z|x) = softmax(score / T)
+    reads (T: SearchResponse.score_temperature). Dense retrieval: the inner product of the query and passage
+    embeddings; lexical: the normalised BM25 below; hybrid: their fusion (RetrievalFusion).
+    """
+    dense_score: _builtins.float
+    """The inner product q . d, when the question was encoded (dense and hybrid retrieval)."""
+    lexical_score: _builtins.float
+    """BM25 with the index version's global statistics, divided by the summed idf of the question's terms that the
+    index knows (so in [0, 1): 1 would be every term matched at saturation); lexical and hybrid retrieval.
+    """
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Passage embedding, present only when the caller asked for embeddings."""
@@ -47,11 +58,20 @@ class Passage(_message.Message):
         text: _builtins.str = ...,
         score: _builtins.float = ...,
         embedding: _abc.Iterable[_builtins.float] | None = ...,
+        dense_score: _builtins.float | None = ...,
+        lexical_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dense_score", b"_dense_score", "_lexical_score", b"_lexical_score", "dense_score", b"dense_score", "lexical_score", b"lexical_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "id", b"id", "score", b"score", "text", b"text", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dense_score", b"_dense_score", "_lexical_score", b"_lexical_score", "dense_score", b"dense_score", "embedding", b"embedding", "id", b"id", "lexical_score", b"lexical_score", "score", b"score", "text", b"text", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__dense_score: _TypeAlias = _typing.Literal["dense_score"]  # noqa: Y015
+    _WhichOneofArgType__dense_score: _TypeAlias = _typing.Literal["_dense_score", b"_dense_score"]  # noqa: Y015
+    _WhichOneofReturnType__lexical_score: _TypeAlias = _typing.Literal["lexical_score"]  # noqa: Y015
+    _WhichOneofArgType__lexical_score: _TypeAlias = _typing.Literal["_lexical_score", b"_lexical_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dense_score) -> _WhichOneofReturnType__dense_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lexical_score) -> _WhichOneofReturnType__lexical_score | None: ...
 
 Global___Passage: _TypeAlias = Passage  # noqa: Y015

@@ -25,19 +25,25 @@ _sym_db = _symbol_database.Default()
 from rag.v1 import passage_pb2 as rag_dot_v1_dot_passage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/retriever.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"\x82\x01\n\rSearchRequest\x12\x11\n\tquestions\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12 \n\x18include_query_embeddings\x18\x04 \x01(\x08\x12\x15\n\rindex_version\x18\x05 \x01(\t\"\x8c\x01\n\x0eSearchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rag.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x19\n\x11score_temperature\x18\x03 \x01(\x02\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\"J\n\x0cSearchResult\x12!\n\x08passages\x18\x01 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02\x32K\n\x10RetrieverService\x12\x37\n\x06Search\x12\x15.rag.v1.SearchRequest\x1a\x16.rag.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/retriever.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"\x85\x01\n\x0fRetrievalFusion\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.rag.v1.FusionMethod\x12\x0e\n\x06weight\x18\x02 \x01(\x02\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12\r\n\x05rrf_k\x18\x04 \x01(\x05\x12\x19\n\x11\x64\x65nse_temperature\x18\x05 \x01(\x02\"\xc7\x01\n\rSearchRequest\x12\x11\n\tquestions\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x1a\n\x12include_embeddings\x18\x03 \x01(\x08\x12 \n\x18include_query_embeddings\x18\x04 \x01(\x08\x12\x15\n\rindex_version\x18\x05 \x01(\t\x12(\n\tretrieval\x18\x06 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\x12\x19\n\x11\x66usion_candidates\x18\x07 \x01(\x08\"\xdf\x01\n\x0eSearchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rag.v1.SearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x19\n\x11score_temperature\x18\x03 \x01(\x02\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12(\n\tretrieval\x18\x06 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\x12\'\n\x06\x66usion\x18\x07 \x01(\x0b\x32\x17.rag.v1.RetrievalFusion\"J\n\x0cSearchResult\x12!\n\x08passages\x18\x01 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x17\n\x0fquery_embedding\x18\x02 \x03(\x02*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03*^\n\x0c\x46usionMethod\x12\x1d\n\x19\x46USION_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46USION_METHOD_LINEAR\x10\x01\x12\x15\n\x11\x46USION_METHOD_RRF\x10\x02\x32K\n\x10RetrieverService\x12\x37\n\x06Search\x12\x15.rag.v1.SearchRequest\x1a\x16.rag.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rag.v1.retriever_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHREQUEST']._serialized_start=57
-  _globals['_SEARCHREQUEST']._serialized_end=187
-  _globals['_SEARCHRESPONSE']._serialized_start=190
-  _globals['_SEARCHRESPONSE']._serialized_end=330
-  _globals['_SEARCHRESULT']._serialized_start=332
-  _globals['_SEARCHRESULT']._serialized_end=406
-  _globals['_RETRIEVERSERVICE']._serialized_start=408
-  _globals['_RETRIEVERSERVICE']._serialized_end=483
+  _globals['_RETRIEVALMODE']._serialized_start=697
+  _globals['_RETRIEVALMODE']._serialized_end=825
+  _globals['_FUSIONMETHOD']._serialized_start=827
+  _globals['_FUSIONMETHOD']._serialized_end=921
+  _globals['_RETRIEVALFUSION']._serialized_start=57
+  _globals['_RETRIEVALFUSION']._serialized_end=190
+  _globals['_SEARCHREQUEST']._serialized_start=193
+  _globals['_SEARCHREQUEST']._serialized_end=392
+  _globals['_SEARCHRESPONSE']._serialized_start=395
+  _globals['_SEARCHRESPONSE']._serialized_end=618
+  _globals['_SEARCHRESULT']._serialized_start=620
+  _globals['_SEARCHRESULT']._serialized_end=694
+  _globals['_RETRIEVERSERVICE']._serialized_start=923
+  _globals['_RETRIEVERSERVICE']._serialized_end=998
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from rag.v1 import passage_pb2 as _passage_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,99 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RetrievalMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetrievalModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrievalMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRIEVAL_MODE_UNSPECIFIED: _RetrievalMode.ValueType  # 0
+    """The server's default (its --retrieval); where that is lexical or hybrid and the version has no lexical
+    index, dense.
+    """
+    RETRIEVAL_MODE_DENSE: _RetrievalMode.ValueType  # 1
+    """Inner product of the question's and the passages' embeddings."""
+    RETRIEVAL_MODE_LEXICAL: _RetrievalMode.ValueType  # 2
+    """BM25 over the version's lexical index. A question with no term the index knows gets no passages."""
+    RETRIEVAL_MODE_HYBRID: _RetrievalMode.ValueType  # 3
+    """Both lists' top candidates, ranked by their fused score (RetrievalFusion), which is also the prior's logit.
+    A question with no lexical term is served dense.
+    """
+
+class RetrievalMode(_RetrievalMode, metaclass=_RetrievalModeEnumTypeWrapper): ...
+
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode.ValueType  # 0
+"""The server's default (its --retrieval); where that is lexical or hybrid and the version has no lexical
+index, dense.
+"""
+RETRIEVAL_MODE_DENSE: RetrievalMode.ValueType  # 1
+"""Inner product of the question's and the passages' embeddings."""
+RETRIEVAL_MODE_LEXICAL: RetrievalMode.ValueType  # 2
+"""BM25 over the version's lexical index. A question with no term the index knows gets no passages."""
+RETRIEVAL_MODE_HYBRID: RetrievalMode.ValueType  # 3
+"""Both lists' top candidates, ranked by their fused score (RetrievalFusion), which is also the prior's logit.
+A question with no lexical term is served dense.
+"""
+Global___RetrievalMode: _TypeAlias = RetrievalMode  # noqa: Y015
+
+class _FusionMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FusionMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FusionMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FUSION_METHOD_UNSPECIFIED: _FusionMethod.ValueType  # 0
+    FUSION_METHOD_LINEAR: _FusionMethod.ValueType  # 1
+    """DPR's linear combination: dense_score / T_dense + weight * lexical_score."""
+    FUSION_METHOD_RRF: _FusionMethod.ValueType  # 2
+    """Reciprocal-rank fusion: sum over both lists of 1 / (rrf_k + rank)."""
+
+class FusionMethod(_FusionMethod, metaclass=_FusionMethodEnumTypeWrapper): ...
+
+FUSION_METHOD_UNSPECIFIED: FusionMethod.ValueType  # 0
+FUSION_METHOD_LINEAR: FusionMethod.ValueType  # 1
+"""DPR's linear combination: dense_score / T_dense + weight * lexical_score."""
+FUSION_METHOD_RRF: FusionMethod.ValueType  # 2
+"""Reciprocal-rank fusion: sum over both lists of 1 / (rrf_k + rank)."""
+Global___FusionMethod: _TypeAlias = FusionMethod  # noqa: Y015
+
+@_typing.final
+class RetrievalFusion(_message.Message):
+    """How a retriever fuses its two lists in hybrid mode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    RRF_K_FIELD_NUMBER: _builtins.int
+    DENSE_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    method: Global___FusionMethod.ValueType
+    weight: _builtins.float
+    """Linear: the weight of the normalised BM25 score, in units of the prior's logit."""
+    candidates: _builtins.int
+    """Candidates are the union of each list's top max(k, candidates) passages."""
+    rrf_k: _builtins.int
+    """RRF's rank offset (60 in Cormack et al. 2009)."""
+    dense_temperature: _builtins.float
+    """The encoder's temperature, which divides dense scores in the linear fusion."""
+    def __init__(
+        self,
+        *,
+        method: Global___FusionMethod.ValueType = ...,
+        weight: _builtins.float = ...,
+        candidates: _builtins.int = ...,
+        rrf_k: _builtins.int = ...,
+        dense_temperature: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "dense_temperature", b"dense_temperature", "method", b"method", "rrf_k", b"rrf_k", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrievalFusion: _TypeAlias = RetrievalFusion  # noqa: Y015
+
 @_typing.final
 class SearchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -28,6 +122,8 @@ class SearchRequest(_message.Message):
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     INCLUDE_QUERY_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    FUSION_CANDIDATES_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Passages per question."""
     include_embeddings: _builtins.bool
@@ -37,6 +133,12 @@ class SearchRequest(_message.Message):
     index_version: _builtins.str
     """Serve this resident version ("<name>@<version>") instead of the active one; the gateway pins a version
     so that every shard of one answer comes from the same version while a swap is being activated.
+    """
+    retrieval: Global___RetrievalMode.ValueType
+    """Dense, lexical or hybrid; unset: the server's default."""
+    fusion_candidates: _builtins.bool
+    """Hybrid: return all of this shard's fusion candidates (the union of each list's top max(k, candidates)),
+    best fused score first, not only k; for a caller that merges shards and fuses them again (the gateway).
     """
     @_builtins.property
     def questions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -50,10 +152,12 @@ class SearchRequest(_message.Message):
         include_embeddings: _builtins.bool = ...,
         include_query_embeddings: _builtins.bool = ...,
         index_version: _builtins.str = ...,
+        retrieval: Global___RetrievalMode.ValueType = ...,
+        fusion_candidates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_embeddings", b"include_embeddings", "include_query_embeddings", b"include_query_embeddings", "index_version", b"index_version", "k", b"k", "questions", b"questions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fusion_candidates", b"fusion_candidates", "include_embeddings", b"include_embeddings", "include_query_embeddings", b"include_query_embeddings", "index_version", b"index_version", "k", b"k", "questions", b"questions", "retrieval", b"retrieval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -68,6 +172,8 @@ class SearchResponse(_message.Message):
     SCORE_TEMPERATURE_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
     NUM_SHARDS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    FUSION_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     """The index version ("<name>@<version>") that served every result of this response."""
     score_temperature: _builtins.float
@@ -77,8 +183,14 @@ class SearchResponse(_message.Message):
     shard: _builtins.int
     """Which shard of the index this retriever serves, and how many there are."""
     num_shards: _builtins.int
+    retrieval: Global___RetrievalMode.ValueType
+    """The mode that served this response (never unspecified)."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]: ...
+    @_builtins.property
+    def fusion(self) -> Global___RetrievalFusion:
+        """The fusion that scored hybrid results."""
+
     def __init__(
         self,
         *,
@@ -87,10 +199,12 @@ class SearchResponse(_message.Message):
         score_temperature: _builtins.float = ...,
         shard: _builtins.int = ...,
         num_shards: _builtins.int = ...,
+        retrieval: Global___RetrievalMode.ValueType = ...,
+        fusion: Global___RetrievalFusion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fusion", b"fusion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version", "num_shards", b"num_shards", "results", b"results", "score_temperature", b"score_temperature", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fusion", b"fusion", "index_version", b"index_version", "num_shards", b"num_shards", "results", b"results", "retrieval", b"retrieval", "score_temperature", b"score_temperature", "shard", b"shard"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RetrieverServiceStub:
-    """Dense retrieval: encodes questions and searches the active index version.
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both.
     """
 
     def __init__(self, channel):
@@ -43,7 +43,7 @@ class RetrieverServiceStub:
 
 
 class RetrieverServiceServicer:
-    """Dense retrieval: encodes questions and searches the active index version.
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both.
     """
 
     def Search(self, request, context):
@@ -70,7 +70,7 @@ def add_RetrieverServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RetrieverService:
-    """Dense retrieval: encodes questions and searches the active index version.
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both.
     """
 
     @staticmethod

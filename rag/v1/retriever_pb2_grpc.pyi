@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RetrieverServiceStub:
-    """Dense retrieval: encodes questions and searches the active index version."""
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -38,14 +38,14 @@ class RetrieverServiceStub:
 
 @_typing.type_check_only
 class RetrieverServiceAsyncStub(RetrieverServiceStub):
-    """Dense retrieval: encodes questions and searches the active index version."""
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Search: _aio.UnaryUnaryMultiCallable[_retriever_pb2.SearchRequest, _retriever_pb2.SearchResponse]  # type: ignore[assignment]
     """Top-k passages for one or many questions, all served by one index version."""
 
 class RetrieverServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Dense retrieval: encodes questions and searches the active index version."""
+    """Retrieval: encodes questions and searches the active index version, densely, lexically (BM25) or both."""
 
     @_abc_1.abstractmethod
     def Search(

@@ -1,0 +1,172 @@
+"""The lexical index of a version: BM25 over stemmed words, beside the dense index, one per shard.
+
+Tokenisation, recorded in the manifest (`ANALYZER`): lower case; words of two or more word characters (bm25s's
+pattern); bm25s's English stop words dropped; the Snowball English stemmer (PyStemmer). One `Analyzer` does it
+for the passages at build time and for the questions at search time.
+
+Scores are BM25 as Lucene computes it (bm25s' "lucene" method): idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)) and
+tf / (tf + k1 (1 - b + b |d| / avgdl)). N, df and avgdl are the version's, counted over every shard before any
+shard is written (Elasticsearch's DFS query-then-fetch, done once at build time), so a passage scores the same
+whichever shard holds it and shards merge by score. Each shard is stored as a bm25s index (the CSC matrix of
+precomputed term weights, the vocabulary) and searched with bm25s; beside it the version's idf per term, which
+normalises a question's scores: BM25 / (sum of the idf of the question's known terms) is in [0, 1) whatever the
+question's length, so one fusion weight fits every question.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import numpy as np
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN
+
+from rag.errors import FailedPrecondition
+
+LEXICAL = "lexical"  # the folder of a shard's lexical index
+IDF = "idf.npy"
+FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy", "vocab.index.json", "params.index.json")
+K1, B = 1.5, 0.75  # Lucene's and bm25s' defaults
+WORD_PATTERN = r"(?u)\b\w\w+\b"
+ANALYZER: dict[str, object] = {
+    "lower": True,
+    "pattern": WORD_PATTERN,
+    "stopwords": f"bm25s {metadata.version('bm25s')} English ({len(STOPWORDS_EN)} words)",
+    "stemmer": f"Snowball english (PyStemmer {metadata.version('PyStemmer')})",
+}
+
+
+class Analyzer:
+    """Text to the terms the lexical index holds. Safe to share between threads (the stemmer is not)."""
+
+    def __init__(self) -> None:
+        self._words = re.compile(WORD_PATTERN).findall
+        self._stopwords = frozenset(STOPWORDS_EN)
+        self._stemmer = Stemmer.Stemmer("english")
+        self._lock = threading.Lock()
+
+    def terms(self, text: str) -> list[str]:
+        words = [w for w in self._words(text.lower()) if w not in self._stopwords]
+        with self._lock:
+            return list(self._stemmer.stemWords(words))
+
+
+@dataclass
+class _TokenizedShard:
+    terms: np.ndarray  # int32 term ids of every passage, concatenated
+    lengths: np.ndarray  # terms per passage
+
+
+def build_lexical(shard_texts: Sequence[Iterable[str]], shard_dirs: Sequence[Path]) -> dict[str, Any]:
+    """Write the lexical index of every shard (texts in row order) into `<shard dir>/lexical/`; returns what the
+    manifest records. Two passes: tokenise every shard and count the version's statistics, then weigh each
+    shard's terms with them."""
+    started = time.perf_counter()
+    analyzer, vocabulary = Analyzer(), dict[str, int]()
+    shards = [_tokenize(texts, analyzer, vocabulary) for texts in shard_texts]
+    documents = sum(len(s.lengths) for s in shards)
+    avg_length = max(sum(int(s.lengths.sum()) for s in shards) / max(documents, 1), 1e-9)
+    df = np.zeros(len(vocabulary), dtype=np.int64)
+    for shard in shards:
+        df += np.bincount(_unique_pairs(shard)[0], minlength=len(vocabulary))
+    idf = np.log1p((documents - df + 0.5) / (df + 0.5)).astype(np.float32)
+    for shard, directory in zip(shards, shard_dirs, strict=True):
+        _save_shard(directory / LEXICAL, shard, vocabulary, idf, avg_length)
+    return {
+        "analyzer": ANALYZER,
+        "bm25": {"method": "lucene", "k1": K1, "b": B, "library": f"bm25s {metadata.version('bm25s')}"},
+        "documents": documents,
+        "avg_length": round(avg_length, 4),
+        "vocabulary": len(vocabulary),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "bytes": sum(f.stat().st_size for d in shard_dirs for f in (d / LEXICAL).iterdir()),
+    }
+
+
+def _tokenize(texts: Iterable[str], analyzer: Analyzer, vocabulary: dict[str, int]) -> _TokenizedShard:
+    ids: list[int] = []
+    lengths: list[int] = []
+    for text in texts:
+        terms = analyzer.terms(text)
+        ids.extend(vocabulary.setdefault(t, len(vocabulary)) for t in terms)
+        lengths.append(len(terms))
+    return _TokenizedShard(np.asarray(ids, dtype=np.int32), np.asarray(lengths, dtype=np.int64))
+
+
+def _unique_pairs(shard: _TokenizedShard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(term, row, count) of every term that occurs in a passage, sorted by term then row: the CSC order."""
+    rows = len(shard.lengths)
+    row_of = np.repeat(np.arange(rows, dtype=np.int64), shard.lengths)
+    keys, counts = np.unique(shard.terms.astype(np.int64) * max(rows, 1) + row_of, return_counts=True)
+    return keys // max(rows, 1), keys % max(rows, 1), counts
+
+
+def _save_shard(
+    directory: Path, shard: _TokenizedShard, vocabulary: dict[str, int], idf: np.ndarray, avg_length: float
+) -> None:
+    term, row, tf = _unique_pairs(shard)
+    saturation = K1 * (1 - B + B * shard.lengths[row] / avg_length)
+    weights = idf[term] * tf / (tf + saturation)
+    indptr = np.zeros(len(vocabulary) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(term, minlength=len(vocabulary)), out=indptr[1:])
+    index = bm25s.BM25(k1=K1, b=B, method="lucene")
+    index.scores = {
+        "data": weights.astype(np.float32),
+        "indices": row.astype(np.int32),
+        "indptr": indptr,
+        "num_docs": len(shard.lengths),
+    }
+    index.vocab_dict = vocabulary
+    index.nonoccurrence_array = None  # Lucene's BM25 has none (BM25L and BM25+ do)
+    index.save(str(directory), show_progress=False)
+    np.save(directory / IDF, idf)
+
+
+class LexicalShard:
+    """One shard's lexical index, loaded; read-only and safe to search from many threads."""
+
+    def __init__(self, directory: Path, count: int, where: str, mmap: bool = False) -> None:
+        try:
+            self.bm25 = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
+            self.idf = np.load(directory / IDF, mmap_mode="r" if mmap else None)
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+            raise FailedPrecondition(f"{where}: the lexical index is unreadable ({err})", reason="lexical") from err
+        if self.bm25.scores["num_docs"] != count or len(self.idf) != len(self.bm25.vocab_dict):
+            raise FailedPrecondition(
+                f"{where}: the lexical index holds {self.bm25.scores['num_docs']} passages and "
+                f"{len(self.idf)} idf values for {len(self.bm25.vocab_dict)} terms; the shard has {count} passages",
+                reason="shape",
+            )
+        self.analyzer = Analyzer()
+
+    def term_ids(self, question: str) -> list[int]:
+        """The question's distinct terms that the version knows (none: the question has no lexical match)."""
+        vocabulary = self.bm25.vocab_dict
+        return sorted({vocabulary[t] for t in self.analyzer.terms(question) if t in vocabulary})
+
+    def scores(self, term_ids: list[int]) -> np.ndarray:
+        """Normalised BM25 of every passage of the shard (zeros for a question with no known term)."""
+        if not term_ids:
+            return np.zeros(self.bm25.scores["num_docs"], dtype=np.float32)
+        raw = self.bm25.get_scores_from_ids(term_ids)
+        return raw / np.float32(self.idf[term_ids].sum())
+
+
+def top_rows(scores: np.ndarray, n: int) -> Iterator[int]:
+    """Rows of the n best positive scores, best first, equal scores by row."""
+    positive = np.flatnonzero(scores > 0)
+    if len(positive) > n:
+        positive = positive[np.argpartition(-scores[positive], n - 1)[:n]]
+        # keep every row tied with the n-th best, so that the order below breaks ties by row, not by partition
+        positive = np.flatnonzero(scores >= scores[positive].min())
+    order = np.lexsort((positive, -scores[positive]))[:n]
+    return (int(r) for r in positive[order])
