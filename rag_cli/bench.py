@@ -1,6 +1,6 @@
 """`rag bench`: speed against references, each figure a ratio measured in one run on this machine.
 
-    rag bench [--quick] [--only generator,retrieval,gateway,concurrency,build] [--json]
+    rag bench [--quick] [--only generator,retrieval,lexical,gateway,concurrency,build,latency] [--json]
 
 - generator: RAG-Token greedy and beam-4, RAG-Sequence thorough (beam 1 and 4) and fast, against transformers'
   RagTokenForGeneration / RagSequenceForGeneration on the same bart-base-shaped model (random weights) and the
@@ -8,6 +8,9 @@
   against transformers' thorough);
 - retrieval: exact search of 1 and 64 queries over 1M x 384-d vectors against faiss IndexFlatIP and against the
   memory-bandwidth floor (bytes scanned / measured copy bandwidth); HNSW recall@10 and queries/s;
+- lexical: the lexical index at 12k and 1M synthetic passages (Zipf-distributed words, 70 per passage): its build
+  time and size, and one question's search per retrieval mode (dense, lexical, hybrid, through the shard's
+  `find`, passages read included), against bm25s' own `retrieve` on the same index;
 - gateway: Ask end to end against calling the same retriever and generator code in-process (p50);
 - concurrency: queries/s with 8 concurrent clients against 1 (the generator batches concurrent requests);
 - build: `rag index build` passages/s against the encoder's forward pass alone;
@@ -26,8 +29,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +46,7 @@ if TYPE_CHECKING:  # the services load torch: `rag bench` imports them only in t
     from rag_cli.testing.random_models import BartShape
     from rag_cli.testing.stack import Launcher, Stack
 
-SECTIONS = ("generator", "retrieval", "gateway", "concurrency", "build", "latency")
+SECTIONS = ("generator", "retrieval", "lexical", "gateway", "concurrency", "build", "latency")
 
 
 @dataclass
@@ -243,6 +247,96 @@ def bench_retrieval(config: BenchConfig, work: Path) -> list[Figure]:
         )  # fmt: skip
     )
     return figures
+
+
+def synthetic_version(directory: Path, n: int, dim: int, rng: np.random.Generator) -> float:
+    """A one-shard index version of n passages of Zipf-distributed words, with random embeddings, written as
+    `rag index build` lays it out (without an encoder: encoding a million passages is not what is measured);
+    returns the seconds its lexical index took to build."""
+    import sqlite3
+
+    from rag.files import sha256_file
+    from retriever_svc.layout import EMBEDDINGS, FORMAT_VERSION, MANIFEST, PASSAGES, EncoderInfo, Manifest
+    from retriever_svc.lexical import build_lexical
+
+    shard = directory / "shard-0"
+    shard.mkdir(parents=True)
+    words = np.array([f"w{i}" for i in range(200_000)])
+    ranks = np.minimum(rng.zipf(1.2, size=(n, 70)), len(words)) - 1
+    texts = [" ".join(words[row]) for row in ranks]
+    with sqlite3.connect(shard / PASSAGES) as store:
+        store.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT, title TEXT, text TEXT)")
+        store.executemany(
+            "INSERT INTO passages VALUES (?, ?, ?, ?)", ((i, f"p{i}", "", t) for i, t in enumerate(texts))
+        )
+    np.save(shard / EMBEDDINGS, embedding_like(rng, n, dim))
+    started = time.perf_counter()
+    record = build_lexical([texts], [shard])
+    seconds = time.perf_counter() - started
+    encoder = EncoderInfo("synthetic", "synthetic", "q", "d", dim, 0.05)
+    checksums = {f.relative_to(directory).as_posix(): sha256_file(f) for f in shard.rglob("*") if f.is_file()}
+    manifest = Manifest(directory.parent.name, directory.name, FORMAT_VERSION, "flat", "", "inner_product", dim, n,
+                        1, [n], encoder, {}, checksums, "", lexical=record)  # fmt: skip
+    (directory / MANIFEST).write_text(manifest.to_json())
+    return seconds
+
+
+def bench_lexical(config: BenchConfig, work: Path) -> list[Figure]:
+    import bm25s
+
+    from rag.fusion import Fusion
+    from rag.types import RetrievalMode
+    from retriever_svc.search import IndexShard
+
+    figures = []
+    rng = np.random.default_rng(0)
+    for n in (2_000, 20_000) if config.quick else (12_000, 1_000_000):
+        directory = work / "lexical" / f"v{n}"
+        build_s = synthetic_version(directory, n, 384, rng)
+        index = IndexShard(directory, 0, verify_checksums=False)
+        lexical = index.require_lexical()
+        size = index.manifest.lexical["bytes"]
+        # bm25s indexing the same terms itself: the reference for the build (ours adds the global statistics).
+        with sqlite3_texts(directory) as texts:
+            tokens = [lexical.analyzer.terms(t) for t in texts]
+        started = time.perf_counter()
+        bm25s.BM25(method="lucene").index(tokens, show_progress=False)
+        reference_s = time.perf_counter() - started
+        figures.append(Figure("lexical", f"lexical index build, {n:,} passages", build_s, reference_s,
+                              "bm25s index() of the same terms", note=f"{size / 2**20:.1f} MiB; tokenising included"))  # fmt: skip
+        question = ["w3 w17 w250 w4000 w9"]  # frequent to rare words, as a question mixes them
+        query = embedding_like(rng, 1, 384)
+        fusion = Fusion(dense_temperature=0.05)
+        bm25s_s = median_time(lambda: lexical.bm25.retrieve([question[0].split()], k=5, show_progress=False),
+                              config.repeats)  # fmt: skip
+        seconds = {
+            mode: median_time(lambda: index.find(question, query, 5, mode, fusion), config.repeats)
+            for mode in RetrievalMode
+        }
+        label = f"search, 1 question, k=5, {n:,} passages"
+        figures.append(
+            Figure(
+                "lexical",
+                f"lexical {label}",
+                seconds[RetrievalMode.LEXICAL],
+                bm25s_s,
+                "bm25s retrieve (ids only)",
+                note="passages read from the store included",
+            )
+        )
+        figures.append(Figure("lexical", f"hybrid {label}", seconds[RetrievalMode.HYBRID],
+                              seconds[RetrievalMode.DENSE], "dense search alone",
+                              note=f"lexical {seconds[RetrievalMode.LEXICAL] * 1000:.1f} ms"))  # fmt: skip
+        index.close()
+    return figures
+
+
+@contextmanager
+def sqlite3_texts(directory: Path) -> Iterator[list[str]]:
+    import sqlite3
+
+    with closing(sqlite3.connect(directory / "shard-0" / "passages.sqlite")) as store:
+        yield [text for (text,) in store.execute("SELECT text FROM passages ORDER BY row")]
 
 
 # ------------------------------------------------------------------------------------------------ services
@@ -552,7 +646,7 @@ def run_bench(config: BenchConfig) -> list[Figure]:
         from rag.errors import InvalidArgument
 
         raise InvalidArgument(f"unknown bench sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
-    runners = {"generator": bench_generator, "retrieval": bench_retrieval, "gateway": bench_gateway,
+    runners = {"generator": bench_generator, "retrieval": bench_retrieval, "lexical": bench_lexical, "gateway": bench_gateway,
                "concurrency": bench_concurrency, "build": bench_build, "latency": bench_latency}  # fmt: skip
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:

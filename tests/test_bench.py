@@ -15,10 +15,18 @@ pytestmark = pytest.mark.slow
 def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
     assert rag_cli(["bench", "--quick", "--repeats", "1", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON document, nothing else
-    assert {f["section"] for f in figures} == {"generator", "retrieval", "gateway", "concurrency", "build", "latency"}
+    assert {f["section"] for f in figures} == {
+        "generator",
+        "retrieval",
+        "lexical",
+        "gateway",
+        "concurrency",
+        "build",
+        "latency",
+    }
     names = " | ".join(f["name"] for f in figures)
     for expected in ("RAG-Token greedy", "RAG-Token beam 4", "RAG-Sequence thorough, beam 1", "RAG-Sequence thorough, beam 4",
-                     "RAG-Sequence fast", "1 query", "64 queries", "HNSW", "Ask end to end", "8 concurrent clients", "index build",
+                     "RAG-Sequence fast", "1 query", "64 queries", "HNSW", "lexical index build", "hybrid search", "Ask end to end", "8 concurrent clients", "index build",
                      "Ask RAG-Token, float32, k=5", "Ask RAG-Sequence, int8, k=5", "RAG-Token, int8: against the floor"):  # fmt: skip
         assert expected in names
     for figure in figures:

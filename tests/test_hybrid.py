@@ -5,7 +5,9 @@ refusals that say what to do."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from rag import metrics
 from rag.fusion import RRF_TEMPERATURE
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from rag_cli.testing.stack import Launcher, address
@@ -230,3 +233,23 @@ def test_build_without_lexical_and_a_failed_lexical_build(
 def rag_build(corpus: Path, root: Path, tiny: TinyModels) -> Any:
     return rag("index", "build", "--corpus", str(corpus), "--index-root", str(root), "--name", "kb",
                "--encoder", tiny.encoder_spec, "--no-progress")  # fmt: skip
+
+
+def test_search_latency_is_counted_per_retrieval_mode(launch: Launcher, hybrid_root: Path) -> None:
+    port = metrics.serve_metrics("127.0.0.1", 0)
+
+    def searches(page: str, mode: str) -> float:
+        match = re.search(rf'^rag_search_duration_seconds_count{{retrieval="{mode}"}} (\S+)$', page, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    served = address(launch.retriever(hybrid_root, "one"))
+    before = scrape()
+    for mode, times in ((DENSE, 1), (LEXICAL, 2), (HYBRID, 3)):
+        for _ in range(times):
+            search(served, [QUESTION], 3, mode)
+    after = scrape()
+    for name, times in (("dense", 1), ("lexical", 2), ("hybrid", 3)):
+        assert searches(after, name) - searches(before, name) == times
