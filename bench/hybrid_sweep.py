@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.finetune_squad import split_by_article  # noqa: E402
-from bench.squad_open import read_jsonl_gz, write_jsonl  # noqa: E402
+from bench.squad_open import evaluate, read_jsonl_gz, write_jsonl  # noqa: E402
 from rag import paths  # noqa: E402
 from rag.files import write_atomically  # noqa: E402
 from rag.fusion import Fusion, FusionMethod  # noqa: E402
 from rag.types import Mode, Passage, RetrievalMode  # noqa: E402
 from rag_cli import assets  # noqa: E402
-from rag_cli.eval import EvalConfig, gold_rank, markdown_table, run_eval  # noqa: E402
+from rag_cli.eval import gold_rank  # noqa: E402
 from rag_cli.up import Stack, UpConfig  # noqa: E402
 from retriever_svc.build import index_built_from  # noqa: E402
 from retriever_svc.encoders import load_encoder  # noqa: E402
@@ -46,7 +46,7 @@ from retriever_svc.layout import resolve  # noqa: E402
 from retriever_svc.search import IndexShard  # noqa: E402
 
 POOL = 100  # each list's top 100 per question: every fusion below reads at most its top 20
-WEIGHTS = (0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+WEIGHTS = (0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 CUTOFFS = (1, 5, 20)
 CANDIDATES = Fusion.candidates
 
@@ -99,13 +99,6 @@ def sweep(train_pool: list[list[Passage]], train: list[dict[str, Any]], temperat
             name, fusion, mode, train_pool))})  # fmt: skip
         print(rows[-1], flush=True)
     return rows
-
-
-def evaluate(questions: Path, out: Path, gateway: str, mode: str, retrieval: str, ks: str, sample: int) -> list[Any]:
-    config = EvalConfig(gateway=gateway, mode=mode, retrieval=retrieval, ks=ks, limit=sample, seed=0, out=str(out))
-    summaries = run_eval(questions, config)
-    print(markdown_table(summaries), flush=True)
-    return summaries
 
 
 def main() -> None:
@@ -171,12 +164,12 @@ def main() -> None:
     try:
         gateway = stack.start()
         report["dev_through_gateway"] = {
-            mode: evaluate(dev_path, out / f"retrieve-{mode}", gateway, "retrieve", mode, "1,5,20", 0)
+            mode: evaluate(dev_path, out / f"retrieve-{mode}", gateway, "retrieve", (1, 5, 20), 0, 0, mode)
             for mode in ("dense", "lexical", "hybrid")
         }
         report["end_to_end"] = {
             f"{mode}-{retrieval}": evaluate(
-                dev_path, out / f"{mode}-{retrieval}", gateway, mode, retrieval, "5", options.e2e_sample
+                dev_path, out / f"{mode}-{retrieval}", gateway, mode, (5,), options.e2e_sample, 0, retrieval
             )
             for mode in (Mode.TOKEN.value, Mode.SEQUENCE.value, Mode.CONCAT.value)
             for retrieval in ("dense", "hybrid")

@@ -60,9 +60,24 @@ def build(corpus: Path, name: str, encoder_spec: str) -> IndexRef:
 
 
 def evaluate(
-    questions: Path, out: Path, gateway: str, mode: str, ks: tuple[int, ...], sample: int, seed: int
+    questions: Path,
+    out: Path,
+    gateway: str,
+    mode: str,
+    ks: tuple[int, ...],
+    sample: int,
+    seed: int,
+    retrieval: str = "",
 ) -> list[dict]:
-    config = EvalConfig(gateway=gateway, mode=mode, ks=",".join(map(str, ks)), limit=sample, seed=seed, out=str(out))
+    config = EvalConfig(
+        gateway=gateway,
+        mode=mode,
+        retrieval=retrieval,
+        ks=",".join(map(str, ks)),
+        limit=sample,
+        seed=seed,
+        out=str(out),
+    )
     summaries = run_eval(questions, config)
     print(markdown_table(summaries), flush=True)
     return summaries
