@@ -19,7 +19,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -148,25 +148,29 @@ class LexicalShard:
             )
         self.analyzer = Analyzer()
 
-    def term_ids(self, question: str) -> list[int]:
-        """The question's distinct terms that the version knows (none: the question has no lexical match)."""
+    def score(self, question: str) -> LexicalScores:
+        """BM25 of every passage of the shard for the question's distinct terms that the version knows."""
         vocabulary = self.bm25.vocab_dict
-        return sorted({vocabulary[t] for t in self.analyzer.terms(question) if t in vocabulary})
-
-    def scores(self, term_ids: list[int]) -> np.ndarray:
-        """Normalised BM25 of every passage of the shard (zeros for a question with no known term)."""
-        if not term_ids:
-            return np.zeros(self.bm25.scores["num_docs"], dtype=np.float32)
-        raw = self.bm25.get_scores_from_ids(term_ids)
-        return raw / np.float32(self.idf[term_ids].sum())
+        term_ids = sorted({vocabulary[t] for t in self.analyzer.terms(question) if t in vocabulary})
+        if not term_ids:  # only stop words, or words no passage of the version holds: no lexical match
+            return LexicalScores(np.zeros(self.bm25.scores["num_docs"], dtype=np.float32), 0.0)
+        return LexicalScores(self.bm25.get_scores_from_ids(term_ids), 1 / float(self.idf[term_ids].sum()))
 
 
-def top_rows(scores: np.ndarray, n: int) -> Iterator[int]:
-    """Rows of the n best positive scores, best first, equal scores by row."""
-    positive = np.flatnonzero(scores > 0)
-    if len(positive) > n:
-        positive = positive[np.argpartition(-scores[positive], n - 1)[:n]]
-        # keep every row tied with the n-th best, so that the order below breaks ties by row, not by partition
-        positive = np.flatnonzero(scores >= scores[positive].min())
-    order = np.lexsort((positive, -scores[positive]))[:n]
-    return (int(r) for r in positive[order])
+@dataclass(frozen=True)
+class LexicalScores:
+    raw: np.ndarray  # BM25 of every passage of the shard
+    scale: float  # 1 / the summed idf of the question's known terms: what normalises BM25 into [0, 1)
+
+    def normalised(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.raw[np.asarray(rows, dtype=np.int64)] * np.float32(self.scale)
+
+    def top(self, n: int) -> np.ndarray:
+        """Rows of the n best positive scores, best first, equal scores by row (so shards merge as one)."""
+        raw = self.raw
+        if n < len(raw):
+            kth = raw[np.argpartition(-raw, n - 1)[:n]].min()
+            rows = np.flatnonzero(raw >= kth) if kth > 0 else np.flatnonzero(raw > 0)  # ties at the cut kept
+        else:
+            rows = np.flatnonzero(raw > 0)
+        return rows[np.lexsort((rows, -raw[rows]))[:n]]

@@ -166,18 +166,21 @@ class IndexShard:
         dense_hits = self.search(queries, n) if queries is not None and mode is RetrievalMode.HYBRID else []
         found = []
         for i, question in enumerate(questions):
-            scores = index.scores(index.term_ids(question))
+            scores = index.score(question)
             if mode is RetrievalMode.LEXICAL:
-                hits = [Hit(r, float(scores[r])) for r in lexical.top_rows(scores, k)]
+                rows = scores.top(k)
+                hits = [Hit(int(r), float(s)) for r, s in zip(rows, scores.normalised(rows), strict=True)]
                 found.append([replace(p, lexical_score=p.score) for p in self.passages(hits, with_embeddings)])
                 continue
             assert queries is not None
-            rows = sorted({h.row for h in dense_hits[i]} | set(lexical.top_rows(scores, n)))
-            dense = self.embeddings[rows] @ queries[i]
+            candidates = sorted({h.row for h in dense_hits[i]} | {int(r) for r in scores.top(n)})
             pool = [
-                replace(p, dense_score=float(d), lexical_score=float(scores[r]))
-                for p, d, r in zip(
-                    self.passages([Hit(r, 0.0) for r in rows], with_embeddings), dense, rows, strict=True
+                replace(p, dense_score=float(d), lexical_score=float(s))
+                for p, d, s in zip(
+                    self.passages([Hit(r, 0.0) for r in candidates], with_embeddings),
+                    self.embeddings[candidates] @ queries[i],
+                    scores.normalised(candidates),
+                    strict=True,
                 )
             ]
             found.append(fusion.fuse(pool, k, keep_all))
