@@ -109,6 +109,20 @@ def test_ask_json_through_rag_up(up: Up, mode: str) -> None:
     assert answer["timings_ms"]["total"] >= answer["timings_ms"]["retrieve"] > 0
 
 
+def test_ask_retrieval_modes_through_rag_up(up: Up) -> None:
+    # rag up serves hybrid by default; --retrieval picks per question, and every passage says why it ranked.
+    default = ask_json(up, "--k", "3", "--max-new-tokens", "2")
+    assert default["retrieval"] == "hybrid"
+    assert all(p["dense_score"] is not None and p["lexical_score"] is not None for p in default["passages"])
+    lexical = ask_json(up, "--k", "3", "--max-new-tokens", "2", "--retrieval", "lexical")
+    assert lexical["retrieval"] == "lexical" and lexical["passages"][0]["id"] == "fleming"
+    assert all(p["dense_score"] is None and p["score"] == p["lexical_score"] for p in lexical["passages"])
+    dense = ask_json(up, "--k", "3", "--max-new-tokens", "2", env={"RAG_RETRIEVAL": "dense"})
+    assert dense["retrieval"] == "dense" and all(p["lexical_score"] is None for p in dense["passages"])
+    refused = rag("ask", "Who?", "--gateway", up.gateway, "--retrieval", "fuzzy")
+    assert refused.returncode == 2 and "retrieval must be one of dense, lexical, hybrid" in refused.stderr
+
+
 def test_ask_options_have_env_mirrors_and_flags_win(up: Up) -> None:
     assert len(ask_json(up, env={"RAG_K": "2", "RAG_MAX_NEW_TOKENS": "3"})["passages"]) == 2
     assert len(ask_json(up, "--k", "4", env={"RAG_K": "2"})["passages"]) == 4

@@ -165,6 +165,15 @@ def test_a_question_without_lexical_terms(launch: Launcher, hybrid_root: Path) -
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "hybrid or dense" in details(err.value)
 
 
+def test_the_gateway_default_mode_applies_to_asks_that_name_none(launch: Launcher, hybrid_root: Path) -> None:
+    served = address(launch.retriever(hybrid_root, "one", retrieval="dense"))
+    assert search(served, [QUESTION], 3, 0).retrieval == DENSE  # the retriever's own default
+    gateway = address(launch.gateway(served, "127.0.0.1:9", retrieval="lexical"))
+    reply = ask(gateway, QUESTION, 3, retrieve_only=True)
+    assert reply.retrieval == LEXICAL and [s.passage.id for s in reply.sources] == ["fleming"]
+    assert ask(gateway, QUESTION, 3, HYBRID, retrieve_only=True).retrieval == HYBRID  # the request wins
+
+
 def test_bad_modes_and_versions_without_a_lexical_index_are_refused(launch: Launcher, hybrid_root: Path) -> None:
     served = address(launch.retriever(hybrid_root, "plain"))  # server default hybrid: served dense here
     assert search(served, [QUESTION], 3, 0).retrieval == DENSE
