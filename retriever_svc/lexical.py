@@ -103,11 +103,18 @@ def _tokenize(texts: Iterable[str], analyzer: Analyzer, vocabulary: dict[str, in
 
 
 def _unique_pairs(shard: _TokenizedShard) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(term, row, count) of every term that occurs in a passage, sorted by term then row: the CSC order."""
-    rows = len(shard.lengths)
-    row_of = np.repeat(np.arange(rows, dtype=np.int64), shard.lengths)
-    keys, counts = np.unique(shard.terms.astype(np.int64) * max(rows, 1) + row_of, return_counts=True)
-    return keys // max(rows, 1), keys % max(rows, 1), counts
+    """(term, row, count) of every term that occurs in a passage, sorted by term then row: the CSC order. One
+    int64 key per token, sorted in place (the build's peak memory is here)."""
+    rows = max(len(shard.lengths), 1)
+    keys = shard.terms.astype(np.int64)
+    keys *= rows
+    keys += np.repeat(np.arange(len(shard.lengths), dtype=np.int64), shard.lengths)
+    keys.sort()
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    counts = np.diff(np.append(starts, len(keys)))
+    unique = keys[starts]
+    del keys
+    return unique // rows, unique % rows, counts
 
 
 def _save_shard(
