@@ -12,7 +12,7 @@
 3. Dev, with the chosen fusion, through the gateway: `rag eval --mode retrieve --retrieval X --ks 1,5,20` for the
    three modes, and RAG-Token, RAG-Sequence and concatenated passages (k = 5, the demo's generator) with dense
    and with hybrid retrieval on a seeded sample.
-Results: <out>/sweep.json, <out>/<run>/ (rag eval's files) and <out>/README.md.
+Results: <out>/sweep.json and <out>/<run>/ (rag eval's files); the tables are in docs/results.md.
 """
 
 from __future__ import annotations
