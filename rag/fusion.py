@@ -55,7 +55,7 @@ class Fusion:
     method: FusionMethod = FusionMethod.LINEAR
     # Linear: the weight of the normalised BM25 score in logit units (chosen on the public train split,
     # docs/results.md "Hybrid retrieval"); lexical mode's prior is softmax(weight * lexical).
-    weight: float = 48.0
+    weight: float = 24.0
     candidates: int = 20  # each list's top max(k, candidates) enter the fusion
     rrf_k: int = 60
     dense_temperature: float = 1.0  # the encoder's: p(z|x) = softmax(q . d / T_dense) in dense mode

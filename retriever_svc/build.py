@@ -42,7 +42,7 @@ from retriever_svc.layout import (
     shard_dir,
     versions,
 )
-from retriever_svc.lexical import build_lexical
+from retriever_svc.lexical import ANALYZER, build_lexical
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +351,8 @@ def index_built_from(
             manifest = Manifest.from_file(root / name / version / MANIFEST)
         except FailedPrecondition:  # unreadable (an older format): build anew
             continue
-        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec and manifest.lexical:
+        lexical_current = manifest.lexical.get("analyzer") == ANALYZER
+        if manifest.corpus.get("sha256") == corpus_sha and manifest.encoder.spec == encoder_spec and lexical_current:
             log.info("reusing index %s", manifest.ref)
             return manifest.ref
     started = time.perf_counter()

@@ -1,8 +1,11 @@
 """The lexical index of a version: BM25 over stemmed words, beside the dense index, one per shard.
 
 Tokenisation, recorded in the manifest (`ANALYZER`): lower case; words of two or more word characters (bm25s's
-pattern); bm25s's English stop words dropped; the Snowball English stemmer (PyStemmer). One `Analyzer` does it
-for the passages at build time and for the questions at search time.
+pattern); stop words dropped: bm25s's English list (Lucene's) and the question words (who, what, ...: they name
+no topic, and "who" in a question matched every lead saying "... who became ..."; on the public train split
+recall@1 rose 0.703 -> 0.713 lexical, 0.753 -> 0.755 hybrid); the Snowball English stemmer (PyStemmer). One
+`Analyzer` does it for the passages at build time and for the questions at search time, with the stop words the
+version recorded.
 
 Scores are BM25 as Lucene computes it (bm25s' "lucene" method): idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)) and
 tf / (tf + k1 (1 - b + b |d| / avgdl)). N, df and avgdl are the version's, counted over every shard before any
@@ -38,10 +41,12 @@ IDF = "idf.npy"
 FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy", "vocab.index.json", "params.index.json")
 K1, B = 1.5, 0.75  # Lucene's and bm25s' defaults
 WORD_PATTERN = r"(?u)\b\w\w+\b"
+QUESTION_WORDS = ("who", "whom", "whose", "what", "which", "when", "where", "why", "how")
+STOPWORDS = sorted({*STOPWORDS_EN, *QUESTION_WORDS})
 ANALYZER: dict[str, object] = {
     "lower": True,
     "pattern": WORD_PATTERN,
-    "stopwords": f"bm25s {metadata.version('bm25s')} English ({len(STOPWORDS_EN)} words)",
+    "stopwords": STOPWORDS,
     "stemmer": f"Snowball english (PyStemmer {metadata.version('PyStemmer')})",
 }
 
@@ -49,9 +54,9 @@ ANALYZER: dict[str, object] = {
 class Analyzer:
     """Text to the terms the lexical index holds. Safe to share between threads (the stemmer is not)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopwords: Iterable[str] = STOPWORDS) -> None:
         self._words = re.compile(WORD_PATTERN).findall
-        self._stopwords = frozenset(STOPWORDS_EN)
+        self._stopwords = frozenset(stopwords)
         self._stemmer = Stemmer.Stemmer("english")
         self._lock = threading.Lock()
 
@@ -141,7 +146,7 @@ def _save_shard(
 class LexicalShard:
     """One shard's lexical index, loaded; read-only and safe to search from many threads."""
 
-    def __init__(self, directory: Path, count: int, where: str, mmap: bool = False) -> None:
+    def __init__(self, directory: Path, count: int, analyzer: dict[str, Any], where: str, mmap: bool = False) -> None:
         try:
             self.bm25 = bm25s.BM25.load(str(directory), mmap=mmap, show_progress=False, verbosity=0)
             self.idf = np.load(directory / IDF, mmap_mode="r" if mmap else None)
@@ -153,7 +158,13 @@ class LexicalShard:
                 f"{len(self.idf)} idf values for {len(self.bm25.vocab_dict)} terms; the shard has {count} passages",
                 reason="shape",
             )
-        self.analyzer = Analyzer()
+        if analyzer.get("pattern") != WORD_PATTERN or not isinstance(analyzer.get("stopwords"), list):
+            raise FailedPrecondition(
+                f"{where}: the lexical index was built with another analyzer ({analyzer}); rebuild the version with "
+                "`rag index build`",
+                reason="lexical",
+            )
+        self.analyzer = Analyzer(analyzer["stopwords"])  # the version's own: questions split as its passages were
 
     def score(self, question: str) -> LexicalScores:
         """BM25 of every passage of the shard for the question's distinct terms that the version knows."""

@@ -85,7 +85,11 @@ class IndexShard:
                     f"{where}: {ANN} holds {self.ann.ntotal}x{self.ann.d}, the manifest says {count}x{m.dim}",
                     reason="shape",
                 )
-        self.lexical = lexical.LexicalShard(directory / lexical.LEXICAL, count, where, mmap) if m.lexical else None
+        self.lexical = (
+            lexical.LexicalShard(directory / lexical.LEXICAL, count, m.lexical["analyzer"], where, mmap)
+            if m.lexical
+            else None
+        )
         self._store = sqlite3.connect(
             f"file:{directory / PASSAGES}?mode=ro&immutable=1", uri=True, check_same_thread=False
         )
