@@ -105,9 +105,8 @@ class Fusion:
         two lists, for a caller that merges shards), best first, equal scores by id."""
         n = max(k, self.candidates)
         by_dense = sorted(pool, key=lambda p: (-_given(p.dense_score), p.id))[:n]
-        by_lexical = sorted((p for p in pool if _given(p.lexical_score) > 0), key=lambda p: (-_given(p.lexical_score), p.id))[
-            :n
-        ]  # fmt: skip
+        matched = [p for p in pool if _given(p.lexical_score) > 0]  # no shared term: not in the lexical list
+        by_lexical = sorted(matched, key=lambda p: (-_given(p.lexical_score), p.id))[:n]
         candidates = {p.id: p for p in (*by_dense, *by_lexical)}
         if self.method is FusionMethod.LINEAR:
             fused = {i: self.logit(_given(p.dense_score), _given(p.lexical_score)) for i, p in candidates.items()}
