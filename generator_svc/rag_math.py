@@ -33,8 +33,9 @@ NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums stay c
 
 
 def log_prior(doc_scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(z|x) over each question's K passages. [B, K] -> [B, K]."""
-    return torch.log_softmax(doc_scores.float() / temperature, dim=-1)
+    """log p(z|x) over each question's K passages. [B, K] -> [B, K]. Scaled in float64: a finite float32 score
+    over a temperature >= 1e-3 stays finite there (in float32, 1e36 / 1e-3 is inf, and the prior NaN)."""
+    return torch.log_softmax(doc_scores.double() / temperature, dim=-1).float()
 
 
 # --------------------------------------------------------------------------------------------------------

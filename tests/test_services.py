@@ -4,6 +4,7 @@ metrics."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import urllib.error
 import urllib.request
@@ -205,6 +206,16 @@ def test_score_temperature_sharpens_the_prior(services: Services) -> None:
         services, options=generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=0.05)
     ).passage_priors
     assert max(flat) < 0.4 and max(sharp) > 0.99
+
+
+def test_huge_finite_scores_at_the_lowest_temperature_give_finite_priors(services: Services) -> None:
+    # 1e36 / 1e-3 overflows float32; the prior must still be the softmax, not NaN (issue 18, item 7).
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=s)
+                for p, s in zip(PASSAGES, (1e36, 0.0, -1e36), strict=True)]  # fmt: skip
+    options = generator_pb2.DecodingOptions(max_new_tokens=2, score_temperature=1e-3)
+    reply = generate(services, passages=passages, options=options)
+    assert list(reply.passage_priors) == [1.0, 0.0, 0.0]
+    assert all(math.isfinite(x) for h in reply.hypotheses for x in (h.log_prob, *h.passage_posteriors))
 
 
 def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyModels) -> None:
