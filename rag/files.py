@@ -12,6 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from rag.errors import InvalidArgument
+
+
+def require_regular_file(path: Path, what: str, expected: str) -> None:
+    """INVALID_ARGUMENT unless `path` is a regular file, saying what it is instead: a directory, nothing, or a
+    device, FIFO or socket (which a reader would block on, or read without end)."""
+    if path.is_dir():
+        raise InvalidArgument(f"{what} {path} is a directory; give {expected}")
+    if not path.exists():
+        raise InvalidArgument(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise InvalidArgument(f"{what} {path} is not a regular file (a device, FIFO or socket); give {expected}")
+
 
 def open_text(path: Path, newline: str | None = None) -> IO[str]:
     """A UTF-8 text file, decompressed on the fly when its name ends in .gz."""

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from rag.config import option
 from rag.errors import InvalidArgument
-from rag.files import open_text, write_atomically
+from rag.files import open_text, require_regular_file, write_atomically
 from rag.types import AskRequest, DecodingOptions, Mode, RetrievalMode
 from rag_cli.ask import ask
 
@@ -81,8 +81,7 @@ def read_examples(path: Path, fmt: str = "") -> list[Example]:
     fmt = fmt or guess_format(path)
     if fmt not in FORMATS:
         raise InvalidArgument(f"unknown question-set format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise InvalidArgument(f"question set {path} does not exist")
+    require_regular_file(path, "question set", "a JSONL, SQuAD JSON or DPR QA TSV file")
     text = _read_text(path)
     examples = {"jsonl": _jsonl, "squad": _squad, "dpr-qa": _dpr_qa}[fmt](text, path)
     if not examples:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import InvalidArgument
-from rag.files import open_bytes
+from rag.files import open_bytes, require_regular_file
 from rag.types import passage_problem
 
 FORMATS = ("jsonl", "dpr-tsv")
@@ -44,10 +44,7 @@ def read_documents(path: Path, fmt: str) -> Iterator[Document]:
     with the line where reading stopped."""
     if fmt not in FORMATS:
         raise InvalidArgument(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if path.is_dir():
-        raise InvalidArgument(f"corpus {path} is a directory; give a .jsonl or .tsv file (.gz allowed)")
-    if not path.is_file():
-        raise InvalidArgument(f"corpus {path} does not exist")
+    require_regular_file(path, "corpus", "a .jsonl or .tsv file (.gz allowed)")
     reader = _read_jsonl if fmt == "jsonl" else _read_dpr_tsv
     last = 0
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,17 @@ def test_rag_eval_resumes_and_plots_a_k_sweep(
     assert json.loads(capsys.readouterr().out) == first
     assert len((out / "results.jsonl").read_text().splitlines()) == 9
     assert json.loads((out / "summary.json").read_text()) == first["sweep"]
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "device", "fifo"])
+def test_rag_eval_names_what_a_question_set_path_is_instead_of_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    path = {"missing": tmp_path / "nope.jsonl", "directory": tmp_path, "device": Path("/dev/zero")}.get(
+        case, tmp_path / "questions.jsonl"
+    )
+    if case == "fifo":
+        os.mkfifo(path)  # nobody writes it: reading would block for ever
+    expected = {"missing": "does not exist", "directory": "is a directory"}.get(case, "is not a regular file")
+    assert rag_cli(["eval", str(path), "--gateway", "127.0.0.1:9", "--questions-format", "jsonl"]) == 2
+    assert expected in capsys.readouterr().err

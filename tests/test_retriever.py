@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,11 @@ GOOD_LINE = '{"id": "ok", "title": "Fine", "text": "A passage any generator read
 def _bad_corpus(tmp_path: Path, case: str) -> Path:
     if case == "directory":
         return tmp_path
+    if case == "device":
+        return Path("/dev/zero")  # endless: reading it would never finish
+    if case == "fifo":
+        os.mkfifo(tmp_path / "corpus.jsonl")  # nobody writes: reading it would block for ever
+        return tmp_path / "corpus.jsonl"
     name = "corpus.jsonl.gz" if "gzip" in case else "corpus.jsonl"
     lines = {
         "empty passage": '{"id": "e", "title": "", "text": "  "}\n',
@@ -161,6 +167,8 @@ def _bad_corpus(tmp_path: Path, case: str) -> Path:
         ("not gzip", "is it a whole gzip file?"),
         ("passage words 0", "--passage-words must be at least 1, got 0"),
         ("directory", "is a directory; give a .jsonl or .tsv file"),
+        ("device", "/dev/zero is not a regular file (a device, FIFO or socket)"),
+        ("fifo", "corpus.jsonl is not a regular file (a device, FIFO or socket)"),
     ],
 )
 def test_index_build_refuses_what_no_generator_reads_by_line_and_writes_nothing(
