@@ -153,9 +153,37 @@ def _reusable(root: Path, name: str, encoder: Encoder, reuse_from: IndexRef | No
             manifest.encoder.passage_identity == encoder.info.passage_identity
             and manifest.format_version == FORMAT_VERSION
         ):
-            return _EmbeddingReuse(directory, manifest)
+            problem = _damage(directory, manifest)
+            if problem is None:
+                return _EmbeddingReuse(directory, manifest)
+            if reuse_from:
+                raise FailedPrecondition(f"cannot reuse embeddings from {manifest.ref}: {problem}", reason="checksum")
+            log.warning(
+                "not reusing the embeddings of %s: %s; encoding what an older version cannot give",
+                manifest.ref,
+                problem,
+            )
     if reuse_from:
         raise InvalidArgument(f"cannot reuse embeddings from {reuse_from}: it was built by another encoder")
+    return None
+
+
+def _damage(directory: Path, manifest: Manifest) -> str | None:
+    """Why a version's passages and embeddings cannot be reused (None: they can): every file as its manifest's
+    checksum says, the embeddings of the shape it says. A damaged version must not pass into the next one."""
+    for shard in range(manifest.num_shards):
+        for file in (PASSAGES, EMBEDDINGS):
+            relative = f"{shard_dir(shard)}/{file}"
+            if relative not in manifest.checksums or not (directory / relative).is_file():
+                return f"{relative} is missing"
+            if sha256_file(directory / relative) != manifest.checksums[relative]:
+                return f"checksum mismatch for {relative}"
+        try:
+            embeddings = np.load(directory / shard_dir(shard) / EMBEDDINGS, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            return f"{shard_dir(shard)}/{EMBEDDINGS} is unreadable ({err})"
+        if embeddings.shape != (manifest.shard_counts[shard], manifest.dim) or embeddings.dtype != np.float32:
+            return f"{shard_dir(shard)}/{EMBEDDINGS} is {embeddings.shape}, the manifest says ({manifest.shard_counts[shard]}, {manifest.dim})"
     return None
 
 

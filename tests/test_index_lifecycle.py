@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rag.auth import bearer
+from rag.errors import FailedPrecondition
 from rag.index_ref import IndexRef
 from rag.serving import Served
 from rag.v1 import (
@@ -229,6 +230,37 @@ def test_rebuilding_reuses_unchanged_embeddings_exactly(tmp_path: Path, tiny: Ti
     np.testing.assert_allclose(c, b, atol=1e-6)
     assert reused.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1}  # all but the changed fact
     assert borrowed.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1} and not fresh.embeddings_reused
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_build_never_inherits_a_damaged_version(
+    tmp_path: Path, tiny: TinyModels, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 18, item 4: a version the retriever refuses must not become the next version with fresh checksums.
+    root = tmp_path / "indexes"
+    build(versioned_corpus(tmp_path, "v1"), root, "kb", tiny.encoder_spec)
+    embeddings = root / "kb" / "v1" / "shard-0" / "embeddings.npy"
+    if damage == "corrupt":  # same size, other numbers: the rankings would be wrong
+        data = bytearray(embeddings.read_bytes())
+        data[-400:] = bytes(400)
+        embeddings.write_bytes(bytes(data))
+    else:
+        _truncate(embeddings)
+    corpus = versioned_corpus(tmp_path, "v2")
+    with caplog.at_level("WARNING", logger="retriever_svc.build"):
+        rebuilt = build(corpus, root, "kb", tiny.encoder_spec)
+    assert not rebuilt.embeddings_reused  # encoded, not inherited
+    warnings = [r.getMessage() for r in caplog.records if "not reusing" in r.getMessage()]
+    assert warnings == ["not reusing the embeddings of kb@v1: checksum mismatch for shard-0/embeddings.npy; "
+                        "encoding what an older version cannot give"]  # fmt: skip
+    fresh = build(corpus, root, "fresh", tiny.encoder_spec, reuse_embeddings=False)
+    np.testing.assert_allclose(
+        np.load(root / "kb" / rebuilt.version / "shard-0" / "embeddings.npy"),
+        np.load(root / "fresh" / fresh.version / "shard-0" / "embeddings.npy"),
+        atol=1e-6,
+    )
+    with pytest.raises(FailedPrecondition, match="cannot reuse embeddings from kb@v1: checksum mismatch"):
+        build(corpus, root, "other", tiny.encoder_spec, reuse_from=IndexRef("kb", "v1"))
 
 
 # ------------------------------------------------------------------------------------------------ refusals
