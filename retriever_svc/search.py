@@ -104,7 +104,15 @@ class IndexShard:
     def verify_files(self) -> None:
         """FAILED_PRECONDITION unless this shard's files on disk still match the manifest's checksums."""
         for file, digest in sorted(self.checksums.items()):
-            if sha256_file(self.version_dir / file) != digest:
+            try:
+                actual = sha256_file(self.version_dir / file)
+            except OSError as err:  # deleted or unreadable since it was loaded
+                raise FailedPrecondition(
+                    f"{self.ref} shard {self.shard}: {file} cannot be read ({err.strerror}); restore the version "
+                    "or swap to another",
+                    reason="missing_file",
+                ) from err
+            if actual != digest:
                 raise FailedPrecondition(
                     f"{self.ref} shard {self.shard}: checksum mismatch for {file}; the file is corrupt or was changed",
                     reason="checksum",

@@ -347,6 +347,20 @@ def test_a_served_file_truncated_on_disk_neither_kills_the_retriever_nor_passes_
     assert cluster.ask(k=2).index_version == "kb@v1"
 
 
+def test_a_swap_to_the_active_version_whose_directory_was_deleted_is_refused_not_internal(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
+    # Issue 18, item 8: the files are checked again on a swap; gone, they are a precondition, not a bug.
+    root = tmp_path / "indexes"
+    build_version(root, tmp_path, tiny, "v1")
+    cluster = cluster_factory(root, "kb@v1")
+    shutil.rmtree(root / "kb" / "v1")
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.swap("v1", name="kb")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, details(err.value)
+    assert cluster.ask(k=2).index_version == "kb@v1"  # still served from memory
+
+
 def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
     tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
 ) -> None:
