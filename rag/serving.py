@@ -98,6 +98,20 @@ def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
         raise InvalidArgument(f"the request is not a valid {method.rsplit('/', 1)[-1]} message: {err}") from None
 
 
+MAX_STATUS_CHARS = 2000  # a status message travels in trailers, which gRPC caps at 8 KiB
+
+
+def bounded(message: str) -> str:
+    """A status message of at most MAX_STATUS_CHARS: messages quote what the caller sent, which can be long (a
+    100k-character name made the trailers too large, and the caller saw RESOURCE_EXHAUSTED instead)."""
+    if len(message) <= MAX_STATUS_CHARS:
+        return message
+    cut = len(message) - MAX_STATUS_CHARS + 40
+    return (
+        f"{message[: MAX_STATUS_CHARS // 2]} [... {cut} characters cut ...] {message[-(MAX_STATUS_CHARS // 2 - 40) :]}"
+    )
+
+
 @asynccontextmanager
 async def _statuses(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Turn what the block raises into the call's status, and count the call by its status."""
@@ -107,7 +121,7 @@ async def _statuses(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
         yield
     except RagError as err:
         code = err.code
-        await context.abort(err.code, str(err))
+        await context.abort(err.code, bounded(str(err)))
     except grpc.aio.AbortError:  # the servicer aborted with a status of its own
         code = context.code() or grpc.StatusCode.UNKNOWN
         raise

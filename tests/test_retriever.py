@@ -358,3 +358,12 @@ def test_index_type_may_be_a_faiss_factory_string(tmp_path: Path, tiny: TinyMode
     assert manifest.faiss_factory == "HNSW16,Flat"
     with pytest.raises(InvalidArgument, match="neither flat, hnsw, ivfpq nor a faiss factory string"):
         build_index(corpus, "jsonl", tmp_path, "bogus", encoder, "NotAnIndex42", show_progress=False)
+
+
+def test_a_huge_name_is_refused_as_invalid_with_a_bounded_message(services: Services) -> None:
+    # Issue 18, item 8: the message quoted all 100k characters; the trailers overflowed into RESOURCE_EXHAUSTED.
+    with pytest.raises(grpc.RpcError) as err:
+        search(services.retriever, ["Who discovered penicillin?"], 3, index_version="x" * 100_000 + "@v1")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = err.value.details() or ""
+    assert message.startswith("index name 'xxx") and "characters cut" in message and len(message) <= 2000
