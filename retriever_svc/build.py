@@ -38,6 +38,7 @@ from retriever_svc.layout import (
     MANIFEST,
     PASSAGES,
     Manifest,
+    file_damage,
     resolve,
     shard_dir,
     versions,
@@ -174,10 +175,11 @@ def _damage(directory: Path, manifest: Manifest) -> str | None:
     for shard in range(manifest.num_shards):
         for file in (PASSAGES, EMBEDDINGS):
             relative = f"{shard_dir(shard)}/{file}"
-            if relative not in manifest.checksums or not (directory / relative).is_file():
-                return f"{relative} is missing"
-            if sha256_file(directory / relative) != manifest.checksums[relative]:
-                return f"checksum mismatch for {relative}"
+            if relative not in manifest.checksums:
+                return f"{relative} is not in its manifest"
+            damage = file_damage(directory, relative, manifest.checksums[relative])
+            if damage is not None:
+                return damage[1]
         try:
             embeddings = np.load(directory / shard_dir(shard) / EMBEDDINGS, mmap_mode="r")
         except (ValueError, OSError) as err:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rag.errors import FailedPrecondition, InvalidArgument, NotFound
+from rag.files import sha256_file
 from rag.index_ref import VERSION_PATTERN, IndexRef
 
 MANIFEST = "manifest.json"
@@ -139,6 +140,17 @@ def resolve(root: Path, wanted: IndexRef | None) -> Path:
     if not directory.is_relative_to(root.resolve()):  # a symlinked version must not lead outside the root
         raise InvalidArgument(f"{wanted.at(version)} resolves outside the index root {root}")
     return directory
+
+
+def file_damage(version_dir: Path, file: str, digest: str) -> tuple[str, str] | None:
+    """Why a published file of a version is no longer what its manifest's checksum says, as (metric reason,
+    message); None while it is. What the retriever checks before serving a version and a build before reusing it."""
+    try:
+        if sha256_file(version_dir / file) == digest:
+            return None
+    except OSError as err:  # deleted or unreadable since it was published
+        return "missing_file", f"{file} cannot be read ({err.strerror})"
+    return "checksum", f"checksum mismatch for {file}"
 
 
 def directory_bytes(path: Path) -> int:

@@ -19,12 +19,20 @@ import faiss
 import numpy as np
 
 from rag.errors import FailedPrecondition
-from rag.files import sha256_file
 from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.types import Passage, RetrievalMode
 from retriever_svc import lexical
-from retriever_svc.layout import ANN, EMBEDDINGS, FORMAT_VERSION, MANIFEST, PASSAGES, Manifest, shard_dir
+from retriever_svc.layout import (
+    ANN,
+    EMBEDDINGS,
+    FORMAT_VERSION,
+    MANIFEST,
+    PASSAGES,
+    Manifest,
+    file_damage,
+    shard_dir,
+)
 
 ANN_CANDIDATES = 8  # approximate indexes propose this many times k candidates; exact rescoring keeps the best k
 
@@ -104,18 +112,13 @@ class IndexShard:
     def verify_files(self) -> None:
         """FAILED_PRECONDITION unless this shard's files on disk still match the manifest's checksums."""
         for file, digest in sorted(self.checksums.items()):
-            try:
-                actual = sha256_file(self.version_dir / file)
-            except OSError as err:  # deleted or unreadable since it was loaded
+            damage = file_damage(self.version_dir, file, digest)
+            if damage is not None:
+                reason, problem = damage
                 raise FailedPrecondition(
-                    f"{self.ref} shard {self.shard}: {file} cannot be read ({err.strerror}); restore the version "
-                    "or swap to another",
-                    reason="missing_file",
-                ) from err
-            if actual != digest:
-                raise FailedPrecondition(
-                    f"{self.ref} shard {self.shard}: checksum mismatch for {file}; the file is corrupt or was changed",
-                    reason="checksum",
+                    f"{self.ref} shard {self.shard}: {problem}; the file is corrupt, changed or gone: restore the "
+                    "version or swap to another",
+                    reason=reason,
                 )
 
     @property
