@@ -256,7 +256,15 @@ def synthetic_version(directory: Path, n: int, dim: int, rng: np.random.Generato
     import sqlite3
 
     from rag.files import sha256_file
-    from retriever_svc.layout import EMBEDDINGS, FORMAT_VERSION, MANIFEST, PASSAGES, EncoderInfo, Manifest
+    from retriever_svc.layout import (
+        EMBEDDINGS,
+        FORMAT_VERSION,
+        MANIFEST,
+        PASSAGES,
+        PASSAGES_SCHEMA,
+        EncoderInfo,
+        Manifest,
+    )
     from retriever_svc.lexical import build_lexical
 
     shard = directory / "shard-0"
@@ -265,7 +273,7 @@ def synthetic_version(directory: Path, n: int, dim: int, rng: np.random.Generato
     ranks = np.minimum(rng.zipf(1.2, size=(n, 70)), len(words)) - 1
     texts = [" ".join(words[row]) for row in ranks]
     with sqlite3.connect(shard / PASSAGES) as store:
-        store.execute("CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT, title TEXT, text TEXT)")
+        store.execute(PASSAGES_SCHEMA)
         store.executemany(
             "INSERT INTO passages VALUES (?, ?, ?, ?)", ((i, f"p{i}", "", t) for i, t in enumerate(texts))
         )

@@ -37,6 +37,7 @@ from retriever_svc.layout import (
     FORMAT_VERSION,
     MANIFEST,
     PASSAGES,
+    PASSAGES_SCHEMA,
     Manifest,
     file_damage,
     resolve,
@@ -77,15 +78,12 @@ def _faiss_factory(index_type: str, dim: int, count: int) -> str:
     return index_type
 
 
-_SCHEMA = "CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL)"
-
-
 def _write_staging_store(path: Path, passages: Iterator[Document]) -> int:
     """Every passage of the corpus, in order, into one SQLite file; returns the passage count."""
     connection = sqlite3.connect(path)
     try:
         connection.execute("PRAGMA journal_mode=OFF")
-        connection.execute(_SCHEMA)
+        connection.execute(PASSAGES_SCHEMA)
         connection.execute("CREATE UNIQUE INDEX passage_ids ON passages (id)")
         count = 0
         batch: list[tuple[int, str, str, str]] = []
@@ -256,7 +254,7 @@ def build_index(
                 directory = tmp / shard_dir(shard)
                 directory.mkdir()
                 with sqlite3.connect(directory / PASSAGES) as store:
-                    store.execute(_SCHEMA)
+                    store.execute(PASSAGES_SCHEMA)
                     store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
                     store.execute(
                         "INSERT INTO passages SELECT row - ?, id, title, text FROM staging.passages WHERE row >= ? AND row < ?",

@@ -29,6 +29,9 @@ from rag.index_ref import VERSION_PATTERN, IndexRef
 
 MANIFEST = "manifest.json"
 PASSAGES = "passages.sqlite"
+PASSAGES_SCHEMA = (
+    "CREATE TABLE passages (row INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT NOT NULL, text TEXT NOT NULL)"
+)
 EMBEDDINGS = "embeddings.npy"
 ANN = "ann.faiss"
 FORMAT_VERSION = 1
