@@ -17,6 +17,13 @@ class GeneratorConfig(ServerConfig):
     generator: str = option(paths.demo_generator_spec(), "model directory, facebook/rag-* checkpoint or .gguf file")
     max_new_tokens: int = option(32, "max_new_tokens when a request leaves it unset")
     score_temperature: float = option(1.0, "temperature of p(z|x) when a request leaves it unset (1 = transformers)")
+    max_question_tokens: int = option(512, "questions longer than this, in the model's tokens, get INVALID_ARGUMENT")
+    max_prompt_tokens: int = option(
+        16384, "a request's prompts (every passage's, in the model's tokens) beyond this get INVALID_ARGUMENT"
+    )
+    chunk_tokens: int = option(
+        0, "tokens per model pass of prompt and scoring work, the caller checked between passes; 0 = by device"
+    )
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")

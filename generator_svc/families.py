@@ -37,10 +37,13 @@ from generator_svc.passage_lm import (
     DecodingRules,
     DecodingState,
     PassageLM,
+    Watch,
     holding,
     log_softmax,
     select_rows,
+    watched,
 )
+from rag import metrics
 from rag.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -117,12 +120,44 @@ class EncoderDecoderLM(PassageLM):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
 
+    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
+        texts = [self.input_text(question, c) for c in contexts]
+        ids = self.tokenizer(texts, max_length=self.max_input_tokens, truncation=True)["input_ids"]
+        return sum(len(row) for row in ids)
+
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+    def encode(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], watch: Watch | None = None
+    ) -> Contexts:
         batch = self.tokenize(questions, contexts)
-        mask = batch["attention_mask"]
-        states = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask, return_dict=True)
-        states = states.last_hidden_state
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        per_pass = max(1, self.chunk_tokens // ids.shape[1])
+        passes = [
+            self._encode_rows(ids[i : i + per_pass], mask[i : i + per_pass], watch)
+            for i in range(0, len(ids), per_pass)
+        ]
+        states, prefix, cross, first = (
+            passes[0][0],
+            _concat_rows([p[1] for p in passes]),
+            _concat_rows([p[2] for p in passes]),
+            torch.cat([p[3] for p in passes]),
+        )
+        return Contexts(
+            len(questions),
+            len(contexts[0]),
+            mask.cpu(),
+            prefix=prefix,
+            first_logprobs=first,
+            encoder_states=states[:1].clone(),  # a view would keep the pass's rows alive while decoding
+            cross=cross,
+        )
+
+    def _encode_rows(
+        self, ids: torch.Tensor, mask: torch.Tensor, watch: Watch | None
+    ) -> tuple[torch.Tensor, KV, KV, torch.Tensor]:
+        """One pass over some rows: their encoder states, the decoder start token's self-attention and cross-
+        attention caches, and the first answer token's log-probabilities."""
+        states = self.model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
         # The decoder start token, once per row: it fills the cross-attention cache (the encoder states
         # projected for every decoder layer) and gives the first answer token's distribution.
         start = torch.full((len(mask), 1), self.decoder_start, dtype=torch.long, device=self.device)
@@ -134,15 +169,14 @@ class EncoderDecoderLM(PassageLM):
             use_cache=True,
             return_dict=True,
         )
+        metrics.MODEL_TOKENS.labels("prompt").inc(ids.numel())
+        watched(watch)(None)
         cache = out.past_key_values
-        return Contexts(
-            len(questions),
-            len(contexts[0]),
-            mask.cpu(),
-            prefix=[(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
-            first_logprobs=log_softmax(out.logits[:, -1]).cpu(),
-            encoder_states=states[:1].clone(),  # a view would keep all B*K rows alive while decoding
-            cross=[(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
+        return (
+            states,
+            [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers],
+            [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers],
+            log_softmax(out.logits[:, -1]).cpu(),
         )
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
@@ -243,23 +277,28 @@ class DecoderOnlyLM(PassageLM):
             text = f"{user}\nAnswer:"
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
+        return sum(len(self.prompt_ids(question, c)) for c in contexts)
+
     @torch.inference_mode()
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
+    def encode(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], watch: Watch | None = None
+    ) -> Contexts:
         """Every prompt run once, and what prompts share run once: the prefix common to all rows (system prompt,
         chat template) is computed for one row and shared; the rest of each prompt runs in buckets of similar
-        length, since padding costs as much as tokens. Row r comes out as [shared][padding][its own tokens]:
-        each prompt still ends where its answer begins."""
+        length, since padding costs as much as tokens, and in passes of at most `chunk_tokens`. Row r comes out
+        as [shared][padding][its own tokens]: each prompt still ends where its answer begins."""
         prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
         shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-        prefix = self._prefill([prompts[0][:shared]], [], 0)[0] if shared else []
+        prefix = self._prefill([prompts[0][:shared]], [], 0, watch)[0] if shared else []
         own = [p[shared:] for p in prompts]
         width = shared + max(len(p) for p in own)
         mask = torch.zeros(len(own), width, dtype=torch.long)
         mask[:, :shared] = 1
         kv: KV = []
         first_logprobs = torch.empty(0)
-        for bucket in _buckets([len(p) for p in own], self.padding_slack):
-            bucket_kv, bucket_mask, logits = self._prefill([own[r] for r in bucket], prefix, shared)
+        for bucket in _buckets([len(p) for p in own], self.padding_slack, self.chunk_tokens):
+            bucket_kv, bucket_mask, logits = self._prefill([own[r] for r in bucket], prefix, shared, watch)
             rows, start = torch.tensor(bucket), width - bucket_mask.shape[1]
             if not kv:  # the shapes are known now: heads and head size of every layer
                 kv = [
@@ -284,9 +323,12 @@ class DecoderOnlyLM(PassageLM):
         arithmetic to spare and pays per forward pass instead."""
         return 0.1 if self.device.type == "cpu" else math.inf
 
-    def _prefill(self, rows: Sequence[Sequence[int]], prefix: KV, offset: int) -> tuple[KV, torch.Tensor, torch.Tensor]:
+    def _prefill(
+        self, rows: Sequence[Sequence[int]], prefix: KV, offset: int, watch: Watch | None
+    ) -> tuple[KV, torch.Tensor, torch.Tensor]:
         """Run token rows (left-padded to the longest) after a one-row `prefix` of `offset` tokens; the rows'
-        own part of the cache, their mask and the logits of their last position."""
+        own part of the cache, their mask and the logits of their last position. Rows longer than a pass
+        allows run a chunk of positions at a time (`watch` called after each)."""
         longest = max(len(r) for r in rows)
         ids = torch.full((len(rows), longest), self.rules.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), longest, dtype=torch.long)
@@ -301,15 +343,23 @@ class DecoderOnlyLM(PassageLM):
             if prefix
             else DynamicCache(config=self.model.config)
         )
-        out = self.model(  # logits of the last position only: the vocabulary projection is a quarter of the work
-            input_ids=ids.to(self.device),
-            attention_mask=torch.cat([mask.new_ones(n, offset), mask], 1).to(self.device),
-            position_ids=(offset + (mask.cumsum(-1) - 1).clamp(min=0)).to(self.device),
-            past_key_values=past,
-            use_cache=True,
-            logits_to_keep=1,
-            return_dict=True,
-        )
+        attention_mask = torch.cat([mask.new_ones(n, offset), mask], 1)
+        positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        per_pass = max(1, self.chunk_tokens // n)
+        for start in range(0, longest, per_pass):
+            end = min(start + per_pass, longest)
+            out = self.model(  # logits of the last position only: the vocabulary projection is a quarter of the work
+                input_ids=ids[:, start:end].to(self.device),
+                attention_mask=attention_mask[:, : offset + end].to(self.device),
+                position_ids=positions[:, start:end].to(self.device),
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+                return_dict=True,
+            )
+            past = out.past_key_values
+            metrics.MODEL_TOKENS.labels("prompt").inc(n * (end - start))
+            watched(watch)(None)
         kv = [(layer.keys[:, :, offset:], layer.values[:, :, offset:]) for layer in out.past_key_values.layers]
         return kv, mask, out.logits[:, -1]
 
@@ -371,18 +421,29 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def _buckets(lengths: Sequence[int], slack: float) -> list[list[int]]:
+def _buckets(lengths: Sequence[int], slack: float, max_tokens: int) -> list[list[int]]:
     """Row indices grouped by length, shortest first, so that padding each group to its longest row adds at
-    most `slack` of the group's tokens."""
+    most `slack` of the group's tokens, and the group holds at most `max_tokens` (or is one row)."""
     buckets: list[list[int]] = []
     for r in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if buckets and lengths[r] * (len(buckets[-1]) + 1) <= (1 + slack) * (
-            sum(lengths[i] for i in buckets[-1]) + lengths[r]
+        padded = lengths[r] * (len(buckets[-1]) + 1) if buckets else 0
+        if (
+            buckets
+            and padded <= max_tokens
+            and padded <= (1 + slack) * (sum(lengths[i] for i in buckets[-1]) + lengths[r])
         ):
             buckets[-1].append(r)
         else:
             buckets.append([r])
     return buckets
+
+
+def _concat_rows(passes: Sequence[KV]) -> KV:
+    """Per-layer keys and values of row groups, joined along the rows."""
+    return [
+        (torch.cat([p[layer][0] for p in passes]), torch.cat([p[layer][1] for p in passes]))
+        for layer in range(len(passes[0]))
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,10 +454,11 @@ def _buckets(lengths: Sequence[int], slack: float) -> list[list[int]]:
 DTYPES = ("float32", "bfloat16", "int8")
 
 
-def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu") -> PassageLM:
+def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu", chunk_tokens: int = 0) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
     directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `with_precision`) on `device`
-    (auto: CUDA when torch sees one). Only safetensors/GGUF weights are read; no remote code runs."""
+    (auto: CUDA when torch sees one), running prompts and scoring in passes of `chunk_tokens` (0: by device).
+    Only safetensors/GGUF weights are read; no remote code runs."""
     if dtype not in DTYPES:
         raise FailedPrecondition(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     where = resolve_device(device)
@@ -404,9 +466,16 @@ def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu") -> P
         raise FailedPrecondition("int8 runs on a CPU only (torch's dynamic quantisation); use bfloat16 on a GPU")
     lm = _load(spec)
     lm.model = with_precision(torch.nn.Module.to(lm.model, where), dtype)
+    lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
     if where.type == "cpu" and dtype == "float32":
         few_row_products(lm.model)
     return lm
+
+
+def chunk_tokens_for(device: torch.device) -> int:
+    """Tokens per pass of prompt or scoring work: on a CPU, 512 tokens of the demo model take ~2 s in float32
+    and larger passes are barely faster per token; a GPU runs far more in that time."""
+    return 512 if device.type == "cpu" else 16384
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from generator_svc import rag_math
-from generator_svc.passage_lm import Context, PassageLM, one_each
+from generator_svc.passage_lm import Context, PassageLM, Watch, one_each
 from generator_svc.requests import AnswerScore, Request, Scored
 from rag import metrics
 from rag.types import Answered, Hypothesis, Mode
@@ -55,13 +55,17 @@ class RagModel:
         context: Context = () if options.mode is Mode.CLOSED_BOOK else tuple(passages)
         return [context], torch.zeros(1), prior
 
-    def generate(self, batch: Sequence[Request], watch: rag_math.Watch | None = None) -> list[Answered]:
+    def prompt_tokens(self, request: Request) -> int:
+        """What the request's prompts cost in tokens (all its rows)."""
+        return self.lm.prompt_tokens(request.question, self._contexts(request)[0])
+
+    def generate(self, batch: Sequence[Request], watch: Watch | None = None) -> list[Answered]:
         """Decode a batch of requests that share their decoding options and passage count; `watch` sees every
-        step (rag_math.generate) and may stop it."""
+        model pass (prompt chunks, then rag_math.generate's steps) and may stop the work."""
         options = batch[0].options
         prepared = [self._contexts(r) for r in batch]
         with metrics.timed("generate"):
-            ctx = self.lm.encode([r.question for r in batch], [contexts for contexts, _, _ in prepared])
+            ctx = self.lm.encode([r.question for r in batch], [contexts for contexts, _, _ in prepared], watch)
             prior = torch.stack([prior for _, prior, _ in prepared])
             found = rag_math.generate(self.lm, ctx, prior, options, watch)
         results = []
@@ -74,12 +78,13 @@ class RagModel:
             results.append(Answered(hypotheses, tuple(passage_prior.exp().tolist())))
         return results
 
-    def score(self, request: Request, answers: Sequence[str]) -> Scored:
+    def score(self, request: Request, answers: Sequence[str], watch: Watch | None = None) -> Scored:
+        """Each answer's marginal and posterior; `watch` sees every model pass and may stop the work."""
         contexts, prior, passage_prior = self._contexts(request)
         with metrics.timed("score"):
-            ctx = self.lm.encode([request.question], [contexts])
+            ctx = self.lm.encode([request.question], [contexts], watch)
             tokens = [self.lm.answer_token_ids(a) for a in answers]
-            scores = rag_math.score_answers(self.lm, ctx, prior[None, :], [0] * len(answers), tokens)
+            scores = rag_math.score_answers(self.lm, ctx, prior[None, :], [0] * len(answers), tokens, watch=watch)
             log_probs = scores.log_prob(request.options.mode).tolist()
             posteriors = scores.posterior().tolist() if request.options.mode.is_rag else [[]] * len(answers)
         return Scored(

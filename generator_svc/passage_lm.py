@@ -17,7 +17,7 @@ The two families that implement it live in generator_svc.families.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +26,24 @@ from transformers import Cache, DynamicCache, EncoderDecoderCache, PreTrainedTok
 from transformers.cache_utils import DynamicLayer
 
 from generator_svc.context_attention import KV, SharedContext
+from rag import metrics
 from rag.types import Passage
 
 Context = tuple[Passage, ...]  # the passages one row reads: one for RAG; none or all for the baselines
+
+# watch(tokens) is called after every model pass: decoding steps (greedy search passes the token each row chose,
+# beam search None: its best hypothesis is known only at the end) and each chunk of a prompt or of scored answers
+# (None). It may raise DecodingStopped to end the work there, so no request holds the model past its caller.
+Watch = Callable[[torch.Tensor | None], None]
+
+
+class DecodingStopped(Exception):
+    """Raised by a watch to stop the model's work on a request (its caller went away)."""
+
+
+def watched(watch: Watch | None) -> Watch:
+    """`watch`, or one that never stops anything."""
+    return watch if watch is not None else lambda _: None
 
 
 def one_each(passages: Sequence[Passage]) -> list[Context]:
@@ -115,10 +130,20 @@ class PassageLM(ABC):
     name: str
     # The longest answer the model can hold (its decoder's positions), when it has such a limit.
     max_answer_tokens: int | None = None
+    # The most tokens one pass of prompt or scoring work runs before the caller is checked on (set at loading
+    # for the device: generator_svc.families.chunk_tokens_for).
+    chunk_tokens: int = 512
 
     @abstractmethod
-    def encode(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> Contexts:
-        """Rows for each question with each of its contexts (the same number of contexts per question)."""
+    def encode(
+        self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], watch: Watch | None = None
+    ) -> Contexts:
+        """Rows for each question with each of its contexts (the same number of contexts per question), run in
+        passes of at most `chunk_tokens` tokens, `watch` called after each."""
+
+    @abstractmethod
+    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
+        """How many tokens `encode` runs for the question's rows (what a request's prompt costs)."""
 
     @abstractmethod
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
@@ -143,6 +168,9 @@ class PassageLM(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def question_tokens(self, question: str) -> int:
+        return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""
         return DecodingState(ctx, rows, *self._cache(ctx, rows), ctx.attention_mask[rows])
@@ -163,14 +191,25 @@ class PassageLM(ABC):
         cache.reorder_cache(index)  # type: ignore[arg-type]  # a LongTensor; torch types it as Tensor
 
     @torch.inference_mode()
-    def token_logprobs(self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk."""
+    def token_logprobs(
+        self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor, watch: Watch | None = None
+    ) -> torch.Tensor:
+        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk.
+        Rows run in passes of at most `chunk_tokens` tokens (which also bounds the [rows, T, V] distributions
+        held at once), `watch` called after each."""
         first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
         if targets.shape[1] == 1:
             return first
-        logits = self._forward(self.start(ctx, rows), targets[:, :-1])
-        rest = log_softmax(logits).gather(-1, targets[:, 1:, None].to(logits.device)).squeeze(-1)
-        return torch.cat([first, rest.cpu()], dim=1)
+        inputs, predicted = targets[:, :-1], targets[:, 1:]
+        per_pass = max(1, self.chunk_tokens // inputs.shape[1])
+        rest = []
+        for start in range(0, len(rows), per_pass):
+            part = slice(start, start + per_pass)
+            logits = self._forward(self.start(ctx, rows[part]), inputs[part])
+            rest.append(log_softmax(logits).gather(-1, predicted[part, :, None].to(logits.device)).squeeze(-1).cpu())
+            metrics.MODEL_TOKENS.labels("scored").inc(inputs[part].numel())
+            watched(watch)(None)
+        return torch.cat([first, torch.cat(rest)], dim=1)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True)).strip()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generator_svc.passage_lm import Contexts, DecodingRules, PassageLM
+from generator_svc.passage_lm import Contexts, DecodingRules, PassageLM, Watch
 from rag.types import DecodingOptions, Mode
 
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums stay comparable
@@ -84,13 +84,6 @@ def _block_repeated_ngrams(scores: torch.Tensor, generated: torch.Tensor, rules:
 # next_logprobs(tokens, origin) feeds the tokens just chosen (None before the first step) to the rows, after
 # moving row histories so that row i continues row origin[i] (None: no move), and returns log-probs [rows, V].
 NextLogprobs = Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor]
-# watch(tokens) is called after every step: greedy search passes the token each row chose, beam search None (its
-# best hypothesis is known only at the end). It may raise (DecodingStopped) to end the decode there.
-Watch = Callable[[torch.Tensor | None], None]
-
-
-class DecodingStopped(Exception):
-    """Raised by a watch to stop decoding (its caller went away)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +284,7 @@ def score_answers(
     questions: Sequence[int],
     answers: Sequence[Sequence[int]],
     skip_leading_bos: bool = False,
+    watch: Watch | None = None,
 ) -> AnswerScores:
     """Teacher-force answer h (of question questions[h]) under each of that question's K passages.
 
@@ -306,7 +300,7 @@ def score_answers(
         mask[:, 0] &= torch.tensor([not every[b] for b in questions])
     question_index = torch.tensor(questions, dtype=torch.long)
     rows = (question_index[:, None] * K + torch.arange(K)).view(-1)  # (answer h, passage k) -> context row
-    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0)).view(len(answers), K, -1)
+    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0), watch).view(len(answers), K, -1)
     logprobs = torch.where(mask[:, None, :], logprobs, 0.0)
     return AnswerScores(logprobs, mask, prior[question_index])
 
@@ -329,14 +323,15 @@ def generate(
     """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first. `watch` sees
     each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None."""
     scores: AnswerScores | None = None
+    passes = None if watch is None else lambda _: watch(None)  # what is decoded is not the answer's yet
     if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
-        chosen = _rag_sequence_search(lm, ctx, prior, options, None if watch is None else lambda _: watch(None))
+        chosen = _rag_sequence_search(lm, ctx, prior, options, passes)
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
         chosen, scores = _rag_token_search(lm, ctx, prior, options, watch)
     questions = [b for b, answers in enumerate(chosen) for _ in answers]
     flat = [answer for answers in chosen for answer in answers]
     if scores is None:  # exact marginals and posteriors of the chosen answers, in one teacher-forced pass
-        scores = score_answers(lm, ctx, prior, questions, flat)
+        scores = score_answers(lm, ctx, prior, questions, flat, watch=passes)
     log_probs, posteriors = scores.log_prob(options.mode).tolist(), scores.posterior().tolist()
     results: list[list[Generated]] = [[] for _ in chosen]
     for h, (b, tokens) in enumerate(zip(questions, flat, strict=True)):
@@ -417,7 +412,7 @@ def _rag_sequence_search(
     if options.thorough:  # score every hypothesis under every passage, in one batched pass
         questions = [b for b, pool in enumerate(pools) for _ in pool]
         flat = [tokens for pool in pools for tokens in pool]
-        scores = score_answers(lm, ctx, prior, questions, flat, skip_leading_bos=True).rag_sequence()
+        scores = score_answers(lm, ctx, prior, questions, flat, skip_leading_bos=True, watch=watch).rag_sequence()
         marginals = list(torch.split(scores, [len(pool) for pool in pools]))
     else:
         marginals = [torch.logsumexp(prior[b] + beam_loglik[b], dim=-1) for b in range(B)]

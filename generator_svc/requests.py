@@ -27,6 +27,9 @@ class Limits:
     max_beams: int = 8
     max_new_tokens: int = 256
     max_answers: int = 32
+    # Cost is in tokens: a question of 2,000 characters may be 8,000 tokens, and it is read once per passage.
+    max_question_tokens: int = 512
+    max_prompt_tokens: int = 16384  # k = 50 passages of 256 tokens with a short question fit
 
     def check(self, options: DecodingOptions) -> None:
         require(
@@ -39,6 +42,21 @@ class Limits:
         )
         require(
             options.n_docs <= self.max_passages, f"n_docs must be in [0, {self.max_passages}], got {options.n_docs}"
+        )
+
+    def check_tokens(self, question_tokens: int, prompt_tokens: Callable[[], int]) -> None:
+        """The question's tokens, then (counted only for a question that passes) all the request's prompts'."""
+        require(
+            question_tokens <= self.max_question_tokens,
+            f"the question is {question_tokens} tokens; this generator takes {self.max_question_tokens} at most "
+            "(--max-question-tokens)",
+        )
+        tokens = prompt_tokens()
+        require(
+            tokens <= self.max_prompt_tokens,
+            f"the request's prompts are {tokens} tokens (the question is read once per passage); this generator "
+            f"takes {self.max_prompt_tokens} per request (--max-prompt-tokens): use fewer passages or a shorter "
+            "question",
         )
 
     def passages(self, pbs: Sequence[passage_pb2.Passage]) -> list[Passage]:

@@ -19,7 +19,7 @@ import torch
 from generator_svc.config import GeneratorConfig
 from generator_svc.families import load_passage_lm
 from generator_svc.model import RagModel, TextDeltas
-from generator_svc.rag_math import Watch
+from generator_svc.passage_lm import Watch
 from generator_svc.requests import Limits, Request
 from generator_svc.worker import Job, ModelWorker
 from rag import metrics
@@ -35,7 +35,11 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].ful
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
-        self.limits = Limits(max_new_tokens=max(Limits().max_new_tokens, config.max_new_tokens))
+        self.limits = Limits(
+            max_new_tokens=max(Limits().max_new_tokens, config.max_new_tokens),
+            max_question_tokens=config.max_question_tokens,
+            max_prompt_tokens=config.max_prompt_tokens,
+        )
         self.worker = ModelWorker(config.max_batch)
         self.pending = 0
 
@@ -72,8 +76,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return self.worker.model
 
     def _parse(self, pb: generator_pb2.GenerateRequest | generator_pb2.ScoreRequest) -> Request:
+        """The request, checked against the limits (its cost in the model's tokens included) before any work."""
         default_max_new_tokens = min(self.config.max_new_tokens, self.limits.max_new_tokens)
-        return Request.from_pb(pb, self.limits, default_max_new_tokens, self.config.score_temperature)
+        request = Request.from_pb(pb, self.limits, default_max_new_tokens, self.config.score_temperature)
+        model = self._model()
+        self.limits.check_tokens(model.lm.question_tokens(request.question), lambda: model.prompt_tokens(request))
+        return request
 
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -129,7 +137,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     ) -> generator_pb2.ScoreResponse:
         model = self._model()
         parsed, answers = self._parse(request), self.limits.answers(request.answers, model.lm.answer_token_ids)
-        scored = await self._submit(context, call=lambda model, _: model.score(parsed, answers))
+        scored = await self._submit(context, call=lambda model, watch: model.score(parsed, answers, watch))
         return scored.to_pb()
 
 
@@ -142,7 +150,7 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        lm = load_passage_lm(config.generator, config.dtype, config.device)
+        lm = load_passage_lm(config.generator, config.dtype, config.device, config.chunk_tokens)
         log.info("generator %s loaded (%s, %s on %s)", lm.name, type(lm).__name__, config.dtype, lm.device)
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)

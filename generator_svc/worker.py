@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from generator_svc.model import RagModel
-from generator_svc.rag_math import DecodingStopped, Watch
+from generator_svc.passage_lm import DecodingStopped, Watch
 from generator_svc.requests import Request
 from rag import metrics
 from rag.errors import Cancelled, DeadlineExceeded
@@ -68,7 +68,7 @@ class Job:
 
 
 def stop_when_abandoned(jobs: list[Job]) -> Watch:
-    """A watch that ends the decode between two steps once every job of the batch is abandoned."""
+    """A watch that ends the work between two model passes once every job of the batch is abandoned."""
 
     def watch(_: object) -> None:
         if all(job.abandoned() for job in jobs):

@@ -53,8 +53,16 @@ GENERATOR_BATCH_SIZE = Histogram(
     "rag_generator_batch_size", "Generate requests decoded together.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
 GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
+MODEL_TOKENS = Counter(
+    "rag_generator_model_tokens_total",
+    "Token positions run through the model outside decoding steps, padding included, by pass: prompt (decoder-only "
+    "prompts, encoder inputs) and scored (teacher-forced answers).",
+    ["pass"],
+)
 DECODES_STOPPED = Counter(
-    "rag_generator_decodes_stopped_total", "Decodes stopped between two steps because every caller went away."
+    "rag_generator_decodes_stopped_total",
+    "Requests whose model work stopped between two passes (prompt chunks, decoding steps, scoring chunks) because "
+    "every caller went away.",
 )
 
 
