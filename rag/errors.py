@@ -41,6 +41,12 @@ class Unavailable(RagError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Aborted(RagError):
+    """A concurrency conflict: another change (a newer index swap) came first."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unauthenticated(RagError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag import metrics
-from rag.errors import FailedPrecondition, RagError
+from rag.errors import Aborted, FailedPrecondition, RagError
 from rag.index_ref import IndexRef
 from rag.v1 import index_admin_pb2
 from retriever_svc.encoders import Encoder
@@ -45,6 +45,7 @@ class ResidentStatus:
     previous: IndexRef | None
     active_passages: int
     in_flight: dict[IndexRef, int]
+    swap_generation: int = 0
 
     def to_pb(self) -> index_admin_pb2.IndexStatus:
         return index_admin_pb2.IndexStatus(
@@ -55,6 +56,7 @@ class ResidentStatus:
             previous_version=str(self.previous or ""),
             active_passages=self.active_passages,
             in_flight={str(ref): count for ref, count in self.in_flight.items()},
+            swap_generation=self.swap_generation,
         )
 
 
@@ -99,6 +101,7 @@ class ResidentIndexes:
         self.active: Resident | None = None
         self.other: Resident | None = None
         self.other_is_staged = False
+        self.swap_generation = 0  # of the swap that activated `active` (0: none did)
 
     # -------------------------------------------------------------------------------------------- serving
 
@@ -170,15 +173,25 @@ class ResidentIndexes:
             raise
         return index
 
-    def activate(self, ref: IndexRef) -> IndexRef | None:
-        """Make the resident version `ref` active; returns the version that was active before."""
+    def activate(self, ref: IndexRef, swap_generation: int = 0) -> IndexRef | None:
+        """Make the resident version `ref` active for swap `swap_generation` (0: none); returns the version that
+        was active before. An activation older than the swap that made the active version is refused: a newer
+        swap, through any gateway, came first."""
         with self._lock:
+            if swap_generation and swap_generation < self.swap_generation:
+                raise Aborted(
+                    f"a newer swap (generation {self.swap_generation}) made {self.active_ref()} active here; the "
+                    f"activation of {ref} (generation {swap_generation}) is stale",
+                    reason="stale_swap",
+                )
             if self.active is not None and self.active.index.ref == ref:
+                self.swap_generation = swap_generation
                 return ref
             if self.other is None or self.other.index.ref != ref:
                 raise FailedPrecondition(f"{ref} is not loaded on this retriever; load it first")
             previous = self.active
             self.active, self.other, self.other_is_staged = self.other, previous, False
+            self.swap_generation = swap_generation
         if previous is not None:
             try:
                 metrics.INDEX_INFO.remove(previous.index.manifest.name, previous.index.manifest.version)
@@ -187,6 +200,9 @@ class ResidentIndexes:
         metrics.INDEX_INFO.labels(self.active.index.manifest.name, self.active.index.manifest.version).set(1)
         log.info("activated %s (previous: %s)", ref, previous.index.ref if previous else "none")
         return previous.index.ref if previous else None
+
+    def active_ref(self) -> IndexRef | None:
+        return self.active.index.ref if self.active else None
 
     def unload(self, ref: IndexRef) -> None:
         """Release a staged version (an aborted swap) or the previous one (a finished swap); not the active one."""
@@ -209,6 +225,7 @@ class ResidentIndexes:
     def status(self) -> ResidentStatus:
         with self._lock:
             active, other, staged = self.active, self.other, self.other_is_staged
+            swap_generation = self.swap_generation
             in_flight = {e.index.ref: e.in_flight for e in (active, other) if e is not None}
         return ResidentStatus(
             shard=self.shard,
@@ -218,4 +235,5 @@ class ResidentIndexes:
             previous=other.index.ref if other and not staged else None,
             active_passages=active.index.count if active else 0,
             in_flight=in_flight,
+            swap_generation=swap_generation,
         )

@@ -185,7 +185,7 @@ class IndexAdminServicer(index_admin_pb2_grpc.IndexAdminServiceServicer):
     ) -> index_admin_pb2.ActivateIndexResponse:
         indexes = self._indexes(context)
         ref = IndexRef.parse(request.index_version)
-        previous = indexes.activate(ref)
+        previous = indexes.activate(ref, request.swap_generation)
         return index_admin_pb2.ActivateIndexResponse(index_version=str(ref), previous_version=str(previous or ""))
 
     async def UnloadIndex(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,78 @@ def test_no_request_fails_or_mixes_versions_through_20_swaps_of_2_shards(
     assert failures == []
     assert len(served) >= 80 and {"v1", "v2"} <= set(served)
     print(f"\n{len(served)} requests served during 20 swaps of 2 shards")
+
+
+def test_gateway_replicas_follow_the_newest_swap_made_through_any_of_them(
+    tmp_path: Path, tiny: TinyModels, launch: Launcher
+) -> None:
+    """Two gateways over two replicas of one shard, reconciling every 50 ms: a swap through one and a rollback
+    through the other leave every retriever on the rollback's version, and nobody moves it back (each gateway
+    used to restore its own last swap, so the version flipped between them); a retriever restarted on another
+    version is brought to it."""
+    from prometheus_client import REGISTRY
+
+    root = tmp_path / "indexes"
+    build_version(root, tmp_path, tiny, "v1")
+    retrievers = [launch.retriever(root, "kb", admin_token=TOKEN) for _ in range(2)]  # "kb": the newest, v1
+    build_version(root, tmp_path, tiny, "v2")
+    generator = launch.generator(tiny.rag_checkpoint)
+    replicas = "|".join(address(r) for r in retrievers)
+    one, other = (
+        Cluster(Stack(retrievers, generator, launch.gateway(replicas, address(generator), admin_token=TOKEN,
+                                                            reconcile_seconds=0.05)))
+        for _ in range(2)
+    )  # fmt: skip
+    repairs = lambda: REGISTRY.get_sample_value("rag_index_swaps_total", {"outcome": "repaired"}) or 0.0  # noqa: E731
+    polls = lambda: (
+        REGISTRY.get_sample_value(  # noqa: E731  # the gateways' reconcile rounds ask every retriever
+            "rag_requests_total", {"method": "/rag.v1.IndexAdminService/GetIndexStatus", "code": "OK"}
+        )
+        or 0.0
+    )
+
+    def settled(rounds: int = 10) -> None:
+        """Wait until both gateways have had several reconcile rounds."""
+        target = polls() + 2 * 2 * rounds
+        wait_for(lambda: polls() >= target, "the gateways stopped reconciling")
+
+    def versions() -> set[tuple[str, int]]:
+        try:
+            return {(s.active_version, s.swap_generation) for s in one.status()}
+        except grpc.RpcError:  # a retriever restarting
+            return set()
+
+    swapped = one.swap("v2")
+    rolled_back = other.swap("v1")
+    assert rolled_back.swap_generation > swapped.swap_generation > 0
+    before = repairs()
+    settled()
+    assert versions() == {("kb@v1", rolled_back.swap_generation)} and repairs() == before
+    assert {version_of(s.passage.id) for s in one.ask().sources} == {"v1"}
+
+    port = retrievers[0].port
+    launch.stop(retrievers[0])
+    restarted = launch.retriever(root, "kb", admin_token=TOKEN, port=port)  # comes up on the newest, v2
+    assert {s.active_version for s in [retriever_status(restarted)]} == {"kb@v2"}
+    wait_for(lambda: versions() == {("kb@v1", rolled_back.swap_generation)}, "the restarted retriever stayed on v2")
+    repaired = repairs()
+    assert repaired > before
+    settled()
+    assert versions() == {("kb@v1", rolled_back.swap_generation)} and repairs() == repaired
+    for cluster in (one, other):
+        assert {version_of(s.passage.id) for s in cluster.ask().sources} == {"v1"}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def retriever_status(served: Served) -> index_admin_pb2.IndexStatus:
+    reply = retriever_admin(served, "GetIndexStatus", index_admin_pb2.GetIndexStatusRequest())
+    return reply.status  # type: ignore[attr-defined]
 
 
 def test_answers_stay_on_one_version_while_shards_disagree(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rag.v1 import index_admin_pb2 as rag_dot_v1_dot_index__admin__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rag/v1/admin.proto\x12\x06rag.v1\x1a\x18rag/v1/index_admin.proto\"1\n\x10SwapIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x88\x01\n\x11SwapIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x12\n\nretrievers\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x61\x63tivate_seconds\x18\x05 \x01(\x01\"\x18\n\x16ListIndexStatusRequest\"B\n\x17ListIndexStatusResponse\x12\'\n\nretrievers\x18\x01 \x03(\x0b\x32\x13.rag.v1.IndexStatus2\xa4\x01\n\x0c\x41\x64minService\x12@\n\tSwapIndex\x12\x18.rag.v1.SwapIndexRequest\x1a\x19.rag.v1.SwapIndexResponse\x12R\n\x0fListIndexStatus\x12\x1e.rag.v1.ListIndexStatusRequest\x1a\x1f.rag.v1.ListIndexStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rag/v1/admin.proto\x12\x06rag.v1\x1a\x18rag/v1/index_admin.proto\"1\n\x10SwapIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa1\x01\n\x11SwapIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x12\n\nretrievers\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x61\x63tivate_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fswap_generation\x18\x06 \x01(\x03\"\x18\n\x16ListIndexStatusRequest\"B\n\x17ListIndexStatusResponse\x12\'\n\nretrievers\x18\x01 \x03(\x0b\x32\x13.rag.v1.IndexStatus2\xa4\x01\n\x0c\x41\x64minService\x12@\n\tSwapIndex\x12\x18.rag.v1.SwapIndexRequest\x1a\x19.rag.v1.SwapIndexResponse\x12R\n\x0fListIndexStatus\x12\x1e.rag.v1.ListIndexStatusRequest\x1a\x1f.rag.v1.ListIndexStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SWAPINDEXREQUEST']._serialized_start=56
   _globals['_SWAPINDEXREQUEST']._serialized_end=105
   _globals['_SWAPINDEXRESPONSE']._serialized_start=108
-  _globals['_SWAPINDEXRESPONSE']._serialized_end=244
-  _globals['_LISTINDEXSTATUSREQUEST']._serialized_start=246
-  _globals['_LISTINDEXSTATUSREQUEST']._serialized_end=270
-  _globals['_LISTINDEXSTATUSRESPONSE']._serialized_start=272
-  _globals['_LISTINDEXSTATUSRESPONSE']._serialized_end=338
-  _globals['_ADMINSERVICE']._serialized_start=341
-  _globals['_ADMINSERVICE']._serialized_end=505
+  _globals['_SWAPINDEXRESPONSE']._serialized_end=269
+  _globals['_LISTINDEXSTATUSREQUEST']._serialized_start=271
+  _globals['_LISTINDEXSTATUSREQUEST']._serialized_end=295
+  _globals['_LISTINDEXSTATUSRESPONSE']._serialized_start=297
+  _globals['_LISTINDEXSTATUSRESPONSE']._serialized_end=363
+  _globals['_ADMINSERVICE']._serialized_start=366
+  _globals['_ADMINSERVICE']._serialized_end=530
 # @@protoc_insertion_point(module_scope)

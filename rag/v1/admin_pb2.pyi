@@ -52,12 +52,17 @@ class SwapIndexResponse(_message.Message):
     RETRIEVERS_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     ACTIVATE_SECONDS_FIELD_NUMBER: _builtins.int
+    SWAP_GENERATION_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     previous_version: _builtins.str
     retrievers: _builtins.int
     """Retriever replicas swapped."""
     load_seconds: _builtins.float
     activate_seconds: _builtins.float
+    swap_generation: _builtins.int
+    """This swap's generation: newer than any before it, through any gateway replica. Every replica brings the
+    retrievers to the version of the newest generation they hold, so the last swap wins wherever it was made.
+    """
     def __init__(
         self,
         *,
@@ -66,10 +71,11 @@ class SwapIndexResponse(_message.Message):
         retrievers: _builtins.int = ...,
         load_seconds: _builtins.float = ...,
         activate_seconds: _builtins.float = ...,
+        swap_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_seconds", b"activate_seconds", "index_version", b"index_version", "load_seconds", b"load_seconds", "previous_version", b"previous_version", "retrievers", b"retrievers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_seconds", b"activate_seconds", "index_version", b"index_version", "load_seconds", b"load_seconds", "previous_version", b"previous_version", "retrievers", b"retrievers", "swap_generation", b"swap_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rag/v1/index_admin.proto\x12\x06rag.v1\")\n\x10LoadIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\"R\n\x11LoadIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"-\n\x14\x41\x63tivateIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\"H\n\x15\x41\x63tivateIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\"+\n\x12UnloadIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\"\x15\n\x13UnloadIndexResponse\"\x17\n\x15GetIndexStatusRequest\"=\n\x16GetIndexStatusResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.rag.v1.IndexStatus\"\x8c\x02\n\x0bIndexStatus\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x16\n\x0e\x61\x63tive_version\x18\x04 \x01(\t\x12\x16\n\x0estaged_version\x18\x05 \x01(\t\x12\x18\n\x10previous_version\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x63tive_passages\x18\x07 \x01(\x03\x12\x34\n\tin_flight\x18\x08 \x03(\x0b\x32!.rag.v1.IndexStatus.InFlightEntry\x1a/\n\rInFlightEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xbc\x02\n\x11IndexAdminService\x12@\n\tLoadIndex\x12\x18.rag.v1.LoadIndexRequest\x1a\x19.rag.v1.LoadIndexResponse\x12L\n\rActivateIndex\x12\x1c.rag.v1.ActivateIndexRequest\x1a\x1d.rag.v1.ActivateIndexResponse\x12\x46\n\x0bUnloadIndex\x12\x1a.rag.v1.UnloadIndexRequest\x1a\x1b.rag.v1.UnloadIndexResponse\x12O\n\x0eGetIndexStatus\x12\x1d.rag.v1.GetIndexStatusRequest\x1a\x1e.rag.v1.GetIndexStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rag/v1/index_admin.proto\x12\x06rag.v1\")\n\x10LoadIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\"R\n\x11LoadIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"F\n\x14\x41\x63tivateIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x17\n\x0fswap_generation\x18\x02 \x01(\x03\"H\n\x15\x41\x63tivateIndexResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\"+\n\x12UnloadIndexRequest\x12\x15\n\rindex_version\x18\x01 \x01(\t\"\x15\n\x13UnloadIndexResponse\"\x17\n\x15GetIndexStatusRequest\"=\n\x16GetIndexStatusResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.rag.v1.IndexStatus\"\xa5\x02\n\x0bIndexStatus\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x12\n\nnum_shards\x18\x03 \x01(\x05\x12\x16\n\x0e\x61\x63tive_version\x18\x04 \x01(\t\x12\x16\n\x0estaged_version\x18\x05 \x01(\t\x12\x18\n\x10previous_version\x18\x06 \x01(\t\x12\x17\n\x0f\x61\x63tive_passages\x18\x07 \x01(\x03\x12\x34\n\tin_flight\x18\x08 \x03(\x0b\x32!.rag.v1.IndexStatus.InFlightEntry\x12\x17\n\x0fswap_generation\x18\t \x01(\x03\x1a/\n\rInFlightEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\xbc\x02\n\x11IndexAdminService\x12@\n\tLoadIndex\x12\x18.rag.v1.LoadIndexRequest\x1a\x19.rag.v1.LoadIndexResponse\x12L\n\rActivateIndex\x12\x1c.rag.v1.ActivateIndexRequest\x1a\x1d.rag.v1.ActivateIndexResponse\x12\x46\n\x0bUnloadIndex\x12\x1a.rag.v1.UnloadIndexRequest\x1a\x1b.rag.v1.UnloadIndexResponse\x12O\n\x0eGetIndexStatus\x12\x1d.rag.v1.GetIndexStatusRequest\x1a\x1e.rag.v1.GetIndexStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADINDEXRESPONSE']._serialized_start=79
   _globals['_LOADINDEXRESPONSE']._serialized_end=161
   _globals['_ACTIVATEINDEXREQUEST']._serialized_start=163
-  _globals['_ACTIVATEINDEXREQUEST']._serialized_end=208
-  _globals['_ACTIVATEINDEXRESPONSE']._serialized_start=210
-  _globals['_ACTIVATEINDEXRESPONSE']._serialized_end=282
-  _globals['_UNLOADINDEXREQUEST']._serialized_start=284
-  _globals['_UNLOADINDEXREQUEST']._serialized_end=327
-  _globals['_UNLOADINDEXRESPONSE']._serialized_start=329
-  _globals['_UNLOADINDEXRESPONSE']._serialized_end=350
-  _globals['_GETINDEXSTATUSREQUEST']._serialized_start=352
-  _globals['_GETINDEXSTATUSREQUEST']._serialized_end=375
-  _globals['_GETINDEXSTATUSRESPONSE']._serialized_start=377
-  _globals['_GETINDEXSTATUSRESPONSE']._serialized_end=438
-  _globals['_INDEXSTATUS']._serialized_start=441
-  _globals['_INDEXSTATUS']._serialized_end=709
-  _globals['_INDEXSTATUS_INFLIGHTENTRY']._serialized_start=662
-  _globals['_INDEXSTATUS_INFLIGHTENTRY']._serialized_end=709
-  _globals['_INDEXADMINSERVICE']._serialized_start=712
-  _globals['_INDEXADMINSERVICE']._serialized_end=1028
+  _globals['_ACTIVATEINDEXREQUEST']._serialized_end=233
+  _globals['_ACTIVATEINDEXRESPONSE']._serialized_start=235
+  _globals['_ACTIVATEINDEXRESPONSE']._serialized_end=307
+  _globals['_UNLOADINDEXREQUEST']._serialized_start=309
+  _globals['_UNLOADINDEXREQUEST']._serialized_end=352
+  _globals['_UNLOADINDEXRESPONSE']._serialized_start=354
+  _globals['_UNLOADINDEXRESPONSE']._serialized_end=375
+  _globals['_GETINDEXSTATUSREQUEST']._serialized_start=377
+  _globals['_GETINDEXSTATUSREQUEST']._serialized_end=400
+  _globals['_GETINDEXSTATUSRESPONSE']._serialized_start=402
+  _globals['_GETINDEXSTATUSRESPONSE']._serialized_end=463
+  _globals['_INDEXSTATUS']._serialized_start=466
+  _globals['_INDEXSTATUS']._serialized_end=759
+  _globals['_INDEXSTATUS_INFLIGHTENTRY']._serialized_start=712
+  _globals['_INDEXSTATUS_INFLIGHTENTRY']._serialized_end=759
+  _globals['_INDEXADMINSERVICE']._serialized_start=762
+  _globals['_INDEXADMINSERVICE']._serialized_end=1078
 # @@protoc_insertion_point(module_scope)

@@ -68,15 +68,22 @@ class ActivateIndexRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
+    SWAP_GENERATION_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
+    swap_generation: _builtins.int
+    """The swap this activation belongs to (gateways number swaps; 0: none). A replica takes an activation only if
+    its generation is at least the one it holds (else ABORTED), and reports the one it holds in IndexStatus: the
+    retrievers' newest generation is the one record of the desired version that every gateway replica follows.
+    """
     def __init__(
         self,
         *,
         index_version: _builtins.str = ...,
+        swap_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version", "swap_generation", b"swap_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,6 +215,7 @@ class IndexStatus(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_PASSAGES_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    SWAP_GENERATION_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
     """The gRPC endpoint this status came from (filled in by the gateway)."""
     shard: _builtins.int
@@ -218,6 +226,10 @@ class IndexStatus(_message.Message):
     previous_version: _builtins.str
     """Active before the last activation, until the gateway releases it."""
     active_passages: _builtins.int
+    swap_generation: _builtins.int
+    """The generation of the swap that activated active_version; 0 when none did (the version the replica
+    started on, or one activated without a generation).
+    """
     @_builtins.property
     def in_flight(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Requests being served per resident version."""
@@ -233,10 +245,11 @@ class IndexStatus(_message.Message):
         previous_version: _builtins.str = ...,
         active_passages: _builtins.int = ...,
         in_flight: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        swap_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_passages", b"active_passages", "active_version", b"active_version", "endpoint", b"endpoint", "in_flight", b"in_flight", "num_shards", b"num_shards", "previous_version", b"previous_version", "shard", b"shard", "staged_version", b"staged_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_passages", b"active_passages", "active_version", b"active_version", "endpoint", b"endpoint", "in_flight", b"in_flight", "num_shards", b"num_shards", "previous_version", b"previous_version", "shard", b"shard", "staged_version", b"staged_version", "swap_generation", b"swap_generation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
