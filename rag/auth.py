@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
+import string
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from pathlib import Path
 
 import grpc
@@ -53,16 +55,70 @@ def fingerprint(token: str) -> str:
     return f"sha256:{hashlib.sha256(token.encode()).hexdigest()[:12]}"
 
 
-class AdminAuth:
-    """Checks admin calls against the configured token. Failed attempts are logged (peer, token fingerprint)
-    and limited per client host: after `max_failures` in `window_seconds`, its calls are refused with
-    RESOURCE_EXHAUSTED before any comparison, so that guessing the token takes years, not minutes."""
+MIN_TOKEN_BITS = 128
+_HEX = (frozenset("0123456789abcdef"), frozenset("0123456789ABCDEF"))
+_BASE64 = frozenset(string.ascii_letters + string.digits + "+/-_=")
 
-    def __init__(self, expected: str, max_failures: int = 10, window_seconds: float = 60.0) -> None:
-        self.expected = expected
-        self.max_failures = max_failures
+
+def token_bits(token: str) -> float:
+    """An upper estimate of a token's entropy, which catches short and patterned tokens (not dictionary words):
+    its length times the bits a character of its alphabet carries (hex 4, base64 6, any printable 6.6), and
+    nothing for characters that repeat like a pattern (under 2.5 bits of Shannon entropy per character; a random
+    hex string of 32 characters has 2.8 at the least seen in 100,000)."""
+    if not token:
+        return 0.0
+    counts = Counter(token)
+    if -sum(n / len(token) * math.log2(n / len(token)) for n in counts.values()) < 2.5:
+        return 0.0
+    chars = set(token)
+    per_char = 4.0 if any(chars <= hex_ for hex_ in _HEX) else 6.0 if chars <= _BASE64 else math.log2(95)
+    return len(token) * per_char
+
+
+def require_strong(token: str) -> None:
+    """Refuse to serve admin RPCs with a token that could be guessed: at least MIN_TOKEN_BITS of entropy."""
+    bits = token_bits(token)
+    if token and bits < MIN_TOKEN_BITS:
+        raise FailedPrecondition(
+            f"the admin token has about {bits:.0f} bits of entropy; at least {MIN_TOKEN_BITS} are needed: generate one "
+            "with `openssl rand -hex 32`"
+        )
+
+
+class _Failures:
+    """Failed attempts within a sliding window, per key (a client host, or everyone)."""
+
+    def __init__(self, window_seconds: float, max_keys: int) -> None:
         self.window_seconds = window_seconds
-        self._failures: dict[str, deque[float]] = {}
+        self.max_keys = max_keys
+        self._times: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def add(self, key: str) -> int:
+        """Record a failure of `key` now; how many it has in the window."""
+        now = time.monotonic()
+        times = self._times.pop(key, deque())
+        while times and times[0] < now - self.window_seconds:
+            times.popleft()
+        times.append(now)
+        self._times[key] = times  # most recent last
+        while len(self._times) > self.max_keys:  # a flood from many hosts cannot grow the table
+            self._times.popitem(last=False)
+        return len(times)
+
+
+class AdminAuth:
+    """Checks admin calls against the configured token (at least 128 bits of entropy, so guessing it is
+    infeasible at any rate). A call with the right token always passes: a flood of bad tokens from the same
+    host (all of loopback under `rag up`, a node's SNAT in a cluster) cannot lock the admin out. Failures are
+    counted, logged, and limited per client host and in all: beyond `per_host` (or `total`) in `window_seconds`,
+    they get RESOURCE_EXHAUSTED instead of UNAUTHENTICATED and are counted without a log line each."""
+
+    def __init__(self, expected: str, per_host: int = 10, total: int = 60, window_seconds: float = 60.0) -> None:
+        require_strong(expected)
+        self.expected = expected
+        self.per_host, self.total = per_host, total
+        self.window_seconds = window_seconds
+        self._failures = _Failures(window_seconds, max_keys=10_000)
 
     def check(self, context: grpc.aio.ServicerContext) -> str:
         """UNAUTHENTICATED unless the call carries the admin token; returns who called, for the audit log."""
@@ -71,37 +127,31 @@ class AdminAuth:
                 "admin RPCs are disabled here: start the service with RAG_ADMIN_TOKEN or --admin-token-file"
             )
         peer = context.peer() or "unknown"
-        host = peer.rpartition(":")[0] or peer  # "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"
-        failures = self._recent_failures(host)
-        if len(failures) >= self.max_failures:
-            retry = failures[0] + self.window_seconds - time.monotonic()
-            raise ResourceExhausted(
-                f"{len(failures)} failed admin authentications from {host} in the last {self.window_seconds:.0f}s; "
-                f"retry in {retry:.0f}s with the right token"
-            )
         presented = presented_token(context)
+        if presented and hmac.compare_digest(presented.encode(), self.expected.encode()):
+            return f"{peer} (token {fingerprint(presented)})"
+        host = peer.rpartition(":")[0] or peer  # "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"
+        from_host, in_all = self._failures.add(host), self._failures.add("*")
+        throttled = from_host > self.per_host or in_all > self.total
+        metrics.ADMIN_AUTH_FAILURES.labels("throttled" if throttled else "refused").inc()
+        what = f"token {fingerprint(presented)}" if presented else "no token"
+        if not throttled:
+            log.warning(
+                "admin authentication failed: %s from %s (%d in %.0fs)", what, peer, from_host, self.window_seconds
+            )
+        elif from_host == self.per_host + 1 or in_all == self.total + 1:
+            log.warning(
+                "admin authentication failures: %d from %s and %d in all in %.0fs; further ones are counted "
+                "(rag_admin_auth_failures_total), not logged, and refused with RESOURCE_EXHAUSTED",
+                from_host, host, in_all, self.window_seconds,
+            )  # fmt: skip
+        if throttled:
+            raise ResourceExhausted(
+                f"too many failed admin authentications ({from_host} from {host}, {in_all} in all, in the last "
+                f"{self.window_seconds:.0f}s); retry later with the right token"
+            )
         if not presented:
-            self._failed(host, failures, peer, "no token")
             raise Unauthenticated(
                 "admin RPCs need `authorization: Bearer <token>` metadata (rag reads RAG_ADMIN_TOKEN)"
             )
-        if not hmac.compare_digest(presented.encode(), self.expected.encode()):
-            self._failed(host, failures, peer, f"token {fingerprint(presented)}")
-            raise Unauthenticated("the admin token is not valid")
-        return f"{peer} (token {fingerprint(presented)})"
-
-    def _recent_failures(self, host: str) -> deque[float]:
-        failures = self._failures.get(host, deque())
-        while failures and failures[0] < time.monotonic() - self.window_seconds:
-            failures.popleft()
-        if not failures:
-            self._failures.pop(host, None)  # the table holds only the hosts failing now
-        return failures
-
-    def _failed(self, host: str, failures: deque[float], peer: str, presented: str) -> None:
-        failures.append(time.monotonic())
-        self._failures[host] = failures
-        metrics.ADMIN_AUTH_FAILURES.inc()
-        log.warning(
-            "admin authentication failed: %s from %s (%d in %.0fs)", presented, peer, len(failures), self.window_seconds
-        )
+        raise Unauthenticated("the admin token is not valid")

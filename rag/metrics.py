@@ -46,7 +46,12 @@ INDEX_ACTIVATION_SECONDS = Histogram(
     "rag_index_activation_seconds", "Time to activate a loaded version on every retriever.", buckets=_LATENCY_BUCKETS
 )
 ASKS_SHED = Counter("rag_gateway_asks_shed_total", "Asks refused before any work because the gateway was full.")
-ADMIN_AUTH_FAILURES = Counter("rag_admin_auth_failures_total", "Admin calls refused for a missing or wrong token.")
+ADMIN_AUTH_FAILURES = Counter(
+    "rag_admin_auth_failures_total",
+    "Admin calls refused for a missing or wrong token, by outcome: refused (UNAUTHENTICATED, logged) or throttled "
+    "(beyond the per-host or overall limit: RESOURCE_EXHAUSTED, not logged one by one).",
+    ["outcome"],
+)
 PASSAGES_SERVED = Counter("rag_passages_served_total", "Passages returned by the retriever.")
 GENERATOR_QUEUE = Gauge("rag_generator_queue_depth", "Generate/Score requests waiting for or using the model.")
 GENERATOR_BATCH_SIZE = Histogram(

@@ -21,7 +21,7 @@ import pytest
 from rag.clients import is_serving
 from tests.conftest import FACTS, RAG, TinyModels, corpus_records, index_build_args, rag, write_jsonl
 
-TOKEN = "cli-admin-token"
+TOKEN = "cli-admin-token-5d1f0c9a7e3b4826"
 
 
 @dataclass

@@ -4,20 +4,24 @@ on, and the service stays SERVING), and admin authentication that is logged and 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rag.auth import bearer
+from rag.auth import AdminAuth, bearer
+from rag.errors import RagError
 from rag.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     gateway_pb2,
     generator_pb2,
     generator_pb2_grpc,
+    index_admin_pb2,
+    index_admin_pb2_grpc,
     passage_pb2,
     retriever_pb2,
 )
@@ -142,29 +146,93 @@ def test_bad_input_gets_a_clear_status_and_the_service_keeps_serving(
         assert serving(channel)
 
 
-def test_failed_admin_authentications_are_logged_then_limited(
+STRONG = "faults-admin-token-7e41c09d2b8a5f36"
+
+
+def test_failed_admin_authentications_are_logged_then_limited_but_never_lock_out_the_admin(
     launch: Launcher, tiny: TinyModels, index_root: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    stack = launch.stack(index_root, "tiny", tiny.rag_checkpoint, admin_token="s3cret")
-    with grpc.insecure_channel(stack.gateway_address) as channel:
-        admin = admin_pb2_grpc.AdminServiceStub(channel)
-        request = admin_pb2.ListIndexStatusRequest()
+    """A flood of bad tokens from the gateway's own host (loopback here; a node's SNAT in a cluster) is limited,
+    but the right token still passes, on the gateway and on the retriever the gateway calls from that host."""
+    from prometheus_client import REGISTRY
+
+    refused = lambda outcome: (
+        REGISTRY.get_sample_value(  # noqa: E731
+            "rag_admin_auth_failures_total", {"outcome": outcome}
+        )
+        or 0.0
+    )
+    stack = launch.stack(index_root, "tiny", tiny.rag_checkpoint, admin_token=STRONG)
+    before = refused("refused"), refused("throttled")
+    request = admin_pb2.ListIndexStatusRequest()
+    with (
+        grpc.insecure_channel(stack.gateway_address) as gateway,
+        grpc.insecure_channel(stack.retriever_addresses[0]) as retriever,
+    ):
+        admin = admin_pb2_grpc.AdminServiceStub(gateway)
         # The scheme is case-insensitive (RFC 7235).
-        assert admin.ListIndexStatus(request, timeout=30, metadata=(("authorization", "bearer s3cret"),)).retrievers
+        assert admin.ListIndexStatus(request, timeout=30, metadata=(("authorization", f"bearer {STRONG}"),)).retrievers
+        index_admin = index_admin_pb2_grpc.IndexAdminServiceStub(retriever)
         codes = []
         with caplog.at_level(logging.WARNING, logger="rag.auth"):
             for _ in range(12):
                 with pytest.raises(grpc.RpcError) as err:
-                    admin.ListIndexStatus(request, timeout=30, metadata=bearer("guess"))
+                    index_admin.GetIndexStatus(
+                        index_admin_pb2.GetIndexStatusRequest(), timeout=30, metadata=bearer("guess")
+                    )
                 codes.append(err.value.code())
         assert codes[:10] == [grpc.StatusCode.UNAUTHENTICATED] * 10
-        assert codes[10:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2  # refused before the token is compared
+        assert codes[10:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        assert (refused("refused") - before[0], refused("throttled") - before[1]) == (10, 2)
         failures = [r.getMessage() for r in caplog.records if "admin authentication failed" in r.getMessage()]
         assert len(failures) == 10 and "sha256:" in failures[0] and "guess" not in failures[0]
-        # the right token from the same host waits out the window too: the limit is on the host, not the token
-        with pytest.raises(grpc.RpcError) as err:
-            admin.ListIndexStatus(request, timeout=30, metadata=bearer("s3cret"))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry in" in details(err.value)
+        assert sum("further ones are counted" in r.getMessage() for r in caplog.records) == 1  # then one line
+        # The flood came from the gateway's host: its calls to the retriever (with the right token) still pass.
+        assert [
+            s.active_version for s in admin.ListIndexStatus(request, timeout=30, metadata=bearer(STRONG)).retrievers
+        ]
+        swapped = admin.SwapIndex(admin_pb2.SwapIndexRequest(version="v1"), timeout=60, metadata=bearer(STRONG))
+        assert swapped.index_version == "tiny@v1"
+
+
+def test_a_guessable_admin_token_is_refused_at_start(tmp_path: Any, index_root: Any) -> None:
+    from tests.conftest import rag
+
+    for token in ("s3cret", "admin-token-admin", "ab" * 40):
+        result = rag("serve", "retriever", "--index-root", str(index_root), "--index", "tiny", "--port", "0",
+                     env={"RAG_ADMIN_TOKEN": token}, timeout=120)  # fmt: skip
+        assert result.returncode != 0
+        assert "bits of entropy; at least 128 are needed" in result.stderr and "Traceback" not in result.stderr, (
+            result.stderr[-2000:]
+        )
+
+
+def test_failures_are_limited_in_all_as_well_as_per_host() -> None:
+    """Twenty hosts with 3 bad tokens each stay under the per-host limit (10) but not under the overall one."""
+    auth = AdminAuth(STRONG, per_host=10, total=50)
+    codes = []
+    for host in range(20):
+        for _ in range(3):
+            with pytest.raises(RagError) as err:
+                auth.check(cast(Any, FakeCall(f"ipv4:127.0.0.{host + 2}:5000", "guess")))
+            codes.append(err.value.code)
+    assert codes[:50] == [grpc.StatusCode.UNAUTHENTICATED] * 50
+    assert codes[50:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10
+    assert auth.check(cast(Any, FakeCall("ipv4:127.0.0.2:5000", STRONG))).startswith("ipv4:127.0.0.2:5000")
+
+
+@dataclass
+class FakeCall:
+    """What AdminAuth reads of a call: its peer and metadata."""
+
+    address: str
+    token: str
+
+    def peer(self) -> str:
+        return self.address
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer(self.token)
 
 
 def test_answers_are_limited_to_the_positions_the_model_has(launch: Launcher, tmp_path: Any) -> None:

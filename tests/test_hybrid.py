@@ -190,7 +190,7 @@ def test_bad_modes_and_versions_without_a_lexical_index_are_refused(launch: Laun
 
 
 def test_the_swap_moves_both_indexes_together(launch: Launcher, tmp_path: Path, tiny: TinyModels) -> None:
-    root, token = tmp_path / "indexes", "hybrid-admin-token"
+    root, token = tmp_path / "indexes", "hybrid-admin-token-41b7e9c02d6a8f53"
     fact = {"id": "examplia", "title": "Examplia", "text": "The president of Examplia is Alice Smith."}
     build(write_jsonl(tmp_path / "v1.jsonl", corpus_records(30)), root, "kb", tiny.encoder_spec)
     build(write_jsonl(tmp_path / "v2.jsonl", [*corpus_records(30), fact]), root, "kb", tiny.encoder_spec)

@@ -33,7 +33,7 @@ from rag_cli.testing.stack import Launcher, Stack, address
 from retriever_svc.encoders import load_encoder
 from tests.conftest import TinyModels, build, corpus_records, details, passage_ids, write_jsonl
 
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-8c2e4a61f09b7d35"
 QUESTION = "Who is the president of Examplia?"
 FACT = {
     "v1": "The president of Examplia is Alice Smith, elected in 2016.",
