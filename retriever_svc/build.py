@@ -10,6 +10,7 @@ index beside the dense one unless asked not to, published in the same rename and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import logging
@@ -26,7 +27,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from rag.errors import FailedPrecondition, InvalidArgument
+from rag.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from rag.files import sha256_file
 from rag.index_ref import IndexRef
 from retriever_svc.corpus import Document, check_passages, read_documents, split_passages
@@ -239,21 +240,25 @@ def build_index(
     (root / name).mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(root / name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root / name))
+    space = _Space(corpus.stat().st_size, encoder.info.dim, passage_words, lexical)
     with _building(tmp):
         staging = tmp / "staging.sqlite"
         passages = (p for document in read_documents(corpus, fmt) for p in split_passages(document, passage_words))
-        count = _write_staging_store(staging, check_passages(passages, corpus))
+        with space.writing(staging):
+            count = _write_staging_store(staging, check_passages(passages, corpus))
         if count < shards:
             raise InvalidArgument(f"{count} passages cannot fill {shards} shards")
         bounds = [count * i // shards for i in range(shards + 1)]
         factory = _faiss_factory(index_type, encoder.info.dim, bounds[1] - bounds[0])
+        space.learned(count, factory, staging.stat().st_size)
+        space.check_free(tmp)  # before hours of encoding: the stores, embeddings and ANN index must fit
         reuse = _reusable(root, name, encoder, reuse_from) if reuse_embeddings else None
         reused = 0
         with tqdm(total=count, desc=f"encoding {name}", unit="passage", disable=not show_progress) as progress:
             for shard in range(shards):
                 directory = tmp / shard_dir(shard)
                 directory.mkdir()
-                with sqlite3.connect(directory / PASSAGES) as store:
+                with space.writing(directory / PASSAGES), sqlite3.connect(directory / PASSAGES) as store:
                     store.execute(PASSAGES_SCHEMA)
                     store.execute("ATTACH DATABASE ? AS staging", (str(staging),))
                     store.execute(
@@ -263,17 +268,20 @@ def build_index(
                     store.commit()
                     store.execute("DETACH DATABASE staging")
                 shape = (bounds[shard + 1] - bounds[shard], encoder.info.dim)
-                embeddings = np.lib.format.open_memmap(directory / EMBEDDINGS, mode="w+", dtype=np.float32, shape=shape)
+                with space.writing(directory / EMBEDDINGS):
+                    embeddings = _allocated_npy(directory / EMBEDDINGS, shape)
                 reused += _encode_shard(directory / PASSAGES, embeddings, encoder, reuse, progress)
                 embeddings.flush()
                 if factory:
-                    _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
+                    with space.writing(directory / ANN):
+                        _write_ann(directory / ANN, np.ascontiguousarray(embeddings), factory)
                 del embeddings
         staging.unlink()
-        lexical_record = build_lexical(
-            [_shard_texts(tmp / shard_dir(shard) / PASSAGES) for shard in range(shards)],
-            [tmp / shard_dir(shard) for shard in range(shards)],
-        ) if lexical else {}  # fmt: skip
+        with space.writing(tmp):
+            lexical_record = build_lexical(
+                [_shard_texts(tmp / shard_dir(shard) / PASSAGES) for shard in range(shards)],
+                [tmp / shard_dir(shard) for shard in range(shards)],
+            ) if lexical else {}  # fmt: skip
         if lexical:
             log.info("lexical index: %(vocabulary)d terms, %(bytes)d bytes in %(build_seconds).2f s", lexical_record)
         if reuse is not None:
@@ -297,7 +305,91 @@ def build_index(
             embeddings_reused={"from": str(reuse.source), "passages": reused} if reuse else {},
             lexical=lexical_record,
         )
-        return _publish(tmp, root, manifest)
+        with space.writing(tmp / MANIFEST):
+            return _publish(tmp, root, manifest)
+
+
+def _allocated_npy(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A float32 .npy file of `shape`, mapped for writing, with its disk blocks allocated now: a sparse file
+    would be allocated as the map is written, and a full disk then kills the process with SIGBUS."""
+    embeddings = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    with path.open("r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot preallocate
+                raise
+    return embeddings
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
+
+
+@dataclasses.dataclass
+class _Space:
+    """What a build needs on disk, estimated from the corpus and refined once the passages are counted, so that
+    a write that fails for lack of space is reported in one line with the space needed."""
+
+    corpus_bytes: int
+    dim: int
+    passage_words: int
+    lexical: bool
+    count: int = 0
+    ann: bool = True
+    store_bytes: int = 0
+
+    def learned(self, count: int, factory: str, staging_bytes: int) -> None:
+        self.count, self.ann, self.store_bytes = count, bool(factory), staging_bytes
+
+    def remaining(self) -> int:
+        """The shard stores, embeddings and ANN index (about as large as the embeddings) still to write."""
+        count = self.count or self.corpus_bytes // (6 * self.passage_words) + 1  # ~6 bytes a word
+        vectors = count * self.dim * 4
+        return (self.store_bytes or self.corpus_bytes) + vectors * (2 if self.ann else 1)
+
+    def needed(self) -> int:
+        """All of it at its peak: the staging store too, and the lexical index (about half the text)."""
+        stores = self.store_bytes or self.corpus_bytes
+        return stores + self.remaining() + (stores // 2 if self.lexical else 0)
+
+    def message(self, path: Path, reason: str) -> str:
+        free = shutil.disk_usage(path.parent if not path.is_dir() else path).free
+        return (
+            f"cannot write {path} ({reason}): this build needs about {_size(self.needed())} and "
+            f"{_size(free)} is free there; free space or build under another --index-root (nothing was published)"
+        )
+
+    def check_free(self, tmp: Path) -> None:
+        if shutil.disk_usage(tmp).free < self.remaining():
+            raise ResourceExhausted(self.message(tmp, f"{_size(self.remaining())} still to write"))
+
+    @contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """Turn a failed write into one ResourceExhausted line naming `path` when it is for lack of space (an
+        OSError, SQLite's full or write error, faiss's write error)."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in NO_SPACE:
+                raise
+            raise ResourceExhausted(self.message(Path(err.filename or path), err.strerror or str(err))) from None
+        except sqlite3.OperationalError as err:
+            name = getattr(err, "sqlite_errorname", "")
+            if name != "SQLITE_FULL" and not name.startswith("SQLITE_IOERR_WRITE"):
+                raise
+            raise ResourceExhausted(self.message(path, f"{err} ({name})")) from None
+        except RuntimeError as err:  # faiss: "... write error in PATH: n != m (strerror)"
+            reason = str(err).rpartition("(")[2].rstrip(")")
+            if "write error" not in str(err) or reason not in map(os.strerror, NO_SPACE):
+                raise
+            raise ResourceExhausted(self.message(path, reason)) from None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _shard_texts(store_path: Path) -> Iterator[str]:

@@ -4,7 +4,9 @@ failed request and no answer mixing versions; refusal of corrupt or mismatched v
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from rag.v1 import (
 from rag_cli.testing.random_models import save_sentence_encoder
 from rag_cli.testing.stack import Launcher, Stack, address
 from retriever_svc.encoders import load_encoder
-from tests.conftest import TinyModels, build, corpus_records, details, passage_ids, write_jsonl
+from tests.conftest import RAG, TinyModels, build, corpus_records, details, index_build_args, passage_ids, write_jsonl
 
 TOKEN = "test-admin-token-8c2e4a61f09b7d35"
 QUESTION = "Who is the president of Examplia?"
@@ -303,6 +305,52 @@ def test_rebuilding_reuses_unchanged_embeddings_exactly(tmp_path: Path, tiny: Ti
     np.testing.assert_allclose(c, b, atol=1e-6)
     assert reused.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1}  # all but the changed fact
     assert borrowed.embeddings_reused == {"from": "kb@v1", "passages": reused.count - 1} and not fresh.embeddings_reused
+
+
+@pytest.mark.parametrize(
+    ("limit_kib", "failing", "reason"),
+    [(16, "staging.sqlite", "(SQLITE_IOERR_WRITE)"), (300, "embeddings.npy", "(File too large)")],
+)
+def test_a_build_out_of_space_fails_in_one_line_and_leaves_nothing(
+    tmp_path: Path, tiny: TinyModels, limit_kib: int, failing: str, reason: str
+) -> None:
+    """The build's files may not grow past `limit_kib` (RLIMIT_FSIZE, what a full disk looks like to a writer):
+    the SQLite stores fail first at 16 KiB, the embeddings (3,000 x 32 floats, 375 KiB) at 300 KiB. Either way,
+    one line names the file and the space the build needs, no temp file stays, and no version is published.
+    The embeddings used to be a sparse memory map: a full disk killed the build with SIGBUS."""
+    records = [{"id": f"d{i}", "title": "Fact", "text": f"fact number {i}"} for i in range(3000)]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records)
+    root = tmp_path / "indexes"
+    limit = limit_kib * 1024
+    result = subprocess.run(
+        [*RAG, *index_build_args(corpus, root, "kb", tiny.encoder_spec)],
+        capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("rag index: ")]
+    assert f"cannot write {root / 'kb'}" in error and failing in error and reason in error, error
+    assert "this build needs about" in error and "nothing was published" in error, error
+    assert sorted(p.name for p in (root / "kb").iterdir()) == []  # no version, temp directory or lock
+
+
+def test_a_build_that_cannot_fit_is_refused_before_encoding(
+    tmp_path: Path, tiny: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil as shutil_module
+
+    from rag.errors import ResourceExhausted
+    from retriever_svc import build as build_module
+
+    encoded = []
+    real_usage = shutil_module.disk_usage
+    monkeypatch.setattr(build_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=50_000))
+    monkeypatch.setattr(build_module, "_encode_shard", lambda *args: encoded.append(args))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_records(400))
+    with pytest.raises(ResourceExhausted, match=r"still to write\): this build needs about .* and 48.8 KiB is free"):
+        build(corpus, tmp_path / "indexes", "kb", tiny.encoder_spec)
+    assert encoded == [] and sorted((tmp_path / "indexes" / "kb").iterdir()) == []
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
