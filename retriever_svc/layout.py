@@ -142,6 +142,13 @@ def resolve(root: Path, wanted: IndexRef | None) -> Path:
     directory = (root / wanted.name / version).resolve()
     if not directory.is_relative_to(root.resolve()):  # a symlinked version must not lead outside the root
         raise InvalidArgument(f"{wanted.at(version)} resolves outside the index root {root}")
+    if directory != root.resolve() / wanted.name / version:  # it would load under its target's name
+        target = directory.relative_to(root.resolve())
+        raise FailedPrecondition(
+            f"{wanted.at(version)} is a symbolic link to {target}; a version is served from its own directory only: "
+            f"swap to {target.as_posix().replace('/', '@', 1)} itself",
+            reason="symlink",
+        )
     return directory
 
 

@@ -482,6 +482,22 @@ def test_a_swap_to_the_active_version_whose_directory_was_deleted_is_refused_not
     assert cluster.ask(k=2).index_version == "kb@v1"  # still served from memory
 
 
+def test_a_swap_to_a_symlinked_version_is_refused_not_unavailable(
+    tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
+) -> None:
+    """kb/v3 -> v2 used to load as kb@v2 and fail the activation of kb@v3 as UNAVAILABLE (which clients retry)."""
+    root = tmp_path / "indexes"
+    build_version(root, tmp_path, tiny, "v1")
+    build_version(root, tmp_path, tiny, "v2")
+    (root / "kb" / "v3").symlink_to("v2")
+    cluster = cluster_factory(root, "kb@v1")
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.swap("v3")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, details(err.value)
+    assert "kb@v3 is a symbolic link to kb/v2" in details(err.value) and "swap to kb@v2 itself" in details(err.value)
+    assert [s.active_version for s in cluster.status()] == ["kb@v1"]
+
+
 def test_admin_rpcs_need_the_token_and_stay_inside_the_index_root(
     tmp_path: Path, tiny: TinyModels, cluster_factory: Callable[..., Cluster]
 ) -> None:
