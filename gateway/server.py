@@ -134,7 +134,7 @@ async def create_server(config: GatewayConfig) -> Served:
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
 
-    served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register)
+    served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register, metrics.GATEWAY)
     served.servicers = (servicer, admin)
     if config.reconcile_seconds > 0 and admin.admin_token:
         served.background = asyncio.ensure_future(admin.reconcile_forever(config.reconcile_seconds))

@@ -144,7 +144,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 async def create_server(config: GeneratorConfig) -> Served:
     servicer = GeneratorServicer(config)
     served = await new_server(
-        config, (SERVICE_NAME,), lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s)
+        config,
+        (SERVICE_NAME,),
+        lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s),
+        metrics.GENERATOR,
     )
 
     def load() -> RagModel:

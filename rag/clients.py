@@ -130,13 +130,17 @@ def client_error(address: str, err: grpc.RpcError) -> RagError:
     return RagError(f"{err.code().name}: {details}" + (f"; {hint}" if hint else ""), code=err.code())
 
 
-def is_serving(address: str, timeout: float = 2.0) -> bool:
+def health(address: str, timeout: float = 2.0) -> int | None:
+    """The service's grpc.health.v1 status (SERVING, NOT_SERVING...), or None when it does not answer in time."""
     try:
         with channel(address) as ch:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return int(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status)
     except grpc.RpcError:
-        return False
+        return None
+
+
+def is_serving(address: str, timeout: float = 2.0) -> bool:
+    return health(address, timeout) == health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_until_serving(address: str, timeout: float, poll: float = 0.5) -> bool:

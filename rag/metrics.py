@@ -1,4 +1,9 @@
-"""Prometheus metrics shared by the services. Labels never carry user text or ids."""
+"""Prometheus metrics of the services. Labels never carry user text or ids.
+
+Every metric is in prometheus_client's default registry (in-process tests and benchmarks read it there); each
+service's /metrics serves its own families only (COMMON plus RETRIEVER, GENERATOR or GATEWAY), so that a
+dashboard never reads another service's metric at 0.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,18 @@ from contextlib import contextmanager
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 
@@ -71,6 +86,20 @@ DECODES_STOPPED = Counter(
 )
 
 
+COMMON: tuple[Collector, ...] = (
+    REQUESTS, REQUEST_SECONDS, STAGE_SECONDS, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR
+)  # fmt: skip
+RETRIEVER: tuple[Collector, ...] = (
+    SEARCH_SECONDS, INDEX_INFO, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
+)  # fmt: skip
+GENERATOR: tuple[Collector, ...] = (
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED
+)  # fmt: skip
+GATEWAY: tuple[Collector, ...] = (
+    INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES
+)  # fmt: skip
+
+
 @contextmanager
 def timed(stage: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -80,11 +109,17 @@ def timed(stage: str) -> Iterator[None]:
         STAGE_SECONDS.labels(stage).observe(time.perf_counter() - start)
 
 
-def serve_metrics(host: str, port: int, ready: Callable[[], bool] = lambda: True) -> int:
-    """Serve over plain HTTP on a daemon thread: /metrics (Prometheus), /readyz (200 while the service is
-    SERVING, else 503) and /livez (200: the process answers). The last two are for probes that cannot speak
-    TLS or gRPC (the kubelet's gRPC probe has no TLS). Returns the bound port (0 picks a free one)."""
-    prometheus = make_wsgi_app()
+def serve_metrics(
+    host: str, port: int, ready: Callable[[], bool] = lambda: True, families: tuple[Collector, ...] = ()
+) -> int:
+    """Serve over plain HTTP on a daemon thread: /metrics (Prometheus: COMMON and `families`), /readyz (200
+    while the service is SERVING, else 503) and /livez (200: the process answers). The last two are for probes
+    that cannot speak TLS or gRPC (the kubelet's gRPC probe has no TLS). Returns the bound port (0 picks a free
+    one)."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in dict.fromkeys(COMMON + families):
+        registry.register(collector)
+    prometheus = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -94,11 +129,42 @@ def serve_metrics(host: str, port: int, ready: Callable[[], bool] = lambda: True
             return [b"ok\n" if ok else b"not serving\n"]
         return prometheus(environ, start_response)
 
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    server = make_server(host, port, app, _BoundedServer, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return int(server.server_port)
 
 
+MAX_METRICS_CONNECTIONS = 16  # scrapes and probes come a few at a time
+METRICS_READ_TIMEOUT_SECONDS = 5.0
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, as many as MAX_METRICS_CONNECTIONS at once (more are closed at once): 500
+    half-open connections used to hold 500 threads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_READ_TIMEOUT_SECONDS  # a connection that sends nothing is dropped, freeing its thread
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # probes every few seconds are not news

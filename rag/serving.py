@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
 
 from rag import metrics
 from rag.config import option
@@ -149,6 +150,7 @@ class Served:
     background: asyncio.Future[None] | None = None  # periodic work (the gateway's reconciling), stopped with it
     servicers: tuple[Any, ...] = ()  # for in-process use (benchmarks, debugging)
     ready: bool = False  # what grpc.health.v1 says, readable from other threads (the /readyz probe)
+    metric_families: tuple[Collector, ...] = ()  # what its /metrics serves beside metrics.COMMON
 
     async def mark_serving(self) -> None:
         for name in ("", *self.service_names):
@@ -165,10 +167,13 @@ class Served:
 
 
 async def new_server(
-    config: ServerConfig, service_names: tuple[str, ...], register: Callable[[grpc.aio.Server], None]
+    config: ServerConfig,
+    service_names: tuple[str, ...],
+    register: Callable[[grpc.aio.Server], None],
+    metric_families: tuple[Collector, ...],
 ) -> Served:
     """Create a server, `register` its servicers, bind and start it; its services report NOT_SERVING until
-    `mark_serving`."""
+    `mark_serving`. Its /metrics (see run_forever) serves `metric_families` beside metrics.COMMON."""
     limit = config.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         interceptors=[StatusInterceptor()],
@@ -195,7 +200,7 @@ async def new_server(
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()
-    return Served(server, port, health_servicer, service_names)
+    return Served(server, port, health_servicer, service_names, metric_families=metric_families)
 
 
 def _connection_age(seconds: float) -> list[tuple[str, int]]:
@@ -224,7 +229,7 @@ async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     if config.metrics_port:
         metrics_port = metrics.serve_metrics(
-            config.host, config.metrics_port, lambda: served.ready and not stop.is_set()
+            config.host, config.metrics_port, lambda: served.ready and not stop.is_set(), served.metric_families
         )
         log.info("%s metrics on http://%s:%d/metrics (probes: /readyz, /livez)", name, config.host, metrics_port)
     print(f"{name} listening on {config.host}:{served.port}", flush=True)

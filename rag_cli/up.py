@@ -2,8 +2,9 @@
 
 Each service runs as its own `rag serve` process, as it would in a cluster. The retriever and generator
 start first (their models load in parallel), the gateway is pointed at them, and the stack is ready when
-all three report SERVING on grpc.health.v1. A service that dies is started again on its address, with backoff.
-SIGINT/SIGTERM drains the gateway first, then the others.
+all three report SERVING on grpc.health.v1. A service that dies, or hangs (it stops answering its health check,
+as a Kubernetes liveness probe would see), is started again on its address, with backoff. SIGINT/SIGTERM drains
+the gateway first, then the others.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rag import paths
-from rag.clients import is_serving
+from rag.clients import health, is_serving
 from rag.config import flag_name, option
 from rag.errors import FailedPrecondition
 
@@ -66,6 +67,9 @@ class Child:
     started_at: float = 0.0
     restarts: int = 0  # consecutive quick crashes, for the backoff
     restart_at: float | None = None  # when a crashed child is due to be started again
+    answered: bool = False  # it has answered a health check since it started: from then on, it must keep to
+    unanswered: int = 0  # health checks in a row it did not answer
+    next_probe: float = 0.0
 
     def __post_init__(self) -> None:
         self.started_at = time.monotonic()
@@ -103,6 +107,9 @@ class Child:
 
 STABLE_SECONDS = 60.0
 MAX_BACKOFF_SECONDS = 30.0
+# Liveness, as Kubernetes probes it: every 5 s, 2 s to answer, killed after 3 unanswered checks in a row. A
+# busy service still answers: health is served by its event loop, the model and index work by other threads.
+PROBE_SECONDS, PROBE_TIMEOUT_SECONDS, PROBE_FAILURES = 5.0, 2.0, 3
 
 
 def spawn(service: str, flags: dict[str, object], env: dict[str, str] | None = None) -> Child:
@@ -182,6 +189,7 @@ class Stack:
         while not stop.wait(0.5):
             for i, child in enumerate(self.children):
                 if child.process.poll() is None:
+                    self._probe(child)
                     continue
                 now = time.monotonic()
                 if child.restart_at is None:
@@ -195,6 +203,26 @@ class Stack:
                     self.children[i] = child.respawned()
                     log.info("%s restarted (pid %d)", child.name, self.children[i].process.pid)
         return 0
+
+    def _probe(self, child: Child) -> None:
+        """Kill a child that has stopped answering its health check (hung, or stopped with SIGSTOP): the loop
+        then restarts it like one that exited."""
+        now = time.monotonic()
+        if now < child.next_probe or not child.address:
+            return
+        child.next_probe = now + PROBE_SECONDS
+        if health(child.address, PROBE_TIMEOUT_SECONDS) is not None:
+            child.answered, child.unanswered = True, 0
+            return
+        if not child.answered:
+            return  # still starting
+        child.unanswered += 1
+        if child.unanswered >= PROBE_FAILURES:
+            log.error(
+                "%s (%s, pid %d) did not answer %d health checks in a row (hung?); killing it",
+                child.name, child.address, child.process.pid, child.unanswered,
+            )  # fmt: skip
+            child.process.kill()
 
     def stop(self) -> None:
         """Drain the gateway first (no new work reaches the others), then the rest."""

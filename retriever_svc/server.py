@@ -211,7 +211,7 @@ async def create_server(config: RetrieverConfig) -> Served:
         retriever_pb2_grpc.add_RetrieverServiceServicer_to_server(servicer, server)
         index_admin_pb2_grpc.add_IndexAdminServiceServicer_to_server(admin, server)
 
-    served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register)
+    served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register, metrics.RETRIEVER)
 
     async def load() -> None:
         servicer.retriever = await asyncio.to_thread(load_retriever, config)

@@ -238,6 +238,35 @@ def test_rag_up_restarts_a_killed_service_and_the_gateway_reconnects(up: Up, ser
     assert children_of(up.process.pid)[service] != victim and up.process.poll() is None
 
 
+def test_each_service_exports_only_its_own_metric_families(up: Up) -> None:
+    """The gateway used to export the generator's queue gauge (at 0) and every other family of the project."""
+    own = {
+        0: ("rag_gateway_asks_shed_total", "rag_index_swaps_total"),
+        1: ("rag_generator_queue_depth", "rag_generator_model_tokens_total"),
+        2: ("rag_index_info", "rag_search_duration_seconds"),
+    }
+    pages = {}
+    for offset in own:
+        with urllib.request.urlopen(f"http://127.0.0.1:{up.generator_metrics_port - 1 + offset}/metrics") as reply:
+            pages[offset] = reply.read().decode()
+    for offset, page in pages.items():
+        assert "# TYPE rag_requests_total counter" in page and "process_cpu_seconds_total" in page
+        for other, families in own.items():
+            for family in families:
+                assert (f"# TYPE {family} " in page) == (other == offset), (offset, family)
+
+
+def test_rag_up_restarts_a_hung_service(up: Up) -> None:
+    """A retriever stopped with SIGSTOP (hung: its process exists but answers nothing) used to stay so forever."""
+    victim = children_of(up.process.pid)["retriever"]
+    os.kill(victim, signal.SIGSTOP)
+    seconds = answers_again(up)
+    print(f"\nretriever SIGSTOP: answering again {seconds:.1f}s later")
+    log = "".join(up.output)
+    assert re.search(rf"retriever \(\S+, pid {victim}\) did not answer 3 health checks in a row", log), log[-3000:]
+    assert children_of(up.process.pid)["retriever"] != victim and up.process.poll() is None
+
+
 def generator_queue(up: Up) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{up.generator_metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()

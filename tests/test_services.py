@@ -125,6 +125,7 @@ def test_gateway_passes_on_what_is_left_of_the_callers_deadline(
             loopback(ServerConfig),
             ("rag.v1.GeneratorService",),
             lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(slow, s),
+            (),
         )
     )
     gateway = launch.gateway(services.retriever, address(fake))
@@ -274,7 +275,7 @@ def test_every_service_reports_health_and_serves_reflection(services: Services, 
 
 
 def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
-    port = metrics.serve_metrics("127.0.0.1", 0)
+    port = metrics.serve_metrics("127.0.0.1", 0, families=metrics.RETRIEVER)  # the services run in this process
     ask(services, options=generator_pb2.DecodingOptions(max_new_tokens=2))
     status_of(lambda: ask(services, question=""))
     page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -299,6 +300,34 @@ def test_the_metrics_port_answers_probes_that_cannot_speak_tls() -> None:
     assert (status("/readyz"), status("/livez")) == (503, 200)
     serving = True
     assert (status("/readyz"), status("/livez"), status("/metrics")) == (200, 200, 200)
+
+
+def test_half_open_connections_to_the_metrics_port_hold_no_more_than_a_few_threads() -> None:
+    """100 connections that send nothing used to hold a thread each, forever; now at most 16 are served at once
+    and each is dropped after 5 s of silence, after which a scrape is answered again."""
+    import socket
+    import threading
+
+    port = metrics.serve_metrics("127.0.0.1", 0)
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    most = 0
+
+    def scraped() -> bool:
+        nonlocal most
+        most = max(most, threading.active_count() - threads_before)
+        try:
+            return int(urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5).status) == 200
+        except OSError:  # refused while the idle connections hold every slot
+            return False
+
+    deadline = time.monotonic() + 120
+    while not scraped():
+        assert time.monotonic() < deadline, "the metrics port never answered again"
+        time.sleep(0.1)
+    for sock in idle:
+        sock.close()
+    assert most <= metrics.MAX_METRICS_CONNECTIONS + 1, most
 
 
 def test_baselines_use_the_same_generator_with_no_or_all_passages(services: Services) -> None:
