@@ -71,10 +71,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         # (or not UTF-8 where a string is) gets INVALID_ARGUMENT and is counted, not UNKNOWN with a traceback.
         parse = handler.request_deserializer or (lambda raw: raw)
         codec = {"response_serializer": handler.response_serializer}
+        dispatched = _count_if_never_dispatched(method)
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary  # on an aio server, a coroutine function
 
             async def unary_behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                dispatched.set()
                 async with _statuses(method, context):
                     return await unary(_parsed(parse, raw, method), context)
                 return None  # an error was turned into a status
@@ -84,12 +86,26 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             stream: Any = handler.unary_stream  # an async generator function
 
             async def stream_behavior(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                dispatched.set()
                 async with _statuses(method, context):
                     async for reply in stream(_parsed(parse, raw, method), context):
                         yield reply
 
             return grpc.unary_stream_rpc_method_handler(stream_behavior, **codec)
         return handler
+
+
+def _count_if_never_dispatched(method: str) -> threading.Event:
+    """A flag the handler sets when it starts. A call cancelled (or past its deadline) before that, while its
+    request was still being received (a busy event loop), never reaches the handler: it is counted as CANCELLED
+    when the call's task ends, so that rag_requests_total counts every call the server took."""
+    dispatched = threading.Event()
+    task = asyncio.current_task()  # the call's own task: interceptors run inside it
+    if task is not None:
+        task.add_done_callback(
+            lambda _: None if dispatched.is_set() else metrics.REQUESTS.labels(method, "CANCELLED").inc()
+        )
+    return dispatched
 
 
 def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str) -> Any:

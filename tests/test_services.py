@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -285,6 +286,59 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
     for stage in ("encode", "search", "generate", "retrieve", "end_to_end"):
         assert f'rag_stage_duration_seconds_count{{stage="{stage}"}}' in page
     assert 'rag_index_info{name="tiny",version="v1"} 1.0' in page
+
+
+class LoopBlockingGenerator(SlowGenerator):
+    """A generator whose first call blocks its event loop until released: later calls wait to be dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking, self.release = threading.Event(), threading.Event()
+
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generator_pb2.GenerateResponse:
+        if request.question == "block":
+            self.blocking.set()
+            self.release.wait(120)  # holds the event loop, as a handler that blocks by mistake would
+        return generator_pb2.GenerateResponse()
+
+
+def test_calls_cancelled_before_dispatch_are_counted() -> None:
+    """Calls whose deadline passed while they waited for a busy event loop never reached a handler and were
+    missing from rag_requests_total; now they are counted as CANCELLED."""
+    from prometheus_client import REGISTRY
+
+    method = "/rag.v1.GeneratorService/Generate"
+    counted = lambda code: REGISTRY.get_sample_value("rag_requests_total", {"method": method, "code": code}) or 0.0  # noqa: E731
+    servicer, thread = LoopBlockingGenerator(), ServerThread()
+    try:
+        served = thread.run(
+            new_server(
+                loopback(ServerConfig),
+                ("rag.v1.GeneratorService",),
+                lambda s: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, s),
+                (),
+            )
+        )
+        before = counted("OK"), counted("CANCELLED")
+        with grpc.insecure_channel(address(served)) as channel:
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            blocker = stub.Generate.future(generator_pb2.GenerateRequest(question="block"), timeout=120)
+            assert servicer.blocking.wait(60)
+            for _ in range(5):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(generator_pb2.GenerateRequest(question="q"), timeout=0.3)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            servicer.release.set()
+            blocker.result()
+        deadline = time.monotonic() + 60
+        while (counted("OK") - before[0], counted("CANCELLED") - before[1]) != (1, 5):
+            assert time.monotonic() < deadline, (counted("OK") - before[0], counted("CANCELLED") - before[1])
+            time.sleep(0.02)
+    finally:
+        servicer.release.set()
+        thread.close()
 
 
 def test_the_metrics_port_answers_probes_that_cannot_speak_tls() -> None:
