@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -21,9 +22,7 @@ class GeneratorClient:
     async def generate(
         self, question: str, passages: Sequence[Passage], options: DecodingOptions, timeout: float
     ) -> Answered:
-        request = generator_pb2.GenerateRequest(
-            question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
-        )
+        request = _request(generator_pb2.GenerateRequest, question, passages, options)
         try:
             return Answered.from_pb(await self.backend().Generate(request, timeout=timeout))
         except grpc.aio.AioRpcError as err:
@@ -34,9 +33,7 @@ class GeneratorClient:
     ) -> AsyncIterator[str | Answered]:
         """The answer's text deltas as the generator sends them, then the whole answer. Leaving the loop early
         cancels the call, which stops the generator's decode."""
-        request = generator_pb2.GenerateRequest(
-            question=question, passages=[p.to_pb() for p in passages], options=options.to_pb()
-        )
+        request = _request(generator_pb2.GenerateStreamRequest, question, passages, options)
         call = self.backend().GenerateStream(request, timeout=timeout)
         try:
             async for reply in call:
@@ -48,3 +45,13 @@ class GeneratorClient:
             raise downstream_error("generator", err) from err
         finally:
             call.cancel()  # a no-op once the stream has ended
+
+
+GenerateMessage = TypeVar("GenerateMessage", generator_pb2.GenerateRequest, generator_pb2.GenerateStreamRequest)
+
+
+def _request(
+    message: type[GenerateMessage], question: str, passages: Sequence[Passage], options: DecodingOptions
+) -> GenerateMessage:
+    """Generate's request or GenerateStream's (the same fields)."""
+    return message(question=question, passages=[p.to_pb() for p in passages], options=options.to_pb())

@@ -60,7 +60,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return self._answer(retrieved, answered, started, retrieved_at).to_pb()
 
     async def AskStream(
-        self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.AskStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.AskStreamResponse]:
         """Ask, with the answer's text sent as the generator decodes it; cancelling stops the generator."""
         deadline = Deadline(context, self.config.timeout_seconds)

@@ -114,7 +114,7 @@ class Request:
     @classmethod
     def from_pb(
         cls,
-        pb: generator_pb2.GenerateRequest | generator_pb2.ScoreRequest,
+        pb: generator_pb2.GenerateRequest | generator_pb2.GenerateStreamRequest | generator_pb2.ScoreRequest,
         limits: Limits,
         default_max_new_tokens: int,
         default_temperature: float,

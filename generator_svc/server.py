@@ -75,7 +75,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise Unavailable("the generator is still loading its model; retry shortly")
         return self.worker.model
 
-    def _parse(self, pb: generator_pb2.GenerateRequest | generator_pb2.ScoreRequest) -> Request:
+    def _parse(
+        self, pb: generator_pb2.GenerateRequest | generator_pb2.GenerateStreamRequest | generator_pb2.ScoreRequest
+    ) -> Request:
         """The request, checked against the limits (its cost in the model's tokens included) before any work."""
         default_max_new_tokens = min(self.config.max_new_tokens, self.limits.max_new_tokens)
         request = Request.from_pb(pb, self.limits, default_max_new_tokens, self.config.score_temperature)
@@ -90,7 +92,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return answered.to_pb()
 
     async def GenerateStream(
-        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generator_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateStreamResponse]:
         """Generate, with the best answer's text sent as it grows (greedy RAG-Token and the baselines); the
         decode runs alone and stops at its next step when the call is cancelled."""

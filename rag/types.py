@@ -318,6 +318,9 @@ class Retrieved:
     retrieval: RetrievalMode = RetrievalMode.DENSE
 
 
+AskMessage = TypeVar("AskMessage", gateway_pb2.AskRequest, gateway_pb2.AskStreamRequest)
+
+
 @dataclass(frozen=True)
 class AskRequest:
     """A question for the gateway. k = 0 means the gateway's default."""
@@ -329,7 +332,8 @@ class AskRequest:
     retrieval: RetrievalMode | None = None  # None: the gateway's default
 
     @classmethod
-    def from_pb(cls, pb: gateway_pb2.AskRequest) -> AskRequest:
+    def from_pb(cls, pb: gateway_pb2.AskRequest | gateway_pb2.AskStreamRequest) -> AskRequest:
+        """From Ask's request or AskStream's (the same fields)."""
         return cls(
             parse_question(pb.question),
             pb.k,
@@ -339,7 +343,13 @@ class AskRequest:
         )
 
     def to_pb(self) -> gateway_pb2.AskRequest:
-        return gateway_pb2.AskRequest(
+        return self.as_pb(gateway_pb2.AskRequest)
+
+    def to_stream_pb(self) -> gateway_pb2.AskStreamRequest:
+        return self.as_pb(gateway_pb2.AskStreamRequest)
+
+    def as_pb(self, message: type[AskMessage]) -> AskMessage:
+        return message(
             question=self.question,
             k=self.k,
             options=self.options.to_pb(),

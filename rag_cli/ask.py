@@ -51,7 +51,9 @@ def ask_stream(
 ) -> Iterator[str | Answer]:
     """The answer's text as it is decoded (pieces that concatenate to it), then the whole answer."""
     replies = stream(
-        gateway, lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).AskStream(request.to_pb(), timeout=timeout), tls
+        gateway,
+        lambda ch: gateway_pb2_grpc.GatewayServiceStub(ch).AskStream(request.to_stream_pb(), timeout=timeout),
+        tls,
     )
     for reply in replies:
         yield Answer.from_pb(reply.final) if reply.HasField("final") else reply.text_delta

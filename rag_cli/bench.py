@@ -572,7 +572,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
             stack = launcher.stack(index_root, str(index), generator, dtype=dtype, max_new_tokens=new_tokens)
             stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
             for mode in (Mode.TOKEN, Mode.SEQUENCE):
-                request = lambda q: AskRequest(q["question"], LATENCY_K, DecodingOptions(mode=mode)).to_pb()  # noqa: E731
+                request = lambda q: AskRequest(q["question"], LATENCY_K, DecodingOptions(mode=mode)).to_stream_pb()  # noqa: E731
                 list(stub.AskStream(request(questions[0]), timeout=600))  # warm up
                 seconds, first_token, em, f1 = [], [], [], []
                 for q in questions:

@@ -112,7 +112,7 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServiceServicer):
         raise NotImplementedError
 
     def GenerateStream(
-        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: generator_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateStreamResponse]:
         raise NotImplementedError
 
@@ -465,7 +465,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(
 
 def ask_stream(address: str, request: AskRequest, timeout: float = 60) -> tuple[list[str], gateway_pb2.AskResponse]:
     with grpc.insecure_channel(address) as channel:
-        replies = list(gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_pb(), timeout=timeout))
+        replies = list(gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_stream_pb(), timeout=timeout))
     assert replies and replies[-1].HasField("final") and not any(r.HasField("final") for r in replies[:-1])
     return [r.text_delta for r in replies[:-1]], replies[-1].final
 
@@ -479,6 +479,42 @@ def test_ask_stream_sends_the_answer_as_it_is_decoded_then_what_ask_returns(serv
         (s.passage.id, s.prior, s.posterior) for s in unary.sources
     ]
     assert final.index_version == unary.index_version and final.timings.generate_ms > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "old", "new", "reply"),
+    [
+        ("/rag.v1.GatewayService/AskStream", gateway_pb2.AskRequest, gateway_pb2.AskStreamRequest,
+         gateway_pb2.AskStreamResponse),
+        ("/rag.v1.GeneratorService/GenerateStream", generator_pb2.GenerateRequest, generator_pb2.GenerateStreamRequest,
+         generator_pb2.GenerateStreamResponse),
+    ],
+)  # fmt: skip
+def test_streaming_requests_are_their_unary_twins_on_the_wire(
+    services: Services, method: str, old: Any, new: Any, reply: Any
+) -> None:
+    """AskStream and GenerateStream took AskRequest and GenerateRequest (buf lint: one request type per RPC);
+    their own request types keep the fields, numbers and types, so clients built before still stream."""
+
+    def fields(message: Any) -> list[tuple[Any, ...]]:
+        return [
+            (f.number, f.name, f.type, f.is_repeated, f.json_name, f.message_type and f.message_type.full_name)
+            for f in message.DESCRIPTOR.fields
+        ]
+
+    assert fields(old) == fields(new)
+    request: Any
+    if old is gateway_pb2.AskRequest:
+        address_, request = services.gateway, AskRequest("Who?", 3, DecodingOptions(max_new_tokens=2)).to_pb()
+    else:
+        passage = passage_pb2.Passage(id="p", title="P", text="Fleming", score=1.0)
+        address_, request = services.generator, generator_pb2.GenerateRequest(question="Who?", passages=[passage])
+    with grpc.insecure_channel(address_) as channel:  # a client that still sends the unary request's bytes
+        call = channel.unary_stream(
+            method, request_serializer=old.SerializeToString, response_deserializer=reply.FromString
+        )
+        replies = list(call(request, timeout=60))
+    assert replies and replies[-1].HasField("final")
 
 
 def test_rag_sequence_streams_its_answer_when_it_is_known(services: Services) -> None:
@@ -499,7 +535,7 @@ def test_a_cancelled_stream_stops_the_generators_decode(services: Services, laun
     before = stopped()
     request = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=256))
     with grpc.insecure_channel(address(gateway)) as channel:
-        call = gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_pb(), timeout=120)
+        call = gateway_pb2_grpc.GatewayServiceStub(channel).AskStream(request.to_stream_pb(), timeout=120)
         first = next(call)
         assert first.HasField("text_delta")  # decoding has begun
         call.cancel()
@@ -525,7 +561,7 @@ def test_overload_is_shed_before_retrieval(services: Services, launch: Launcher,
     quick = AskRequest("Who discovered penicillin?", 3, DecodingOptions(max_new_tokens=2))
     with grpc.insecure_channel(address(gateway)) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-        call = stub.AskStream(long.to_pb(), timeout=120)
+        call = stub.AskStream(long.to_stream_pb(), timeout=120)
         assert next(call).HasField("text_delta")  # the one slot is taken
         before = searches()
         err = status_of(lambda: stub.Ask(quick.to_pb(), timeout=60))

@@ -27,7 +27,7 @@ from rag.v1 import passage_pb2 as rag_dot_v1_dot_passage__pb2
 from rag.v1 import retriever_pb2 as rag_dot_v1_dot_retriever__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rag/v1/gateway.proto\x12\x06rag.v1\x1a\x16rag/v1/generator.proto\x1a\x14rag/v1/passage.proto\x1a\x16rag/v1/retriever.proto\"\x94\x01\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x15\n\rretrieve_only\x18\x04 \x01(\x08\x12(\n\tretrieval\x18\x05 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\"\xb2\x01\n\x0b\x41skResponse\x12\x1f\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x0e.rag.v1.Answer\x12\x1f\n\x07sources\x18\x02 \x03(\x0b\x32\x0e.rag.v1.Source\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12 \n\x07timings\x18\x04 \x01(\x0b\x32\x0f.rag.v1.Timings\x12(\n\tretrieval\x18\x05 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\"D\n\x06\x41nswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x01\x12\x1a\n\x12passage_posteriors\x18\x03 \x03(\x02\"L\n\x06Source\x12 \n\x07passage\x18\x01 \x01(\x0b\x32\x0f.rag.v1.Passage\x12\r\n\x05prior\x18\x02 \x01(\x02\x12\x11\n\tposterior\x18\x03 \x01(\x02\"E\n\x07Timings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"X\n\x11\x41skStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12$\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x13.rag.v1.AskResponseH\x00\x42\x07\n\x05\x65vent2~\n\x0eGatewayService\x12.\n\x03\x41sk\x12\x12.rag.v1.AskRequest\x1a\x13.rag.v1.AskResponse\x12<\n\tAskStream\x12\x12.rag.v1.AskRequest\x1a\x19.rag.v1.AskStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rag/v1/gateway.proto\x12\x06rag.v1\x1a\x16rag/v1/generator.proto\x1a\x14rag/v1/passage.proto\x1a\x16rag/v1/retriever.proto\"\x94\x01\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x15\n\rretrieve_only\x18\x04 \x01(\x08\x12(\n\tretrieval\x18\x05 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\"\x9a\x01\n\x10\x41skStreamRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x15\n\rretrieve_only\x18\x04 \x01(\x08\x12(\n\tretrieval\x18\x05 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\"\xb2\x01\n\x0b\x41skResponse\x12\x1f\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x0e.rag.v1.Answer\x12\x1f\n\x07sources\x18\x02 \x03(\x0b\x32\x0e.rag.v1.Source\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12 \n\x07timings\x18\x04 \x01(\x0b\x32\x0f.rag.v1.Timings\x12(\n\tretrieval\x18\x05 \x01(\x0e\x32\x15.rag.v1.RetrievalMode\"D\n\x06\x41nswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x01\x12\x1a\n\x12passage_posteriors\x18\x03 \x03(\x02\"L\n\x06Source\x12 \n\x07passage\x18\x01 \x01(\x0b\x32\x0f.rag.v1.Passage\x12\r\n\x05prior\x18\x02 \x01(\x02\x12\x11\n\tposterior\x18\x03 \x01(\x02\"E\n\x07Timings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"X\n\x11\x41skStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12$\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x13.rag.v1.AskResponseH\x00\x42\x07\n\x05\x65vent2\x84\x01\n\x0eGatewayService\x12.\n\x03\x41sk\x12\x12.rag.v1.AskRequest\x1a\x13.rag.v1.AskResponse\x12\x42\n\tAskStream\x12\x18.rag.v1.AskStreamRequest\x1a\x19.rag.v1.AskStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASKREQUEST']._serialized_start=103
   _globals['_ASKREQUEST']._serialized_end=251
-  _globals['_ASKRESPONSE']._serialized_start=254
-  _globals['_ASKRESPONSE']._serialized_end=432
-  _globals['_ANSWER']._serialized_start=434
-  _globals['_ANSWER']._serialized_end=502
-  _globals['_SOURCE']._serialized_start=504
-  _globals['_SOURCE']._serialized_end=580
-  _globals['_TIMINGS']._serialized_start=582
-  _globals['_TIMINGS']._serialized_end=651
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=653
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=741
-  _globals['_GATEWAYSERVICE']._serialized_start=743
-  _globals['_GATEWAYSERVICE']._serialized_end=869
+  _globals['_ASKSTREAMREQUEST']._serialized_start=254
+  _globals['_ASKSTREAMREQUEST']._serialized_end=408
+  _globals['_ASKRESPONSE']._serialized_start=411
+  _globals['_ASKRESPONSE']._serialized_end=589
+  _globals['_ANSWER']._serialized_start=591
+  _globals['_ANSWER']._serialized_end=659
+  _globals['_SOURCE']._serialized_start=661
+  _globals['_SOURCE']._serialized_end=737
+  _globals['_TIMINGS']._serialized_start=739
+  _globals['_TIMINGS']._serialized_end=808
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=810
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=898
+  _globals['_GATEWAYSERVICE']._serialized_start=901
+  _globals['_GATEWAYSERVICE']._serialized_end=1033
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,42 @@ class AskRequest(_message.Message):
 Global___AskRequest: _TypeAlias = AskRequest  # noqa: Y015
 
 @_typing.final
+class AskStreamRequest(_message.Message):
+    """AskRequest's fields, field for field: a client that sends an AskRequest to AskStream is understood (keep the
+    two in step).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUESTION_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    RETRIEVE_ONLY_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    question: _builtins.str
+    k: _builtins.int
+    retrieve_only: _builtins.bool
+    retrieval: _retriever_pb2.RetrievalMode.ValueType
+    @_builtins.property
+    def options(self) -> _generator_pb2.DecodingOptions: ...
+    def __init__(
+        self,
+        *,
+        question: _builtins.str = ...,
+        k: _builtins.int = ...,
+        options: _generator_pb2.DecodingOptions | None = ...,
+        retrieve_only: _builtins.bool = ...,
+        retrieval: _retriever_pb2.RetrievalMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "options", b"options", "question", b"question", "retrieval", b"retrieval", "retrieve_only", b"retrieve_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AskStreamRequest: _TypeAlias = AskStreamRequest  # noqa: Y015
+
+@_typing.final
 class AskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -42,7 +42,7 @@ class GatewayServiceStub:
                 _registered_method=True)
         self.AskStream = channel.unary_stream(
                 '/rag.v1.GatewayService/AskStream',
-                request_serializer=rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
+                request_serializer=rag_dot_v1_dot_gateway__pb2.AskStreamRequest.SerializeToString,
                 response_deserializer=rag_dot_v1_dot_gateway__pb2.AskStreamResponse.FromString,
                 _registered_method=True)
 
@@ -76,7 +76,7 @@ def add_GatewayServiceServicer_to_server(servicer, server):
             ),
             'AskStream': grpc.unary_stream_rpc_method_handler(
                     servicer.AskStream,
-                    request_deserializer=rag_dot_v1_dot_gateway__pb2.AskRequest.FromString,
+                    request_deserializer=rag_dot_v1_dot_gateway__pb2.AskStreamRequest.FromString,
                     response_serializer=rag_dot_v1_dot_gateway__pb2.AskStreamResponse.SerializeToString,
             ),
     }
@@ -133,7 +133,7 @@ class GatewayService:
             request,
             target,
             '/rag.v1.GatewayService/AskStream',
-            rag_dot_v1_dot_gateway__pb2.AskRequest.SerializeToString,
+            rag_dot_v1_dot_gateway__pb2.AskStreamRequest.SerializeToString,
             rag_dot_v1_dot_gateway__pb2.AskStreamResponse.FromString,
             options,
             channel_credentials,

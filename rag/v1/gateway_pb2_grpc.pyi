@@ -34,7 +34,7 @@ class GatewayServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     Ask: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskResponse]
-    AskStream: _grpc.UnaryStreamMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskStreamResponse]
+    AskStream: _grpc.UnaryStreamMultiCallable[_gateway_pb2.AskStreamRequest, _gateway_pb2.AskStreamResponse]
     """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
     other decodings at once when known), then one final message with what Ask returns. Cancelling the call
     stops the generator's work.
@@ -46,7 +46,7 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ask: _aio.UnaryUnaryMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskResponse]  # type: ignore[assignment]
-    AskStream: _aio.UnaryStreamMultiCallable[_gateway_pb2.AskRequest, _gateway_pb2.AskStreamResponse]  # type: ignore[assignment]
+    AskStream: _aio.UnaryStreamMultiCallable[_gateway_pb2.AskStreamRequest, _gateway_pb2.AskStreamResponse]  # type: ignore[assignment]
     """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;
     other decodings at once when known), then one final message with what Ask returns. Cancelling the call
     stops the generator's work.
@@ -65,7 +65,7 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def AskStream(
         self,
-        request: _gateway_pb2.AskRequest,
+        request: _gateway_pb2.AskStreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.AskStreamResponse], _abc.AsyncIterator[_gateway_pb2.AskStreamResponse]]:
         """The same, streamed: text deltas of the answer as they are decoded (greedy RAG-Token and the baselines;

@@ -25,33 +25,35 @@ _sym_db = _symbol_database.Default()
 from rag.v1 import passage_pb2 as rag_dot_v1_dot_passage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/generator.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"\xd9\x01\n\x0f\x44\x65\x63odingOptions\x12\x1d\n\x04mode\x18\x01 \x01(\x0e\x32\x0f.rag.v1.RagMode\x12\x33\n\x11sequence_decoding\x18\x02 \x01(\x0e\x32\x18.rag.v1.SequenceDecoding\x12\x11\n\tnum_beams\x18\x03 \x01(\x05\x12\x1c\n\x14num_return_sequences\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06n_docs\x18\x06 \x01(\x05\x12\x19\n\x11score_temperature\x18\x07 \x01(\x02\"\x89\x01\n\x0fGenerateRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12!\n\x08passages\x18\x02 \x03(\x0b\x32\x0f.rag.v1.Passage\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x17\n\x0fquery_embedding\x18\x04 \x03(\x02\"R\n\x10GenerateResponse\x12&\n\nhypotheses\x18\x01 \x03(\x0b\x32\x12.rag.v1.Hypothesis\x12\x16\n\x0epassage_priors\x18\x02 \x03(\x02\"[\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08log_prob\x18\x03 \x01(\x01\x12\x1a\n\x12passage_posteriors\x18\x04 \x03(\x02\"\x97\x01\n\x0cScoreRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12!\n\x08passages\x18\x02 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x0f\n\x07\x61nswers\x18\x03 \x03(\t\x12(\n\x07options\x18\x04 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x17\n\x0fquery_embedding\x18\x05 \x03(\x02\"L\n\rScoreResponse\x12#\n\x06scores\x18\x01 \x03(\x0b\x32\x13.rag.v1.AnswerScore\x12\x16\n\x0epassage_priors\x18\x02 \x03(\x02\"_\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12passage_posteriors\x18\x04 \x03(\x02\"b\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.rag.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*}\n\x07RagMode\x12\x18\n\x14RAG_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRAG_MODE_TOKEN\x10\x01\x12\x15\n\x11RAG_MODE_SEQUENCE\x10\x02\x12\x18\n\x14RAG_MODE_CLOSED_BOOK\x10\x03\x12\x13\n\x0fRAG_MODE_CONCAT\x10\x04*q\n\x10SequenceDecoding\x12!\n\x1dSEQUENCE_DECODING_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEQUENCE_DECODING_THOROUGH\x10\x01\x12\x1a\n\x16SEQUENCE_DECODING_FAST\x10\x02\x32\xd4\x01\n\x10GeneratorService\x12=\n\x08Generate\x12\x17.rag.v1.GenerateRequest\x1a\x18.rag.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x17.rag.v1.GenerateRequest\x1a\x1e.rag.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Score\x12\x14.rag.v1.ScoreRequest\x1a\x15.rag.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rag/v1/generator.proto\x12\x06rag.v1\x1a\x14rag/v1/passage.proto\"\xd9\x01\n\x0f\x44\x65\x63odingOptions\x12\x1d\n\x04mode\x18\x01 \x01(\x0e\x32\x0f.rag.v1.RagMode\x12\x33\n\x11sequence_decoding\x18\x02 \x01(\x0e\x32\x18.rag.v1.SequenceDecoding\x12\x11\n\tnum_beams\x18\x03 \x01(\x05\x12\x1c\n\x14num_return_sequences\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06n_docs\x18\x06 \x01(\x05\x12\x19\n\x11score_temperature\x18\x07 \x01(\x02\"\x89\x01\n\x0fGenerateRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12!\n\x08passages\x18\x02 \x03(\x0b\x32\x0f.rag.v1.Passage\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x17\n\x0fquery_embedding\x18\x04 \x03(\x02\"\x8f\x01\n\x15GenerateStreamRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12!\n\x08passages\x18\x02 \x03(\x0b\x32\x0f.rag.v1.Passage\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x17\n\x0fquery_embedding\x18\x04 \x03(\x02\"R\n\x10GenerateResponse\x12&\n\nhypotheses\x18\x01 \x03(\x0b\x32\x12.rag.v1.Hypothesis\x12\x16\n\x0epassage_priors\x18\x02 \x03(\x02\"[\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08log_prob\x18\x03 \x01(\x01\x12\x1a\n\x12passage_posteriors\x18\x04 \x03(\x02\"\x97\x01\n\x0cScoreRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12!\n\x08passages\x18\x02 \x03(\x0b\x32\x0f.rag.v1.Passage\x12\x0f\n\x07\x61nswers\x18\x03 \x03(\t\x12(\n\x07options\x18\x04 \x01(\x0b\x32\x17.rag.v1.DecodingOptions\x12\x17\n\x0fquery_embedding\x18\x05 \x03(\x02\"L\n\rScoreResponse\x12#\n\x06scores\x18\x01 \x03(\x0b\x32\x13.rag.v1.AnswerScore\x12\x16\n\x0epassage_priors\x18\x02 \x03(\x02\"_\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x10\n\x08log_prob\x18\x02 \x01(\x01\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12passage_posteriors\x18\x04 \x03(\x02\"b\n\x16GenerateStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.rag.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent*}\n\x07RagMode\x12\x18\n\x14RAG_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eRAG_MODE_TOKEN\x10\x01\x12\x15\n\x11RAG_MODE_SEQUENCE\x10\x02\x12\x18\n\x14RAG_MODE_CLOSED_BOOK\x10\x03\x12\x13\n\x0fRAG_MODE_CONCAT\x10\x04*q\n\x10SequenceDecoding\x12!\n\x1dSEQUENCE_DECODING_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEQUENCE_DECODING_THOROUGH\x10\x01\x12\x1a\n\x16SEQUENCE_DECODING_FAST\x10\x02\x32\xda\x01\n\x10GeneratorService\x12=\n\x08Generate\x12\x17.rag.v1.GenerateRequest\x1a\x18.rag.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.rag.v1.GenerateStreamRequest\x1a\x1e.rag.v1.GenerateStreamResponse0\x01\x12\x34\n\x05Score\x12\x14.rag.v1.ScoreRequest\x1a\x15.rag.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rag.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RAGMODE']._serialized_start=1022
-  _globals['_RAGMODE']._serialized_end=1147
-  _globals['_SEQUENCEDECODING']._serialized_start=1149
-  _globals['_SEQUENCEDECODING']._serialized_end=1262
+  _globals['_RAGMODE']._serialized_start=1168
+  _globals['_RAGMODE']._serialized_end=1293
+  _globals['_SEQUENCEDECODING']._serialized_start=1295
+  _globals['_SEQUENCEDECODING']._serialized_end=1408
   _globals['_DECODINGOPTIONS']._serialized_start=57
   _globals['_DECODINGOPTIONS']._serialized_end=274
   _globals['_GENERATEREQUEST']._serialized_start=277
   _globals['_GENERATEREQUEST']._serialized_end=414
-  _globals['_GENERATERESPONSE']._serialized_start=416
-  _globals['_GENERATERESPONSE']._serialized_end=498
-  _globals['_HYPOTHESIS']._serialized_start=500
-  _globals['_HYPOTHESIS']._serialized_end=591
-  _globals['_SCOREREQUEST']._serialized_start=594
-  _globals['_SCOREREQUEST']._serialized_end=745
-  _globals['_SCORERESPONSE']._serialized_start=747
-  _globals['_SCORERESPONSE']._serialized_end=823
-  _globals['_ANSWERSCORE']._serialized_start=825
-  _globals['_ANSWERSCORE']._serialized_end=920
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=922
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1020
-  _globals['_GENERATORSERVICE']._serialized_start=1265
-  _globals['_GENERATORSERVICE']._serialized_end=1477
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=417
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=560
+  _globals['_GENERATERESPONSE']._serialized_start=562
+  _globals['_GENERATERESPONSE']._serialized_end=644
+  _globals['_HYPOTHESIS']._serialized_start=646
+  _globals['_HYPOTHESIS']._serialized_end=737
+  _globals['_SCOREREQUEST']._serialized_start=740
+  _globals['_SCOREREQUEST']._serialized_end=891
+  _globals['_SCORERESPONSE']._serialized_start=893
+  _globals['_SCORERESPONSE']._serialized_end=969
+  _globals['_ANSWERSCORE']._serialized_start=971
+  _globals['_ANSWERSCORE']._serialized_end=1066
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1068
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1166
+  _globals['_GENERATORSERVICE']._serialized_start=1411
+  _globals['_GENERATORSERVICE']._serialized_end=1629
 # @@protoc_insertion_point(module_scope)

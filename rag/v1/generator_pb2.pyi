@@ -150,6 +150,41 @@ class GenerateRequest(_message.Message):
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
+class GenerateStreamRequest(_message.Message):
+    """GenerateRequest's fields, field for field: a client that sends a GenerateRequest to GenerateStream is
+    understood (keep the two in step).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUESTION_FIELD_NUMBER: _builtins.int
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    QUERY_EMBEDDING_FIELD_NUMBER: _builtins.int
+    question: _builtins.str
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedCompositeFieldContainer[_passage_pb2.Passage]: ...
+    @_builtins.property
+    def options(self) -> Global___DecodingOptions: ...
+    @_builtins.property
+    def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        question: _builtins.str = ...,
+        passages: _abc.Iterable[_passage_pb2.Passage] | None = ...,
+        options: Global___DecodingOptions | None = ...,
+        query_embedding: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "passages", b"passages", "query_embedding", b"query_embedding", "question", b"question"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015
+
+@_typing.final
 class GenerateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -42,7 +42,7 @@ class GeneratorServiceStub:
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/rag.v1.GeneratorService/GenerateStream',
-                request_serializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+                request_serializer=rag_dot_v1_dot_generator__pb2.GenerateStreamRequest.SerializeToString,
                 response_deserializer=rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.Score = channel.unary_unary(
@@ -89,7 +89,7 @@ def add_GeneratorServiceServicer_to_server(servicer, server):
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=rag_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
+                    request_deserializer=rag_dot_v1_dot_generator__pb2.GenerateStreamRequest.FromString,
                     response_serializer=rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
@@ -151,7 +151,7 @@ class GeneratorService:
             request,
             target,
             '/rag.v1.GeneratorService/GenerateStream',
-            rag_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+            rag_dot_v1_dot_generator__pb2.GenerateStreamRequest.SerializeToString,
             rag_dot_v1_dot_generator__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,

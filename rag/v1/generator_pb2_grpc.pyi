@@ -35,7 +35,7 @@ class GeneratorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> GeneratorServiceAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.GenerateResponse]
     """Decode answers with RAG-Token or RAG-Sequence and report which passages each rests on."""
-    GenerateStream: _grpc.UnaryStreamMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.GenerateStreamResponse]
+    GenerateStream: _grpc.UnaryStreamMultiCallable[_generator_pb2.GenerateStreamRequest, _generator_pb2.GenerateStreamResponse]
     """The same, streamed: greedy RAG-Token (and baseline) answers token by token as text deltas, then one final
     message with everything Generate returns. Other decodings send their final message when it is known.
     Cancelling the call stops the decode at its next step.
@@ -50,7 +50,7 @@ class GeneratorServiceAsyncStub(GeneratorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.GenerateResponse]  # type: ignore[assignment]
     """Decode answers with RAG-Token or RAG-Sequence and report which passages each rests on."""
-    GenerateStream: _aio.UnaryStreamMultiCallable[_generator_pb2.GenerateRequest, _generator_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    GenerateStream: _aio.UnaryStreamMultiCallable[_generator_pb2.GenerateStreamRequest, _generator_pb2.GenerateStreamResponse]  # type: ignore[assignment]
     """The same, streamed: greedy RAG-Token (and baseline) answers token by token as text deltas, then one final
     message with everything Generate returns. Other decodings send their final message when it is known.
     Cancelling the call stops the decode at its next step.
@@ -72,7 +72,7 @@ class GeneratorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GenerateStream(
         self,
-        request: _generator_pb2.GenerateRequest,
+        request: _generator_pb2.GenerateStreamRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generator_pb2.GenerateStreamResponse], _abc.AsyncIterator[_generator_pb2.GenerateStreamResponse]]:
         """The same, streamed: greedy RAG-Token (and baseline) answers token by token as text deltas, then one final
