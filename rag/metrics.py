@@ -7,6 +7,7 @@ dashboard never reads another service's metric at 0.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -142,9 +143,16 @@ class _BoundedServer(ThreadingWSGIServer):
     """A thread per connection, as many as MAX_METRICS_CONNECTIONS at once (more are closed at once): 500
     half-open connections used to hold 500 threads."""
 
+    request_queue_size = 64  # connections waiting to be accepted (socketserver's default is 5)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet for a connection that timed out or went away (socketserver prints a traceback for each)."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
