@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rag import metrics
+from rag.errors import ResourceExhausted
 from rag.fusion import RRF_TEMPERATURE
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from rag_cli.testing.stack import Launcher, address
@@ -227,7 +228,7 @@ def test_build_without_lexical_and_a_failed_lexical_build(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("retriever_svc.build.build_lexical", fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ResourceExhausted, match=r"No space left on device.*nothing was published"):
         build_index(hybrid_corpus, "jsonl", root, "kb", load_encoder(tiny.encoder_spec), show_progress=False)
     assert versions(root, "kb") == ["v1"] and not [p for p in (root / "kb").iterdir() if p.name.startswith(".")]
 
@@ -245,7 +246,7 @@ def rag_build(corpus: Path, root: Path, tiny: TinyModels) -> Any:
 
 
 def test_search_latency_is_counted_per_retrieval_mode(launch: Launcher, hybrid_root: Path) -> None:
-    port = metrics.serve_metrics("127.0.0.1", 0)
+    port = metrics.serve_metrics("127.0.0.1", 0, families=metrics.RETRIEVER)
 
     def searches(page: str, mode: str) -> float:
         match = re.search(rf'^rag_search_duration_seconds_count{{retrieval="{mode}"}} (\S+)$', page, re.MULTILINE)
