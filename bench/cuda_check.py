@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from generator_svc import rag_math
 from generator_svc.config import GeneratorConfig
-from generator_svc.families import DecoderOnlyLM, load_passage_lm
+from generator_svc.families import DecoderOnlyLM
+from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import Context, PassageLM, one_each
 from generator_svc.server import create_server
 from rag.serving import ServerThread

@@ -27,5 +27,9 @@ class GeneratorConfig(ServerConfig):
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")
-    dtype: str = option("float32", "weights precision: float32 (reference), bfloat16 (for a GPU), or int8 (for a CPU)")
+    dtype: str = option(
+        "auto",
+        "weights precision: auto (bfloat16 where the GPU or CPU computes in it natively, else float32), float32 "
+        "(the reference), bfloat16, or int8 (a CPU's dynamic quantisation)",
+    )
     device: str = option("auto", "where the model runs: auto (CUDA when torch sees one), cpu or cuda")

@@ -1,4 +1,4 @@
-"""The two generator families behind `PassageLM`, and loading them from a local path.
+"""The two generator families behind `PassageLM` (generator_svc.loading loads them).
 
 `EncoderDecoderLM` (BART/T5, including the generator inside an unchanged `facebook/rag-*` checkpoint) and
 `DecoderOnlyLM` (chat/instruct LMs such as Qwen2.5 or SmolLM2). They differ only in how rows are built and run
@@ -7,19 +7,12 @@ to their first answer token (`encode`) and how one more chunk of tokens runs (`_
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     Cache,
     DynamicCache,
     EncoderDecoderCache,
@@ -29,7 +22,6 @@ from transformers import (
 )
 
 from generator_svc import context_attention
-from generator_svc.config import DEVICES
 from generator_svc.context_attention import KV, SharedContext
 from generator_svc.passage_lm import (
     Context,
@@ -444,190 +436,3 @@ def _concat_rows(passes: Sequence[KV]) -> KV:
         (torch.cat([p[layer][0] for p in passes]), torch.cat([p[layer][1] for p in passes]))
         for layer in range(len(passes[0]))
     ]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------
-
-
-DTYPES = ("float32", "bfloat16", "int8")
-
-
-def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu", chunk_tokens: int = 0) -> PassageLM:
-    """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
-    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `with_precision`) on `device`
-    (auto: CUDA when torch sees one), running prompts and scoring in passes of `chunk_tokens` (0: by device).
-    Only safetensors/GGUF weights are read; no remote code runs."""
-    if dtype not in DTYPES:
-        raise FailedPrecondition(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    where = resolve_device(device)
-    if where.type == "cuda" and dtype == "int8":
-        raise FailedPrecondition("int8 runs on a CPU only (torch's dynamic quantisation); use bfloat16 on a GPU")
-    lm = _load(spec)
-    lm.model = with_precision(torch.nn.Module.to(lm.model, where), dtype)
-    lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
-    if where.type == "cpu" and dtype == "float32":
-        few_row_products(lm.model)
-    return lm
-
-
-def chunk_tokens_for(device: torch.device) -> int:
-    """Tokens per pass of prompt or scoring work: on a CPU, 512 tokens of the demo model take ~2 s in float32
-    and larger passes are barely faster per token; a GPU runs far more in that time."""
-    return 512 if device.type == "cpu" else 16384
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu` or `cuda` as a torch device (auto: CUDA when torch sees one)."""
-    if name not in DEVICES:
-        raise FailedPrecondition(f"device {name!r} is not one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FailedPrecondition("device cuda, but torch sees no CUDA device here; use auto or cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-# The MLP's output projection of each family (Llama/Qwen/SmolLM, BART, T5). Its input carries a few very large
-# activations (SwiGLU and GELU outliers) that one int8 scale per tensor flattens: quantising it too moved Qwen2.5's
-# first-token distributions by a KL of 0.45 nats, keeping it in float32 by 0.05.
-KEEP_FLOAT = ("down_proj", "fc2", "wo")
-
-
-def with_precision(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
-    """The model for serving in `dtype`: float32 (the reference); bfloat16 (half the memory; fast only where the
-    CPU or GPU computes in it); int8 (torch's dynamic quantisation: the Linear layers' weights in int8 with a scale
-    per output channel, activations quantised on the fly, so the matrix products, most of the time on a CPU, run in
-    int8; the layers named in KEEP_FLOAT stay float32). Log-probabilities are always computed in float32."""
-    if dtype == "bfloat16":
-        return torch.nn.Module.to(model, torch.bfloat16)
-    if dtype == "int8":
-        import warnings
-
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        layers = {
-            name: per_channel_dynamic_qconfig
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FLOAT
-        }
-        with warnings.catch_warnings():  # torch announces a move of these kernels to torchao; they still run
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(model, layers, dtype=torch.qint8)
-    return model
-
-
-class FewRowLinear(torch.nn.Linear):
-    """A Linear layer that computes the product of a few rows (a decode step's) as W.x^T, not x.W^T.
-
-    torch's CPU matrix product (MKL) is slow for a few rows against a wide weight on this project's machines
-    (AMD EPYC, 2 cores): 5 rows against Qwen2.5's 896->4864 MLP weights read them at 3 GB/s as x.W^T and at
-    9 GB/s as W.x^T, and the vocabulary projection likewise; a 5-row decode step went from 0.66 to 0.37 s.
-    It is the same arithmetic in another order (float32 rounding apart). Used where it measured faster:
-    weights wider than tall, 2 to 10 rows; a single row (a matrix-vector product) is fast either way."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if not 2 <= rows <= 10:
-            return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1]).T
-        out = self.weight @ flat if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
-        return out.T.reshape(*x.shape[:-1], self.out_features)
-
-
-def few_row_products(model: torch.nn.Module) -> None:
-    """Make the model's wide float32 Linear layers FewRowLinear (same weights, same results)."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module.out_features > module.in_features:
-            module.__class__ = FewRowLinear
-
-
-def _load(spec: str) -> PassageLM:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FailedPrecondition(f"generator {spec!r} does not exist; give a local model directory or .gguf file")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise FailedPrecondition(f"generator {spec!r} is a file but not .gguf; give a model directory")
-        return _load_gguf(path)
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise FailedPrecondition(f"generator directory {spec!r} has no config.json")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") == "rag":
-        return _load_rag_checkpoint(path)
-    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if config.get("is_encoder_decoder"):
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
-        return EncoderDecoderLM(model, tokenizer, model.generation_config, name=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return DecoderOnlyLM(model, tokenizer, model.generation_config, name=path.name)
-
-
-def _load_rag_checkpoint(path: Path) -> EncoderDecoderLM:
-    """The generator of a RagToken/RagSequence checkpoint, with its tokenizer and the RAG input conventions."""
-    from transformers import RagConfig, RagTokenForGeneration
-
-    rag_config = RagConfig.from_pretrained(path)
-    rag = RagTokenForGeneration.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-    tokenizer_dir = path / "generator_tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir if tokenizer_dir.exists() else path)
-    return EncoderDecoderLM(
-        rag.rag.generator,
-        tokenizer,
-        rag.generation_config,
-        name=path.name,
-        max_input_tokens=rag_config.max_combined_length,
-        title_sep=rag_config.title_sep,
-        doc_sep=rag_config.doc_sep,
-    )
-
-
-def _load_gguf(path: Path) -> DecoderOnlyLM:
-    log.info("loading GGUF %s (dequantising; save a safetensors copy to load faster)", path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return DecoderOnlyLM(model, tokenizer, model.generation_config, name=path.stem)
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF checkpoint once and save it as safetensors (with its tokenizer) into `out_dir`."""
-    from transformers.utils.quantization_config import GgufConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent,
-        gguf_file=gguf_path.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True),
-    )
-    if not all(p.dtype == torch.float32 for p in model.parameters()):
-        raise FailedPrecondition(f"{gguf_path.name} did not dequantise to float32; cannot save it as safetensors")
-    _save_plain(model, tokenizer, out_dir)
-
-
-def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """A model directory (safetensors, tokenizer, generation config) that load_passage_lm reads."""
-    # A dequantised GGUF model is a plain float32 one: drop the GGUF quantizer so it saves as safetensors.
-    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
-def save_passage_lm(lm: PassageLM, source: str, out_dir: Path) -> None:
-    """Save a (fine-tuned) generator in the layout it was loaded from: a `facebook/rag-*` checkpoint stays one
-    (with its generator replaced), anything else becomes a plain model directory. Either way the services load
-    it like any model."""
-    source_path = Path(source).expanduser()
-    if source_path.is_dir() and json.loads((source_path / "config.json").read_text()).get("model_type") == "rag":
-        from transformers import RagTokenForGeneration
-
-        rag = RagTokenForGeneration.from_pretrained(source_path, use_safetensors=True, dtype=torch.float32)
-        rag.rag.generator.load_state_dict(lm.model.state_dict())
-        rag.save_pretrained(out_dir, safe_serialization=True)
-        for tokenizer_dir in ("generator_tokenizer", "question_encoder_tokenizer"):
-            if (source_path / tokenizer_dir).is_dir():
-                shutil.copytree(source_path / tokenizer_dir, out_dir / tokenizer_dir)
-        return
-    _save_plain(lm.model, lm.tokenizer, out_dir)

@@ -11,7 +11,7 @@
 The model may sit on a GPU; what the RAG math sees (log-probabilities, masks, token ids) stays on the CPU: a
 step's distributions are small next to the model's work, and the search stays one plain code path.
 
-The two families that implement it live in generator_svc.families.
+The two families that implement it live in generator_svc.families; generator_svc.loading loads them.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class PassageLM(ABC):
     # The longest answer the model can hold (its decoder's positions), when it has such a limit.
     max_answer_tokens: int | None = None
     # The most tokens one pass of prompt or scoring work runs before the caller is checked on (set at loading
-    # for the device: generator_svc.families.chunk_tokens_for).
+    # for the device: generator_svc.loading.chunk_tokens_for).
     chunk_tokens: int = 512
 
     @abstractmethod

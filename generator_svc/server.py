@@ -17,9 +17,10 @@ import grpc
 import torch
 
 from generator_svc.config import GeneratorConfig
-from generator_svc.families import load_passage_lm
+from generator_svc.loading import load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
 from generator_svc.passage_lm import Watch
+from generator_svc.precision import choose_precision
 from generator_svc.requests import Limits, Request
 from generator_svc.worker import Job, ModelWorker
 from rag import metrics
@@ -155,8 +156,13 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        lm = load_passage_lm(config.generator, config.dtype, config.device, config.chunk_tokens)
-        log.info("generator %s loaded (%s, %s on %s)", lm.name, type(lm).__name__, config.dtype, lm.device)
+        precision = choose_precision(config.dtype, resolve_device(config.device))
+        lm = load_passage_lm(config.generator, precision.dtype, config.device, config.chunk_tokens)
+        metrics.GENERATOR_PRECISION.labels(precision.dtype, precision.basis).set(1)
+        log.info(
+            "generator %s loaded (%s, %s on %s: %s)",
+            lm.name, type(lm).__name__, precision.dtype, lm.device, precision.reason,
+        )  # fmt: skip
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)

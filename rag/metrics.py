@@ -74,6 +74,12 @@ GENERATOR_BATCH_SIZE = Histogram(
     "rag_generator_batch_size", "Generate requests decoded together.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
 GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
+GENERATOR_PRECISION = Gauge(
+    "rag_generator_precision_info",
+    "1 for the dtype the generator's weights are served in, and its basis: asked (--dtype), native_bfloat16 or "
+    "no_native_bfloat16 (--dtype auto, by the GPU or the CPU's flags).",
+    ["dtype", "basis"],
+)
 MODEL_TOKENS = Counter(
     "rag_generator_model_tokens_total",
     "Token positions run through the model outside decoding steps, padding included, by pass: prompt (decoder-only "
@@ -94,7 +100,7 @@ RETRIEVER: tuple[Collector, ...] = (
     SEARCH_SECONDS, INDEX_INFO, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
-    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (
     INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES

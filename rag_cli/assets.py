@@ -107,7 +107,7 @@ def smollm2_gguf() -> Path:
 
 def converted(gguf: Path, name: str) -> Path:
     """A safetensors copy of a GGUF model in $RAG_HOME/models/<name>: dequantised once, loaded in seconds."""
-    from generator_svc.families import convert_gguf
+    from generator_svc.loading import convert_gguf
 
     target = paths.models_dir() / name
     if (target / "config.json").exists():

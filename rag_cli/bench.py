@@ -92,7 +92,7 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
 
     from generator_svc import rag_math
-    from generator_svc.families import load_passage_lm
+    from generator_svc.loading import load_passage_lm
     from generator_svc.passage_lm import one_each
     from rag.types import Mode, SequenceDecoding
     from rag_cli.testing import random_models
@@ -498,13 +498,30 @@ def matmul_rate(size: int = 1024) -> float:
 
 
 def native_bfloat16() -> bool:
-    """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32)."""
+    """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32):
+    what the generator's --dtype auto decides."""
+    from generator_svc.loading import resolve_device
+    from generator_svc.precision import choose_precision
+
+    return choose_precision("auto", resolve_device("auto")).dtype == "bfloat16"
+
+
+def machine() -> dict[str, object]:
+    """What every figure was measured on: the CPU model, its cores and the flags that decide the precision."""
+    import os
+
     import torch
 
-    if torch.cuda.is_available():
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and any(flag in cpuinfo.read_text() for flag in ("avx512_bf16", "amx_bf16"))
+    from generator_svc.precision import cpu_flags, cpu_model
+
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"}),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+        "torch": torch.__version__,
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -517,7 +534,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from generator_svc.families import DecoderOnlyLM, load_passage_lm, shared_prefix_length
+    from generator_svc.families import DecoderOnlyLM, shared_prefix_length
+    from generator_svc.loading import load_passage_lm
     from rag import paths
     from rag.types import AskRequest, DecodingOptions, Mode
     from rag.v1 import gateway_pb2_grpc
@@ -665,7 +683,11 @@ def run_bench(config: BenchConfig) -> list[Figure]:
 
 
 def markdown(figures: list[Figure]) -> str:
+    m = machine()
     lines = [
+        f"Measured on {m['cpu']} ({m['cores']} cores; {', '.join(m['flags']) or 'no AVX2'}"  # type: ignore[arg-type]
+        f"{'; ' + str(m['gpu']) if m['gpu'] else ''}), torch {m['torch']}.",
+        "",
         "| section | figure | ours (s) | reference | reference (s) | speed-up | goal | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -679,4 +701,4 @@ def markdown(figures: list[Figure]) -> str:
 
 
 def figures_as_json(figures: list[Figure]) -> str:
-    return json.dumps([dict(f.__dict__, ratio=f.ratio) for f in figures])
+    return json.dumps({"machine": machine(), "figures": [dict(f.__dict__, ratio=f.ratio) for f in figures]})

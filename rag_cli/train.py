@@ -43,7 +43,7 @@ import transformers
 from tqdm import tqdm
 
 from generator_svc import rag_math
-from generator_svc.families import load_passage_lm, resolve_device, save_passage_lm
+from generator_svc.loading import load_passage_lm, resolve_device, save_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
 from rag import paths
 from rag.errors import FailedPrecondition, require
@@ -211,7 +211,8 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
     try:
         for shard in retrieval.shards:
             check_compatible(encoder, shard)
-        lm = load_passage_lm(config.generator)
+        frozen = not p.train_generator  # its log-likelihoods are constants of the loss: served precision is enough
+        lm = load_passage_lm(config.generator, config.generator_dtype if frozen else "float32", config.device)
         return _train(p, config, encoder, lm, retrieval)
     finally:
         retrieval.close()

@@ -33,6 +33,10 @@ class TrainConfig:
     max_steps: int = option(0, "train this many steps, cycling through the questions (overrides --epochs; 0 = off)")
     lr: float = option(3e-5, "peak learning rate (AdamW, linear warmup and decay)")
     batch_size: int = option(8, "questions per step")
+    generator_dtype: str = option(
+        "auto",
+        "precision of a frozen generator (--train encoder): auto, float32 or bfloat16; one that learns is float32",
+    )
     lora_rank: int = option(0, "train the generator as LoRA adapters of this rank, merged at the end (0 = fully)")
     dev: str = option("", "question set to evaluate (rag eval) before and after training")
     out: str = option("", "output directory; default $RAG_HOME/train/<index name>; a rerun resumes there")

@@ -35,7 +35,7 @@ class UpConfig:
     index: str = option(paths.DEMO_INDEX, "NAME[@VERSION] to serve")
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index")
     generator: str = option(paths.demo_generator_spec(), "generator model directory, RAG checkpoint or .gguf file")
-    dtype: str = option("float32", "generator weights precision: float32, bfloat16 or int8")
+    dtype: str = option("auto", "generator weights precision: auto (bfloat16 where native), float32, bfloat16 or int8")
     host: str = option("127.0.0.1", "address every service listens on")
     port: int = option(50051, "gateway port (0 picks a free one)")
     shards: int = option(1, "retrievers to start, one per shard of the index")

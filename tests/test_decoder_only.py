@@ -7,6 +7,7 @@ copies of one passage it is unchanged; and the cached decoding path agrees with 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from transformers import AutoModelForCausalLM, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer
 
 from generator_svc import rag_math
-from generator_svc.families import DecoderOnlyLM, FewRowLinear, load_passage_lm
+from generator_svc.families import DecoderOnlyLM
+from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
+from generator_svc.precision import FewRowLinear, choose_precision, cpu_flags
 from rag.errors import FailedPrecondition
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
@@ -258,6 +261,42 @@ def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
         )
     assert reply.hypotheses and math.isfinite(reply.hypotheses[0].log_prob)
     assert sum(reply.passage_priors) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype", "basis"),
+    [
+        ({"avx2", "amx_bf16", "avx512_bf16"}, "bfloat16", "native_bfloat16"),  # Intel Xeon (Sapphire Rapids on)
+        ({"avx2", "avx512_bf16"}, "bfloat16", "native_bfloat16"),  # AMD Zen 4
+        ({"avx2", "avx512f"}, "float32", "no_native_bfloat16"),  # AMD EPYC before Zen 4, older Xeons
+        (set(), "float32", "no_native_bfloat16"),
+    ],
+)
+def test_auto_precision_follows_the_cpus_flags(flags: set[str], dtype: str, basis: str) -> None:
+    chosen = choose_precision("auto", torch.device("cpu"), flags)
+    assert (chosen.dtype, chosen.basis) == (dtype, basis)
+    assert choose_precision("int8", torch.device("cpu"), flags).basis == "asked"
+    with pytest.raises(FailedPrecondition, match="not one of auto, float32, bfloat16, int8"):
+        choose_precision("float16", torch.device("cpu"), flags)
+
+
+def test_the_generator_says_which_precision_auto_chose_and_why(
+    launch: Launcher, tiny: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import REGISTRY
+
+    expected = "bfloat16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "float32"
+    basis = "native_bfloat16" if expected == "bfloat16" else "no_native_bfloat16"
+    with caplog.at_level(logging.INFO, logger="generator_svc.server"):
+        served = launch.generator(tiny.causal_lm, dtype="auto")
+    assert REGISTRY.get_sample_value("rag_generator_precision_info", {"dtype": expected, "basis": basis}) == 1
+    [loaded] = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert f"{expected} on cpu: auto: the CPU" in loaded, loaded
+    with grpc.insecure_channel(address(served)) as channel:
+        reply = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
+            generator_pb2.GenerateRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES]), timeout=60
+        )
+    assert reply.hypotheses
 
 
 def test_few_row_products_compute_what_linear_layers_do(lm: DecoderOnlyLM) -> None:

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
 
 from generator_svc import rag_math
-from generator_svc.families import load_passage_lm
+from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import one_each
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage, SequenceDecoding

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from generator_svc import rag_math
-from generator_svc.families import DecoderOnlyLM, load_passage_lm
+from generator_svc.families import DecoderOnlyLM
+from generator_svc.loading import load_passage_lm
 from rag.types import DecodingOptions, Passage
 from rag_cli import assets
 

@@ -15,7 +15,8 @@ import torch
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
 from generator_svc import rag_math
-from generator_svc.families import EncoderDecoderLM, load_passage_lm
+from generator_svc.families import EncoderDecoderLM
+from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import one_each
 from rag.types import AskRequest, DecodingOptions, Mode, Passage
 from rag.v1 import gateway_pb2_grpc

@@ -72,6 +72,9 @@ class Launcher:
         )
 
     def generator(self, model: Path | str, **fields: Any) -> Served:
+        """A generator in float32 unless `dtype` says otherwise: the same numbers on every machine (auto picks
+        bfloat16 where the CPU computes in it)."""
+        fields = {"dtype": "float32", **fields}
         return self._start(create_generator, loopback(GeneratorConfig, generator=str(model), **fields))
 
     def gateway(self, retrievers: str, generator: str, **fields: Any) -> Served:

@@ -1,0 +1,102 @@
+"""Is bfloat16 safe to serve? The quality rule for a lower precision, on held-out prompts: the first answer
+token's distribution against float32's (KL, and how often the argmax is kept), for RAG rows (one passage each).
+The second half of the rule, EM/F1 within 0.02 of float32 on the fixed set in both modes, is `rag bench --only
+latency` (which runs bfloat16 where the machine computes in it).
+
+    python bench/precision_check.py [--generator DIR] [--questions N] [--out docs/precision-check.json]
+
+Prompts: SQuAD v1.1 dev questions of the train split by article (seed 0; the latency set's 20 excluded), each
+with its gold paragraph and the gold paragraphs of the next four questions of other articles, so that some rows
+hold the answer and some do not. Needs ../shared/data (the project's own tests do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.finetune_squad import split_by_article  # noqa: E402
+from generator_svc.loading import load_passage_lm  # noqa: E402
+from generator_svc.passage_lm import one_each  # noqa: E402
+from generator_svc.precision import cpu_flags, cpu_model  # noqa: E402
+from rag import paths  # noqa: E402
+from rag.types import Passage  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+LATENCY_SET = ROOT / "rag_cli" / "data" / "squad20.jsonl"
+
+
+def read_gz(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompts(n: int) -> list[tuple[str, list[Passage]]]:
+    paragraphs = {p["id"]: p for p in read_gz(DATA / "squad_v1.1_dev_paragraphs.jsonl.gz")}
+    questions = read_gz(DATA / "squad_v1.1_dev_questions_public.jsonl.gz")
+    article_of = {pid: pid.rsplit("-", 1)[0] for pid in paragraphs}
+    train, _, _ = split_by_article(questions, article_of, seed=0)
+    excluded = {json.loads(line)["id"] for line in LATENCY_SET.read_text().splitlines() if line.strip()}
+    train = [q for q in train if q["id"] not in excluded]
+    step = max(1, len(train) // n)
+    chosen = train[::step][:n]
+    out = []
+    for i, q in enumerate(chosen):
+        others = [
+            o for o in chosen[i + 1 :] + chosen[:i] if article_of[o["gold_passage"]] != article_of[q["gold_passage"]]
+        ]
+        ids = [q["gold_passage"]] + [o["gold_passage"] for o in others[:4]]
+        out.append((q["question"], [Passage(pid, paragraphs[pid]["title"], paragraphs[pid]["text"]) for pid in ids]))
+    return out
+
+
+def first_token_logprobs(generator: str, dtype: str, batch: list[tuple[str, list[Passage]]]) -> torch.Tensor:
+    lm = load_passage_lm(generator, dtype)
+    rows = []
+    for question, passages in batch:
+        rows.append(lm.encode([question], [one_each(passages)]).first_logprobs)
+    return torch.cat(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generator", default=str(paths.models_dir() / paths.DEMO_GENERATOR_DIR))
+    parser.add_argument("--questions", type=int, default=40)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    batch = prompts(args.questions)
+    started = time.perf_counter()
+    exact = first_token_logprobs(args.generator, "float32", batch)
+    lowered = first_token_logprobs(args.generator, "bfloat16", batch)
+    kl = (exact.exp() * (exact - lowered)).sum(-1)  # KL(float32 || bfloat16) per row, nats
+    kept = (exact.argmax(-1) == lowered.argmax(-1)).float()
+    gold = torch.arange(len(exact)) % 5 == 0  # the rows that read the question's own paragraph
+    result = {
+        "generator": Path(args.generator).name,
+        "cpu": cpu_model(),
+        "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+        "prompts": len(exact),
+        "kl_mean": round(float(kl.mean()), 4),
+        "kl_p90": round(float(kl.quantile(0.9)), 4),
+        "kl_max": round(float(kl.max()), 4),
+        "argmax_kept": round(float(kept.mean()), 4),
+        "argmax_kept_gold_rows": round(float(kept[gold].mean()), 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

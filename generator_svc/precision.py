@@ -1,0 +1,124 @@
+"""The precision a generator's weights are served in, and how the hardware decides it.
+
+`auto` (the default) is bfloat16 where the hardware computes in it natively (a CUDA GPU with bfloat16, or a CPU
+with AMX-BF16 or AVX512-BF16: read from the CPU's flags, not from the torch build) and float32 elsewhere, where
+torch emulates bfloat16 more slowly than float32. int8 is opt-in. Log-probabilities are float32 whatever the
+weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from rag.errors import FailedPrecondition
+
+DTYPES = ("float32", "bfloat16", "int8")  # what weights can be served in
+CHOICES = ("auto", *DTYPES)  # what --dtype accepts
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype a model is served in, and why: `basis` a fixed label (the info metric's), `reason` in words."""
+
+    dtype: str
+    basis: str  # asked | native_bfloat16 | no_native_bfloat16
+    reason: str
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo (Linux); empty where it cannot be read."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as every latency figure must say ("unknown" where it cannot be read)."""
+    return _cpuinfo("model name") or "unknown"
+
+
+def choose_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> Precision:
+    """`requested` (auto or a dtype) resolved for `device`; `flags` are the CPU's (read when not given)."""
+    if requested not in CHOICES:
+        raise FailedPrecondition(f"dtype {requested!r} is not one of {', '.join(CHOICES)}")
+    if device.type == "cuda" and requested == "int8":
+        raise FailedPrecondition("int8 runs on a CPU only (torch's dynamic quantisation); use bfloat16 on a GPU")
+    if requested != "auto":
+        return Precision(requested, "asked", f"--dtype {requested}")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return Precision("bfloat16", "native_bfloat16", f"auto: {name} computes in bfloat16")
+        return Precision("float32", "no_native_bfloat16", f"auto: {name} has no native bfloat16")
+    native = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+    if native:
+        return Precision("bfloat16", "native_bfloat16", f"auto: the CPU computes in bfloat16 ({', '.join(native)})")
+    return Precision(
+        "float32", "no_native_bfloat16", f"auto: the CPU has neither {' nor '.join(BF16_CPU_FLAGS)}, float32 is faster"
+    )
+
+
+# The MLP's output projection of each family (Llama/Qwen/SmolLM, BART, T5). Its input carries a few very large
+# activations (SwiGLU and GELU outliers) that one int8 scale per tensor flattens: quantising it too moved Qwen2.5's
+# first-token distributions by a KL of 0.45 nats, keeping it in float32 by 0.05.
+KEEP_FLOAT = ("down_proj", "fc2", "wo")
+
+
+def with_precision(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+    """The model for serving in `dtype`: float32 (the reference); bfloat16 (half the memory; fast only where the
+    CPU or GPU computes in it); int8 (torch's dynamic quantisation: the Linear layers' weights in int8 with a scale
+    per output channel, activations quantised on the fly, so the matrix products, most of the time on a CPU, run in
+    int8; the layers named in KEEP_FLOAT stay float32). Log-probabilities are always computed in float32."""
+    if dtype == "bfloat16":
+        return torch.nn.Module.to(model, torch.bfloat16)
+    if dtype == "int8":
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        layers = {
+            name: per_channel_dynamic_qconfig
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FLOAT
+        }
+        with warnings.catch_warnings():  # torch announces a move of these kernels to torchao; they still run
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(model, layers, dtype=torch.qint8)
+    return model
+
+
+class FewRowLinear(torch.nn.Linear):
+    """A Linear layer that computes the product of a few rows (a decode step's) as W.x^T, not x.W^T.
+
+    torch's CPU matrix product (MKL) is slow for a few rows against a wide weight on this project's machines
+    (AMD EPYC, 2 cores): 5 rows against Qwen2.5's 896->4864 MLP weights read them at 3 GB/s as x.W^T and at
+    9 GB/s as W.x^T, and the vocabulary projection likewise; a 5-row decode step went from 0.66 to 0.37 s.
+    It is the same arithmetic in another order (float32 rounding apart). Used where it measured faster:
+    weights wider than tall, 2 to 10 rows; a single row (a matrix-vector product) is fast either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not 2 <= rows <= 10:
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1]).T
+        out = self.weight @ flat if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
+        return out.T.reshape(*x.shape[:-1], self.out_features)
+
+
+def few_row_products(model: torch.nn.Module) -> None:
+    """Make the model's wide float32 Linear layers FewRowLinear (same weights, same results)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.out_features > module.in_features:
+            module.__class__ = FewRowLinear
