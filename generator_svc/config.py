@@ -24,6 +24,7 @@ class GeneratorConfig(ServerConfig):
     chunk_tokens: int = option(
         0, "tokens per model pass of prompt and scoring work, the caller checked between passes; 0 = by device"
     )
+    warm_up: bool = option(True, "run both RAG modes once on 5 passages before reporting SERVING (a fast first Ask)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
     threads: int = option(0, "torch threads for the model; 0 = one per core")

@@ -14,7 +14,7 @@ from generator_svc import rag_math
 from generator_svc.passage_lm import Context, PassageLM, Watch, one_each
 from generator_svc.requests import AnswerScore, Request, Scored
 from rag import metrics
-from rag.types import Answered, Hypothesis, Mode
+from rag.types import Answered, DecodingOptions, Hypothesis, Mode, Passage
 
 
 class TextDeltas:
@@ -41,9 +41,24 @@ class TextDeltas:
         return delta
 
 
+# A typical passage (a Wikipedia lead's length) for the warm-up passes.
+WARM_UP_TEXT = " ".join(
+    ["The passage describes a subject in the plain words of an encyclopedia article, with dates and names."] * 6
+)
+
+
 class RagModel:
     def __init__(self, lm: PassageLM) -> None:
         self.lm = lm
+
+    def warm_up(self, passages: int = 5) -> None:
+        """Run the passes a request runs (prompts, decoding steps and scoring, both RAG modes) once before the
+        service reports SERVING: the first calls of a process pay for allocations, thread pools and the kernels
+        oneDNN builds for each shape, which made the first Ask after start several times slower."""
+        given = [Passage(f"warm-up-{i}", f"Subject {i}", WARM_UP_TEXT, score=1.0 / (i + 1)) for i in range(passages)]
+        for mode in (Mode.TOKEN, Mode.SEQUENCE):
+            options = DecodingOptions(mode=mode, max_new_tokens=4).with_defaults(4, 1.0)
+            self.generate([Request("What is the subject of this passage?", given, options)])
 
     def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
         """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""

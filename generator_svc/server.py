@@ -166,7 +166,12 @@ async def create_server(config: GeneratorConfig) -> Served:
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)
-        return RagModel(lm)
+        model = RagModel(lm)
+        if config.warm_up:
+            started = time.perf_counter()
+            model.warm_up()
+            log.info("generator warmed up in %.1fs (both RAG modes, 5 passages)", time.perf_counter() - started)
+        return model
 
     async def load_in_background() -> None:
         servicer.worker.model = await asyncio.to_thread(load)
