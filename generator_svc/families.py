@@ -23,6 +23,7 @@ from transformers import (
 
 from generator_svc import context_attention
 from generator_svc.context_attention import KV, SharedContext
+from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import (
     Context,
     Contexts,
@@ -37,6 +38,7 @@ from generator_svc.passage_lm import (
 )
 from rag import metrics
 from rag.errors import FailedPrecondition
+from rag.types import Passage
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +245,8 @@ class DecoderOnlyLM(PassageLM):
         self.system_prompt = system_prompt
         self.rules = _rules_from(generation_config, tokenizer, ())
         self.bos_token_id = None  # decoder-only answers carry no BOS of their own
+        self.passage_cache: PassageKVCache | None = None  # set at loading (--kv-cache-mb)
+        self._fixed: dict[tuple[int, ...], KV] = {}  # the fixed prefix's keys and values, by its ids
 
     def _truncate(self, text: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -279,8 +283,13 @@ class DecoderOnlyLM(PassageLM):
         """Every prompt run once, and what prompts share run once: the prefix common to all rows (system prompt,
         chat template) is computed for one row and shared; the rest of each prompt runs in buckets of similar
         length, since padding costs as much as tokens, and in passes of at most `chunk_tokens`. Row r comes out
-        as [shared][padding][its own tokens]: each prompt still ends where its answer begins."""
+        as [shared][padding][its own tokens]: each prompt still ends where its answer begins. With the passage
+        KV cache, RAG rows take their passage segments from it (`_encode_cached`)."""
         prompts = [self.prompt_ids(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
+        if self.passage_cache is not None and all(len(c) == 1 for cs in contexts for c in cs):
+            cached = self._encode_cached(len(questions), [c[0] for cs in contexts for c in cs], prompts, watch)
+            if cached is not None:
+                return cached
         shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
         prefix = self._prefill([prompts[0][:shared]], [], 0, watch)[0] if shared else []
         own = [p[shared:] for p in prompts]
@@ -308,6 +317,122 @@ class DecoderOnlyLM(PassageLM):
             mask[rows, start:] = bucket_mask
             first_logprobs[rows] = log_softmax(logits).cpu()
         return Contexts(len(questions), len(contexts[0]), mask, kv, first_logprobs)
+
+    def _fixed_prefix(self, ids: list[int]) -> KV:
+        """The keys and values of what every RAG prompt starts with (system turn, template, up to the passage),
+        run once per process (kept for a few distinct prefixes)."""
+        key = tuple(ids)
+        if key not in self._fixed:
+            if len(self._fixed) >= 4:
+                self._fixed.pop(next(iter(self._fixed)))
+            kv = self._prefill([ids], [], 0, None)[0]
+            self._fixed[key] = [(k.clone(), v.clone()) for k, v in kv]
+        return self._fixed[key]
+
+    def _segment_ids(self, passage: Passage, prompt: list[int]) -> list[int]:
+        """The first tokens of a RAG prompt up to its question (fixed prefix included): what it shares with the
+        prompts of the same passage for two other questions. A prefix of the prompt by construction, so a cached
+        segment is always the row's own tokens; where the tokenizer merges the question's first characters into
+        the template's, the segment ends earlier (another key), never differently."""
+        a, b = self.prompt_ids("Alpha?", (passage,)), self.prompt_ids("Beta?", (passage,))
+        return prompt[: shared_prefix_length([prompt, a, b])]
+
+    def _encode_cached(
+        self, num_questions: int, passages: Sequence[Passage], prompts: Sequence[list[int]], watch: Watch | None
+    ) -> Contexts | None:
+        """RAG rows from cached segments: [fixed prefix][padding][passage segment][question], where only the
+        question's tokens (and segments not cached yet) run. None (the uncached path) when the prompts do not
+        split alike (the token-id guard: a segment not starting with the fixed prefix, or a question's rows
+        whose question tokens differ)."""
+        assert self.passage_cache is not None
+        others = [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]  # where passages begin
+        fixed = prompts[0][: shared_prefix_length([*prompts, *others])]
+        segments = [self._segment_ids(p, prompt) for p, prompt in zip(passages, prompts, strict=True)]
+        K = len(prompts) // num_questions
+        tails = [prompt[len(segment) :] for prompt, segment in zip(prompts, segments, strict=True)]
+        if not fixed or not all(
+            segment[: len(fixed)] == fixed and len(segment) > len(fixed) and tail == tails[r // K * K]
+            for r, (segment, tail) in enumerate(zip(segments, tails, strict=True))
+        ):
+            metrics.KV_CACHE_FALLBACKS.inc()
+            return None
+        fixed_kv = self._fixed_prefix(fixed)
+        own = [segment[len(fixed) :] for segment in segments]
+        segment_kv = self._segments_kv(own, segments, fixed_kv, len(fixed), watch)
+        P, width = len(fixed), len(fixed) + max(len(o) + len(t) for o, t in zip(own, tails, strict=True))
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        kv: KV = [
+            (
+                k.new_zeros(len(prompts), k.shape[1], width, k.shape[3]),
+                v.new_zeros(len(prompts), v.shape[1], width, v.shape[3]),
+            )
+            for k, v in fixed_kv
+        ]
+        first_logprobs = torch.empty(0)
+        for b in range(num_questions):  # the question's tokens after each of its rows' [fixed][segment]
+            rows = list(range(b * K, (b + 1) * K))
+            longest = max(len(own[r]) for r in rows)
+            past_mask = torch.zeros(K, P + longest, dtype=torch.long)
+            past_mask[:, :P] = 1
+            past: KV = []
+            for layer, (k0, v0) in enumerate(fixed_kv):
+                k = k0.new_zeros(K, k0.shape[1], P + longest, k0.shape[3])
+                v = torch.zeros_like(k)
+                k[:, :, :P], v[:, :, :P] = k0, v0
+                for i, r in enumerate(rows):
+                    ks, vs = segment_kv[r][layer]
+                    k[i, :, P + longest - ks.shape[2] :], v[i, :, P + longest - vs.shape[2] :] = ks[0], vs[0]
+                past.append((k, v))
+            for i, r in enumerate(rows):
+                past_mask[i, P + longest - len(own[r]) :] = 1
+            tail = torch.tensor(tails[rows[0]]).expand(K, -1)
+            out = self.model(
+                input_ids=tail.to(self.device),
+                attention_mask=torch.cat([past_mask, past_mask.new_ones(K, tail.shape[1])], 1).to(self.device),
+                position_ids=(past_mask.sum(-1, keepdim=True) + torch.arange(tail.shape[1])).to(self.device),
+                past_key_values=DynamicCache(past, config=self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+                return_dict=True,
+            )
+            metrics.MODEL_TOKENS.labels("prompt").inc(tail.numel())
+            watched(watch)(None)
+            own_length = longest + tail.shape[1]  # [padding][segment][question] of this question's rows
+            for (k, v), layer in zip(kv, out.past_key_values.layers, strict=True):
+                k[rows, :, :P], v[rows, :, :P] = layer.keys[:, :, :P], layer.values[:, :, :P]
+                k[rows, :, width - own_length :] = layer.keys[:, :, P:]
+                v[rows, :, width - own_length :] = layer.values[:, :, P:]
+            mask[rows, :P] = 1
+            mask[rows, width - own_length :] = torch.cat([past_mask[:, P:], past_mask.new_ones(K, tail.shape[1])], 1)
+            logits = log_softmax(out.logits[:, -1]).cpu()
+            if not first_logprobs.numel():
+                first_logprobs = torch.empty(len(prompts), logits.shape[-1])
+            first_logprobs[rows] = logits
+        return Contexts(num_questions, K, mask, kv, first_logprobs)
+
+    def _segments_kv(
+        self, own: Sequence[list[int]], segments: Sequence[list[int]], fixed_kv: KV, offset: int, watch: Watch | None
+    ) -> list[KV]:
+        """Each row's segment keys and values [1, kv_heads, length, head_dim] per layer: from the cache, or run
+        (after the fixed prefix, in buckets) and cached."""
+        assert self.passage_cache is not None
+        keys = [self.passage_cache.key(segment) for segment in segments]
+        found: dict[bytes, KV] = {}
+        for key in dict.fromkeys(keys):
+            hit = self.passage_cache.get(key)
+            if hit is not None:
+                found[key] = hit
+        missing = list({key: r for r, key in reversed(list(enumerate(keys))) if key not in found}.values())
+        lengths = [len(own[r]) for r in missing]
+        for bucket in _buckets(lengths, self.padding_slack, self.chunk_tokens):
+            rows = [missing[i] for i in bucket]
+            bucket_kv, bucket_mask, _ = self._prefill([own[r] for r in rows], fixed_kv, offset, watch)
+            for i, r in enumerate(rows):
+                start = bucket_mask.shape[1] - len(own[r])
+                entry = [(k[i : i + 1, :, start:].clone(), v[i : i + 1, :, start:].clone()) for k, v in bucket_kv]
+                found[keys[r]] = entry
+                self.passage_cache.put(keys[r], entry)
+        return [found[key] for key in keys]
 
     @property
     def padding_slack(self) -> float:

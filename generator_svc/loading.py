@@ -3,6 +3,7 @@ on its device and in its precision; and saving one (fine-tuned) in the layout it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +21,7 @@ from transformers import (
 
 from generator_svc.config import DEVICES
 from generator_svc.families import DecoderOnlyLM, EncoderDecoderLM
+from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM
 from generator_svc.precision import choose_precision, few_row_products, with_precision
 from rag.errors import FailedPrecondition
@@ -27,11 +29,14 @@ from rag.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 
-def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu", chunk_tokens: int = 0) -> PassageLM:
+def load_passage_lm(
+    spec: str, dtype: str = "float32", device: str = "cpu", chunk_tokens: int = 0, kv_cache_bytes: int = 0
+) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
     directory (safetensors), or a `.gguf` file, with its weights in `dtype` (auto or one of precision.DTYPES;
     see `choose_precision`) on `device` (auto: CUDA when torch sees one), running prompts and scoring in passes of
-    `chunk_tokens` (0: by device). Only safetensors/GGUF weights are read; no remote code runs."""
+    `chunk_tokens` (0: by device), a decoder-only LM with a passage KV cache of `kv_cache_bytes` (0: none). Only
+    safetensors/GGUF weights are read; no remote code runs."""
     where = resolve_device(device)
     precision = choose_precision(dtype, where)
     lm = _load(spec)
@@ -39,6 +44,10 @@ def load_passage_lm(spec: str, dtype: str = "float32", device: str = "cpu", chun
     lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
     if where.type == "cpu" and precision.dtype == "float32":
         few_row_products(lm.model)
+    if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
+        template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
+        namespace = f"{lm.name}|{precision.dtype}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
+        lm.passage_cache = PassageKVCache(kv_cache_bytes, namespace)
     return lm
 
 

@@ -17,8 +17,10 @@ import grpc
 import torch
 
 from generator_svc.config import GeneratorConfig
+from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
+from generator_svc.passage_cache import auto_budget_bytes
 from generator_svc.passage_lm import Watch
 from generator_svc.precision import choose_precision
 from generator_svc.requests import Limits, Request
@@ -156,13 +158,18 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        precision = choose_precision(config.dtype, resolve_device(config.device))
-        lm = load_passage_lm(config.generator, precision.dtype, config.device, config.chunk_tokens)
+        where = resolve_device(config.device)
+        precision = choose_precision(config.dtype, where)
+        cache_bytes = auto_budget_bytes(where) if config.kv_cache_mb < 0 else config.kv_cache_mb * 2**20
+        lm = load_passage_lm(config.generator, precision.dtype, config.device, config.chunk_tokens, cache_bytes)
         metrics.GENERATOR_PRECISION.labels(precision.dtype, precision.basis).set(1)
         log.info(
             "generator %s loaded (%s, %s on %s: %s)",
             lm.name, type(lm).__name__, precision.dtype, lm.device, precision.reason,
         )  # fmt: skip
+        if isinstance(lm, DecoderOnlyLM) and lm.passage_cache is not None:
+            log.info("passage KV cache: %d MiB (%s)", cache_bytes >> 20,
+                     "--kv-cache-mb" if config.kv_cache_mb >= 0 else "auto: a tenth of the memory, at most 4 GiB")  # fmt: skip
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)

@@ -86,6 +86,20 @@ MODEL_TOKENS = Counter(
     "prompts, encoder inputs) and scored (teacher-forced answers).",
     ["pass"],
 )
+KV_CACHE_LOOKUPS = Counter(
+    "rag_generator_kv_cache_lookups_total",
+    "Passage segments looked up in the passage KV cache, by outcome.",
+    ["outcome"],
+)
+KV_CACHE_BYTES = Gauge("rag_generator_kv_cache_bytes", "Bytes of keys and values the passage KV cache holds.")
+KV_CACHE_EVICTIONS = Counter(
+    "rag_generator_kv_cache_evictions_total", "Passage segments evicted from the KV cache to stay within its budget."
+)
+KV_CACHE_FALLBACKS = Counter(
+    "rag_generator_kv_cache_fallbacks_total",
+    "Requests encoded without the passage KV cache because a prompt's tokens did not split at the passage "
+    "segment's (the tokenizer merged across the boundary).",
+)
 DECODES_STOPPED = Counter(
     "rag_generator_decodes_stopped_total",
     "Requests whose model work stopped between two passes (prompt chunks, decoding steps, scoring chunks) because "
@@ -100,7 +114,8 @@ RETRIEVER: tuple[Collector, ...] = (
     SEARCH_SECONDS, INDEX_INFO, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
-    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
+    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (
     INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES

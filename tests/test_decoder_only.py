@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,8 +22,11 @@ from transformers.cache_utils import DynamicLayer
 from generator_svc import rag_math
 from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import load_passage_lm
+from generator_svc.model import RagModel
+from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import FewRowLinear, choose_precision, cpu_flags
+from generator_svc.requests import Request
 from rag.errors import FailedPrecondition
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
@@ -312,6 +316,79 @@ def test_the_generator_warms_up_before_it_reports_serving(launch: Launcher, tiny
     assert ran() == before
     launch.generator(spec)  # returns once SERVING, no request sent
     assert ran() > before
+
+
+def test_the_passage_kv_cache_changes_no_token_score_or_posterior(launch: Launcher, peaked_lm: Path) -> None:
+    """RAG rows read their passage segments from the cache (the second round: every one a hit) and give what
+    the uncached path gives: the same tokens, log-probabilities, posteriors and Score results."""
+    from prometheus_client import REGISTRY
+
+    lookups = lambda outcome: (
+        REGISTRY.get_sample_value(  # noqa: E731
+            "rag_generator_kv_cache_lookups_total", {"outcome": outcome}
+        )
+        or 0.0
+    )
+    plain, cached = launch.generator(peaked_lm, kv_cache_mb=0), launch.generator(peaked_lm, kv_cache_mb=64)
+    questions = [QUESTION, "What is the capital of France?", "How high is Mount Everest?"]
+    requests = [
+        generator_pb2.GenerateRequest(question=q, passages=[p.to_pb() for p in passages], options=options.to_pb())
+        for q, passages in zip(questions, (PASSAGES, PASSAGES[::-1], PASSAGES[1:]), strict=True)
+        for options in (
+            DecodingOptions(mode=Mode.TOKEN, max_new_tokens=6),
+            DecodingOptions(mode=Mode.TOKEN, num_beams=2, max_new_tokens=6),
+            DecodingOptions(mode=Mode.SEQUENCE, num_beams=2, max_new_tokens=6),
+        )
+    ]
+    score = generator_pb2.ScoreRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES], answers=["Fleming"])
+
+    def run(served: Any) -> list[Any]:
+        with grpc.insecure_channel(address(served)) as channel:
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            return [stub.Generate(r, timeout=60) for r in requests] + [stub.Score(score, timeout=60)]
+
+    reference, first = run(plain), run(cached)
+    after_first = lookups("hit"), lookups("miss")
+    second = run(cached)
+    assert lookups("miss") == after_first[1]  # the second round runs no segment: every one is cached
+    assert lookups("hit") - after_first[0] == 3 * (3 + 3 + 2) + 3  # every passage of 9 decodes and a Score
+    assert (REGISTRY.get_sample_value("rag_generator_kv_cache_bytes") or 0) > 0
+    for replies in (first, second):
+        for ref, got in zip(reference[:-1], replies[:-1], strict=True):
+            assert [list(h.token_ids) for h in ref.hypotheses] == [list(h.token_ids) for h in got.hypotheses]
+            for a, b in zip(ref.hypotheses, got.hypotheses, strict=True):
+                assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+                assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+        assert replies[-1].scores[0].log_prob == pytest.approx(reference[-1].scores[0].log_prob, abs=1e-4)
+
+
+def test_the_passage_kv_cache_serves_batches_of_questions_exactly(peaked_lm: Path) -> None:
+    """Questions decoded together (the worker's batches) read their segments from the cache, each row padded
+    between the fixed prefix and its segment, and decode what they decode uncached."""
+    plain = RagModel(load_passage_lm(str(peaked_lm)))
+    cached = RagModel(load_passage_lm(str(peaked_lm), kv_cache_bytes=2**26))
+    for mode, beams in ((Mode.TOKEN, 1), (Mode.TOKEN, 2), (Mode.SEQUENCE, 2)):
+        options = DecodingOptions(mode=mode, num_beams=beams, max_new_tokens=8).with_defaults(8, 1.0)
+        batch = [Request(QUESTION, PASSAGES, options), Request("How high is it?", PASSAGES[::-1], options)]
+        for _ in range(2):  # segments run, then cached
+            for a, b in zip(plain.generate(batch), cached.generate(batch), strict=True):
+                assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+                assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-4)
+    assert isinstance(cached.lm, DecoderOnlyLM) and cached.lm.passage_cache is not None
+    assert len(cached.lm.passage_cache) >= len(PASSAGES)
+
+
+def test_the_passage_kv_cache_keeps_to_its_budget() -> None:
+    cache = PassageKVCache(budget_bytes=3 * 2 * 4 * 10, namespace="m|float32")  # three entries of 10 floats a side
+    entry = lambda: [(torch.zeros(1, 1, 10, 1), torch.zeros(1, 1, 10, 1))]  # noqa: E731
+    keys = [cache.key([1, 2, i]) for i in range(4)]
+    assert len(set(keys)) == 4 and cache.key([1, 2, 0]) == keys[0]
+    assert PassageKVCache(1, "other|float32").key([1, 2, 0]) != keys[0]  # the namespace is part of the key
+    for key in keys[:3]:
+        cache.put(key, entry())
+    assert cache.get(keys[0]) is not None  # now the most recently used
+    cache.put(keys[3], entry())  # evicts the least recently used: keys[1]
+    assert len(cache) == 3 and cache.get(keys[1]) is None and cache.get(keys[0]) is not None
 
 
 def test_few_row_products_compute_what_linear_layers_do(lm: DecoderOnlyLM) -> None:
