@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,10 +21,9 @@ from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
 from generator_svc.passage_cache import auto_budget_bytes
-from generator_svc.passage_lm import Watch
 from generator_svc.precision import choose_precision
 from generator_svc.requests import Limits, Request
-from generator_svc.worker import Job, ModelWorker
+from generator_svc.worker import Call, Decode, Job, ModelWorker
 from rag import metrics
 from rag.errors import ResourceExhausted, Unavailable
 from rag.serving import Served, new_server, start_loading
@@ -46,12 +45,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self.worker = ModelWorker(config.max_batch)
         self.pending = 0
 
-    async def _submit(
-        self,
-        context: grpc.aio.ServicerContext,
-        request: Request | None = None,
-        call: Callable[[RagModel, Watch], Any] | None = None,
-    ) -> Any:
+    async def _submit(self, context: grpc.aio.ServicerContext, work: Decode | Call) -> Any:
         """Queue work for the model thread, refusing when the queue is full; skipped if the caller gave up."""
         self._model()
         if self.pending >= self.config.max_queue:
@@ -60,7 +54,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             )
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
-        job = Job(loop.create_future(), None if remaining is None else time.monotonic() + remaining, request, call)
+        job = Job(loop.create_future(), None if remaining is None else time.monotonic() + remaining, work)
         self.pending += 1
         metrics.GENERATOR_QUEUE.inc()
         try:
@@ -91,31 +85,27 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.GenerateResponse:
-        answered = await self._submit(context, request=self._parse(request))
+        answered = await self._submit(context, Decode(self._parse(request)))
         return answered.to_pb()
 
     async def GenerateStream(
         self, request: generator_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateStreamResponse]:
-        """Generate, with the best answer's text sent as it grows (greedy RAG-Token and the baselines); the
-        decode runs alone and stops at its next step when the call is cancelled."""
+        """Generate, with the best answer's text sent as it grows (greedy RAG-Token and the baselines); batched
+        with the Generate and GenerateStream requests that decode alike, and stopped at its next step when the
+        call is cancelled (once every request of its batch is)."""
         parsed = self._parse(request)
         options = parsed.options
         streams = options.num_beams == 1 and options.mode is not Mode.SEQUENCE
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str] = asyncio.Queue()
+        text = TextDeltas(self._model().lm)
 
-        def run(model: RagModel, stop_when_abandoned: Watch) -> Answered:
-            text = TextDeltas(model.lm)
+        def on_token(token: int) -> None:  # on the model's thread
+            if delta := text.push(token):
+                loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
-            def watch(tokens: torch.Tensor | None) -> None:
-                stop_when_abandoned(tokens)
-                if streams and tokens is not None and (delta := text.push(int(tokens[0]))):
-                    loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-            return model.generate([parsed], watch)[0]
-
-        answer = asyncio.ensure_future(self._submit(context, call=run))
+        answer = asyncio.ensure_future(self._submit(context, Decode(parsed, on_token if streams else None)))
         next_delta: asyncio.Future[str] | None = None
         sent = ""
         try:
@@ -142,7 +132,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     ) -> generator_pb2.ScoreResponse:
         model = self._model()
         parsed, answers = self._parse(request), self.limits.answers(request.answers, model.lm.answer_token_ids)
-        scored = await self._submit(context, call=lambda model, watch: model.score(parsed, answers, watch))
+        scored = await self._submit(context, Call(lambda model, watch: model.score(parsed, answers, watch)))
         return scored.to_pb()
 
 

@@ -1,6 +1,7 @@
-"""The model's thread, and batching: Generate requests that wait together and decode alike (same mode, beams,
-lengths and passage count) run as one batch. The RAG math is batched over questions, so concurrent clients
-share each forward pass; torch already uses every core for one batch, so one thread runs the model.
+"""The model's thread, and batching: Generate and GenerateStream requests that wait together and decode alike
+(same mode, beams, lengths and passage count) run as one batch. The RAG math is batched over questions, so
+concurrent clients share each forward pass; torch already uses every core for one batch, so one thread runs the
+model. A streamed request gets its question's tokens as they are chosen.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from generator_svc.model import RagModel
 from generator_svc.passage_lm import DecodingStopped, Watch
@@ -33,20 +36,34 @@ def batch_key(request: Request) -> tuple[Any, ...]:
     )
 
 
+@dataclass(frozen=True)
+class Decode:
+    """A Generate or GenerateStream request: decoded in a batch with the others that decode alike."""
+
+    request: Request
+    on_token: Callable[[int], None] | None = None  # a stream's: each token chosen for its question (greedy)
+
+
+@dataclass(frozen=True)
+class Call:
+    """Work that runs alone (Score), with a watch that stops it when its caller goes away."""
+
+    run: Callable[[RagModel, Watch], Any]
+
+
 @dataclass
 class Job:
-    """Work for the model thread; `request` jobs can be batched together, `call` jobs run alone (they get a
-    watch that stops their decode when they are cancelled). `cancelled` is set when the caller goes away."""
+    """Work for the model thread. `cancelled` is set when the caller goes away."""
 
     future: asyncio.Future[Any]
     deadline: float | None
-    request: Request | None = None
-    call: Callable[[RagModel, Watch], Any] | None = None
+    work: Decode | Call
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def key(self) -> tuple[Any, ...]:
-        return () if self.request is None else batch_key(self.request)
+    def key(self) -> tuple[Any, ...] | None:
+        """Jobs with equal keys share a batch; a Call shares with nothing."""
+        return batch_key(self.work.request) if isinstance(self.work, Decode) else None
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         def done() -> None:
@@ -67,12 +84,19 @@ class Job:
         return self.cancelled.is_set() or self.expired()
 
 
-def stop_when_abandoned(jobs: list[Job]) -> Watch:
-    """A watch that ends the work between two model passes once every job of the batch is abandoned."""
+def batch_watch(jobs: list[Job]) -> Watch:
+    """A watch that ends the work between two model passes once every job of the batch is abandoned, and hands
+    each streamed job its question's token at every greedy step."""
+    streams = [
+        (i, job.work.on_token) for i, job in enumerate(jobs) if isinstance(job.work, Decode) and job.work.on_token
+    ]
 
-    def watch(_: object) -> None:
+    def watch(tokens: torch.Tensor | None) -> None:
         if all(job.abandoned() for job in jobs):
             raise DecodingStopped
+        if tokens is not None:
+            for i, on_token in streams:
+                on_token(int(tokens[i]))
 
     return watch
 
@@ -100,13 +124,13 @@ class ModelWorker:
             except queue.Empty:
                 break
         first = self._waiting.pop(0)
-        if first.call is not None:
+        if first.key is None:
             return [first]
         batch = [first]
         for job in list(self._waiting):
             if len(batch) == self.max_batch:
                 break
-            if job.call is None and job.key == first.key:
+            if job.key == first.key:
                 batch.append(job)
                 self._waiting.remove(job)
         return batch
@@ -127,12 +151,12 @@ class ModelWorker:
         model = self.model
         assert model is not None, "jobs are submitted only once the model has loaded"
         try:
-            if live[0].call is not None:
-                live[0].settle(live[0].call(model, stop_when_abandoned(live)))
+            if isinstance(live[0].work, Call):
+                live[0].settle(live[0].work.run(model, batch_watch(live)))
                 return
             metrics.GENERATOR_BATCH_SIZE.observe(len(live))
-            requests = [job.request for job in live if job.request is not None]
-            results = model.generate(requests, stop_when_abandoned(live))
+            requests = [job.work.request for job in live if isinstance(job.work, Decode)]
+            results = model.generate(requests, batch_watch(live))
             for job, result in zip(live, results, strict=True):
                 job.settle(result)
         except DecodingStopped:  # every caller went away: the model is free for the next batch

@@ -460,6 +460,34 @@ def test_concurrent_requests_are_batched_without_changing_answers(
         assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
 
 
+def test_streams_share_batches_with_each_other_and_with_unary_requests(launch: Launcher, tiny: TinyModels) -> None:
+    """GenerateStream used to decode each request alone; now streams and Generates that decode alike share a
+    batch, and each stream still gets its own question's text as it is decoded."""
+    from prometheus_client import REGISTRY
+
+    served = launch.generator(tiny.causal_lm, max_batch=8)
+    questions = ["Who discovered penicillin?", "What is the capital of France?", "How high is Everest?", "Why?"]
+    options = generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_TOKEN, max_new_tokens=12)
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    unary = [generator_pb2.GenerateRequest(question=q, passages=passages, options=options) for q in questions]
+    streamed = [generator_pb2.GenerateStreamRequest(question=q, passages=passages, options=options) for q in questions]
+    batches = lambda: REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0  # noqa: E731
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        alone = [stub.Generate(r, timeout=60) for r in unary]
+        before = batches()
+        with ThreadPoolExecutor(len(questions) * 2) as pool:
+            streams = [pool.submit(lambda r: list(stub.GenerateStream(r, timeout=60)), r) for r in streamed]
+            unaries = [pool.submit(stub.Generate, r, timeout=60) for r in unary]
+            replies, together = [f.result() for f in streams], [f.result() for f in unaries]
+    assert batches() - before < 2 * len(questions)  # some shared a batch
+    for reference, stream, answered in zip(alone, replies, together, strict=True):
+        final = stream[-1].final
+        assert [h.token_ids for h in final.hypotheses] == [h.token_ids for h in reference.hypotheses]
+        assert [h.token_ids for h in answered.hypotheses] == [h.token_ids for h in reference.hypotheses]
+        assert "".join(r.text_delta for r in stream[:-1]) == final.hypotheses[0].text
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 
 
