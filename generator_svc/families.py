@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import (
@@ -181,20 +182,13 @@ class EncoderDecoderLM(PassageLM):
         cache = EncoderDecoderCache(select_rows(ctx.prefix, rows), holding(ctx.cross))
         return cache, SharedContext(rows, ctx.attention_mask, len(ctx.cross), self.device)
 
-    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, state: DecodingState, tokens: torch.Tensor) -> dict[str, Any]:
         assert state.ctx.encoder_states is not None
-        out = self.model(  # cross-attention reads its cached keys and values: the states only give the shape
-            encoder_outputs=(state.ctx.encoder_states.expand(len(state.rows), -1, -1),),
-            attention_mask=state.attention_mask.to(self.device),
-            decoder_input_ids=tokens.to(self.device),
-            past_key_values=state.cache,
-            use_cache=True,
-            shared_context=state.shared,
-            return_dict=True,
-        )
-        state.shared.check_read()
-        state.cache = out.past_key_values
-        return out.logits
+        return {  # cross-attention reads its cached keys and values: the states only give the shape
+            "encoder_outputs": (state.ctx.encoder_states.expand(len(state.rows), -1, -1),),
+            "attention_mask": state.attention_mask.to(self.device),
+            "decoder_input_ids": tokens.to(self.device),
+        }
 
     def answer_token_ids(self, answer: str) -> list[int]:
         ids = self.tokenizer(answer, add_special_tokens=True)["input_ids"]
@@ -485,19 +479,12 @@ class DecoderOnlyLM(PassageLM):
         shared = SharedContext(rows, ctx.attention_mask, len(ctx.prefix), self.device, prompt=ctx.prefix)
         return DynamicCache(config=self.model.config), shared
 
-    def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
-        next_position = state.attention_mask.sum(-1, keepdim=True)  # prompts are left-padded: real tokens only
-        out = self.model(  # no mask: the prompt's is the shared context's, and a row's own tokens are all real
-            input_ids=tokens.to(self.device),
-            position_ids=(next_position + state.fed + torch.arange(tokens.shape[1])).to(self.device),
-            past_key_values=state.cache,
-            use_cache=True,
-            shared_context=state.shared,
-            return_dict=True,
-        )
-        state.shared.check_read()
-        state.cache = out.past_key_values
-        return out.logits
+    def _inputs(self, state: DecodingState, tokens: torch.Tensor) -> dict[str, Any]:
+        next_position = state.attention_mask.sum(-1, keepdim=True)  # real prompt tokens (padding is not counted)
+        return {  # no mask: the prompt's is the shared context's, and a row's own tokens are all real
+            "input_ids": tokens.to(self.device),
+            "position_ids": (next_position + state.fed + torch.arange(tokens.shape[1])).to(self.device),
+        }
 
     def answer_token_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]

@@ -121,7 +121,7 @@ class DecodingRules:
 
 class PassageLM(ABC):
     """Decoding from the per-row prefix caches, the same for both families; they differ in `encode` (how rows
-    are built and run to their first answer token), `_cache` and `_forward` (how one more chunk of tokens runs)."""
+    are built and run to their first answer token), `_cache` and `_inputs` (how one more chunk of tokens runs)."""
 
     model: Any  # a transformers PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -150,8 +150,23 @@ class PassageLM(ABC):
         """A fresh cache for decoding `rows`, and what they read from their context rows in place."""
 
     @abstractmethod
+    def _inputs(self, state: DecodingState, tokens: torch.Tensor) -> dict[str, Any]:
+        """The model's inputs for tokens [R, T] after what `state` has seen (its cache aside)."""
+
     def _forward(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
-        """Run tokens [R, T] after what `state` has seen; logits [R, T, V]."""
+        """Run tokens [R, T] after what `state` has seen, reading the context rows in place; logits [R, T, V].
+        The one place a decoding pass calls the model: it checks that every layer read the shared context and
+        keeps the rows' grown cache."""
+        out = self.model(
+            **self._inputs(state, tokens),
+            past_key_values=state.cache,
+            use_cache=True,
+            shared_context=state.shared,
+            return_dict=True,
+        )
+        state.shared.check_read()
+        state.cache = out.past_key_values
+        return out.logits
 
     @abstractmethod
     def answer_token_ids(self, answer: str) -> list[int]:
