@@ -29,6 +29,9 @@ class GeneratorConfig(ServerConfig):
         "passage KV cache of a decoder-only generator, MiB (segments reused across requests, exactly); 0 turns it "
         "off, -1 sizes it from the machine (a tenth of its memory, at most 4 GiB)",
     )
+    draft_tokens: int = option(
+        8, "tokens drafted from the passages and question that greedy RAG-Token verifies per pass (0: none)"
+    )
     warm_up: bool = option(True, "run both RAG modes once on 5 passages before reporting SERVING (a fast first Ask)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
     max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")

@@ -137,6 +137,7 @@ class EncoderDecoderLM(PassageLM):
             _concat_rows([p[2] for p in passes]),
             torch.cat([p[3] for p in passes]),
         )
+        rows = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
         return Contexts(
             len(questions),
             len(contexts[0]),
@@ -145,6 +146,7 @@ class EncoderDecoderLM(PassageLM):
             first_logprobs=first,
             encoder_states=states[:1].clone(),  # a view would keep the pass's rows alive while decoding
             cross=cross,
+            source_ids=_per_question(rows, len(questions)),
         )
 
     def _encode_rows(
@@ -310,7 +312,14 @@ class DecoderOnlyLM(PassageLM):
                 k[rows.to(k.device), :, start:], v[rows.to(v.device), :, start:] = kb, vb
             mask[rows, start:] = bucket_mask
             first_logprobs[rows] = log_softmax(logits).cpu()
-        return Contexts(len(questions), len(contexts[0]), mask, kv, first_logprobs)
+        return Contexts(
+            len(questions),
+            len(contexts[0]),
+            mask,
+            kv,
+            first_logprobs,
+            source_ids=_per_question(prompts, len(questions)),
+        )
 
     def _fixed_prefix(self, ids: list[int]) -> KV:
         """The keys and values of what every RAG prompt starts with (system turn, template, up to the passage),
@@ -402,7 +411,7 @@ class DecoderOnlyLM(PassageLM):
             if not first_logprobs.numel():
                 first_logprobs = torch.empty(len(prompts), logits.shape[-1])
             first_logprobs[rows] = logits
-        return Contexts(num_questions, K, mask, kv, first_logprobs)
+        return Contexts(num_questions, K, mask, kv, first_logprobs, source_ids=_per_question(prompts, num_questions))
 
     def _segments_kv(
         self, own: Sequence[list[int]], segments: Sequence[list[int]], fixed_kv: KV, offset: int, watch: Watch | None
@@ -540,6 +549,12 @@ def _buckets(lengths: Sequence[int], slack: float, max_tokens: int) -> list[list
         else:
             buckets.append([r])
     return buckets
+
+
+def _per_question(rows: Sequence[Sequence[int]], num_questions: int) -> list[list[int]]:
+    """Each question's rows' token ids, one after the other (what drafted decoding copies from)."""
+    per = len(rows) // num_questions
+    return [[t for row in rows[b * per : (b + 1) * per] for t in row] for b in range(num_questions)]
 
 
 def _concat_rows(passes: Sequence[KV]) -> KV:

@@ -48,8 +48,9 @@ WARM_UP_TEXT = " ".join(
 
 
 class RagModel:
-    def __init__(self, lm: PassageLM) -> None:
+    def __init__(self, lm: PassageLM, draft_tokens: int = 0) -> None:
         self.lm = lm
+        self.draft_tokens = draft_tokens  # drafted tokens greedy RAG-Token verifies per pass (0: none)
 
     def warm_up(self, passages: int = 5) -> None:
         """Run the passes a request runs (prompts, decoding steps and scoring, both RAG modes) once before the
@@ -82,7 +83,7 @@ class RagModel:
         with metrics.timed("generate"):
             ctx = self.lm.encode([r.question for r in batch], [contexts for contexts, _, _ in prepared], watch)
             prior = torch.stack([prior for _, prior, _ in prepared])
-            found = rag_math.generate(self.lm, ctx, prior, options, watch)
+            found = rag_math.generate(self.lm, ctx, prior, options, watch, self.draft_tokens)
         results = []
         for per_question, (_, _, passage_prior) in zip(found, prepared, strict=True):
             metrics.GENERATED_TOKENS.inc(sum(len(g.tokens) for g in per_question))

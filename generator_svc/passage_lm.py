@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,6 +68,8 @@ class Contexts:
     first_logprobs: torch.Tensor  # [B*K, V], on the CPU
     encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
     cross: KV | None = None  # BART/T5: cross-attention keys and values, once per context row (read in place)
+    # Per question, the token ids of its rows' inputs (passages and question): what drafted decoding copies from.
+    source_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -195,9 +197,23 @@ class PassageLM(ABC):
         """Feed one token per row (None at the first step); log p(next token) as float32 [rows, V]."""
         if tokens is None:  # encoding already ran every row up to its first answer token
             return state.ctx.first_logprobs[state.rows]
-        logits = self._forward(state, tokens[:, None])
-        state.fed += 1
-        return log_softmax(logits[:, -1]).cpu()
+        return self.feed(state, tokens[:, None])[:, -1]
+
+    @torch.inference_mode()
+    def feed(self, state: DecodingState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [rows, T]; log p(next token) after each of them as float32 [rows, T, V]."""
+        logits = self._forward(state, tokens)
+        state.fed += tokens.shape[1]
+        return log_softmax(logits).cpu()
+
+    def rewind(self, state: DecodingState, fed: int) -> None:
+        """Forget what the rows were fed after their first `fed` tokens (drafted tokens that were not accepted)."""
+        if fed == state.fed:
+            return
+        cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
+        assert isinstance(cache, DynamicCache)
+        cache.crop(fed - state.fed)  # a negative count: the tokens to drop (transformers 5)
+        state.fed = fed
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> None:
         """Row i continues the history of row index[i]. Rows only move among rows of the same context, so only

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from generator_svc.passage_lm import Contexts, DecodingRules, PassageLM, Watch
+from rag import metrics
 from rag.types import DecodingOptions, Mode
 
 NEG_INF = -1.0e9  # transformers' "impossible" score; kept finite so sums stay comparable
@@ -318,14 +319,22 @@ class Generated:
 
 
 def generate(
-    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None = None
+    lm: PassageLM,
+    ctx: Contexts,
+    prior: torch.Tensor,
+    options: DecodingOptions,
+    watch: Watch | None = None,
+    draft_tokens: int = 0,
 ) -> list[list[Generated]]:
     """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first. `watch` sees
-    each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None."""
+    each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None. Greedy
+    RAG-Token verifies up to `draft_tokens` tokens drafted from the inputs per step (the same tokens)."""
     scores: AnswerScores | None = None
     passes = None if watch is None else lambda _: watch(None)  # what is decoded is not the answer's yet
     if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
         chosen = _rag_sequence_search(lm, ctx, prior, options, passes)
+    elif options.num_beams == 1 and draft_tokens and ctx.source_ids:
+        chosen, scores = _drafted_rag_token_search(lm, ctx, prior, options, watch, draft_tokens)
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
         chosen, scores = _rag_token_search(lm, ctx, prior, options, watch)
     questions = [b for b, answers in enumerate(chosen) for _ in answers]
@@ -375,6 +384,85 @@ def _rag_token_search(
     _, mask = answer_targets(answers, lm.rules.pad_token_id)
     token_logprobs = torch.stack(picked, dim=-1)[:, :, : mask.shape[1]]  # [B, K, T]
     return chosen, AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
+
+
+def _drafted_rag_token_search(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None, draft_tokens: int
+) -> tuple[list[list[tuple[int, ...]]], AnswerScores]:
+    """Greedy RAG-Token that verifies drafted tokens: each pass feeds the token just chosen and up to
+    `draft_tokens` tokens that follow the answer's last n-gram where it occurs in the question's inputs (prompt
+    lookup, as LLMA and transformers' prompt_lookup_num_tokens do), and keeps the drafted tokens for as long as
+    they are what greedy search chooses from the marginal at their position. Answers copy from the passages, so
+    several tokens often come out of one pass; the tokens are plain greedy's (each position's choice is made
+    with the same rules from the same history), the rows' caches forget what was not accepted."""
+    B, K = ctx.num_questions, ctx.contexts_per_question
+    rules, max_new = lm.rules, options.max_new_tokens
+    state = lm.start(ctx, torch.arange(B * K))
+    eos = torch.tensor(rules.eos_token_ids)
+    generated = torch.empty(B, 0, dtype=torch.long)
+    unfinished = torch.ones(B, dtype=torch.bool)
+    picked: list[torch.Tensor] = []  # log p(y_t|x,z_k,y<t) of each chosen token, [B, K] per step
+    per_passage = lm.step(state, None).view(B, K, 1, -1)  # [B, K, positions, V]
+    drafts = torch.empty(B, 0, dtype=torch.long)  # fed after the chosen token; [B, 0] before the first pass
+    fed_before = state.fed
+    while True:
+        position = 0
+        while True:  # choose at each position while the drafted tokens fed before it were the choices
+            marginal = torch.logsumexp(prior[:, :, None] + per_passage[:, :, position], dim=1)  # [B, V]
+            chosen = constrain(marginal, generated, max_new, rules).argmax(dim=-1)
+            chosen = torch.where(unfinished, chosen, rules.pad_token_id)
+            picked.append(_log_prob_of(per_passage[:, :, position], chosen))
+            generated = torch.cat([generated, chosen[:, None]], dim=1)
+            unfinished &= ~torch.isin(chosen, eos)
+            if watch is not None:
+                watch(chosen)
+            if not unfinished.any() or generated.shape[1] == max_new:
+                return _answers_and_scores(generated, picked, prior, rules)
+            if position == drafts.shape[1] or not bool((drafts[:, position] == chosen)[unfinished].all()):
+                break
+            position += 1
+        if drafts.shape[1]:
+            metrics.DRAFT_ACCEPTED.observe(position)
+            lm.rewind(state, fed_before + 1 + position)  # the token fed before the drafts, and those chosen
+        room = max_new - generated.shape[1] - 1
+        proposals = [
+            _proposal(history := generated[b].tolist(), ctx.source_ids[b] + history, min(draft_tokens, room))
+            if unfinished[b]
+            else []
+            for b in range(B)
+        ]
+        drafts = torch.full((B, max(len(d) for d in proposals)), rules.pad_token_id, dtype=torch.long)
+        for b, draft in enumerate(proposals):
+            drafts[b, : len(draft)] = torch.tensor(draft, dtype=torch.long)
+        fed_before = state.fed
+        feed = torch.cat([chosen[:, None], drafts], dim=1).repeat_interleave(K, dim=0)
+        per_passage = lm.feed(state, feed).view(B, K, feed.shape[1], -1)
+
+
+def _proposal(history: list[int], source: list[int], count: int, longest_ngram: int = 3) -> list[int]:
+    """Up to `count` tokens that follow the longest recent n-gram of `history` where it first occurs in
+    `source` (prompt lookup decoding), not counting its own place at the end; none when it does not occur."""
+    if count <= 0:
+        return []
+    for n in range(min(longest_ngram, len(history)), 0, -1):
+        ngram = history[-n:]
+        for i in range(len(source) - n):
+            if source[i : i + n] == ngram:
+                return source[i + n : i + n + count]
+    return []
+
+
+def _answers_and_scores(
+    generated: torch.Tensor, picked: list[torch.Tensor], prior: torch.Tensor, rules: DecodingRules
+) -> tuple[list[list[tuple[int, ...]]], AnswerScores]:
+    """Greedy answers (up to their end-of-sequence token) and their scores from the chosen tokens' per-passage
+    log-probabilities."""
+    lengths = _lengths(generated, rules.eos_token_ids)
+    answers = [tuple(generated[b, : lengths[b]].tolist()) for b in range(len(generated))]
+    _, mask = answer_targets(answers, rules.pad_token_id)
+    token_logprobs = torch.stack(picked, dim=-1)[:, :, : mask.shape[1]]  # [B, K, T]
+    scores = AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
+    return [[a] for a in answers], scores
 
 
 def _log_prob_of(per_passage: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

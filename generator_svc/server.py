@@ -163,7 +163,7 @@ async def create_server(config: GeneratorConfig) -> Served:
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)
-        model = RagModel(lm)
+        model = RagModel(lm, config.draft_tokens)
         if config.warm_up:
             started = time.perf_counter()
             model.warm_up()

@@ -100,6 +100,11 @@ KV_CACHE_FALLBACKS = Counter(
     "Requests encoded without the passage KV cache because a prompt's tokens did not split at the passage "
     "segment's (the tokenizer merged across the boundary).",
 )
+DRAFT_ACCEPTED = Histogram(
+    "rag_generator_draft_accepted_tokens",
+    "Drafted tokens accepted per verification pass of greedy RAG-Token (each pass also yields one token of its own).",
+    buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16),
+)
 DECODES_STOPPED = Counter(
     "rag_generator_decodes_stopped_total",
     "Requests whose model work stopped between two passes (prompt chunks, decoding steps, scoring chunks) because "
@@ -115,7 +120,7 @@ RETRIEVER: tuple[Collector, ...] = (
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
     GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
-    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS,
+    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (
     INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES

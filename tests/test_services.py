@@ -488,6 +488,38 @@ def test_streams_share_batches_with_each_other_and_with_unary_requests(launch: L
         assert "".join(r.text_delta for r in stream[:-1]) == final.hypotheses[0].text
 
 
+@pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
+def test_drafted_greedy_decoding_gives_plain_greedys_tokens(launch: Launcher, tiny: TinyModels, family: str) -> None:
+    """Greedy RAG-Token and the baselines verify tokens drafted from the inputs and the answer so far, several per
+    pass; the answers, scores and posteriors are plain greedy's, and accepted drafts are counted."""
+    from prometheus_client import REGISTRY
+
+    model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
+    plain, drafted = launch.generator(model, draft_tokens=0), launch.generator(model, draft_tokens=4)
+    accepted = lambda: REGISTRY.get_sample_value("rag_generator_draft_accepted_tokens_sum") or 0.0  # noqa: E731
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    requests = [
+        generator_pb2.GenerateRequest(
+            question=q, passages=passages, options=generator_pb2.DecodingOptions(mode=mode, max_new_tokens=40)
+        )
+        for q in ("Who discovered penicillin?", "What is the capital of France?", "How high is Everest?")
+        for mode in (generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_CONCAT, generator_pb2.RAG_MODE_CLOSED_BOOK)
+    ]
+    replies = []
+    before = accepted()
+    for served in (plain, drafted):
+        with grpc.insecure_channel(address(served)) as channel:
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            replies.append([stub.Generate(r, timeout=60) for r in requests])
+    for a, b in zip(*replies, strict=True):
+        assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+        assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-4)
+        for ha, hb in zip(a.hypotheses, b.hypotheses, strict=True):
+            assert list(ha.passage_posteriors) == pytest.approx(list(hb.passage_posteriors), abs=1e-4)
+    if family == "encoder-decoder":  # the tiny BART repeats itself: drafts from its own answer are accepted
+        assert accepted() > before
+
+
 # ------------------------------------------------------------------------------------------------ streaming
 
 
