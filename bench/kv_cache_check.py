@@ -1,4 +1,5 @@
-"""The passage KV cache on the demo model: the same answers with it on and off, and the time it saves.
+"""The passage KV cache and drafted decoding on the demo model: the same answers with them on and off, and the
+time they save.
 
     python bench/kv_cache_check.py [--dtype auto] [--out docs/kv-cache-check.json]
 
@@ -6,7 +7,8 @@ The 20 questions of `rag bench --only latency` (rag_cli/data/squad20.jsonl), eac
 paragraphs of the next four questions (k = 5, as the latency bench), RAG-Token greedy and RAG-Sequence (beam 1),
 32 new tokens, in-process (the model's work only, no gRPC): uncached, then cached twice. Cold: an empty cache, each
 paragraph run once by the first question that reads it and reused by the next four (as SQuAD's several questions
-about one paragraph would); warm: every segment from the cache, as for passages that many requests retrieve.
+about one paragraph would); warm: every segment from the cache, as for passages that many requests retrieve;
+then warm and drafted (greedy verifying up to 8 drafted tokens per pass; RAG-Sequence does not draft).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generator_svc.families import DecoderOnlyLM  # noqa: E402
 from generator_svc.loading import load_passage_lm, resolve_device  # noqa: E402
 from generator_svc.model import RagModel  # noqa: E402
 from generator_svc.passage_cache import auto_budget_bytes  # noqa: E402
@@ -49,9 +52,12 @@ def main() -> None:
         "generator": Path(args.generator).name, "dtype": precision.dtype, "cpu": cpu_model(),
         "flags": sorted({"amx_bf16", "avx512_bf16", "avx2"} & cpu_flags()),
     }  # fmt: skip
+    drafted = RagModel(cached.lm, draft_tokens=8)
     for model in (plain, cached):
         model.warm_up()
+    assert isinstance(cached.lm, DecoderOnlyLM) and cached.lm.passage_cache is not None
     for mode in (Mode.TOKEN, Mode.SEQUENCE):
+        cached.lm.passage_cache.clear()  # each mode starts cold
         options = DecodingOptions(mode=mode, max_new_tokens=32).with_defaults(32, 1.0)
         requests = [
             Request(r["question"], [passages[(i + j) % len(passages)] for j in range(5)], options)
@@ -59,7 +65,13 @@ def main() -> None:
         ]
         rounds: dict[str, list[float]] = {}
         answers: dict[str, list[tuple[int, ...]]] = {}
-        for name, model in (("uncached", plain), ("cached, cold", cached), ("cached, warm", cached)):
+        configurations = (
+            ("uncached", plain),
+            ("cached, cold", cached),
+            ("cached, warm", cached),
+            ("cached, warm, drafted", drafted),
+        )
+        for name, model in configurations:
             seconds, tokens = [], []
             for request in requests:
                 started = time.perf_counter()

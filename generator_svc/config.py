@@ -38,7 +38,7 @@ class GeneratorConfig(ServerConfig):
     threads: int = option(0, "torch threads for the model; 0 = one per core")
     dtype: str = option(
         "auto",
-        "weights precision: auto (bfloat16 where the GPU or CPU computes in it natively, else float32), float32 "
-        "(the reference), bfloat16, or int8 (a CPU's dynamic quantisation)",
+        "weights precision: auto (bfloat16 where the GPU or CPU computes in it natively and it keeps the quality "
+        "rule, else float32), float32 (the reference), bfloat16, or int8 (a CPU's dynamic quantisation)",
     )
     device: str = option("auto", "where the model runs: auto (CUDA when torch sees one), cpu or cuda")

@@ -72,5 +72,11 @@ class PassageKVCache:
             self._bytes += size
             metrics.KV_CACHE_BYTES.set(self._bytes)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+        metrics.KV_CACHE_BYTES.set(0)
+
     def __len__(self) -> int:
         return len(self._entries)

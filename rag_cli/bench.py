@@ -55,6 +55,9 @@ class BenchConfig:
     only: str = option("", f"comma-separated sections: {', '.join(SECTIONS)}")
     repeats: int = option(3, "timed repetitions per figure (the median is reported)")
     json: bool = option(False, "end with one JSON line holding every figure")
+    dtypes: str = option(
+        "", "latency: comma-separated generator precisions to run (default: float32, int8, and bfloat16 where native)"
+    )
 
 
 @dataclass
@@ -498,12 +501,11 @@ def matmul_rate(size: int = 1024) -> float:
 
 
 def native_bfloat16() -> bool:
-    """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32):
-    what the generator's --dtype auto decides."""
+    """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32)."""
     from generator_svc.loading import resolve_device
-    from generator_svc.precision import choose_precision
+    from generator_svc.precision import native_bfloat16 as native
 
-    return choose_precision("auto", resolve_device("auto")).dtype == "bfloat16"
+    return native(resolve_device("auto")) is not None
 
 
 def machine() -> dict[str, object]:
@@ -568,7 +570,9 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
             print("latency: skipped, the demo models and corpus are not fetched (run `rag fetch`)", file=sys.stderr)
             return []
         dtypes = ("float32", "bfloat16", "int8") if native_bfloat16() else ("float32", "int8")
-        if "bfloat16" not in dtypes:
+        if config.dtypes:
+            dtypes = tuple(d.strip() for d in config.dtypes.split(",") if d.strip())
+        elif "bfloat16" not in dtypes:
             print("latency: bfloat16 left out, this CPU has no native bfloat16 arithmetic", file=sys.stderr)
         new_tokens = 32
         encoder_spec = f"sentence-transformer:{encoder_dir}"
