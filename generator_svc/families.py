@@ -362,7 +362,7 @@ class DecoderOnlyLM(PassageLM):
         fixed_kv = self._fixed_prefix(fixed)
         own = [segment[len(fixed) :] for segment in segments]
         segment_kv = self._segments_kv(own, segments, fixed_kv, len(fixed), watch)
-        P, width = len(fixed), len(fixed) + max(len(o) + len(t) for o, t in zip(own, tails, strict=True))
+        width = len(fixed) + max(len(o) + len(t) for o, t in zip(own, tails, strict=True))
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
         kv: KV = [
             (
@@ -373,45 +373,73 @@ class DecoderOnlyLM(PassageLM):
         ]
         first_logprobs = torch.empty(0)
         for b in range(num_questions):  # the question's tokens after each of its rows' [fixed][segment]
-            rows = list(range(b * K, (b + 1) * K))
-            longest = max(len(own[r]) for r in rows)
-            past_mask = torch.zeros(K, P + longest, dtype=torch.long)
-            past_mask[:, :P] = 1
-            past: KV = []
-            for layer, (k0, v0) in enumerate(fixed_kv):
-                k = k0.new_zeros(K, k0.shape[1], P + longest, k0.shape[3])
-                v = torch.zeros_like(k)
-                k[:, :, :P], v[:, :, :P] = k0, v0
-                for i, r in enumerate(rows):
-                    ks, vs = segment_kv[r][layer]
-                    k[i, :, P + longest - ks.shape[2] :], v[i, :, P + longest - vs.shape[2] :] = ks[0], vs[0]
-                past.append((k, v))
+            tail = tails[b * K]
+            per_group = max(1, self.chunk_tokens // len(tail))
+            for first in range(b * K, (b + 1) * K, per_group):
+                rows = list(range(first, min(first + per_group, (b + 1) * K)))
+                logits = self._after_segments(rows, own, segment_kv, fixed_kv, tail, kv, mask, width, watch)
+                if not first_logprobs.numel():
+                    first_logprobs = torch.empty(len(prompts), logits.shape[-1])
+                first_logprobs[rows] = logits
+        return Contexts(num_questions, K, mask, kv, first_logprobs, source_ids=_per_question(prompts, num_questions))
+
+    def _after_segments(
+        self,
+        rows: list[int],
+        own: Sequence[list[int]],
+        segment_kv: Sequence[KV],
+        fixed_kv: KV,
+        tail: list[int],
+        kv: KV,
+        mask: torch.Tensor,
+        width: int,
+        watch: Watch | None,
+    ) -> torch.Tensor:
+        """Run the question's tokens `tail` after each row's [fixed prefix][padding][segment], a chunk of positions
+        at a time (`watch` after each); write the rows' keys, values and mask into `kv` and `mask` (right-aligned
+        to `width`); the first answer token's log-probabilities [rows, V]."""
+        n, P = len(rows), fixed_kv[0][0].shape[2]
+        longest = max(len(own[r]) for r in rows)
+        past_mask = torch.zeros(n, P + longest, dtype=torch.long)
+        past_mask[:, :P] = 1
+        for i, r in enumerate(rows):
+            past_mask[i, P + longest - len(own[r]) :] = 1
+        past: KV = []
+        for layer, (k0, v0) in enumerate(fixed_kv):
+            k = k0.new_zeros(n, k0.shape[1], P + longest, k0.shape[3])
+            v = torch.zeros_like(k)
+            k[:, :, :P], v[:, :, :P] = k0, v0
             for i, r in enumerate(rows):
-                past_mask[i, P + longest - len(own[r]) :] = 1
-            tail = torch.tensor(tails[rows[0]]).expand(K, -1)
+                ks, vs = segment_kv[r][layer]
+                k[i, :, P + longest - ks.shape[2] :], v[i, :, P + longest - vs.shape[2] :] = ks[0], vs[0]
+            past.append((k, v))
+        cache = DynamicCache(past, config=self.model.config)
+        tokens = torch.tensor(tail).expand(n, -1)
+        full_mask = torch.cat([past_mask, past_mask.new_ones(n, len(tail))], 1)
+        positions = past_mask.sum(-1, keepdim=True) + torch.arange(len(tail))
+        per_pass = max(1, self.chunk_tokens // n)
+        for start in range(0, len(tail), per_pass):
+            end = min(start + per_pass, len(tail))
             out = self.model(
-                input_ids=tail.to(self.device),
-                attention_mask=torch.cat([past_mask, past_mask.new_ones(K, tail.shape[1])], 1).to(self.device),
-                position_ids=(past_mask.sum(-1, keepdim=True) + torch.arange(tail.shape[1])).to(self.device),
-                past_key_values=DynamicCache(past, config=self.model.config),
+                input_ids=tokens[:, start:end].to(self.device),
+                attention_mask=full_mask[:, : P + longest + end].to(self.device),
+                position_ids=positions[:, start:end].to(self.device),
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 return_dict=True,
             )
-            metrics.MODEL_TOKENS.labels("prompt").inc(tail.numel())
+            cache = out.past_key_values
+            metrics.MODEL_TOKENS.labels("prompt").inc(n * (end - start))
             watched(watch)(None)
-            own_length = longest + tail.shape[1]  # [padding][segment][question] of this question's rows
-            for (k, v), layer in zip(kv, out.past_key_values.layers, strict=True):
-                k[rows, :, :P], v[rows, :, :P] = layer.keys[:, :, :P], layer.values[:, :, :P]
-                k[rows, :, width - own_length :] = layer.keys[:, :, P:]
-                v[rows, :, width - own_length :] = layer.values[:, :, P:]
-            mask[rows, :P] = 1
-            mask[rows, width - own_length :] = torch.cat([past_mask[:, P:], past_mask.new_ones(K, tail.shape[1])], 1)
-            logits = log_softmax(out.logits[:, -1]).cpu()
-            if not first_logprobs.numel():
-                first_logprobs = torch.empty(len(prompts), logits.shape[-1])
-            first_logprobs[rows] = logits
-        return Contexts(num_questions, K, mask, kv, first_logprobs, source_ids=_per_question(prompts, num_questions))
+        own_length = longest + len(tail)  # [padding][segment][question] of these rows
+        for (k, v), layer in zip(kv, out.past_key_values.layers, strict=True):
+            k[rows, :, :P], v[rows, :, :P] = layer.keys[:, :, :P], layer.values[:, :, :P]
+            k[rows, :, width - own_length :] = layer.keys[:, :, P:]
+            v[rows, :, width - own_length :] = layer.values[:, :, P:]
+        mask[rows, :P] = 1
+        mask[rows, width - own_length :] = full_mask[:, P:]
+        return log_softmax(out.logits[:, -1]).cpu()
 
     def _segments_kv(
         self, own: Sequence[list[int]], segments: Sequence[list[int]], fixed_kv: KV, offset: int, watch: Watch | None

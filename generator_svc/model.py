@@ -6,6 +6,7 @@ worker thread only (generator_svc.worker).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +16,8 @@ from generator_svc.passage_lm import Context, PassageLM, Watch, one_each
 from generator_svc.requests import AnswerScore, Request, Scored
 from rag import metrics
 from rag.types import Answered, DecodingOptions, Hypothesis, Mode, Passage
+
+log = logging.getLogger(__name__)
 
 
 class TextDeltas:
@@ -59,7 +62,11 @@ class RagModel:
         given = [Passage(f"warm-up-{i}", f"Subject {i}", WARM_UP_TEXT, score=1.0 / (i + 1)) for i in range(passages)]
         for mode in (Mode.TOKEN, Mode.SEQUENCE):
             options = DecodingOptions(mode=mode, max_new_tokens=4).with_defaults(4, 1.0)
-            self.generate([Request("What is the subject of this passage?", given, options)])
+            try:
+                self.generate([Request("What is the subject of this passage?", given, options)])
+            except Exception as err:  # an optimisation: a model that cannot run these shapes still serves
+                log.warning("warm-up (%s) failed, serving without it: %s", mode.label, err)
+                return
 
     def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
         """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""
