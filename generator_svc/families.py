@@ -417,21 +417,7 @@ class DecoderOnlyLM(PassageLM):
         tokens = torch.tensor(tail).expand(n, -1)
         full_mask = torch.cat([past_mask, past_mask.new_ones(n, len(tail))], 1)
         positions = past_mask.sum(-1, keepdim=True) + torch.arange(len(tail))
-        per_pass = max(1, self.chunk_tokens // n)
-        for start in range(0, len(tail), per_pass):
-            end = min(start + per_pass, len(tail))
-            out = self.model(
-                input_ids=tokens[:, start:end].to(self.device),
-                attention_mask=full_mask[:, : P + longest + end].to(self.device),
-                position_ids=positions[:, start:end].to(self.device),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                return_dict=True,
-            )
-            cache = out.past_key_values
-            metrics.MODEL_TOKENS.labels("prompt").inc(n * (end - start))
-            watched(watch)(None)
+        out = self._in_passes(tokens, full_mask, positions, cache, watch)
         own_length = longest + len(tail)  # [padding][segment][question] of these rows
         for (k, v), layer in zip(kv, out.past_key_values.layers, strict=True):
             k[rows, :, :P], v[rows, :, :P] = layer.keys[:, :, :P], layer.values[:, :, :P]
@@ -493,23 +479,39 @@ class DecoderOnlyLM(PassageLM):
         )
         attention_mask = torch.cat([mask.new_ones(n, offset), mask], 1)
         positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._in_passes(ids, attention_mask, positions, past, watch)
+        kv = [(layer.keys[:, :, offset:], layer.values[:, :, offset:]) for layer in out.past_key_values.layers]
+        return kv, mask, out.logits[:, -1]
+
+    def _in_passes(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Cache,
+        watch: Watch | None,
+    ) -> Any:
+        """Run prompt tokens ids [n, L] after `cache` (attention_mask [n, past + L] covers both) in passes of at
+        most `chunk_tokens` positions in all, `watch` called after each; the last pass's output, whose cache holds
+        everything and whose logits are the last position's (the vocabulary projection is a quarter of the work)."""
+        n, length = ids.shape
+        past = attention_mask.shape[1] - length
         per_pass = max(1, self.chunk_tokens // n)
-        for start in range(0, longest, per_pass):
-            end = min(start + per_pass, longest)
-            out = self.model(  # logits of the last position only: the vocabulary projection is a quarter of the work
+        for start in range(0, length, per_pass):
+            end = min(start + per_pass, length)
+            out = self.model(
                 input_ids=ids[:, start:end].to(self.device),
-                attention_mask=attention_mask[:, : offset + end].to(self.device),
+                attention_mask=attention_mask[:, : past + end].to(self.device),
                 position_ids=positions[:, start:end].to(self.device),
-                past_key_values=past,
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 return_dict=True,
             )
-            past = out.past_key_values
+            cache = out.past_key_values
             metrics.MODEL_TOKENS.labels("prompt").inc(n * (end - start))
             watched(watch)(None)
-        kv = [(layer.keys[:, :, offset:], layer.values[:, :, offset:]) for layer in out.past_key_values.layers]
-        return kv, mask, out.logits[:, -1]
+        return out
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
         # The rows' cache starts empty: the prompts stay in `ctx.prefix`, read in place by the attention.
