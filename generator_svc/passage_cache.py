@@ -18,6 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -26,12 +27,25 @@ from rag import metrics
 
 
 def auto_budget_bytes(device: torch.device) -> int:
-    """A tenth of the device's memory (the machine's RAM on a CPU), at most 4 GiB."""
+    """A tenth of the device's memory (on a CPU, the RAM this process may use: the container's limit where there
+    is one, not the node's), at most 4 GiB."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), container_memory_limit() or 2**63)
     return int(min(total // 10, 4 * 2**30))
+
+
+def container_memory_limit() -> int | None:
+    """The cgroup's memory limit in bytes (v2, then v1), or None where there is none or it cannot be read."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max", or v1's near-2**63 "unlimited"
+            return int(text)
+    return None
 
 
 class PassageKVCache:
