@@ -29,10 +29,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from generator_svc import rag_math
-from generator_svc.config import GeneratorConfig
+from generator_svc.config import Device, GeneratorConfig
 from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import Context, PassageLM, one_each
+from generator_svc.precision import Dtype
 from generator_svc.server import create_server
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage, SequenceDecoding
@@ -68,7 +69,7 @@ def same_answers(root: Path) -> list[dict[str, Any]]:
     contexts = [one_each(TINY_PASSAGES), one_each(TINY_PASSAGES[::-1])]
     rows = []
     for family, path in models.items():
-        cpu, cuda = load_passage_lm(str(path), device="cpu"), load_passage_lm(str(path), device="cuda")
+        cpu, cuda = load_passage_lm(str(path), device=Device.CPU), load_passage_lm(str(path), device=Device.CUDA)
         for mode in (Mode.TOKEN, Mode.SEQUENCE):
             for beams in (1, 3):
                 options = DecodingOptions(mode=mode, num_beams=beams, num_return_sequences=beams, max_new_tokens=12)
@@ -160,7 +161,7 @@ def latency(qwen: Path, root: Path, repeats: int, new_tokens: int = 32) -> list[
     questions = [(r["question"], passages[i : i + 5]) for i, r in enumerate(records[:5])]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        lm = load_passage_lm(str(shaped), dtype, "cuda")
+        lm = load_passage_lm(str(shaped), Dtype.parse(dtype), Device.CUDA)
         assert isinstance(lm, DecoderOnlyLM)
         lm.rules = replace(lm.rules, min_new_tokens=new_tokens)  # random weights: every answer runs to the limit
         for label, options in (

@@ -23,11 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generator_svc.config import Device  # noqa: E402
 from generator_svc.families import DecoderOnlyLM  # noqa: E402
 from generator_svc.loading import load_passage_lm, resolve_device  # noqa: E402
 from generator_svc.model import RagModel  # noqa: E402
 from generator_svc.passage_cache import auto_budget_bytes  # noqa: E402
-from generator_svc.precision import choose_precision, cpu_flags, cpu_model  # noqa: E402
+from generator_svc.precision import Dtype, choose_precision, cpu_flags, cpu_model  # noqa: E402
 from generator_svc.requests import Request  # noqa: E402
 from rag import paths  # noqa: E402
 from rag.types import DecodingOptions, Mode, Passage  # noqa: E402
@@ -43,13 +44,13 @@ def main() -> None:
     args = parser.parse_args()
     records = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
     passages = [Passage(r["passage"]["id"], r["passage"]["title"], r["passage"]["text"], 1.0) for r in records]
-    precision = choose_precision(args.dtype, resolve_device("auto"))
+    precision = choose_precision(Dtype.parse(args.dtype), resolve_device(Device.AUTO))
     plain = RagModel(load_passage_lm(args.generator, precision.dtype))
     cached = RagModel(
         load_passage_lm(args.generator, precision.dtype, kv_cache_bytes=auto_budget_bytes(plain.lm.device))
     )
     result: dict[str, object] = {
-        "generator": Path(args.generator).name, "dtype": precision.dtype, "cpu": cpu_model(),
+        "generator": Path(args.generator).name, "dtype": precision.dtype.value, "cpu": cpu_model(),
         "flags": sorted({"amx_bf16", "avx512_bf16", "avx2"} & cpu_flags()),
     }  # fmt: skip
     drafted = RagModel(cached.lm, draft_tokens=8)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.finetune_squad import split_by_article  # noqa: E402
 from generator_svc.loading import load_passage_lm  # noqa: E402
 from generator_svc.passage_lm import one_each  # noqa: E402
-from generator_svc.precision import cpu_flags, cpu_model  # noqa: E402
+from generator_svc.precision import Dtype, cpu_flags, cpu_model  # noqa: E402
 from rag import paths  # noqa: E402
 from rag.types import Passage  # noqa: E402
 
@@ -61,7 +61,7 @@ def prompts(n: int) -> list[tuple[str, list[Passage]]]:
 
 
 def first_token_logprobs(generator: str, dtype: str, batch: list[tuple[str, list[Passage]]]) -> torch.Tensor:
-    lm = load_passage_lm(generator, dtype)
+    lm = load_passage_lm(generator, Dtype.parse(dtype))
     rows = []
     for question, passages in batch:
         rows.append(lm.encode([question], [one_each(passages)]).first_logprobs)

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from rag import paths
 from rag.config import option
+from rag.errors import FailedPrecondition
 from rag.serving import ServerConfig
 
-DEVICES = ("auto", "cpu", "cuda")  # where a model runs (auto: CUDA when torch sees one)
+
+class Device(enum.Enum):
+    """Where a model runs (auto: CUDA when torch sees one)."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        try:
+            return cls(text)
+        except ValueError:
+            raise FailedPrecondition(f"device {text!r} is not one of {', '.join(d.value for d in cls)}") from None
 
 
 @dataclass

@@ -19,22 +19,25 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from generator_svc.config import DEVICES
+from generator_svc.config import Device
 from generator_svc.families import DecoderOnlyLM, EncoderDecoderLM
 from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM
-from generator_svc.precision import choose_precision, few_row_products, with_precision
+from generator_svc.precision import Dtype, choose_precision, few_row_products, with_precision
 from rag.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 
 def load_passage_lm(
-    spec: str, dtype: str = "float32", device: str = "cpu", chunk_tokens: int = 0, kv_cache_bytes: int = 0
+    spec: str,
+    dtype: Dtype = Dtype.FLOAT32,
+    device: Device = Device.CPU,
+    chunk_tokens: int = 0,
+    kv_cache_bytes: int = 0,
 ) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
-    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (auto or one of precision.DTYPES;
-    see `choose_precision`) on `device` (auto: CUDA when torch sees one), running prompts and scoring in passes of
+    directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `choose_precision`) on `device` (auto: CUDA when torch sees one), running prompts and scoring in passes of
     `chunk_tokens` (0: by device), a decoder-only LM with a passage KV cache of `kv_cache_bytes` (0: none). Only
     safetensors/GGUF weights are read; no remote code runs."""
     where = resolve_device(device)
@@ -42,11 +45,11 @@ def load_passage_lm(
     lm = _load(spec)
     lm.model = with_precision(torch.nn.Module.to(lm.model, where), precision.dtype)
     lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
-    if where.type == "cpu" and precision.dtype == "float32":
+    if where.type == "cpu" and precision.dtype is Dtype.FLOAT32:
         few_row_products(lm.model)
     if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
         template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
-        namespace = f"{lm.name}|{precision.dtype}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
+        namespace = f"{lm.name}|{precision.dtype.value}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
         lm.passage_cache = PassageKVCache(kv_cache_bytes, namespace)
     return lm
 
@@ -57,13 +60,12 @@ def chunk_tokens_for(device: torch.device) -> int:
     return 512 if device.type == "cpu" else 16384
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto`, `cpu` or `cuda` as a torch device (auto: CUDA when torch sees one)."""
-    if name not in DEVICES:
-        raise FailedPrecondition(f"device {name!r} is not one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
+def resolve_device(device: Device) -> torch.device:
+    """The torch device (auto: CUDA when torch sees one)."""
+    if device is Device.CUDA and not torch.cuda.is_available():
         raise FailedPrecondition("device cuda, but torch sees no CUDA device here; use auto or cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    cuda = device is Device.CUDA or (device is Device.AUTO and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def _load(spec: str) -> PassageLM:

@@ -11,6 +11,7 @@ is native too, and says so. bfloat16 and int8 are opt-in. Log-probabilities are 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,23 @@ from transformers import PreTrainedModel
 
 from rag.errors import FailedPrecondition
 
-DTYPES = ("float32", "bfloat16", "int8")  # what weights can be served in
-CHOICES = ("auto", *DTYPES)  # what --dtype accepts
+
+class Dtype(enum.Enum):
+    """What --dtype accepts: a precision to serve weights in, or auto (decided here)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    INT8 = "int8"
+
+    @classmethod
+    def parse(cls, text: str) -> Dtype:
+        try:
+            return cls(text)
+        except ValueError:
+            raise FailedPrecondition(f"dtype {text!r} is not one of {', '.join(d.value for d in cls)}") from None
+
+
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Whether bfloat16 keeps the quality rule, per RAG mode (bench/precision_check.py and `rag bench --only latency`
 # on a CPU with native bfloat16, 2026-12-06: EM 0.250 vs 0.300 RAG-Token, 0.300 vs 0.350 RAG-Sequence). One model
@@ -32,8 +48,8 @@ BFLOAT16_KEEPS_QUALITY = {"RAG-Token": False, "RAG-Sequence": False}
 class Precision:
     """The dtype a model is served in, and why: `basis` a fixed label (the info metric's), `reason` in words."""
 
-    dtype: str
-    basis: str  # asked | native_bfloat16 | no_native_bfloat16
+    dtype: Dtype  # never AUTO
+    basis: str  # asked | native_bfloat16 | no_native_bfloat16 | bfloat16_below_quality_rule
     reason: str
 
 
@@ -56,26 +72,24 @@ def cpu_model() -> str:
     return _cpuinfo("model name") or "unknown"
 
 
-def choose_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> Precision:
+def choose_precision(requested: Dtype, device: torch.device, flags: set[str] | None = None) -> Precision:
     """`requested` (auto or a dtype) resolved for `device`; `flags` are the CPU's (read when not given)."""
-    if requested not in CHOICES:
-        raise FailedPrecondition(f"dtype {requested!r} is not one of {', '.join(CHOICES)}")
-    if device.type == "cuda" and requested == "int8":
+    if device.type == "cuda" and requested is Dtype.INT8:
         raise FailedPrecondition("int8 runs on a CPU only (torch's dynamic quantisation); use bfloat16 on a GPU")
-    if requested != "auto":
-        return Precision(requested, "asked", f"--dtype {requested}")
+    if requested is not Dtype.AUTO:
+        return Precision(requested, "asked", f"--dtype {requested.value}")
     native = native_bfloat16(device, flags)
     if native is None:
-        return Precision("float32", "no_native_bfloat16", "auto: no native bfloat16 here, float32 is faster")
+        return Precision(Dtype.FLOAT32, "no_native_bfloat16", "auto: no native bfloat16 here, float32 is faster")
     failing = [mode for mode, kept in BFLOAT16_KEEPS_QUALITY.items() if not kept]
     if failing:
         return Precision(
-            "float32",
+            Dtype.FLOAT32,
             "bfloat16_below_quality_rule",
             f"auto: {native}, but bfloat16 does not keep the quality rule in {' and '.join(failing)} "
             "(docs/results.md); --dtype bfloat16 serves it",
         )
-    return Precision("bfloat16", "native_bfloat16", f"auto: {native}")
+    return Precision(Dtype.BFLOAT16, "native_bfloat16", f"auto: {native}")
 
 
 def native_bfloat16(device: torch.device, flags: set[str] | None = None) -> str | None:
@@ -93,14 +107,14 @@ def native_bfloat16(device: torch.device, flags: set[str] | None = None) -> str 
 KEEP_FLOAT = ("down_proj", "fc2", "wo")
 
 
-def with_precision(model: PreTrainedModel, dtype: str) -> PreTrainedModel:
+def with_precision(model: PreTrainedModel, dtype: Dtype) -> PreTrainedModel:
     """The model for serving in `dtype`: float32 (the reference); bfloat16 (half the memory; fast only where the
     CPU or GPU computes in it); int8 (torch's dynamic quantisation: the Linear layers' weights in int8 with a scale
     per output channel, activations quantised on the fly, so the matrix products, most of the time on a CPU, run in
     int8; the layers named in KEEP_FLOAT stay float32). Log-probabilities are always computed in float32."""
-    if dtype == "bfloat16":
+    if dtype is Dtype.BFLOAT16:
         return torch.nn.Module.to(model, torch.bfloat16)
-    if dtype == "int8":
+    if dtype is Dtype.INT8:
         import warnings
 
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -16,12 +16,12 @@ from typing import Any
 import grpc
 import torch
 
-from generator_svc.config import GeneratorConfig
+from generator_svc.config import Device, GeneratorConfig
 from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
 from generator_svc.passage_cache import auto_budget_bytes
-from generator_svc.precision import choose_precision
+from generator_svc.precision import Dtype, choose_precision
 from generator_svc.requests import Limits, Request
 from generator_svc.worker import Call, Decode, Job, ModelWorker
 from rag import metrics
@@ -148,14 +148,15 @@ async def create_server(config: GeneratorConfig) -> Served:
     def load() -> RagModel:
         if config.threads:
             torch.set_num_threads(config.threads)
-        where = resolve_device(config.device)
-        precision = choose_precision(config.dtype, where)
+        device = Device.parse(config.device)
+        where = resolve_device(device)
+        precision = choose_precision(Dtype.parse(config.dtype), where)
         cache_bytes = auto_budget_bytes(where) if config.kv_cache_mb < 0 else config.kv_cache_mb * 2**20
-        lm = load_passage_lm(config.generator, precision.dtype, config.device, config.chunk_tokens, cache_bytes)
-        metrics.GENERATOR_PRECISION.labels(precision.dtype, precision.basis).set(1)
+        lm = load_passage_lm(config.generator, precision.dtype, device, config.chunk_tokens, cache_bytes)
+        metrics.GENERATOR_PRECISION.labels(precision.dtype.value, precision.basis).set(1)
         log.info(
             "generator %s loaded (%s, %s on %s: %s)",
-            lm.name, type(lm).__name__, precision.dtype, lm.device, precision.reason,
+            lm.name, type(lm).__name__, precision.dtype.value, lm.device, precision.reason,
         )  # fmt: skip
         if isinstance(lm, DecoderOnlyLM) and lm.passage_cache is not None:
             log.info("passage KV cache: %d MiB (%s)", cache_bytes >> 20,

@@ -502,10 +502,11 @@ def matmul_rate(size: int = 1024) -> float:
 
 def native_bfloat16() -> bool:
     """Whether this machine computes in bfloat16 natively (elsewhere torch emulates it, slower than float32)."""
+    from generator_svc.config import Device
     from generator_svc.loading import resolve_device
     from generator_svc.precision import native_bfloat16 as native
 
-    return native(resolve_device("auto")) is not None
+    return native(resolve_device(Device.AUTO)) is not None
 
 
 def machine() -> dict[str, object]:

@@ -43,8 +43,10 @@ import transformers
 from tqdm import tqdm
 
 from generator_svc import rag_math
+from generator_svc.config import Device
 from generator_svc.loading import load_passage_lm, resolve_device, save_passage_lm
 from generator_svc.passage_lm import PassageLM, one_each
+from generator_svc.precision import Dtype
 from rag import paths
 from rag.errors import FailedPrecondition, require
 from rag.files import publishing, sha256_file, write_atomically
@@ -52,7 +54,7 @@ from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.types import Mode, Passage, RetrievalMode
 from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
-from rag_cli.train_config import DEVICES, MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
+from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
 from rag_cli.up import Stack, UpConfig
 from retriever_svc.encoders import Encoder, load_encoder
 from retriever_svc.layout import MANIFEST, Manifest, resolve
@@ -88,7 +90,8 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
         f"--retrieval must be dense or hybrid (lexical scores give the query encoder no gradient), got "
         f"{config.retrieval!r}",
     )
-    require(config.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    devices = [d.value for d in Device]
+    require(config.device in devices, f"--device must be one of {', '.join(devices)}, got {config.device!r}")
     require(config.k >= 1, f"--k must be at least 1, got {config.k}")
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
@@ -106,7 +109,7 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
         config.k <= manifest.count,
         f"--k {config.k} is more than the {manifest.count} passages {manifest.ref} holds",
     )
-    device = resolve_device(config.device)
+    device = resolve_device(Device(config.device))
     out = (Path(config.out) if config.out else paths.rag_home() / "train" / manifest.name).resolve()
     return Plan(
         questions,
@@ -212,7 +215,8 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
         for shard in retrieval.shards:
             check_compatible(encoder, shard)
         frozen = not p.train_generator  # its log-likelihoods are constants of the loss: served precision is enough
-        lm = load_passage_lm(config.generator, config.generator_dtype if frozen else "float32", config.device)
+        dtype = Dtype.parse(config.generator_dtype) if frozen else Dtype.FLOAT32
+        lm = load_passage_lm(config.generator, dtype, Device(config.device))
         return _train(p, config, encoder, lm, retrieval)
     finally:
         retrieval.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from generator_svc.config import DEVICES
+from generator_svc.config import Device
 from rag import paths
 from rag.config import option
 from rag.types import Mode, RetrievalMode
@@ -40,7 +40,7 @@ class TrainConfig:
     lora_rank: int = option(0, "train the generator as LoRA adapters of this rank, merged at the end (0 = fully)")
     dev: str = option("", "question set to evaluate (rag eval) before and after training")
     out: str = option("", "output directory; default $RAG_HOME/train/<index name>; a rerun resumes there")
-    device: str = option("auto", f"{', '.join(DEVICES)} (auto: CUDA when there is one)")
+    device: str = option("auto", f"{', '.join(d.value for d in Device)} (auto: CUDA when there is one)")
     seed: int = option(0, "seed of the question order and of the initial LoRA weights")
     questions_format: str = option("", "question-set format (jsonl, squad, dpr-qa); default: from the file")
     checkpoint_every: int = option(50, "steps between resumable checkpoints")

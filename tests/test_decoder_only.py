@@ -25,7 +25,7 @@ from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
-from generator_svc.precision import FewRowLinear, choose_precision, cpu_flags
+from generator_svc.precision import Dtype, FewRowLinear, choose_precision, cpu_flags
 from generator_svc.requests import Request
 from rag.errors import FailedPrecondition
 from rag.serving import ServerThread
@@ -237,7 +237,7 @@ def test_lower_precision_agrees_with_float32_where_the_choice_is_clear(
     tiny: TinyModels, peaked_lm: Path, family: str, dtype: str
 ) -> None:
     spec = str(peaked_lm if family == "decoder-only" else tiny.rag_checkpoint)
-    reference, lowered = load_passage_lm(spec), load_passage_lm(spec, dtype)
+    reference, lowered = load_passage_lm(spec), load_passage_lm(spec, Dtype.parse(dtype))
     questions = [QUESTION, "What is the capital of France?", "How high is Mount Everest?"]
     contexts = [one_each(PASSAGES), one_each(PASSAGES[::-1]), one_each(PASSAGES[1:] + PASSAGES[:1])]
     exact = reference.encode(questions, contexts).first_logprobs
@@ -280,14 +280,14 @@ def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
 def test_auto_precision_follows_the_cpus_flags_and_the_quality_rule(
     flags: set[str], dtype: str, basis: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    chosen = choose_precision("auto", torch.device("cpu"), flags)
-    assert (chosen.dtype, chosen.basis) == (dtype, basis)
+    chosen = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)
+    assert (chosen.dtype.value, chosen.basis) == (dtype, basis)
     monkeypatch.setattr(precision, "BFLOAT16_KEEPS_QUALITY", {"RAG-Token": True, "RAG-Sequence": True})
-    kept = choose_precision("auto", torch.device("cpu"), flags)  # once bfloat16 keeps the rule in both modes
-    assert kept.dtype == ("float32" if basis == "no_native_bfloat16" else "bfloat16")
-    assert choose_precision("int8", torch.device("cpu"), flags).basis == "asked"
+    kept = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)  # once bfloat16 keeps the rule in both modes
+    assert kept.dtype is (Dtype.FLOAT32 if basis == "no_native_bfloat16" else Dtype.BFLOAT16)
+    assert choose_precision(Dtype.INT8, torch.device("cpu"), flags).basis == "asked"
     with pytest.raises(FailedPrecondition, match="not one of auto, float32, bfloat16, int8"):
-        choose_precision("float16", torch.device("cpu"), flags)
+        Dtype.parse("float16")
 
 
 def test_the_generator_says_which_precision_auto_chose_and_why(
