@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generator", default=str(paths.models_dir() / paths.DEMO_GENERATOR_DIR))
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--modes", default="token,sequence", help="token, sequence or both")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     records = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
@@ -57,7 +58,7 @@ def main() -> None:
     for model in (plain, cached):
         model.warm_up()
     assert isinstance(cached.lm, DecoderOnlyLM) and cached.lm.passage_cache is not None
-    for mode in (Mode.TOKEN, Mode.SEQUENCE):
+    for mode in [Mode.TOKEN if m.strip() == "token" else Mode.SEQUENCE for m in args.modes.split(",")]:
         cached.lm.passage_cache.clear()  # each mode starts cold
         options = DecodingOptions(mode=mode, max_new_tokens=32).with_defaults(32, 1.0)
         requests = [
