@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from rag import paths
 from rag.config import option
-from rag.errors import FailedPrecondition
 from rag.serving import ServerConfig
+from rag.types import from_word
 
 
 class Device(enum.Enum):
@@ -20,10 +20,7 @@ class Device(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Device:
-        try:
-            return cls(text)
-        except ValueError:
-            raise FailedPrecondition(f"device {text!r} is not one of {', '.join(d.value for d in cls)}") from None
+        return from_word(cls, text, "device")
 
 
 @dataclass

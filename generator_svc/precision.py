@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from rag.errors import FailedPrecondition
+from rag.types import from_word
 
 
 class Dtype(enum.Enum):
@@ -31,10 +32,7 @@ class Dtype(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Dtype:
-        try:
-            return cls(text)
-        except ValueError:
-            raise FailedPrecondition(f"dtype {text!r} is not one of {', '.join(d.value for d in cls)}") from None
+        return from_word(cls, text, "dtype")
 
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rag.errors import require
-from rag.types import Passage, RetrievalMode, _from_pb_value, _from_word
+from rag.types import Passage, RetrievalMode, _from_pb_value, from_word
 from rag.v1 import retriever_pb2
 
 # p(z|x) = softmax(rrf / T): RRF scores are at most 2 / (rrf_k + 1) = 0.033; at T = 0.001 the passage first in
@@ -36,7 +36,7 @@ class FusionMethod(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> FusionMethod:
-        return _from_word(cls, text, "fusion")
+        return from_word(cls, text, "fusion")
 
     @classmethod
     def from_pb(cls, pb: retriever_pb2.FusionMethod.ValueType) -> FusionMethod:

@@ -99,7 +99,7 @@ class Mode(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> Mode:
-        return _from_word(cls, text, "mode")
+        return from_word(cls, text, "mode")
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.RagMode.ValueType) -> Mode:
@@ -117,7 +117,7 @@ class SequenceDecoding(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> SequenceDecoding:
-        return _from_word(cls, text, "sequence decoding")
+        return from_word(cls, text, "sequence decoding")
 
     @classmethod
     def from_pb(cls, pb: generator_pb2.SequenceDecoding.ValueType) -> SequenceDecoding:
@@ -144,7 +144,7 @@ class RetrievalMode(enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> RetrievalMode:
-        return _from_word(cls, text, "retrieval")
+        return from_word(cls, text, "retrieval")
 
     @classmethod
     def from_pb(cls, pb: retriever_pb2.RetrievalMode.ValueType) -> RetrievalMode | None:
@@ -161,7 +161,7 @@ def to_pb_or_unset(mode: RetrievalMode | None) -> retriever_pb2.RetrievalMode.Va
     return mode.to_pb() if mode else retriever_pb2.RETRIEVAL_MODE_UNSPECIFIED
 
 
-def _from_word(enumeration: type[E], text: str, what: str) -> E:
+def from_word(enumeration: type[E], text: str, what: str) -> E:
     """The member named by a command-line word, or INVALID_ARGUMENT listing the words."""
     words = [member.value for member in enumeration]
     require(text in words, f"{what} must be one of {', '.join(words)}, got {text!r}")

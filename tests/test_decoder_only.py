@@ -27,7 +27,7 @@ from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import Dtype, FewRowLinear, choose_precision, cpu_flags
 from generator_svc.requests import Request
-from rag.errors import FailedPrecondition
+from rag.errors import FailedPrecondition, InvalidArgument
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
@@ -286,7 +286,7 @@ def test_auto_precision_follows_the_cpus_flags_and_the_quality_rule(
     kept = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)  # once bfloat16 keeps the rule in both modes
     assert kept.dtype is (Dtype.FLOAT32 if basis == "no_native_bfloat16" else Dtype.BFLOAT16)
     assert choose_precision(Dtype.INT8, torch.device("cpu"), flags).basis == "asked"
-    with pytest.raises(FailedPrecondition, match="not one of auto, float32, bfloat16, int8"):
+    with pytest.raises(InvalidArgument, match="dtype must be one of auto, float32, bfloat16, int8"):
         Dtype.parse("float16")
 
 
