@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import random
 import re
 import string
@@ -55,6 +56,9 @@ class EvalConfig:
     timeout: float = option(600.0, "deadline per question, seconds")
     progress: bool = option(True, "show a progress bar")
     json: bool = option(False, "end with one JSON line holding the summary")
+    against: str = option(
+        "", "a previous run's --out directory: compare question by question (wins, losses, a sign test)"
+    )
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,54 @@ def summarize(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, Any
     return summary
 
 
+def previous_run(run: Path) -> list[dict[str, Any]]:
+    """A previous run's records (its --out directory, or its results.jsonl)."""
+    path = run / "results.jsonl" if run.is_dir() else run
+    if not path.is_file():
+        raise InvalidArgument(f"--against {run}: no results.jsonl there (give a previous run's --out directory)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def records_of(records: list[dict[str, Any]], mode: str, k: int) -> dict[str, dict[str, Any]]:
+    """The records of `mode` and `k`, by question id (the last one where there are several)."""
+    return {r["id"]: r for r in records if r["mode"] == mode and r["k"] == k}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if both runs were as good."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare(before: dict[str, dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """Paired comparison of the questions both runs answered: per measure, the means, the questions this run
+    does better (wins) and worse (losses) on, and the sign test's p-value (ties left out)."""
+    pairs = [(before[r["id"]], r) for r in after if r["id"] in before]
+    measures: dict[str, Any] = {}
+    if pairs and "exact_match" in pairs[0][1] and "exact_match" in pairs[0][0]:
+        measures["exact_match"] = lambda r: r["exact_match"]
+        measures["f1"] = lambda r: r["f1"]
+    if pairs and all(a["has_gold"] for a, _ in pairs):
+        rank = lambda r: r["gold_rank"] if r["gold_rank"] is not None else math.inf  # noqa: E731
+        measures["recall_at_1"] = lambda r: float(rank(r) <= 1)
+        measures["recall_at_k"] = lambda r: float(rank(r) <= r["k"])
+        measures["gold_rank"] = lambda r: -rank(r)  # higher is better, as for the others
+    result: dict[str, Any] = {"n": len(pairs)}
+    for name, value in measures.items():
+        wins = sum(1 for a, b in pairs if value(b) > value(a))
+        losses = sum(1 for a, b in pairs if value(b) < value(a))
+        entry: dict[str, Any] = {"wins": wins, "losses": losses, "ties": len(pairs) - wins - losses}
+        if name != "gold_rank":
+            entry["before"] = sum(value(a) for a, _ in pairs) / len(pairs)
+            entry["after"] = sum(value(b) for _, b in pairs) / len(pairs)
+        entry["sign_test_p"] = round(sign_test(wins, losses), 4)
+        result[name] = entry
+    return result
+
+
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
     lines = [
         "| mode | retrieval | k | n | EM | F1 | recall@k | p50 latency (s) |",
@@ -259,6 +311,16 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
             f"| {s['mode']} | {s.get('retrieval', 'dense')} | {s['k']} | {s['n']} | {em} | {f1} | {recall} | "
             f"{s['latency_ms']['p50'] / 1000:.2f} |"
         )
+    for s in summaries:
+        if "paired" in s:
+            lines += ["", f"Against the previous run, k = {s['k']}, {s['paired']['n']} questions in both:", "",
+                      "| measure | before | after | wins | losses | ties | sign test p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for name, m in s["paired"].items():
+                if name != "n":
+                    before, after = (f"{m[key]:.3f}" if key in m else "-" for key in ("before", "after"))
+                    lines.append(
+                        f"| {name} | {before} | {after} | {m['wins']} | {m['losses']} | {m['ties']} | {m['sign_test_p']} |"
+                    )
     return "\n".join(lines)
 
 
@@ -295,6 +357,7 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
     examples = sample(read_examples(questions, config.questions_format), config.limit, config.seed)
     out = Path(config.out) if config.out else None
     retrieval = RetrievalMode.parse(config.retrieval) if config.retrieval else None
+    against = previous_run(Path(config.against)) if config.against else None  # checked before any question
     done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +386,10 @@ def run_eval(questions: Path, config: EvalConfig) -> list[dict[str, Any]]:
                             handle.write(json.dumps(done[key], ensure_ascii=False) + "\n")
                 records.append(done[key])
                 bar.update()
-        summaries.append(summarize(records, config.mode, k))
+        summary = summarize(records, config.mode, k)
+        if against is not None:
+            summary["paired"] = compare(records_of(against, config.mode, k), records)
+        summaries.append(summary)
     if out is not None:
         write_atomically(out / "summary.json", json.dumps(summaries, indent=2))
         write_atomically(out / "table.md", markdown_table(summaries) + "\n")

@@ -11,7 +11,19 @@ from pathlib import Path
 import pytest
 
 from rag.errors import InvalidArgument
-from rag_cli.eval import Example, exact_match, f1_score, gold_rank, normalize_answer, percentile, read_examples, sample
+from rag_cli.eval import (
+    EvalConfig,
+    Example,
+    exact_match,
+    f1_score,
+    gold_rank,
+    normalize_answer,
+    percentile,
+    read_examples,
+    run_eval,
+    sample,
+    sign_test,
+)
 from rag_cli.main import main as rag_cli
 from tests.conftest import Services
 
@@ -218,3 +230,32 @@ def test_rag_eval_names_what_a_question_set_path_is_instead_of_a_file(
     expected = {"missing": "does not exist", "directory": "is a directory"}.get(case, "is not a regular file")
     assert rag_cli(["eval", str(path), "--gateway", "127.0.0.1:9", "--questions-format", "jsonl"]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_rag_eval_compares_two_runs_question_by_question(
+    services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dense against lexical retrieval on the same questions: wins, losses and ties per measure, counted from the
+    two runs' own records, and an exact sign test."""
+    questions = _question_set(tmp_path)
+    runs = {}
+    for retrieval in ("dense", "lexical"):
+        runs[retrieval] = tmp_path / retrieval
+        args = ["eval", str(questions), "--gateway", services.gateway, "--mode", "retrieve", "--k", "3",
+                "--retrieval", retrieval, "--out", str(runs[retrieval]), "--json", "--no-progress"]  # fmt: skip
+        if retrieval == "lexical":
+            args += ["--against", str(runs["dense"])]
+        assert rag_cli(args) == 0
+    paired = json.loads(capsys.readouterr().out.splitlines()[-1])["paired"]
+    before, after = ({json.loads(line)["id"]: json.loads(line) for line in (runs[r] / "results.jsonl").open()}
+                     for r in ("dense", "lexical"))  # fmt: skip
+    rank = lambda r: r["gold_rank"] or 99  # noqa: E731
+    wins = sum(1 for q in after if rank(after[q]) < rank(before[q]))
+    losses = sum(1 for q in after if rank(after[q]) > rank(before[q]))
+    assert paired["n"] == 3 and (paired["gold_rank"]["wins"], paired["gold_rank"]["losses"]) == (wins, losses)
+    assert paired["recall_at_1"]["after"] == sum(rank(r) <= 1 for r in after.values()) / 3
+    assert "exact_match" not in paired  # retrieval only
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 0) == pytest.approx(0.0625) and sign_test(3, 3) == 1.0
+    with pytest.raises(InvalidArgument, match="no results.jsonl there"):
+        run_eval(questions, EvalConfig(gateway=services.gateway, mode="retrieve", k=3, against=str(tmp_path / "none"),
+                                       progress=False))  # fmt: skip
