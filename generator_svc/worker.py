@@ -79,6 +79,13 @@ class Job:
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def stopped(self) -> Exception:
+        """Why its work was stopped: its deadline passed (DEADLINE_EXCEEDED, even when the server notices it just
+        before the caller's own clock does), or its caller cancelled it."""
+        if self.expired():
+            return DeadlineExceeded("the deadline passed while the model worked on the request; it was stopped")
+        return Cancelled("the caller cancelled the request; its work was stopped")
+
     def abandoned(self) -> bool:
         """Nobody waits for the result any more: cancelled, or past its deadline."""
         return self.cancelled.is_set() or self.expired()
@@ -162,7 +169,7 @@ class ModelWorker:
         except DecodingStopped:  # every caller went away: the model is free for the next batch
             metrics.DECODES_STOPPED.inc()
             for job in live:
-                job.settle(error=Cancelled("the caller cancelled the request or its deadline passed"))
+                job.settle(error=job.stopped())
         except Exception as err:  # handed to the waiting RPCs, which report it
             if len(live) == 1:
                 live[0].settle(error=err)
