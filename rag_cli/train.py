@@ -22,7 +22,8 @@ encoder it pairs with: `rag up --encoder sentence-transformer:DIR/query_encoder`
 generator/ (safetensors, LoRA merged: `rag up --generator DIR/generator`), losses.jsonl, loss.png and
 summary.json. checkpoint/ holds the state a rerun of the same command resumes from. The last stdout line is
 one JSON object: {"out", "query_encoder", "generator", "steps", "loss_first", "loss_last", "dev"}, where `dev`
-holds `rag eval`'s figures on --dev before and after training.
+holds `rag eval`'s figures on --dev before and after training (per question in DIR/dev-before and DIR/dev-after;
+`after.paired` compares them question by question: wins, losses, a sign test).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -378,9 +380,11 @@ def _finish(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, losse
     if config.dev:
         after_encoder = query_encoder_spec if query_encoder else config.encoder
         after_generator = str(generator) if generator else config.generator
+        before, after = p.out / "dev-before", p.out / "dev-after"
+        shutil.rmtree(after, ignore_errors=True)  # the models just trained: nothing of an earlier run's applies
         dev = {
-            "before": _evaluate(Path(config.dev), p, config, config.encoder, config.generator),
-            "after": _evaluate(Path(config.dev), p, config, after_encoder, after_generator),
+            "before": _evaluate(Path(config.dev), p, config, config.encoder, config.generator, before),
+            "after": _evaluate(Path(config.dev), p, config, after_encoder, after_generator, after, against=before),
         }
     outputs = Outputs(
         p.out,
@@ -396,8 +400,11 @@ def _finish(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, losse
     return outputs
 
 
-def _evaluate(dev: Path, p: Plan, config: TrainConfig, encoder: str, generator: str) -> dict[str, Any]:
-    """`rag eval` on the dev questions through a `rag up` stack serving these models over the same index."""
+def _evaluate(
+    dev: Path, p: Plan, config: TrainConfig, encoder: str, generator: str, out: Path, against: Path | None = None
+) -> dict[str, Any]:
+    """`rag eval` on the dev questions through a `rag up` stack serving these models over the same index; the
+    per-question results go to `out` (resumable), compared question by question with `against`'s."""
     stack = Stack(
         UpConfig.on_free_ports(index_root=config.index_root, index=str(p.index), encoder=encoder, generator=generator)
     )
@@ -406,7 +413,13 @@ def _evaluate(dev: Path, p: Plan, config: TrainConfig, encoder: str, generator: 
         summaries = run_eval(
             dev,
             EvalConfig(
-                gateway=gateway, mode=p.mode.value, k=config.k, questions_format=config.questions_format, progress=False
+                gateway=gateway,
+                mode=p.mode.value,
+                k=config.k,
+                questions_format=config.questions_format,
+                progress=False,
+                out=str(out),
+                against=str(against) if against else "",
             ),
         )
     finally:

@@ -136,6 +136,13 @@ def test_rag_train_decoder_only_learns_and_its_models_answer_through_rag_up(
     # --dev: `rag eval` through `rag up` serving the base models, then the fine-tuned ones.
     before, after = summary["dev"]["before"], summary["dev"]["after"]
     assert before["n"] == after["n"] == len(TRAIN_QUESTIONS) and "exact_match" in after and "recall_at_3" in after
+    # ... with every question's result kept, and the two runs compared question by question
+    assert all(len((out / run / "results.jsonl").read_text().splitlines()) == len(TRAIN_QUESTIONS)
+               for run in ("dev-before", "dev-after"))  # fmt: skip
+    paired = after["paired"]
+    assert paired["n"] == len(TRAIN_QUESTIONS)
+    for measure in ("exact_match", "recall_at_1", "gold_rank"):
+        assert paired[measure]["wins"] + paired[measure]["losses"] + paired[measure]["ties"] == paired["n"]
     # The fine-tuned question tower serves the unchanged index; the generator is a plain model directory.
     tower = json.loads((out / "query_encoder" / "question_tower.json").read_text())["document_encoder"]
     assert tower["spec"] == tiny.encoder_spec
