@@ -105,8 +105,7 @@ def greedy_search(
     eos = torch.tensor(rules.eos_token_ids)
     for _ in range(max_new_tokens):
         logprobs = next_logprobs(tokens, None)
-        chosen = constrain(logprobs, generated, max_new_tokens, rules).argmax(dim=-1)
-        chosen = torch.where(unfinished, chosen, rules.pad_token_id)
+        chosen = _greedy_choice(logprobs, generated, unfinished, max_new_tokens, rules)
         total += torch.where(unfinished, logprobs.gather(1, chosen[:, None]).squeeze(1), 0.0)
         generated = torch.cat([generated, chosen[:, None]], dim=1)
         unfinished &= ~torch.isin(chosen, eos)
@@ -117,6 +116,14 @@ def greedy_search(
             break
     lengths = _lengths(generated, rules.eos_token_ids)
     return [[Candidate(tuple(generated[r, : lengths[r]].tolist()), float(total[r]))] for r in range(num_rows)]
+
+
+def _greedy_choice(
+    scores: torch.Tensor, generated: torch.Tensor, unfinished: torch.Tensor, max_new_tokens: int, rules: DecodingRules
+) -> torch.Tensor:
+    """Each row's next token under the rules: the argmax for unfinished rows, padding for finished ones."""
+    chosen = constrain(scores, generated, max_new_tokens, rules).argmax(dim=-1)
+    return torch.where(unfinished, chosen, rules.pad_token_id)
 
 
 def _lengths(generated: torch.Tensor, eos_token_ids: tuple[int, ...]) -> list[int]:
@@ -381,9 +388,7 @@ def _rag_token_search(
     step = len(picked)  # the last step's token was chosen but never fed
     final = torch.tensor([a[step] if len(a) > step else lm.rules.pad_token_id for a in answers])
     picked.append(_log_prob_of(last.pop(), final))
-    _, mask = answer_targets(answers, lm.rules.pad_token_id)
-    token_logprobs = torch.stack(picked, dim=-1)[:, :, : mask.shape[1]]  # [B, K, T]
-    return chosen, AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
+    return chosen, _picked_scores(answers, picked, prior, lm.rules.pad_token_id)
 
 
 def _drafted_rag_token_search(
@@ -409,8 +414,7 @@ def _drafted_rag_token_search(
         position = 0
         while True:  # choose at each position while the drafted tokens fed before it were the choices
             marginal = torch.logsumexp(prior[:, :, None] + per_passage[:, :, position], dim=1)  # [B, V]
-            chosen = constrain(marginal, generated, max_new, rules).argmax(dim=-1)
-            chosen = torch.where(unfinished, chosen, rules.pad_token_id)
+            chosen = _greedy_choice(marginal, generated, unfinished, max_new, rules)
             picked.append(_log_prob_of(per_passage[:, :, position], chosen))
             generated = torch.cat([generated, chosen[:, None]], dim=1)
             unfinished &= ~torch.isin(chosen, eos)
@@ -459,10 +463,17 @@ def _answers_and_scores(
     log-probabilities."""
     lengths = _lengths(generated, rules.eos_token_ids)
     answers = [tuple(generated[b, : lengths[b]].tolist()) for b in range(len(generated))]
-    _, mask = answer_targets(answers, rules.pad_token_id)
+    return [[a] for a in answers], _picked_scores(answers, picked, prior, rules.pad_token_id)
+
+
+def _picked_scores(
+    answers: Sequence[Sequence[int]], picked: list[torch.Tensor], prior: torch.Tensor, pad_token_id: int
+) -> AnswerScores:
+    """The scores of greedy answers from what the search computed: `picked` holds, per step, each chosen
+    token's log-probability under every passage [B, K]; positions past an answer are masked out."""
+    _, mask = answer_targets(answers, pad_token_id)
     token_logprobs = torch.stack(picked, dim=-1)[:, :, : mask.shape[1]]  # [B, K, T]
-    scores = AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
-    return [[a] for a in answers], scores
+    return AnswerScores(torch.where(mask[:, None, :], token_logprobs, 0.0), mask, prior)
 
 
 def _log_prob_of(per_passage: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
