@@ -107,7 +107,7 @@ class EncoderDecoderLM(PassageLM):
     def tokenize(self, questions: Sequence[str], contexts: Sequence[Sequence[Context]]) -> dict[str, torch.Tensor]:
         """The encoder input of every row (question-major), padded to the longest."""
         texts = [self.input_text(q, c) for q, cs in zip(questions, contexts, strict=True) for c in cs]
-        batch = self.tokenizer(
+        batch = self._encoded(
             texts, max_length=self.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
         )
         return {
@@ -117,7 +117,7 @@ class EncoderDecoderLM(PassageLM):
 
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         texts = [self.input_text(question, c) for c in contexts]
-        ids = self.tokenizer(texts, max_length=self.max_input_tokens, truncation=True)["input_ids"]
+        ids = self._encoded(texts, max_length=self.max_input_tokens, truncation=True)["input_ids"]
         return sum(len(row) for row in ids)
 
     @torch.inference_mode()
@@ -193,7 +193,7 @@ class EncoderDecoderLM(PassageLM):
         }
 
     def answer_token_ids(self, answer: str) -> list[int]:
-        ids = self.tokenizer(answer, add_special_tokens=True)["input_ids"]
+        ids = self._encoded(answer, add_special_tokens=True)["input_ids"]
         if not ids or ids[-1] not in self.rules.eos_token_ids:
             ids = ids + [self.rules.eos_token_ids[0]]
         return ids
@@ -245,7 +245,7 @@ class DecoderOnlyLM(PassageLM):
         self._fixed: dict[tuple[int, ...], KV] = {}  # the fixed prefix's keys and values, by its ids
 
     def _truncate(self, text: str) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._encoded(text, add_special_tokens=False)["input_ids"]
         return (
             text if len(ids) <= self.max_passage_tokens else str(self.tokenizer.decode(ids[: self.max_passage_tokens]))
         )
@@ -264,10 +264,10 @@ class DecoderOnlyLM(PassageLM):
         if self.tokenizer.chat_template:
             system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages = [*system, {"role": "user", "content": user}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         else:
             text = f"{user}\nAnswer:"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._encoded(text, add_special_tokens=False)["input_ids"]
 
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         return sum(len(self.prompt_ids(question, c)) for c in contexts)
@@ -526,7 +526,7 @@ class DecoderOnlyLM(PassageLM):
         }
 
     def answer_token_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
+        return self._encoded(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
 
     def teacher_forced(
         self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], targets: torch.Tensor

@@ -16,6 +16,7 @@ The two families that implement it live in generator_svc.families; generator_svc
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,18 @@ class PassageLM(ABC):
         return next(self.model.parameters()).device
 
     def question_tokens(self, question: str) -> int:
-        return len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        return len(self._encoded(question, add_special_tokens=False)["input_ids"])
+
+    # One tokenizer call at a time, in every generator of the process: requests are counted in tokens on the
+    # serving thread while the model's thread encodes, and a fast tokenizer keeps its truncation and padding
+    # settings in shared state that a concurrent call with other settings changes under it (concurrent Generates
+    # to a BART failed with "Unable to create tensor ... padding").
+    _tokenizer_lock = threading.Lock()
+
+    def _encoded(self, text: str | list[str], **options: Any) -> Any:
+        """The tokenizer's encoding of `text` (a BatchEncoding), made under the tokenizer lock."""
+        with self._tokenizer_lock:
+            return self.tokenizer(text, **options)
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""
