@@ -9,7 +9,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,14 @@ def passage_ids(shard_dir: Path) -> list[str]:
     """The passage ids a built index shard stores, in row order."""
     with sqlite3.connect(shard_dir / "passages.sqlite") as db:
         return [row[0] for row in db.execute("SELECT id FROM passages ORDER BY row")]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Poll until `condition` holds (an event seen from outside: a metric, a status); fail saying `what` did not."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
 
 
 def details(err: grpc.RpcError) -> str:

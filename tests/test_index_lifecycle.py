@@ -8,7 +8,6 @@ import resource
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,17 @@ from rag.v1 import (
 from rag_cli.testing.random_models import save_sentence_encoder
 from rag_cli.testing.stack import Launcher, Stack, address
 from retriever_svc.encoders import load_encoder
-from tests.conftest import RAG, TinyModels, build, corpus_records, details, index_build_args, passage_ids, write_jsonl
+from tests.conftest import (
+    RAG,
+    TinyModels,
+    build,
+    corpus_records,
+    details,
+    index_build_args,
+    passage_ids,
+    wait_for,
+    write_jsonl,
+)
 
 TOKEN = "test-admin-token-8c2e4a61f09b7d35"
 QUESTION = "Who is the president of Examplia?"
@@ -238,13 +247,6 @@ def test_gateway_replicas_follow_the_newest_swap_made_through_any_of_them(
     assert versions() == {("kb@v1", rolled_back.swap_generation)} and repairs() == repaired
     for cluster in (one, other):
         assert {version_of(s.passage.id) for s in cluster.ask().sources} == {"v1"}
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def retriever_status(served: Served) -> index_admin_pb2.IndexStatus:

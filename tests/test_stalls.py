@@ -7,7 +7,6 @@ generator's metrics, never from timings.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from transformers import AutoTokenizer
 from rag.types import AskRequest, DecodingOptions, Mode, Passage
 from rag.v1 import gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
 from rag_cli.testing.stack import Launcher, address
-from tests.conftest import FACTS, TinyModels, corpus_records, details
+from tests.conftest import FACTS, TinyModels, corpus_records, details, wait_for
 
 ASTRAL = "\U0001f600" * 2000  # 2,000 characters, the question limit; ~8,000 tokens for a byte-level BPE
 FAMILIES = ("decoder-only", "encoder-decoder")
@@ -36,13 +35,6 @@ def counter(name: str, **labels: str) -> Callable[[], float]:
 prompt_tokens = counter("rag_generator_model_tokens_total", **{"pass": "prompt"})
 scored_tokens = counter("rag_generator_model_tokens_total", **{"pass": "scored"})
 stopped = counter("rag_generator_decodes_stopped_total")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def passages(n: int) -> list[Passage]:
@@ -125,9 +117,9 @@ def test_a_cancelled_ask_frees_the_generator_within_one_pass(
     before, stops = prompt_tokens(), stopped()
     with grpc.insecure_channel(stack.gateway_address) as channel:
         call = gateway_pb2_grpc.GatewayServiceStub(channel).Ask.future(heavy.to_pb(), timeout=600)
-        wait_until(lambda: prompt_tokens() > before, "the generator never started on the heavy Ask")
+        wait_for(lambda: prompt_tokens() > before, "the generator never started on the heavy Ask")
         call.cancel()
-        wait_until(lambda: stopped() > stops, "the heavy Ask's work ran on after its caller cancelled")
+        wait_for(lambda: stopped() > stops, "the heavy Ask's work ran on after its caller cancelled")
         assert ask(stack.gateway_address, NORMAL).answers  # type: ignore[attr-defined]
     heavy_ran = prompt_tokens() - before - normal_cost
     if family == "decoder-only":
