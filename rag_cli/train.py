@@ -1,29 +1,37 @@
 """`rag train`: fine-tune the query encoder and the generator end to end, the paper's recipe (section 2.4).
 
     rag train QUESTIONS --index NAME[@VERSION] [--index-root DIR] [--encoder SPEC] [--generator SPEC]
-              [--train query-encoder|generator|both] [--mode token|sequence] [--k K] [--epochs N]
-              [--max-steps N] [--lr LR] [--batch-size B] [--lora-rank R] [--dev QUESTIONS] [--out DIR]
-              [--device auto|cpu|cuda] [--seed S]
+              [--train query-encoder|generator|both] [--mode sequence|token] [--k K] [--epochs N]
+              [--max-steps N] [--lr LR] [--batch-size B] [--lora-rank R] [--held-out F] [--eval-every N]
+              [--patience N] [--candidates N] [--likelihoods FILE] [--oracle-reader] [--dev QUESTIONS]
+              [--out DIR] [--device auto|cpu|cuda] [--seed S]
 
 One step, for a batch of questions (their first gold answer is the target):
 1. retrieve: encode the questions with the *current* query encoder and take the top K passages of the fixed
    index (every shard), with their vectors d as the index stores them;
 2. p(z|x) = softmax(q . d / tau): q from the query encoder with gradients, d fixed;
-3. p(y_t|x,z,y<t) teacher-forced by the generator (PassageLM.teacher_forced);
-4. loss = the RAG-Token or RAG-Sequence negative marginal log-likelihood (generator_svc.rag_math.marginal_nll,
-   the math the generator serves with). No passage is labelled: the query encoder learns which passages make
-   the answer likely. The document encoder and the index never change.
-A frozen generator (`--train query-encoder`) needs no gradient: its p(y|x,z) is computed once per (question,
-passage) and reused, which makes that stage cheap on a CPU. AdamW with linear warmup and decay, gradients
-clipped at norm 1; bf16 autocast on CUDA.
+3. p(y_t|x,z,y<t) from the generator;
+4. loss = the RAG-Sequence (default) or RAG-Token negative marginal log-likelihood (generator_svc.rag_math.
+   marginal_nll, the math the generator serves with). No passage is labelled: the query encoder learns which
+   passages make the answer likely. The document encoder and the index never change.
+A generator that learns (`--train generator|both`) is teacher-forced with gradients at every step. A frozen one
+(`--train query-encoder`) needs no gradient: its p(y|x,z) is read from a saved likelihood table
+(rag_cli.likelihoods), scored up front for each question's top `--candidates` passages and lazily for any that
+enters a top K later, so the steps are cheap and many; `--oracle-reader` fills the table without a generator
+(0 where the passage holds an answer, -10 elsewhere), a diagnostic that bounds what the query encoder can gain.
+AdamW with linear warmup and decay, gradients clipped at norm 1; bf16 autocast on CUDA. A `--held-out` share of
+the questions (whole gold passages) is never trained on: the marginal NLL on it is measured before training and
+every `--eval-every` steps, the best models by it are kept, and training stops after `--patience` evaluations
+without improvement.
 
 DIR (default $RAG_HOME/train/<index name>) gets query_encoder/ (a question tower that records the document
 encoder it pairs with: `rag up --encoder sentence-transformer:DIR/query_encoder`, or `dpr:question=...`),
-generator/ (safetensors, LoRA merged: `rag up --generator DIR/generator`), losses.jsonl, loss.png and
-summary.json. checkpoint/ holds the state a rerun of the same command resumes from. The last stdout line is
-one JSON object: {"out", "query_encoder", "generator", "steps", "loss_first", "loss_last", "dev"}, where `dev`
-holds `rag eval`'s figures on --dev before and after training (per question in DIR/dev-before and DIR/dev-after;
-`after.paired` compares them question by question: wins, losses, a sign test).
+generator/ (safetensors, LoRA merged: `rag up --generator DIR/generator`), likelihoods.sqlite (a frozen
+generator's table), losses.jsonl, loss.png and summary.json. checkpoint/ holds the state a rerun of the same
+command resumes from. The last stdout line is one JSON object: {"out", "query_encoder", "generator", "steps",
+"loss_first", "loss_last", "held_out", "likelihoods", "dev"}, where `dev` holds `rag eval`'s figures on --dev
+before and after training (per question in DIR/dev-before and DIR/dev-after; `after.paired` compares them question
+by question: wins, losses, a sign test).
 """
 
 from __future__ import annotations
@@ -31,11 +39,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import shutil
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +56,7 @@ from tqdm import tqdm
 from generator_svc import rag_math
 from generator_svc.config import Device
 from generator_svc.loading import load_passage_lm, resolve_device, save_passage_lm
+from generator_svc.passage_cache import auto_budget_bytes
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import Dtype
 from rag import paths
@@ -56,6 +66,7 @@ from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.types import Mode, Passage, RetrievalMode
 from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
+from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable, OracleReader, Pair, Scorer
 from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
 from rag_cli.up import Stack, UpConfig
 from retriever_svc.encoders import Encoder, load_encoder
@@ -77,10 +88,13 @@ class Plan:
     index: IndexRef
     index_dir: Path
     manifest: Manifest
+    held_out: list[Example]  # kept out of training: the marginal NLL on them picks the checkpoint
     mode: Mode
     train_encoder: bool
     train_generator: bool
     out: Path
+    likelihoods: Path  # the frozen generator's likelihood table
+    candidates: int  # passages per question scored into it up front
     device: torch.device
 
 
@@ -98,6 +112,16 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
     require(config.max_steps >= 0 and config.lora_rank >= 0, "--max-steps and --lora-rank must be >= 0")
+    require(
+        config.candidates == 0 or config.candidates >= config.k,
+        f"--candidates must be at least --k ({config.k}), or 0 for 2k; got {config.candidates}",
+    )
+    require(0 <= config.held_out < 1, f"--held-out must be a fraction in [0, 1), got {config.held_out}")
+    require(config.eval_every >= 0 and config.patience >= 1, "--eval-every must be >= 0 and --patience >= 1")
+    require(
+        not config.oracle_reader or config.train == "query-encoder",
+        "--oracle-reader replaces the generator, so only the query encoder can learn: give --train query-encoder",
+    )
     require(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
     examples = [e for e in read_examples(questions, config.questions_format) if e.answers and e.answers[0].strip()]
     require(bool(examples), f"{questions} holds no question with an answer to train on")
@@ -113,18 +137,40 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     )
     device = resolve_device(Device(config.device))
     out = (Path(config.out) if config.out else paths.rag_home() / "train" / manifest.name).resolve()
+    training, held_out = split_held_out(examples, config.held_out, config.seed)
     return Plan(
         questions,
-        examples,
+        training,
         manifest.ref,
         index_dir,
         manifest,
+        held_out,
         Mode.parse(config.mode),
         config.train in ("query-encoder", "both"),
         config.train in ("generator", "both"),
         out,
+        Path(config.likelihoods).resolve() if config.likelihoods else out / "likelihoods.sqlite",
+        min(config.candidates or 2 * config.k, manifest.count),
         device,
     )
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """About `fraction` of the questions, whole gold passages at a time (a question without one stands alone), so
+    no held-out question shares its passage with a trained one. Fewer than one group's worth: nothing is held out."""
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(example.gold_passage or example.id, []).append(example)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    wanted, held, count = int(fraction * len(examples)), set[str](), 0
+    for key in keys:
+        if count >= wanted:
+            break
+        held.add(key)
+        count += len(groups[key])
+    chosen = {id(e) for key in held for e in groups[key]}
+    return [e for e in examples if id(e) not in chosen], [e for e in examples if id(e) in chosen]
 
 
 class Retrieval:
@@ -158,32 +204,6 @@ class Retrieval:
             shard.close()
 
 
-class FrozenGenerator:
-    """p(y_t|x,z,y<t) of a generator that does not learn: computed once per (question, passage), then reused."""
-
-    def __init__(self, lm: PassageLM) -> None:
-        self.lm = lm
-        self.cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    @torch.no_grad()
-    def logprobs(
-        self, examples: list[Example], passages: list[list[Passage]], targets: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """[B, K, T] for the batch's targets (each example's answer is the same in every batch)."""
-        lengths = mask.sum(-1).tolist()
-        for b, (example, found) in enumerate(zip(examples, passages, strict=True)):
-            missing = [p for p in found if (example.id, p.id) not in self.cache]
-            if missing:
-                rows = self.lm.teacher_forced([example.question], [one_each(missing)], targets[b : b + 1])[0]
-                for passage, row in zip(missing, rows, strict=True):
-                    self.cache[(example.id, passage.id)] = row[: lengths[b]].float().cpu()
-        out = torch.zeros(len(examples), len(passages[0]), targets.shape[1])
-        for b, (example, found) in enumerate(zip(examples, passages, strict=True)):
-            for k, passage in enumerate(found):
-                out[b, k, : lengths[b]] = self.cache[(example.id, passage.id)]
-        return out
-
-
 @dataclass
 class Outputs:
     out: Path
@@ -192,20 +212,12 @@ class Outputs:
     steps: int
     loss_first: float
     loss_last: float
+    held_out: dict[str, Any] | None  # questions, the NLL at each evaluation, the step kept, whether it stopped early
+    likelihoods: dict[str, Any] | None  # the table: path, pairs held, pairs this run scored
     dev: dict[str, Any] | None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "out": str(self.out),
-                "query_encoder": self.query_encoder,
-                "generator": self.generator,
-                "steps": self.steps,
-                "loss_first": self.loss_first,
-                "loss_last": self.loss_last,
-                "dev": self.dev,
-            }
-        )
+        return json.dumps({**asdict(self), "out": str(self.out)})
 
 
 def run_train(questions: Path, config: TrainConfig) -> Outputs:
@@ -216,38 +228,67 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
     try:
         for shard in retrieval.shards:
             check_compatible(encoder, shard)
-        frozen = not p.train_generator  # its log-likelihoods are constants of the loss: served precision is enough
-        dtype = Dtype.parse(config.generator_dtype) if frozen else Dtype.FLOAT32
-        lm = load_passage_lm(config.generator, dtype, Device(config.device))
-        return _train(p, config, encoder, lm, retrieval)
+        if p.train_generator:
+            lm = load_passage_lm(config.generator, Dtype.FLOAT32, Device(config.device))
+            return _train(p, config, encoder, Learner(lm), retrieval)
+        scorer: Scorer = OracleReader()
+        if not config.oracle_reader:  # its log-likelihoods are constants of the loss: served precision is enough
+            served = load_passage_lm(
+                config.generator,
+                Dtype.parse(config.generator_dtype),
+                Device(config.device),
+                kv_cache_bytes=auto_budget_bytes(p.device),  # questions on one paragraph share its passage's work
+            )
+            scorer = GeneratorScorer(served, config.generator)
+        table = LikelihoodTable(p.likelihoods, scorer, str(p.index))
+        try:
+            return _train(p, config, encoder, table, retrieval)
+        finally:
+            table.close()
     finally:
         retrieval.close()
 
 
+@dataclass(frozen=True)
+class Learner:
+    """A generator that learns with the query encoder: p(y|x,z) teacher-forced with gradients at every step."""
+
+    lm: PassageLM
+
+    def logprobs(self, examples: list[Example], passages: list[list[Passage]]) -> tuple[torch.Tensor, torch.Tensor]:
+        targets, mask = rag_math.answer_targets(
+            [self.lm.answer_token_ids(e.answers[0]) for e in examples], self.lm.rules.pad_token_id
+        )
+        return self.lm.teacher_forced([e.question for e in examples], [one_each(f) for f in passages], targets), mask
+
+
+# Where p(y_t|x,z,y<t) comes from: the learning generator, or the frozen one's (or the oracle's) likelihood table.
+Likelihoods = Learner | LikelihoodTable
+
+
 def _fingerprint(p: Plan, config: TrainConfig) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    free = ("max_steps", "epochs", "progress", "dev", "out", "device", "checkpoint_every")  # may change on resume
+    free = ("max_steps", "epochs", "progress", "dev", "out", "device", "checkpoint_every", "likelihoods", "patience")
     settings = {k: v for k, v in asdict(config).items() if k not in free}
     return {"questions_sha256": sha256_file(p.questions), "index": str(p.index), **settings}
 
 
-def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrieval: Retrieval) -> Outputs:
+def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likelihoods, retrieval: Retrieval) -> Outputs:
     torch.manual_seed(config.seed)
-    for module in (encoder.question_model, lm.model):
-        torch.nn.Module.to(module, p.device)
-    if p.train_generator and config.lora_rank:
+    torch.nn.Module.to(encoder.question_model, p.device)
+    learner = likelihoods if isinstance(likelihoods, Learner) else None
+    if learner is not None and config.lora_rank:
         import peft
 
         lora = peft.LoraConfig(
             r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules="all-linear", lora_dropout=0.0
         )
-        lm.model = peft.get_peft_model(lm.model, lora)
+        learner.lm.model = peft.get_peft_model(learner.lm.model, lora)
     encoder.question_model.requires_grad_(p.train_encoder)
-    if not (p.train_generator and config.lora_rank):
-        lm.model.requires_grad_(p.train_generator)
-    parameters = [
-        q for module in (encoder.question_model, lm.model) for q in module.parameters() if q.requires_grad
-    ]  # fmt: skip
+    if learner is not None and not config.lora_rank:
+        learner.lm.model.requires_grad_(True)
+    models = {"encoder": encoder.question_model, **({"generator": learner.lm.model} if learner else {})}
+    parameters = [q for module in models.values() for q in module.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(p.examples) / config.batch_size)
     total = config.max_steps or per_epoch * config.epochs
@@ -255,12 +296,12 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrie
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
     )
-    frozen = None if p.train_generator else FrozenGenerator(lm)
     fingerprint = _fingerprint(p, config)
+    if isinstance(likelihoods, LikelihoodTable):
+        _score_candidates(p, config, encoder, likelihoods, retrieval)
 
     checkpoint = p.out / "checkpoint"
-    losses: list[float] = []
-    step = 0
+    run = Progress()
     if (checkpoint / "state.pt").exists():
         state = torch.load(checkpoint / "state.pt", weights_only=True, map_location=p.device)
         saved = json.loads((checkpoint / "fingerprint.json").read_text())
@@ -268,56 +309,149 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, retrie
             raise FailedPrecondition(
                 f"{p.out} holds a run with other settings or questions; give another --out (or remove it)"
             )
-        _trainable_state(encoder.question_model, load=state["encoder"])
-        _trainable_state(lm.model, load=state["generator"])
+        for name, module in models.items():
+            _trainable_state(module, load=state["models"][name])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        step, losses = int(state["step"]), [float(x) for x in state["losses"]]
-        log.info("resuming %s at step %d", p.out, step)
+        run = Progress.from_state(state["progress"])
+        log.info("resuming %s at step %d", p.out, run.step)
     p.out.mkdir(parents=True, exist_ok=True)
 
     autocast: AbstractContextManager[Any] = (
         torch.autocast("cuda", dtype=torch.bfloat16) if p.device.type == "cuda" else nullcontext()
     )
+
+    def loss_of(batch: list[Example]) -> torch.Tensor:
+        """The negative marginal log-likelihood of each question's answer over its top k under the current encoder."""
+        texts = [e.question for e in batch]
+        with autocast:
+            # One encoding of the questions: it retrieves (detached) and gives p(z|x) its gradient.
+            if p.train_encoder:
+                q = encoder.question_vectors(texts)
+            else:
+                q = torch.from_numpy(encoder.encode_questions(texts)).to(p.device)
+            passages = retrieval.search(texts, q.detach().float().cpu().numpy(), config.k)
+            prior = retrieval.log_prior(q, passages)
+            logprobs, mask = likelihoods.logprobs(batch, passages)
+            return rag_math.marginal_nll(logprobs.to(p.device).float(), mask, prior, p.mode)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            size = config.batch_size
+            return float(torch.cat([loss_of(p.held_out[i : i + size]) for i in range(0, len(p.held_out), size)]).mean())
+
+    def evaluate() -> None:
+        """The held-out NLL now; the best state so far is kept (in memory and in the checkpoint)."""
+        if not p.held_out:
+            return
+        if run.evaluate(held_out_loss()):
+            run.best = {name: _copied(_trainable_state(module)) for name, module in models.items()}
+        log.info("step %d: held-out marginal NLL %.4f (best %.4f at step %d)", run.step, run.evaluations[-1]["nll"],
+                 run.best_nll, run.best_step)  # fmt: skip
+
+    every = config.eval_every or per_epoch
+    if not run.evaluations:
+        evaluate()  # the untrained encoder's: training must beat it to be kept
     started = time.perf_counter()
     with tqdm(
-        total=total, initial=step, desc="rag train", unit="step", disable=not config.progress, file=sys.stderr
+        total=total, initial=run.step, desc="rag train", unit="step", disable=not config.progress, file=sys.stderr
     ) as bar:
-        while step < total:
-            epoch, offset = divmod(step, per_epoch)
+        while run.step < total and not run.stopped_early:
+            epoch, offset = divmod(run.step, per_epoch)
             order = torch.randperm(len(p.examples), generator=torch.Generator().manual_seed(config.seed + epoch))
             chosen = order[offset * config.batch_size : (offset + 1) * config.batch_size].tolist()
-            batch = [p.examples[i] for i in chosen]
-            texts = [e.question for e in batch]
-            targets, mask = rag_math.answer_targets(
-                [lm.answer_token_ids(e.answers[0]) for e in batch], lm.rules.pad_token_id
-            )
-            with autocast:
-                # One encoding of the questions: it retrieves (detached) and gives p(z|x) its gradient.
-                if p.train_encoder:
-                    q = encoder.question_vectors(texts)
-                else:
-                    q = torch.from_numpy(encoder.encode_questions(texts)).to(p.device)
-                passages = retrieval.search(texts, q.detach().float().cpu().numpy(), config.k)
-                prior = retrieval.log_prior(q, passages)
-                if frozen is not None:
-                    logprobs = frozen.logprobs(batch, passages, targets, mask).to(p.device)
-                else:
-                    logprobs = lm.teacher_forced(texts, [one_each(found) for found in passages], targets)
-                loss = rag_math.marginal_nll(logprobs.float(), mask, prior, p.mode).mean()
+            loss = loss_of([p.examples[i] for i in chosen]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()
-            step += 1
-            losses.append(loss.item())
+            run.step += 1
+            run.losses.append(loss.item())
             bar.update()
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if step % config.checkpoint_every == 0 or step == total:
-                _save_checkpoint(checkpoint, fingerprint, step, losses, encoder, lm, optimizer, schedule)
-    log.info("trained %d steps in %.0f s on %s", step, time.perf_counter() - started, p.device)
-    return _finish(p, config, encoder, lm, losses)
+            bar.set_postfix(loss=f"{np.mean(run.losses[-20:]):.3f}")
+            if run.step % every == 0 or run.step == total:
+                evaluate()
+                run.stopped_early = run.steps_since_best_evaluation(config.patience)
+            if run.step % config.checkpoint_every == 0 or run.step == total or run.stopped_early:
+                _save_checkpoint(checkpoint, fingerprint, run, models, optimizer, schedule)
+    log.info("trained %d steps in %.0f s on %s", run.step, time.perf_counter() - started, p.device)
+    if run.best is not None:  # the checkpoint the held-out questions liked best, which may be the untrained one
+        for name, module in models.items():
+            _trainable_state(module, load=run.best[name])
+        log.info("kept step %d's models (held-out marginal NLL %.4f)", run.best_step, run.best_nll)
+    return _finish(p, config, encoder, learner, likelihoods, run)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: steps, losses, held-out evaluations and the best state by them."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step", "nll"}
+    best_step: int = 0
+    best_nll: float = math.inf
+    best: dict[str, dict[str, torch.Tensor]] | None = None  # per model, its learning weights at best_step
+    stopped_early: bool = False
+
+    def evaluate(self, nll: float) -> bool:
+        """Record a held-out NLL; True when it is the best so far."""
+        self.evaluations.append({"step": self.step, "nll": nll})
+        if nll < self.best_nll:
+            self.best_step, self.best_nll = self.step, nll
+            return True
+        return False
+
+    def steps_since_best_evaluation(self, patience: int) -> bool:
+        """Whether the last `patience` evaluations all failed to improve on the best."""
+        return sum(e["step"] > self.best_step for e in self.evaluations) >= patience
+
+    def to_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(**state)
+
+    def summary(self, questions: int) -> dict[str, Any] | None:
+        if not self.evaluations:
+            return None
+        return {
+            "questions": questions,
+            "evaluations": self.evaluations,
+            "best_step": self.best_step,
+            "best_nll": self.best_nll,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in state.items()}
+
+
+def _score_candidates(
+    p: Plan, config: TrainConfig, encoder: Encoder, table: LikelihoodTable, retrieval: Retrieval
+) -> None:
+    """Score every question's top `candidates` passages under the untrained encoder into the table (what it lacks;
+    an interrupted run resumes after the last pair committed). Training then mostly reads the table."""
+    examples = p.examples + p.held_out
+    pairs: list[Pair] = []
+    for start in range(0, len(examples), 256):
+        part = examples[start : start + 256]
+        texts = [e.question for e in part]
+        found = retrieval.search(texts, encoder.encode_questions(texts), p.candidates)
+        pairs += [(e, passage) for e, passages in zip(part, found, strict=True) for passage in passages]
+    missing = table.missing(pairs)
+    if not missing:
+        return
+    log.info("scoring %d (question, passage) pairs into %s", len(missing), table.path)
+    started = time.perf_counter()
+    with tqdm(
+        total=len(missing), desc="likelihood table", unit="pair", disable=not config.progress, file=sys.stderr
+    ) as bar:
+        table.fill(missing, progress=bar.update)
+    log.info("scored %d pairs in %.0f s", len(missing), time.perf_counter() - started)
 
 
 def _trainable_state(model: torch.nn.Module, load: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -333,10 +467,8 @@ def _trainable_state(model: torch.nn.Module, load: dict[str, torch.Tensor] | Non
 def _save_checkpoint(
     checkpoint: Path,
     fingerprint: dict[str, Any],
-    step: int,
-    losses: list[float],
-    encoder: Encoder,
-    lm: PassageLM,
+    run: Progress,
+    models: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
@@ -344,10 +476,8 @@ def _save_checkpoint(
     with publishing(checkpoint) as tmp:
         tmp.mkdir()
         state = {
-            "step": step,
-            "losses": losses,
-            "encoder": _trainable_state(encoder.question_model),
-            "generator": _trainable_state(lm.model),
+            "progress": run.to_state(),
+            "models": {name: _trainable_state(module) for name, module in models.items()},
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
         }
@@ -355,23 +485,26 @@ def _save_checkpoint(
         (tmp / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2))
 
 
-def _finish(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, losses: list[float]) -> Outputs:
+def _finish(
+    p: Plan, config: TrainConfig, encoder: Encoder, learner: Learner | None, likelihoods: Likelihoods, run: Progress
+) -> Outputs:
     """Write the models (LoRA merged), the loss curve and the summary; evaluate on --dev before and after."""
-    if p.train_generator and config.lora_rank:
-        lm.model = lm.model.merge_and_unload()
-    for module in (encoder.question_model, lm.model):
-        torch.nn.Module.to(module, "cpu")
+    losses = run.losses
+    torch.nn.Module.to(encoder.question_model, "cpu")
     query_encoder = generator = None
     if p.train_encoder:
         query_encoder = p.out / "query_encoder"
         with publishing(query_encoder) as tmp:
             encoder.save_question_tower(tmp, p.manifest.encoder)
         query_encoder_spec = encoder.question_tower_spec(query_encoder)
-    if p.train_generator:
+    if learner is not None:
+        if config.lora_rank:
+            learner.lm.model = learner.lm.model.merge_and_unload()
+        torch.nn.Module.to(learner.lm.model, "cpu")
         generator = p.out / "generator"
         with publishing(generator) as tmp:
             tmp.mkdir()
-            save_passage_lm(lm, config.generator, tmp)
+            save_passage_lm(learner.lm, config.generator, tmp)
     (p.out / "losses.jsonl").write_text(
         "".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses))
     )
@@ -393,6 +526,8 @@ def _finish(p: Plan, config: TrainConfig, encoder: Encoder, lm: PassageLM, losse
         len(losses),
         losses[0] if losses else float("nan"),
         float(np.mean(losses[-max(1, len(losses) // 10) :])) if losses else float("nan"),
+        run.summary(len(p.held_out)),
+        likelihoods.summary() if isinstance(likelihoods, LikelihoodTable) else None,
         dev,
     )
     summary = {**json.loads(outputs.to_json()), "query_encoder_spec": query_encoder_spec if query_encoder else None}

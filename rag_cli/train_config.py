@@ -22,8 +22,27 @@ class TrainConfig:
     encoder: str = option("", "query encoder spec; default: the encoder that built the index")
     generator: str = option(paths.demo_generator_spec(), "generator: model directory, RAG checkpoint or .gguf")
     train: str = option("both", f"what learns: {', '.join(WHAT)}")
-    mode: str = option("token", "the marginal the loss uses: token (RAG-Token) or sequence (RAG-Sequence)")
+    mode: str = option(
+        "sequence",
+        "the marginal the loss uses: sequence (RAG-Sequence: one sharp posterior per passage, the stronger signal "
+        "for the query encoder) or token (RAG-Token)",
+    )
     k: int = option(5, "passages retrieved per question")
+    candidates: int = option(
+        0,
+        "frozen generator: passages per question scored into the likelihood table up front (the top N under the "
+        "untrained encoder, N >= k; 0 = 2k); passages that enter a top-k later are scored when they do",
+    )
+    likelihoods: str = option(
+        "",
+        "frozen generator: the likelihood table (SQLite) to read and extend; default OUT/likelihoods.sqlite. Reusable "
+        "by any run with the same generator, precision and index",
+    )
+    oracle_reader: bool = option(
+        False,
+        "diagnostic (--train query-encoder): instead of a generator, log p(y|x,z) = 0 when an answer occurs in the "
+        "passage and -10 otherwise; bounds what training the query encoder can gain",
+    )
     retrieval: str = option(
         "dense",
         "dense, or hybrid (the linear fusion with BM25, as the retrievers serve it; the gradient reaches the query "
@@ -32,6 +51,13 @@ class TrainConfig:
     epochs: int = option(1, "passes over the questions")
     max_steps: int = option(0, "train this many steps, cycling through the questions (overrides --epochs; 0 = off)")
     lr: float = option(3e-5, "peak learning rate (AdamW, linear warmup and decay)")
+    held_out: float = option(
+        0.1,
+        "fraction of the questions (whole gold passages at a time) kept out of training to measure the marginal NLL "
+        "on; the best checkpoint by it is kept, and training stops early when it stops improving (0 = off)",
+    )
+    eval_every: int = option(0, "steps between held-out evaluations (0 = once per epoch)")
+    patience: int = option(3, "held-out evaluations without improvement before training stops early")
     batch_size: int = option(8, "questions per step")
     generator_dtype: str = option(
         "auto",

@@ -5,11 +5,14 @@ RagSequenceForGeneration loss, with the same gradients for the question encoder 
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
@@ -18,12 +21,15 @@ from generator_svc import rag_math
 from generator_svc.families import EncoderDecoderLM
 from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import one_each
+from rag.errors import FailedPrecondition
 from rag.types import AskRequest, DecodingOptions, Mode, Passage
 from rag.v1 import gateway_pb2_grpc
+from rag_cli.eval import Example
+from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable
 from rag_cli.testing import random_models
 from rag_cli.testing.stack import Launcher
 from retriever_svc.encoders import DPREncoder, load_encoder
-from tests.conftest import TinyModels, build, index_build_args, rag, write_jsonl
+from tests.conftest import TinyModels, build, corpus_records, index_build_args, rag, write_jsonl
 
 K = 3
 QUESTIONS = ["who discovered penicillin?", "what is the capital of france and its largest city?"]
@@ -90,6 +96,44 @@ def test_loss_and_gradients_equal_transformers(checkpoint: Path, mode: Mode) -> 
             torch.testing.assert_close(parameter.grad, their_grad, atol=1e-4, rtol=0, msg=name)
             compared += 1
         assert compared > 10  # the gradients really reached both models
+
+
+@pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
+def test_the_likelihood_table_holds_what_training_teacher_forces_so_loss_and_gradients_are_equal(
+    tmp_path: Path, tiny: TinyModels, checkpoint: Path, family: str
+) -> None:
+    """A frozen generator's table is scored through the serving path (prompt buckets, the passage KV cache); the
+    training path teacher-forces whole rows. Against either, the loss and the query side's gradient are the same."""
+    spec = str(tiny.causal_lm if family == "decoder-only" else checkpoint)
+    lm = load_passage_lm(spec, kv_cache_bytes=2**26)
+    examples = [Example(f"q{b}", q, (a,)) for b, (q, a) in enumerate(zip(QUESTIONS, ANSWERS, strict=True))]
+    passages = [passages_for(b) for b in range(len(QUESTIONS))]
+    table = LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, spec), "tiny@v1")
+    from_table, mask = table.logprobs(examples, passages)
+    assert table.scored == len(table) == len(QUESTIONS) * K
+
+    targets, answer_mask = rag_math.answer_targets([lm.answer_token_ids(a) for a in ANSWERS], lm.rules.pad_token_id)
+    with torch.no_grad():
+        forced = lm.teacher_forced(QUESTIONS, [one_each(p) for p in passages], targets)
+    assert torch.equal(mask, answer_mask)
+    torch.testing.assert_close(from_table, torch.where(mask[:, None, :], forced, 0.0), atol=1e-4, rtol=0)
+    for mode in (Mode.SEQUENCE, Mode.TOKEN):
+        grads = []
+        for logprobs in (from_table, forced):
+            doc_scores = torch.randn(len(QUESTIONS), K, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            loss = rag_math.marginal_nll(logprobs, mask, rag_math.log_prior(doc_scores), mode).sum()
+            loss.backward()
+            grads.append((loss.detach(), doc_scores.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=0)
+
+    # Reopened, it holds the same scores and scores nothing again; another generator's run refuses it.
+    table.close()
+    again = LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, spec), "tiny@v1")
+    assert torch.equal(again.logprobs(examples, passages)[0], from_table) and again.scored == 0
+    again.close()
+    with pytest.raises(FailedPrecondition, match="another generator"):
+        LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, spec + "-other"), "tiny@v1")
 
 
 # ------------------------------------------------------------------------------------------------ rag train
@@ -240,7 +284,7 @@ def test_rag_train_resumes_from_its_checkpoint(
     first, _ = train(questions, *common, "--max-steps", "2")
     second, result = train(questions, *common, "--max-steps", "4")
     assert "resuming" in result.stderr and second["steps"] == 4 and second["loss_first"] == first["loss_first"]
-    other = rag("train", str(questions), *common, "--max-steps", "4", "--mode", "sequence")
+    other = rag("train", str(questions), *common, "--max-steps", "4", "--mode", "token")
     assert other.returncode == 1 and "a run with other settings" in other.stderr
 
 
@@ -304,3 +348,74 @@ def test_rag_train_one_step_with_hybrid_candidates_trains_the_query_encoder(
     refused = rag("train", str(questions), *common, "--retrieval", "lexical", "--out", str(tmp_path / "lexical"))
     assert refused.returncode == 2 and "dense or hybrid" in refused.stderr
     assert not (tmp_path / "lexical").exists()
+
+
+def test_rag_train_scores_its_likelihood_table_once_and_later_runs_reuse_and_extend_it(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path, checkpoint: Path
+) -> None:
+    common = ["--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+              "--train", "query-encoder", "--k", "2", "--max-steps", "2"]  # fmt: skip
+    first, _ = train(questions, *common, "--candidates", "2", "--out", str(tmp_path / "a"))
+    table = first["likelihoods"]
+    assert table["path"] == str(tmp_path / "a" / "likelihoods.sqlite") and table["scorer"] == "generator"
+    assert table["pairs"] == table["scored_by_this_run"] >= 2 * len(TRAIN_QUESTIONS)  # + what entered a top 2 later
+    # More candidates, reading the first run's table: only the pairs it lacks are scored.
+    more = [*common, "--candidates", "4", "--likelihoods", table["path"]]
+    second, _ = train(questions, *more, "--out", str(tmp_path / "b"))
+    extended = second["likelihoods"]
+    assert extended["pairs"] == table["pairs"] + extended["scored_by_this_run"] >= 4 * len(TRAIN_QUESTIONS)
+    assert extended["scored_by_this_run"] < extended["pairs"] - table["pairs"] + 4 * len(TRAIN_QUESTIONS)
+    # The same run again scores nothing, and trains the same.
+    third, _ = train(questions, *more, "--out", str(tmp_path / "c"))
+    assert third["likelihoods"]["scored_by_this_run"] == 0 and third["likelihoods"]["pairs"] == extended["pairs"]
+    assert third["loss_first"] == second["loss_first"] and third["loss_last"] == second["loss_last"]
+    # A table of another generator is refused, not mixed.
+    other = rag("train", str(questions), *common, "--likelihoods", table["path"], "--generator", str(checkpoint),
+                "--out", str(tmp_path / "d"))  # fmt: skip
+    assert other.returncode == 1 and "holds likelihoods scored with another generator" in other.stderr
+
+
+def test_rag_train_oracle_reader_scores_a_passage_by_whether_it_holds_the_answer(
+    tmp_path: Path, index_root: Path, questions: Path
+) -> None:
+    common = ["--index", "tiny", "--index-root", str(index_root), "--train", "query-encoder", "--k", "3"]
+    summary, _ = train(questions, *common, "--oracle-reader", "--max-steps", "4", "--out", str(tmp_path / "gate"))
+    table = summary["likelihoods"]
+    assert table["scorer"] == "oracle-reader" and "generator" not in table  # no generator was loaded
+    documents = {r["id"]: r for r in corpus_records()}
+    with sqlite3.connect(table["path"]) as db:
+        rows = db.execute("SELECT answer, passage, logprobs FROM likelihood").fetchall()
+    holding = 0
+    for answer, passage, blob in rows:
+        document = documents.get(passage) or documents[passage.rsplit("-", 1)[0]]  # a piece of a split document
+        holds = re.search(rf"\b{re.escape(answer)}\b", f"{document['title']} {document['text']}", re.I) is not None
+        assert np.frombuffer(blob, np.float32).tolist() == [0.0 if holds else -10.0], (answer, passage)
+        holding += holds
+    assert 0 < holding < len(rows) == table["pairs"]
+    refused = rag("train", str(questions), *common, "--oracle-reader", "--train", "both", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--oracle-reader replaces the generator" in refused.stderr
+
+
+def test_rag_train_keeps_the_checkpoint_the_held_out_questions_like_best_and_stops_when_they_stop_improving(
+    tmp_path: Path, tiny: TinyModels, index_root: Path
+) -> None:
+    many = write_jsonl(tmp_path / "q.jsonl", [
+        {"question": f"What is described in sentence {j} of topic {i}?", "answers": [f"Topic {i}"],
+         "gold_passage": f"doc{i}"}
+        for i in range(12) for j in range(2)
+    ])  # fmt: skip
+    common = ["--index", "tiny", "--index-root", str(index_root), "--train", "query-encoder", "--oracle-reader",
+              "--k", "3", "--held-out", "0.25", "--eval-every", "1", "--patience", "2", "--lr", "3e-2"]  # fmt: skip
+    summary, _ = train(many, *common, "--max-steps", "12", "--out", str(tmp_path / "run"))
+    held = summary["held_out"]
+    assert held["questions"] == 6  # three gold passages' questions, whole
+    nll = [e["nll"] for e in held["evaluations"]]
+    assert [e["step"] for e in held["evaluations"]] == list(range(len(nll)))  # before training, then every step
+    assert held["best_step"] == int(np.argmin(nll)) and held["best_nll"] == min(nll)
+    assert held["stopped_early"] == (summary["steps"] < 12)
+    if held["stopped_early"]:  # exactly `patience` evaluations after the best
+        assert summary["steps"] == held["best_step"] + 2
+    # What it wrote is the best step's encoder: a run starting from it measures the best NLL before its first step.
+    kept = f"sentence-transformer:{summary['query_encoder']}"
+    again, _ = train(many, *common, "--encoder", kept, "--max-steps", "1", "--out", str(tmp_path / "again"))
+    assert again["held_out"]["evaluations"][0]["nll"] == pytest.approx(held["best_nll"], abs=1e-5)

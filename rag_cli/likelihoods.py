@@ -1,0 +1,188 @@
+"""The likelihood table of a frozen generator: log p(y_t|x,z,y<t) of each (question, answer, passage), scored
+once and saved, so that training the query encoder against a frozen generator runs many cheap steps.
+
+With the generator frozen, the only thing a training step needs from it is p(y|x,z) for the passages the current
+query encoder retrieves; those do not change as the encoder learns, only *which* passages are retrieved does. The
+table holds them in SQLite (one row per question, answer and passage; each committed as it is scored, so an
+interrupted run loses nothing and a rerun resumes), filled up front for each question's top-N candidates and
+lazily for any passage that enters a top-k later. A table records who scored it (the generator, its precision and
+prompt, or the oracle reader) and over which index; a run with other ones refuses it rather than mixing scores.
+
+Scores come through the serving path (`PassageLM.encode` and `rag_math.score_answers`: the shared prefix, length
+buckets, the passage KV cache and the precision the generator serves in), so the table holds what the service
+computes; they equal the training path's teacher forcing (tests/test_training.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from generator_svc import rag_math
+from generator_svc.passage_lm import PassageLM
+from rag.errors import FailedPrecondition
+from rag.types import Passage
+from rag_cli.eval import Example, normalize_answer
+
+# The oracle reader's log p(y|x,z): certain where the passage holds an answer, near impossible elsewhere.
+ORACLE_HIT, ORACLE_MISS = 0.0, -10.0
+
+Pair = tuple[Example, Passage]
+
+
+class Scorer(Protocol):
+    @property
+    def identity(self) -> dict[str, str]:
+        """What the scores depend on besides the question, answer and passage (a table keeps one scorer's)."""
+        ...
+
+    def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
+        """log p(y_t|x,z,y<t) of each pair's target answer (the example's first), one value per answer token."""
+        ...
+
+
+class GeneratorScorer:
+    """A frozen generator's scores, through the path it serves with."""
+
+    PAIRS_PER_PASS = 16  # (question, passage) rows encoded together: buckets and the KV cache work across them
+
+    def __init__(self, lm: PassageLM, spec: str) -> None:
+        self.lm = lm
+        self.spec = spec
+
+    @property
+    def identity(self) -> dict[str, str]:
+        lm = self.lm
+        prompt = {
+            "max_passage_tokens": getattr(lm, "max_passage_tokens", None),
+            "system": getattr(lm, "system_prompt", None),
+        }
+        return {
+            "scorer": "generator",
+            "generator": self.spec,
+            "model": lm.name,
+            "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+            "prompt": json.dumps(prompt, sort_keys=True),
+        }
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(pairs), self.PAIRS_PER_PASS):
+            part = pairs[start : start + self.PAIRS_PER_PASS]
+            ctx = self.lm.encode([e.question for e, _ in part], [[(p,)] for _, p in part])  # one context per row
+            answers = [self.lm.answer_token_ids(e.answers[0]) for e, _ in part]
+            scores = rag_math.score_answers(self.lm, ctx, torch.zeros(len(part), 1), list(range(len(part))), answers)
+            for h, answer in enumerate(answers):
+                out.append(scores.token_logprobs[h, 0, : len(answer)].float().numpy())
+        return out
+
+
+class OracleReader:
+    """A diagnostic, not the recipe: log p(y|x,z) := 0 when one of the question's answers occurs in the passage
+    (SQuAD-normalised, on word boundaries), -10 otherwise. Training against it shows how far retrieval can move
+    when the reader is perfect, without running a generator: the most the real recipe can gain."""
+
+    identity = {"scorer": "oracle-reader"}
+
+    def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
+        return [np.array([ORACLE_HIT if holds_answer(p, e.answers) else ORACLE_MISS], np.float32) for e, p in pairs]
+
+
+def holds_answer(passage: Passage, answers: Sequence[str]) -> bool:
+    text = f" {normalize_answer(passage.title + ' ' + passage.text)} "
+    return any(f" {a} " in text for a in map(normalize_answer, answers) if a)
+
+
+class LikelihoodTable:
+    """log p(y_t|x,z,y<t) by (question, answer, passage id), saved in `path` and extended as pairs are asked for."""
+
+    def __init__(self, path: Path, scorer: Scorer, index: str) -> None:
+        self.path = path
+        self.scorer = scorer
+        self.identity = {**scorer.identity, "index": index}
+        self.scored = 0  # pairs this process scored (the rest came from the table)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path)
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS likelihood (question TEXT, answer TEXT, passage TEXT, logprobs BLOB,"
+                " PRIMARY KEY (question, answer, passage))"
+            )
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(self.identity),))
+            elif json.loads(row[0]) != self.identity:
+                saved = json.loads(row[0])
+                differs = sorted(k for k in {**saved, **self.identity} if saved.get(k) != self.identity.get(k))
+                raise FailedPrecondition(
+                    f"{path} holds likelihoods scored with another {', '.join(differs)} "
+                    f"({', '.join(f'{k}={saved.get(k)!r}' for k in differs)}); give another --likelihoods or --out"
+                )
+        # Read whole: a table is small next to the model (a few floats per pair) and every step looks pairs up.
+        self._known: dict[tuple[str, str, str], np.ndarray] = {
+            (question, answer, passage): np.frombuffer(blob, np.float32)
+            for question, answer, passage, blob in self._db.execute("SELECT * FROM likelihood")
+        }
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @staticmethod
+    def _key(example: Example, passage: Passage) -> tuple[str, str, str]:
+        return example.question, example.answers[0], passage.id
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "pairs": len(self), "scored_by_this_run": self.scored, **self.identity}
+
+    def missing(self, pairs: Sequence[Pair]) -> list[Pair]:
+        """The pairs the table lacks, each once."""
+        return list({self._key(e, p): (e, p) for e, p in pairs if self._key(e, p) not in self._known}.values())
+
+    def fill(
+        self, pairs: Sequence[Pair], per_commit: int = 64, progress: Callable[[int], object] | None = None
+    ) -> None:
+        """Score the pairs the table lacks, committing every `per_commit` (a rerun resumes after the last)."""
+        missing = self.missing(pairs)
+        for start in range(0, len(missing), per_commit):
+            part = missing[start : start + per_commit]
+            scores = self.scorer.score(part)
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO likelihood VALUES (?, ?, ?, ?)",
+                    [
+                        (*self._key(e, p), s.astype(np.float32).tobytes())
+                        for (e, p), s in zip(part, scores, strict=True)
+                    ],
+                )
+            for (e, p), s in zip(part, scores, strict=True):
+                self._known[self._key(e, p)] = s.astype(np.float32)
+            self.scored += len(part)
+            if progress is not None:
+                progress(len(part))
+
+    def logprobs(
+        self, examples: Sequence[Example], passages: Sequence[Sequence[Passage]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probabilities [B, K, T] of each example's answer under each of its passages, and the mask
+        [B, T] of the answer's tokens (what rag_math.marginal_nll takes); pairs the table lacks are scored now."""
+        self.fill([(e, p) for e, found in zip(examples, passages, strict=True) for p in found])
+        rows = [[self._known[self._key(e, p)] for p in found] for e, found in zip(examples, passages, strict=True)]
+        T = max(len(r) for row in rows for r in row)
+        logprobs = torch.zeros(len(rows), len(rows[0]), T)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            for k, values in enumerate(row):
+                logprobs[b, k, : len(values)] = torch.from_numpy(values.copy())
+            mask[b, : len(row[0])] = True
+        return logprobs, mask
