@@ -77,18 +77,39 @@ def evaluate(
     k: int,
     out: Path,
     modes: tuple[Mode, ...],
+    against: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """rag eval through rag up: retrieval on every dev question, generation on the sample."""
+    """rag eval through rag up: retrieval on every dev question, generation on the sample; with `against` (an
+    earlier evaluate's `out`), each run compared question by question with that one's."""
+
+    def paired(run: str) -> str:
+        return str(against / run) if against is not None and (against / run).is_dir() else ""
+
     stack = Stack(UpConfig.on_free_ports(index=str(index), encoder=encoder, generator=generator))
     results: dict[str, dict[str, Any]] = {}
     try:
         gateway = stack.start()
         results["retrieve"] = run_eval(
-            dev, EvalConfig(gateway=gateway, mode="retrieve", k=max(k, 5), out=str(out / "retrieve"), progress=False)
+            dev,
+            EvalConfig(
+                gateway=gateway,
+                mode="retrieve",
+                k=max(k, 5),
+                out=str(out / "retrieve"),
+                progress=False,
+                against=paired("retrieve"),
+            ),
         )[0]
         for mode in modes:
             ks = 1 if mode is Mode.CLOSED_BOOK else k
-            config = EvalConfig(gateway=gateway, mode=mode.value, k=ks, out=str(out / mode.value), progress=False)
+            config = EvalConfig(
+                gateway=gateway,
+                mode=mode.value,
+                k=ks,
+                out=str(out / mode.value),
+                progress=False,
+                against=paired(mode.value),
+            )
             results[mode.value] = run_eval(dev_sample, config)[0]
             print(markdown_table([results[mode.value]]).splitlines()[-1], flush=True)
     finally:

@@ -109,31 +109,32 @@ class LikelihoodTable:
         self.identity = {**scorer.identity, "index": index}
         self.scored = 0  # pairs this process scored (the rest came from the table)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path)
+        self._db = sqlite3.connect(path, timeout=600)  # data-parallel ranks write to it too
         with self._db:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS likelihood (question TEXT, answer TEXT, passage TEXT, logprobs BLOB,"
                 " PRIMARY KEY (question, answer, passage))"
             )
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('identity', ?)", (json.dumps(self.identity),))
-            elif json.loads(row[0]) != self.identity:
-                saved = json.loads(row[0])
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('identity', ?)", (json.dumps(self.identity),))
+            saved = json.loads(self._db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+            if saved != self.identity:
                 differs = sorted(k for k in {**saved, **self.identity} if saved.get(k) != self.identity.get(k))
                 raise FailedPrecondition(
                     f"{path} holds likelihoods scored with another {', '.join(differs)} "
                     f"({', '.join(f'{k}={saved.get(k)!r}' for k in differs)}); give another --likelihoods or --out"
                 )
-        # Read whole: a table is small next to the model (a few floats per pair) and every step looks pairs up.
-        self._known: dict[tuple[str, str, str], np.ndarray] = {
-            (question, answer, passage): np.frombuffer(blob, np.float32)
-            for question, answer, passage, blob in self._db.execute("SELECT * FROM likelihood")
-        }
+        self._known: dict[tuple[str, str, str], np.ndarray] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the whole table (what other processes wrote too): it is small next to the model, a few floats per
+        pair, and every step looks pairs up."""
+        for question, answer, passage, blob in self._db.execute("SELECT * FROM likelihood"):
+            self._known[(question, answer, passage)] = np.frombuffer(blob, np.float32)
 
     def __len__(self) -> int:
-        return len(self._known)
+        return int(self._db.execute("SELECT COUNT(*) FROM likelihood").fetchone()[0])
 
     def close(self) -> None:
         self._db.close()

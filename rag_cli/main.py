@@ -323,7 +323,9 @@ def _train(args: argparse.Namespace) -> int:
     from rag_cli.train import run_train  # loads torch and the models
 
     setup_logging()
-    print(run_train(Path(args.questions), config_from_args(TrainConfig, args)).to_json(), flush=True)
+    outputs = run_train(Path(args.questions), config_from_args(TrainConfig, args))
+    if outputs is not None:  # rank 0 of data-parallel training (or the only process) reports
+        print(outputs.to_json(), flush=True)
     return 0
 
 

@@ -43,6 +43,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ from rag.files import publishing, sha256_file, write_atomically
 from rag.fusion import Fusion
 from rag.index_ref import IndexRef
 from rag.types import Mode, Passage, RetrievalMode
+from rag_cli import distributed
+from rag_cli.distributed import Ranks
 from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
 from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable, OracleReader, Pair, Scorer
 from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
@@ -220,9 +223,22 @@ class Outputs:
         return json.dumps({**asdict(self), "out": str(self.out)})
 
 
-def run_train(questions: Path, config: TrainConfig) -> Outputs:
+def run_train(questions: Path, config: TrainConfig) -> Outputs | None:
+    """Train; the outputs on rank 0 (the only process unless torchrun started several), None on the others."""
     transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
     p = plan(questions, config)
+    ranks = distributed.start(cuda=p.device.type == "cuda")
+    try:
+        require(
+            config.batch_size >= ranks.world,
+            f"--batch-size {config.batch_size} is less than the {ranks.world} processes: each needs a question",
+        )
+        return _run(p, config, ranks)
+    finally:
+        ranks.close()
+
+
+def _run(p: Plan, config: TrainConfig, ranks: Ranks) -> Outputs | None:
     encoder = load_encoder(config.encoder or p.manifest.encoder.spec)
     retrieval = Retrieval(p.index_dir, p.manifest, RetrievalMode.parse(config.retrieval))
     try:
@@ -230,7 +246,7 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
             check_compatible(encoder, shard)
         if p.train_generator:
             lm = load_passage_lm(config.generator, Dtype.FLOAT32, Device(config.device))
-            return _train(p, config, encoder, Learner(lm), retrieval)
+            return _train(p, config, ranks, encoder, Learner(lm, lm.teacher_forced), retrieval)
         scorer: Scorer = OracleReader()
         if not config.oracle_reader:  # its log-likelihoods are constants of the loss: served precision is enough
             served = load_passage_lm(
@@ -240,9 +256,13 @@ def run_train(questions: Path, config: TrainConfig) -> Outputs:
                 kv_cache_bytes=auto_budget_bytes(p.device),  # questions on one paragraph share its passage's work
             )
             scorer = GeneratorScorer(served, config.generator)
+        if not ranks.main:
+            ranks.wait()  # rank 0 creates the table
         table = LikelihoodTable(p.likelihoods, scorer, str(p.index))
+        if ranks.main:
+            ranks.wait()
         try:
-            return _train(p, config, encoder, table, retrieval)
+            return _train(p, config, ranks, encoder, table, retrieval)
         finally:
             table.close()
     finally:
@@ -254,12 +274,13 @@ class Learner:
     """A generator that learns with the query encoder: p(y|x,z) teacher-forced with gradients at every step."""
 
     lm: PassageLM
+    teacher_forced: Callable[..., torch.Tensor]  # lm.teacher_forced, through DDP when data-parallel
 
     def logprobs(self, examples: list[Example], passages: list[list[Passage]]) -> tuple[torch.Tensor, torch.Tensor]:
         targets, mask = rag_math.answer_targets(
             [self.lm.answer_token_ids(e.answers[0]) for e in examples], self.lm.rules.pad_token_id
         )
-        return self.lm.teacher_forced([e.question for e in examples], [one_each(f) for f in passages], targets), mask
+        return self.teacher_forced([e.question for e in examples], [one_each(f) for f in passages], targets), mask
 
 
 # Where p(y_t|x,z,y<t) comes from: the learning generator, or the frozen one's (or the oracle's) likelihood table.
@@ -273,7 +294,9 @@ def _fingerprint(p: Plan, config: TrainConfig) -> dict[str, Any]:
     return {"questions_sha256": sha256_file(p.questions), "index": str(p.index), **settings}
 
 
-def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likelihoods, retrieval: Retrieval) -> Outputs:
+def _train(
+    p: Plan, config: TrainConfig, ranks: Ranks, encoder: Encoder, likelihoods: Likelihoods, retrieval: Retrieval
+) -> Outputs | None:
     torch.manual_seed(config.seed)
     torch.nn.Module.to(encoder.question_model, p.device)
     learner = likelihoods if isinstance(likelihoods, Learner) else None
@@ -288,6 +311,11 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likeliho
     if learner is not None and not config.lora_rank:
         learner.lm.model.requires_grad_(True)
     models = {"encoder": encoder.question_model, **({"generator": learner.lm.model} if learner else {})}
+    question_vectors = encoder.question_vectors
+    if p.train_encoder:
+        question_vectors = ranks.data_parallel(encoder.question_model, encoder.question_vectors)
+    if learner is not None:
+        likelihoods = learner = Learner(learner.lm, ranks.data_parallel(learner.lm.model, learner.lm.teacher_forced))
     parameters = [q for module in models.values() for q in module.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(p.examples) / config.batch_size)
@@ -298,7 +326,7 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likeliho
     )
     fingerprint = _fingerprint(p, config)
     if isinstance(likelihoods, LikelihoodTable):
-        _score_candidates(p, config, encoder, likelihoods, retrieval)
+        _score_candidates(p, config, ranks, encoder, likelihoods, retrieval)
 
     checkpoint = p.out / "checkpoint"
     run = Progress()
@@ -327,7 +355,7 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likeliho
         with autocast:
             # One encoding of the questions: it retrieves (detached) and gives p(z|x) its gradient.
             if p.train_encoder:
-                q = encoder.question_vectors(texts)
+                q = question_vectors(texts)
             else:
                 q = torch.from_numpy(encoder.encode_questions(texts)).to(p.device)
             passages = retrieval.search(texts, q.detach().float().cpu().numpy(), config.k)
@@ -336,9 +364,11 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likeliho
             return rag_math.marginal_nll(logprobs.to(p.device).float(), mask, prior, p.mode)
 
     def held_out_loss() -> float:
+        """The mean NLL over the held-out questions (each rank sums its share)."""
+        mine, size = ranks.share(p.held_out), config.batch_size
         with torch.no_grad():
-            size = config.batch_size
-            return float(torch.cat([loss_of(p.held_out[i : i + size]) for i in range(0, len(p.held_out), size)]).mean())
+            summed = sum(float(loss_of(mine[i : i + size]).sum()) for i in range(0, len(mine), size))
+        return ranks.total(summed) / len(p.held_out)
 
     def evaluate() -> None:
         """The held-out NLL now; the best state so far is kept (in memory and in the checkpoint)."""
@@ -357,30 +387,42 @@ def _train(p: Plan, config: TrainConfig, encoder: Encoder, likelihoods: Likeliho
         total=total, initial=run.step, desc="rag train", unit="step", disable=not config.progress, file=sys.stderr
     ) as bar:
         while run.step < total and not run.stopped_early:
-            epoch, offset = divmod(run.step, per_epoch)
-            order = torch.randperm(len(p.examples), generator=torch.Generator().manual_seed(config.seed + epoch))
-            chosen = order[offset * config.batch_size : (offset + 1) * config.batch_size].tolist()
-            loss = loss_of([p.examples[i] for i in chosen]).mean()
+            batch = _batch(p.examples, run.step, config.batch_size, config.seed)
+            # The batch's mean loss, whatever each rank's share: DDP averages the ranks' gradients.
+            loss = loss_of(ranks.share(batch)).sum() * ranks.world / len(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()
             run.step += 1
-            run.losses.append(loss.item())
+            run.losses.append(ranks.total(loss.detach()) / ranks.world)
             bar.update()
             bar.set_postfix(loss=f"{np.mean(run.losses[-20:]):.3f}")
             if run.step % every == 0 or run.step == total:
                 evaluate()
                 run.stopped_early = run.steps_since_best_evaluation(config.patience)
-            if run.step % config.checkpoint_every == 0 or run.step == total or run.stopped_early:
+            if ranks.main and (run.step % config.checkpoint_every == 0 or run.step == total or run.stopped_early):
                 _save_checkpoint(checkpoint, fingerprint, run, models, optimizer, schedule)
     log.info("trained %d steps in %.0f s on %s", run.step, time.perf_counter() - started, p.device)
     if run.best is not None:  # the checkpoint the held-out questions liked best, which may be the untrained one
         for name, module in models.items():
             _trainable_state(module, load=run.best[name])
         log.info("kept step %d's models (held-out marginal NLL %.4f)", run.best_step, run.best_nll)
+    if not ranks.main:
+        return None
     return _finish(p, config, encoder, learner, likelihoods, run)
+
+
+def _batch(examples: list[Example], step: int, size: int, seed: int) -> list[Example]:
+    """Step `step`'s questions: the next `size` of a stream that runs through the questions in a new seeded order
+    each epoch (a batch may span two epochs, so every batch is whole)."""
+    n = len(examples)
+    positions = range(step * size, (step + 1) * size)
+    orders = {
+        e: torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)) for e in {i // n for i in positions}
+    }
+    return [examples[int(orders[i // n][i % n])] for i in positions]
 
 
 @dataclass
@@ -431,10 +473,11 @@ def _copied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _score_candidates(
-    p: Plan, config: TrainConfig, encoder: Encoder, table: LikelihoodTable, retrieval: Retrieval
+    p: Plan, config: TrainConfig, ranks: Ranks, encoder: Encoder, table: LikelihoodTable, retrieval: Retrieval
 ) -> None:
-    """Score every question's top `candidates` passages under the untrained encoder into the table (what it lacks;
-    an interrupted run resumes after the last pair committed). Training then mostly reads the table."""
+    """Score every question's top `candidates` passages under the untrained encoder into the table (what it lacks,
+    split among the ranks; an interrupted run resumes after the last pair committed). Training then mostly reads
+    the table."""
     examples = p.examples + p.held_out
     pairs: list[Pair] = []
     for start in range(0, len(examples), 256):

@@ -5,9 +5,11 @@ RagSequenceForGeneration loss, with the same gradients for the question encoder 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -419,3 +421,37 @@ def test_rag_train_keeps_the_checkpoint_the_held_out_questions_like_best_and_sto
     kept = f"sentence-transformer:{summary['query_encoder']}"
     again, _ = train(many, *common, "--encoder", kept, "--max-steps", "1", "--out", str(tmp_path / "again"))
     assert again["held_out"]["evaluations"][0]["nll"] == pytest.approx(held["best_nll"], abs=1e-5)
+
+
+@pytest.mark.parametrize("what", ["query-encoder", "both"])
+def test_rag_train_data_parallel_over_two_processes_trains_what_one_process_does(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path, what: str
+) -> None:
+    """torchrun with 2 gloo processes, each taking half of every step's questions (DDP averaging the gradients;
+    the likelihood table scored half by each): the same losses and weights as one process with the same batch."""
+    args = [str(questions), "--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+            "--train", what, "--k", "2", "--max-steps", "3", "--batch-size", "3", "--lr", "1e-3", "--no-progress"]  # fmt: skip
+    one, _ = train(Path(args[0]), *args[1:], "--out", str(tmp_path / "one"))
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "rag_cli", "train", *args, "--out", str(tmp_path / "two")],  # fmt: skip
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 0 reports, the other rank only trained
+    summary = reports[0]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "losses.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]  # fmt: skip
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    towers = [
+        load_encoder(f"sentence-transformer:{s['query_encoder']}").question_model.state_dict() for s in (one, summary)
+    ]
+    for name, weight in towers[0].items():
+        torch.testing.assert_close(towers[1][name], weight, atol=1e-5, rtol=0, msg=name)
+    if what == "both":
+        generators = [load_passage_lm(s["generator"]).model.state_dict() for s in (one, summary)]
+        for name, weight in generators[0].items():
+            torch.testing.assert_close(generators[1][name], weight, atol=1e-5, rtol=0, msg=name)
+    else:
+        assert summary["likelihoods"]["pairs"] == one["likelihoods"]["pairs"]

@@ -1,0 +1,129 @@
+"""Training that moves retrieval (issue T): the paper's query-encoder fine-tuning against a frozen generator's
+likelihood table, on SQuAD-open, split by article.
+
+    python bench/train_retrieval.py [--data ../shared/data] [--generator qwen2.5-coder-0.5b] [--stages gate,table]
+                                    [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10]
+                                    [--batch-size 16] [--lr 3e-5] [--generate-sample 40] [--device auto]
+                                    [--out docs/train-retrieval]
+
+1. The public SQuAD dev questions split **by article** (bench/finetune_squad.split_by_article, seed 0): two thirds
+   of the articles train (a held-out tenth of those, whole paragraphs, picks the checkpoint), the rest is dev.
+   Nothing is tuned on dev.
+2. The SQuAD-open index (Wikipedia leads + every SQuAD dev paragraph, all-MiniLM-L6-v2), as bench/squad_open.py.
+3. Before: the untrained encoder, `rag eval` through `rag up`: recall@1/5/10 on every dev question, EM/F1 of
+   concatenated passages and RAG-Sequence at k on a seeded dev sample.
+4. Stages, each `rag train --train query-encoder --mode sequence --k K` (the commands are printed and reported):
+   gate:  `--oracle-reader` (log p(y|x,z) = 0 if the passage holds an answer, else -10): what a perfect reader
+          would teach the encoder, the bound;
+   table: the demo's generator frozen, its likelihood table scored through the serving path, then many steps.
+   After each, the same evaluation, compared question by question with the untrained run (wins, losses, sign test).
+Results: OUT/untrained, OUT/<stage>-<train questions>/ (rag eval's runs), OUT/report-<train questions>.json.
+Everything is resumable: rag eval's results and rag train's table and checkpoints are kept under $RAG_HOME/bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.finetune_squad import evaluate, read_jsonl, split_by_article, write_jsonl  # noqa: E402
+from rag import paths  # noqa: E402
+from rag.files import write_atomically  # noqa: E402
+from rag.index_ref import IndexRef  # noqa: E402
+from rag.types import Mode  # noqa: E402
+from rag_cli import assets  # noqa: E402
+from rag_cli.bench import machine  # noqa: E402
+from rag_cli.demo import demo_generator  # noqa: E402
+from retriever_svc.build import index_built_from  # noqa: E402
+
+MODES = (Mode.CONCAT, Mode.SEQUENCE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--generator", default="qwen2.5-coder-0.5b", help="qwen2.5-coder-0.5b or smollm2-135m")
+    parser.add_argument("--stages", default="gate,table")
+    parser.add_argument("--train-questions", type=int, default=0, help="a seeded sample of the train split (0: all)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--generate-sample", type=int, default=40, help="dev questions asked per generation mode")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "train-retrieval"))
+    options = parser.parse_args()
+    data, out = Path(options.data), Path(options.out)
+    work = paths.rag_home() / "bench" / "train-retrieval"
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    encoder_spec = f"sentence-transformer:{assets.minilm_encoder()}"
+    generator = str(demo_generator(options.generator))
+    squad = read_jsonl(data / "squad_v1.1_dev_paragraphs.jsonl.gz")
+    questions = read_jsonl(data / "squad_v1.1_dev_questions_public.jsonl.gz")
+    train, dev, train_articles = split_by_article(questions, {p["id"]: p["title"] for p in squad}, options.seed)
+    rng = random.Random(options.seed)
+    if options.train_questions:
+        train = rng.sample(train, min(options.train_questions, len(train)))
+    train_file = write_jsonl(work / f"train-{len(train)}.jsonl", train)
+    dev_file = write_jsonl(work / "dev.jsonl", dev)
+    dev_sample = write_jsonl(work / "dev-sample.jsonl", rng.sample(dev, min(options.generate_sample, len(dev))))
+    corpus = paths.rag_home() / "bench" / "finetune" / "wiki+squad.jsonl"  # bench/finetune_squad.py's index
+    if not corpus.exists():
+        write_jsonl(corpus, read_jsonl(data / "wiki_vital_en.jsonl.gz") + squad)
+    reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
+    index = index_built_from(corpus, encoder_spec, paths.index_root(), "squad-open", reuse_from=reuse)
+    print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
+
+    report: dict[str, Any] = {"stages": {}}
+    started = time.perf_counter()
+    before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
+    report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, MODES)
+    report["untrained"]["seconds"] = time.perf_counter() - started
+    for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
+        command = [
+            sys.executable, "-m", "rag_cli", "train", str(train_file), "--index", str(index), "--generator", generator,
+            "--train", "query-encoder", "--mode", "sequence", "--k", str(options.k),
+            "--candidates", str(options.candidates), "--epochs", str(options.epochs),
+            "--batch-size", str(options.batch_size), "--lr", str(options.lr), "--device", options.device,
+            "--seed", str(options.seed), "--out", str(work / f"{stage}-{len(train)}"), "--no-progress",
+        ]  # fmt: skip
+        if stage == "gate":
+            command.append("--oracle-reader")
+        print("$ " + " ".join(command[2:]).replace(sys.executable, "python"), flush=True)
+        started = time.perf_counter()
+        trained = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+        if trained.returncode != 0:
+            raise SystemExit(f"stage {stage} failed:\n{trained.stderr[-3000:]}")
+        result = json.loads(trained.stdout.strip().splitlines()[-1])
+        train_seconds = time.perf_counter() - started
+        encoder = f"sentence-transformer:{result['query_encoder']}"
+        evaluated = evaluate(
+            index, encoder, generator, dev_file, dev_sample, options.k, out / f"{stage}-{len(train)}", MODES, against=before
+        )
+        report["stages"][stage] = {"train": result, "train_seconds": train_seconds, "command": command[2:], **evaluated}
+        print(json.dumps({m: {k: v for k, v in r.items() if not isinstance(v, dict)} for m, r in evaluated.items()}))
+    report["setup"] = {
+        **{k: v for k, v in vars(options).items() if k not in ("data", "out")},
+        "train_questions": len(train), "dev_questions": len(dev), "train_articles": train_articles,
+        "index": str(index), "machine": machine(), "python": platform.python_version(),
+    }  # fmt: skip
+    write_atomically(out / f"report-{len(train)}.json", json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
