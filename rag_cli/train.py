@@ -72,7 +72,7 @@ from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
 from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable, OracleReader, Pair, Scorer
 from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
 from rag_cli.up import Stack, UpConfig
-from retriever_svc.encoders import Encoder, load_encoder
+from retriever_svc.encoders import Encoder, load_encoder, with_question_adapter
 from retriever_svc.layout import MANIFEST, Manifest, resolve
 from retriever_svc.resident import check_compatible
 from retriever_svc.search import IndexShard
@@ -114,7 +114,14 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     require(config.k >= 1, f"--k must be at least 1, got {config.k}")
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
-    require(config.max_steps >= 0 and config.lora_rank >= 0, "--max-steps and --lora-rank must be >= 0")
+    require(
+        min(config.max_steps, config.lora_rank, config.encoder_lora_rank) >= 0,
+        "--max-steps, --lora-rank and --encoder-lora-rank must be >= 0",
+    )
+    require(
+        not config.encoder_lora_rank or config.train in ("query-encoder", "both"),
+        "--encoder-lora-rank trains the query encoder: give --train query-encoder or both",
+    )
     require(
         config.candidates == 0 or config.candidates >= config.k,
         f"--candidates must be at least --k ({config.k}), or 0 for 2k; got {config.candidates}",
@@ -298,6 +305,10 @@ def _train(
     p: Plan, config: TrainConfig, ranks: Ranks, encoder: Encoder, likelihoods: Likelihoods, retrieval: Retrieval
 ) -> Outputs | None:
     torch.manual_seed(config.seed)
+    if config.encoder_lora_rank:
+        with_question_adapter(encoder, config.encoder_lora_rank)  # only the adapter learns
+    else:
+        encoder.question_model.requires_grad_(p.train_encoder)
     torch.nn.Module.to(encoder.question_model, p.device)
     learner = likelihoods if isinstance(likelihoods, Learner) else None
     if learner is not None and config.lora_rank:
@@ -307,7 +318,6 @@ def _train(
             r=config.lora_rank, lora_alpha=2 * config.lora_rank, target_modules="all-linear", lora_dropout=0.0
         )
         learner.lm.model = peft.get_peft_model(learner.lm.model, lora)
-    encoder.question_model.requires_grad_(p.train_encoder)
     if learner is not None and not config.lora_rank:
         learner.lm.model.requires_grad_(True)
     models = {"encoder": encoder.question_model, **({"generator": learner.lm.model} if learner else {})}

@@ -64,6 +64,11 @@ class TrainConfig:
         "precision of a frozen generator (--train encoder): auto, float32 or bfloat16; one that learns is float32",
     )
     lora_rank: int = option(0, "train the generator as LoRA adapters of this rank, merged at the end (0 = fully)")
+    encoder_lora_rank: int = option(
+        0,
+        "train the query encoder as a LoRA adapter of this rank, saved alone (a few hundred kB) and served as "
+        "--encoder sentence-transformer:BASE+ADAPTER (0 = the whole tower)",
+    )
     dev: str = option("", "question set to evaluate (rag eval) before and after training")
     out: str = option("", "output directory; default $RAG_HOME/train/<index name>; a rerun resumes there")
     device: str = option("auto", f"{', '.join(d.value for d in Device)} (auto: CUDA when there is one)")

@@ -13,17 +13,21 @@ built by another encoder (the vectors would be meaningless).
 A fine-tuned query encoder (`rag train`) is a question tower only: its directory holds `question_tower.json`,
 the identity of the document encoder it was trained against. It serves every index that document encoder
 built, the index unchanged (asymmetric pair: for a sentence-transformer, the fine-tuned copy encodes questions
-and the original keeps encoding documents), and builds none.
+and the original keeps encoding documents), and builds none. It is a whole model, or a LoRA adapter of a few
+hundred kB over the base encoder (`rag train --encoder-lora-rank R`), named `sentence-transformer:BASE+ADAPTER`:
+the base keeps encoding documents and a copy with the adapter merged encodes questions.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -117,7 +121,7 @@ def _paired_document_encoder(path: Path) -> EncoderInfo | None:
 
 
 class SentenceTransformerEncoder(Encoder):
-    def __init__(self, path: Path, spec: str, score_temperature: float = 0.05) -> None:
+    def __init__(self, path: Path, spec: str, score_temperature: float = 0.05, adapter: Path | None = None) -> None:
         self.path = path
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32).eval()
@@ -125,6 +129,10 @@ class SentenceTransformerEncoder(Encoder):
         self.max_length = _max_length(path)
         identity = directory_identity(path)
         self.document_encoder = _paired_document_encoder(path)
+        if adapter is not None:  # the questions' copy, adapted; the base model stays the documents' encoder
+            self.question_model = _adapted(self.model, adapter)
+            identity = hashlib.sha256(f"{identity}+{directory_identity(adapter)}".encode()).hexdigest()
+            self.document_encoder = _paired_document_encoder(adapter)
         paired = self.document_encoder
         self.info = EncoderInfo(
             "sentence-transformer",
@@ -135,17 +143,17 @@ class SentenceTransformerEncoder(Encoder):
             paired.score_temperature if paired else score_temperature,
         )
 
-    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+    def _embed(self, texts: Sequence[str], model: torch.nn.Module) -> torch.Tensor:
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.model.device)
-        hidden = self.model(**batch).last_hidden_state
+        ).to(next(model.parameters()).device)
+        hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
     def question_vectors(self, questions: Sequence[str]) -> torch.Tensor:
-        return self._embed(questions)
+        return self._embed(questions, self.question_model)
 
     @torch.inference_mode()
     def encode_passages(self, titles: Sequence[str], texts: Sequence[str]) -> np.ndarray:
@@ -154,15 +162,47 @@ class SentenceTransformerEncoder(Encoder):
                 f"{self.info.spec} is a fine-tuned question tower; encode passages (build indexes) with its "
                 f"document encoder {self.document_encoder.spec}"
             )
-        return self._embed([f"{t}: {x}" if t else x for t, x in zip(titles, texts, strict=True)]).cpu().numpy()
+        titled = [f"{t}: {x}" if t else x for t, x in zip(titles, texts, strict=True)]
+        return self._embed(titled, self.model).cpu().numpy()
 
     def save_question_tower(self, out_dir: Path, document_encoder: EncoderInfo) -> None:
-        shutil.copytree(self.path, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", QUESTION_TOWER))
-        self.model.save_pretrained(out_dir, safe_serialization=True)
+        if _is_adapter(self.question_model):  # the adapter alone (rag train --encoder-lora-rank)
+            self.question_model.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            shutil.copytree(self.path, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", QUESTION_TOWER))
+            self.question_model.save_pretrained(out_dir, safe_serialization=True)
         _write_question_tower(out_dir, document_encoder)
 
     def question_tower_spec(self, path: Path) -> str:
+        if _is_adapter(self.question_model):
+            return f"sentence-transformer:{self.path}+{path}"
         return f"sentence-transformer:{path}"
+
+
+def with_question_adapter(encoder: Encoder, rank: int) -> None:
+    """Make the encoder's question tower a LoRA adapter of rank `rank` over a copy of its model (training): only
+    the adapter learns, and `save_question_tower` writes only it."""
+    import peft
+
+    if not isinstance(encoder, SentenceTransformerEncoder):
+        raise InvalidArgument("a LoRA query encoder (--encoder-lora-rank) needs a sentence-transformer encoder")
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+    # A PeftModel stands in for the model it wraps (forward, save_pretrained, parameters).
+    encoder.question_model = cast(PreTrainedModel, peft.get_peft_model(copy.deepcopy(encoder.model), config))
+
+
+def _is_adapter(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _adapted(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """A copy of `model` with the LoRA adapter in `adapter` merged into its weights."""
+    import peft
+
+    if not (adapter / "adapter_config.json").exists():
+        raise FailedPrecondition(f"encoder adapter {str(adapter)!r} not found (no adapter_config.json there)")
+    merged = peft.PeftModel.from_pretrained(copy.deepcopy(model), adapter).merge_and_unload()
+    return merged.eval()
 
 
 class DPREncoder(Encoder):
@@ -225,11 +265,13 @@ def load_encoder(spec: str) -> Encoder:
     kind, _, rest = spec.partition(":")
     if not rest:
         raise InvalidArgument(
-            f"encoder spec {spec!r} needs a kind: sentence-transformer:PATH or dpr:question=PATH,context=PATH"
+            f"encoder spec {spec!r} needs a kind: sentence-transformer:PATH[+ADAPTER] or dpr:question=PATH,context=PATH"
         )
     if kind == "sentence-transformer":
-        path = _existing(rest)
-        return SentenceTransformerEncoder(path, spec)
+        base, plus, adapter = rest.partition("+")
+        if plus:
+            return SentenceTransformerEncoder(_existing(base), spec, adapter=Path(adapter).expanduser().resolve())
+        return SentenceTransformerEncoder(_existing(rest), spec)
     if kind == "dpr":
         parts = dict(part.split("=", 1) for part in rest.split(",") if "=" in part)
         question = _existing(parts.get("question", rest if "=" not in rest else ""))

@@ -25,11 +25,11 @@ from generator_svc.loading import load_passage_lm
 from generator_svc.passage_lm import one_each
 from rag.errors import FailedPrecondition
 from rag.types import AskRequest, DecodingOptions, Mode, Passage
-from rag.v1 import gateway_pb2_grpc
+from rag.v1 import gateway_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from rag_cli.eval import Example
 from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable
 from rag_cli.testing import random_models
-from rag_cli.testing.stack import Launcher
+from rag_cli.testing.stack import Launcher, address
 from retriever_svc.encoders import DPREncoder, load_encoder
 from tests.conftest import TinyModels, build, corpus_records, index_build_args, rag, write_jsonl
 
@@ -455,3 +455,31 @@ def test_rag_train_data_parallel_over_two_processes_trains_what_one_process_does
             torch.testing.assert_close(generators[1][name], weight, atol=1e-5, rtol=0, msg=name)
     else:
         assert summary["likelihoods"]["pairs"] == one["likelihoods"]["pairs"]
+
+
+def test_rag_train_writes_a_query_encoder_lora_adapter_that_a_retriever_serves_over_the_unchanged_index(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path, launch: Launcher
+) -> None:
+    out = tmp_path / "run"
+    summary, _ = train(
+        questions, "--index", "tiny", "--index-root", str(index_root), "--train", "query-encoder", "--oracle-reader",
+        "--encoder-lora-rank", "2", "--k", "3", "--max-steps", "4", "--lr", "1e-2", "--out", str(out),
+    )  # fmt: skip
+    adapter = Path(summary["query_encoder"])
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
+    base_size = sum(f.stat().st_size for f in Path(tiny.sentence_encoder).glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in adapter.iterdir()) < base_size / 4  # the adapter alone
+    spec = json.loads((out / "summary.json").read_text())["query_encoder_spec"]
+    assert spec == f"{tiny.encoder_spec}+{adapter}"
+
+    served = launch.retriever(index_root, "tiny", encoder=spec)
+    request = retriever_pb2.SearchRequest(
+        questions=QUESTIONS, k=3, retrieval=retriever_pb2.RETRIEVAL_MODE_DENSE, include_query_embeddings=True
+    )
+    with grpc.insecure_channel(address(served)) as channel:
+        reply = retriever_pb2_grpc.RetrieverServiceStub(channel).Search(request, timeout=60)
+    assert reply.index_version == "tiny@v1" and all(len(r.passages) == 3 for r in reply.results)
+    served_vectors = torch.tensor([list(r.query_embedding) for r in reply.results])
+    adapted, base = (load_encoder(s).encode_questions(QUESTIONS) for s in (spec, tiny.encoder_spec))
+    torch.testing.assert_close(served_vectors, torch.from_numpy(adapted), atol=1e-5, rtol=0)
+    assert not torch.allclose(served_vectors, torch.from_numpy(base), atol=1e-3)  # the adapter moved the questions
