@@ -146,7 +146,7 @@ class EncoderDecoderLM(PassageLM):
             first_logprobs=first,
             encoder_states=states[:1].clone(),  # a view would keep the pass's rows alive while decoding
             cross=cross,
-            source_ids=_per_question(rows, len(questions)),
+            source_ids=rows,
         )
 
     def _encode_rows(
@@ -318,7 +318,7 @@ class DecoderOnlyLM(PassageLM):
             mask,
             kv,
             first_logprobs,
-            source_ids=_per_question(prompts, len(questions)),
+            source_ids=prompts,
         )
 
     def _fixed_prefix(self, ids: list[int]) -> KV:
@@ -381,7 +381,7 @@ class DecoderOnlyLM(PassageLM):
                 if not first_logprobs.numel():
                     first_logprobs = torch.empty(len(prompts), logits.shape[-1])
                 first_logprobs[rows] = logits
-        return Contexts(num_questions, K, mask, kv, first_logprobs, source_ids=_per_question(prompts, num_questions))
+        return Contexts(num_questions, K, mask, kv, first_logprobs, source_ids=[list(p) for p in prompts])
 
     def _after_segments(
         self,
@@ -579,12 +579,6 @@ def _buckets(lengths: Sequence[int], slack: float, max_tokens: int) -> list[list
         else:
             buckets.append([r])
     return buckets
-
-
-def _per_question(rows: Sequence[Sequence[int]], num_questions: int) -> list[list[int]]:
-    """Each question's rows' token ids, one after the other (what drafted decoding copies from)."""
-    per = len(rows) // num_questions
-    return [[t for row in rows[b * per : (b + 1) * per] for t in row] for b in range(num_questions)]
 
 
 def _concat_rows(passes: Sequence[KV]) -> KV:

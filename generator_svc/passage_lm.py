@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,8 +69,17 @@ class Contexts:
     first_logprobs: torch.Tensor  # [B*K, V], on the CPU
     encoder_states: torch.Tensor | None = None  # BART/T5 [1, L, H]: decoding reads its shape only (see `cross`)
     cross: KV | None = None  # BART/T5: cross-attention keys and values, once per context row (read in place)
-    # Per question, the token ids of its rows' inputs (passages and question): what drafted decoding copies from.
+    # Per row, the token ids of its input (passage and question): what drafted decoding copies from.
     source_ids: list[list[int]] = field(default_factory=list)
+
+    def question_source_ids(self, b: int) -> list[int]:
+        """What question b's rows read, all of them: a RAG-Token answer copies from any of its passages."""
+        K = self.contexts_per_question
+        return [token for row in self.source_ids[b * K : (b + 1) * K] for token in row]
+
+    def rows_as_questions(self) -> Contexts:
+        """The same rows, each its own question with one context: RAG-Sequence searches each passage alone."""
+        return replace(self, num_questions=self.num_questions * self.contexts_per_question, contexts_per_question=1)
 
 
 @dataclass

@@ -335,11 +335,12 @@ def generate(
 ) -> list[list[Generated]]:
     """Decode every question of `ctx`; per question, `num_return_sequences` answers, best first. `watch` sees
     each step: with greedy RAG-Token (and the baselines) the token chosen for each question, else None. Greedy
-    RAG-Token verifies up to `draft_tokens` tokens drafted from the inputs per step (the same tokens)."""
+    search (RAG-Token's, each passage's in RAG-Sequence) verifies up to `draft_tokens` tokens drafted from the
+    inputs per step (the same tokens)."""
     scores: AnswerScores | None = None
     passes = None if watch is None else lambda _: watch(None)  # what is decoded is not the answer's yet
     if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
-        chosen = _rag_sequence_search(lm, ctx, prior, options, passes)
+        chosen = _rag_sequence_search(lm, ctx, prior, options, passes, draft_tokens)
     elif options.num_beams == 1 and draft_tokens and ctx.source_ids:
         chosen, scores = _drafted_rag_token_search(lm, ctx, prior, options, watch, draft_tokens)
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
@@ -430,7 +431,7 @@ def _drafted_rag_token_search(
             lm.rewind(state, fed_before + 1 + position)  # the token fed before the drafts, and those chosen
         room = max_new - generated.shape[1] - 1
         proposals = [
-            _proposal(history := generated[b].tolist(), ctx.source_ids[b] + history, min(draft_tokens, room))
+            _proposal(history := generated[b].tolist(), ctx.question_source_ids(b) + history, min(draft_tokens, room))
             if unfinished[b]
             else []
             for b in range(B)
@@ -482,18 +483,29 @@ def _log_prob_of(per_passage: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 
 def _rag_sequence_search(
-    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None
+    lm: PassageLM,
+    ctx: Contexts,
+    prior: torch.Tensor,
+    options: DecodingOptions,
+    watch: Watch | None,
+    draft_tokens: int = 0,
 ) -> list[list[tuple[int, ...]]]:
     """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
-    state = lm.start(ctx, torch.arange(B * K).repeat_interleave(N))  # rows (question, passage, beam)
+    if N == 1 and draft_tokens and ctx.source_ids:  # greedy per passage: each row is a question of one context
+        rows = ctx.rows_as_questions()
+        answers, drafted = _drafted_rag_token_search(lm, rows, torch.zeros(B * K, 1), options, watch, draft_tokens)
+        own = drafted.passage_loglik()[:, 0].tolist()  # log p(y|x,z) of each row's answer under its own passage
+        per_passage = [[Candidate(a[0], own[r])] for r, a in enumerate(answers)]
+    else:
+        state = lm.start(ctx, torch.arange(B * K).repeat_interleave(N))  # rows (question, passage, beam)
 
-    def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:
-        if origin is not None:
-            lm.reorder(state, origin)
-        return lm.step(state, tokens)
+        def next_logprobs(tokens: torch.Tensor | None, origin: torch.Tensor | None) -> torch.Tensor:
+            if origin is not None:
+                lm.reorder(state, origin)
+            return lm.step(state, tokens)
 
-    per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N, watch=watch)
+        per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N, watch=watch)
 
     pools: list[list[tuple[int, ...]]] = []
     beam_loglik: list[torch.Tensor] = []  # fast decoding: log p(y|x,z_k) from passage k's own beams, else -inf

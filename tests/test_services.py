@@ -490,8 +490,9 @@ def test_streams_share_batches_with_each_other_and_with_unary_requests(launch: L
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
 def test_drafted_greedy_decoding_gives_plain_greedys_tokens(launch: Launcher, tiny: TinyModels, family: str) -> None:
-    """Greedy RAG-Token and the baselines verify tokens drafted from the inputs and the answer so far, several per
-    pass; the answers, scores and posteriors are plain greedy's, and accepted drafts are counted."""
+    """Greedy RAG-Token, RAG-Sequence (each passage) and the baselines verify tokens drafted from the inputs and the
+    answer so far, several per pass; the answers, scores and posteriors are plain greedy's, and accepted drafts are
+    counted."""
     from prometheus_client import REGISTRY
 
     model = tiny.rag_checkpoint if family == "encoder-decoder" else tiny.causal_lm
@@ -499,11 +500,19 @@ def test_drafted_greedy_decoding_gives_plain_greedys_tokens(launch: Launcher, ti
     accepted = lambda: REGISTRY.get_sample_value("rag_generator_draft_accepted_tokens_sum") or 0.0  # noqa: E731
     passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
     requests = [
-        generator_pb2.GenerateRequest(
-            question=q, passages=passages, options=generator_pb2.DecodingOptions(mode=mode, max_new_tokens=40)
-        )
+        generator_pb2.GenerateRequest(question=q, passages=passages, options=options)
         for q in ("Who discovered penicillin?", "What is the capital of France?", "How high is Everest?")
-        for mode in (generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_CONCAT, generator_pb2.RAG_MODE_CLOSED_BOOK)
+        for options in (
+            generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_TOKEN, max_new_tokens=40),
+            generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_SEQUENCE, max_new_tokens=40),
+            generator_pb2.DecodingOptions(
+                mode=generator_pb2.RAG_MODE_SEQUENCE,
+                sequence_decoding=generator_pb2.SEQUENCE_DECODING_FAST,
+                max_new_tokens=40,
+            ),
+            generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=40),
+            generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CLOSED_BOOK, max_new_tokens=40),
+        )
     ]
     replies = []
     before = accepted()
