@@ -78,9 +78,11 @@ def evaluate(
     out: Path,
     modes: tuple[Mode, ...],
     against: Path | None = None,
+    retrieval: str = "",
 ) -> dict[str, dict[str, Any]]:
     """rag eval through rag up: retrieval on every dev question, generation on the sample; with `against` (an
-    earlier evaluate's `out`), each run compared question by question with that one's."""
+    earlier evaluate's `out`), each run compared question by question with that one's; `retrieval` the mode
+    (dense, lexical, hybrid; empty: the gateway's default)."""
 
     def paired(run: str) -> str:
         return str(against / run) if against is not None and (against / run).is_dir() else ""
@@ -98,6 +100,7 @@ def evaluate(
                 out=str(out / "retrieve"),
                 progress=False,
                 against=paired("retrieve"),
+                retrieval=retrieval,
             ),
         )[0]
         for mode in modes:

@@ -10,8 +10,9 @@ likelihood table, on SQuAD-open, split by article.
    of the articles train (a held-out tenth of those, whole paragraphs, picks the checkpoint), the rest is dev.
    Nothing is tuned on dev.
 2. The SQuAD-open index (Wikipedia leads + every SQuAD dev paragraph, all-MiniLM-L6-v2), as bench/squad_open.py.
-3. Before: the untrained encoder, `rag eval` through `rag up`: recall@1/5/10 on every dev question, EM/F1 of
-   concatenated passages and RAG-Sequence at k on a seeded dev sample.
+3. Before: the untrained encoder, `rag eval` through `rag up`, dense retrieval (the mode the encoder trains in):
+   recall@1/5/10 on every dev question, EM/F1 of concatenated passages and RAG-Sequence at k on a seeded dev
+   sample.
 4. Stages, each `rag train --train query-encoder --mode sequence --k K` (the commands are printed and reported):
    gate:  `--oracle-reader` (log p(y|x,z) = 0 if the passage holds an answer, else -10): what a perfect reader
           would teach the encoder, the bound;
@@ -92,7 +93,7 @@ def main() -> None:
     report: dict[str, Any] = {"stages": {}}
     started = time.perf_counter()
     before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
-    report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, MODES)
+    report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, MODES, None, "dense")
     report["untrained"]["seconds"] = time.perf_counter() - started
     for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
         command = [
@@ -113,7 +114,15 @@ def main() -> None:
         train_seconds = time.perf_counter() - started
         encoder = f"sentence-transformer:{result['query_encoder']}"
         evaluated = evaluate(
-            index, encoder, generator, dev_file, dev_sample, options.k, out / f"{stage}-{len(train)}", MODES, against=before
+            index,
+            encoder,
+            generator,
+            dev_file,
+            dev_sample,
+            options.k,
+            out / f"{stage}-{len(train)}",
+            MODES,
+            against=before,
         )
         report["stages"][stage] = {"train": result, "train_seconds": train_seconds, "command": command[2:], **evaluated}
         print(json.dumps({m: {k: v for k, v in r.items() if not isinstance(v, dict)} for m, r in evaluated.items()}))

@@ -47,6 +47,9 @@ class SharedContext:
         self, rows: torch.Tensor, mask: torch.Tensor, layers: int, device: torch.device, prompt: KV | None = None
     ) -> None:
         self.prompt = prompt
+        # [R, S]: which of the rows' own cached tokens are real (None: all). Rows decoded together from different
+        # requests (generator_svc.joint) hold slots another row's tokens needed, and drafts they did not keep.
+        self.own_valid: torch.Tensor | None = None
         self.layers = layers  # the decoder layers that must read the context on every forward pass
         self.reads = 0  # attention calls that read it so far (see `check_read`)
         counts = torch.bincount(rows, minlength=len(mask))
@@ -111,6 +114,8 @@ class SharedContext:
             own_scores = query.reshape(R, kv_heads, -1, D) @ own_keys.transpose(-1, -2)  # GQA without copying keys
             future = torch.ones(T, S, dtype=torch.bool, device=query.device).triu(S - T + 1)
             own_scores = own_scores.view(R, H, T, S).float().mul(scaling).masked_fill(future, float("-inf"))
+            if self.own_valid is not None:
+                own_scores = own_scores.masked_fill(~self.own_valid[:, None, None, :S], float("-inf"))
             scores = torch.cat([scores, self._grouped(own_scores, C, kv_heads)], dim=-1)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = self._ungrouped(probs[..., :L] @ values, R, H, T)

@@ -519,10 +519,9 @@ class DecoderOnlyLM(PassageLM):
         return DynamicCache(config=self.model.config), shared
 
     def _inputs(self, state: DecodingState, tokens: torch.Tensor) -> dict[str, Any]:
-        next_position = state.attention_mask.sum(-1, keepdim=True)  # real prompt tokens (padding is not counted)
-        return {  # no mask: the prompt's is the shared context's, and a row's own tokens are all real
+        return {  # no mask: the prompt's is the shared context's, and a row's own tokens are real (or own_valid says)
             "input_ids": tokens.to(self.device),
-            "position_ids": (next_position + state.fed + torch.arange(tokens.shape[1])).to(self.device),
+            "position_ids": (state.next_position[:, None] + torch.arange(tokens.shape[1])).to(self.device),
         }
 
     def answer_token_ids(self, answer: str) -> list[int]:

@@ -93,6 +93,8 @@ class DecodingState:
     shared: SharedContext
     attention_mask: torch.Tensor  # the rows' context mask
     fed: int = 0  # tokens fed after the prefix
+    # Each row's position for the next token it is fed (decoder-only: its real prompt tokens, then what it was fed).
+    next_position: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 def select_rows(kv: KV, rows: torch.Tensor) -> DynamicCache:
@@ -211,7 +213,8 @@ class PassageLM(ABC):
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""
-        return DecodingState(ctx, rows, *self._cache(ctx, rows), ctx.attention_mask[rows])
+        mask = ctx.attention_mask[rows]
+        return DecodingState(ctx, rows, *self._cache(ctx, rows), mask, next_position=mask.sum(-1))
 
     @torch.inference_mode()
     def step(self, state: DecodingState, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -225,6 +228,7 @@ class PassageLM(ABC):
         """Feed tokens [rows, T]; log p(next token) after each of them as float32 [rows, T, V]."""
         logits = self._forward(state, tokens)
         state.fed += tokens.shape[1]
+        state.next_position = state.next_position + tokens.shape[1]
         return log_softmax(logits).cpu()
 
     def rewind(self, state: DecodingState, fed: int) -> None:
@@ -234,6 +238,7 @@ class PassageLM(ABC):
         cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
         assert isinstance(cache, DynamicCache)
         cache.crop(fed - state.fed)  # a negative count: the tokens to drop (transformers 5)
+        state.next_position = state.next_position + (fed - state.fed)
         state.fed = fed
 
     def reorder(self, state: DecodingState, index: torch.Tensor) -> None:

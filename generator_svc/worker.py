@@ -1,7 +1,10 @@
-"""The model's thread, and batching: Generate and GenerateStream requests that wait together and decode alike
-(same mode, beams, lengths and passage count) run as one batch. The RAG math is batched over questions, so
-concurrent clients share each forward pass; torch already uses every core for one batch, so one thread runs the
-model. A streamed request gets its question's tokens as they are chosen.
+"""The model's thread, and batching. torch already uses every core for one forward pass, so one thread runs the
+model, and concurrent requests share its passes:
+- decoder-only generators batch continuously (generator_svc.joint): a request joins the passes of those in
+  flight at the next step boundary, whatever its options, and leaves when it ends;
+- encoder-decoders batch whole requests: Generate and GenerateStream requests that wait together and decode alike
+  (same mode, beams, lengths and passage count) run as one batch, the RAG math batched over their questions.
+A streamed request gets its question's tokens as they are chosen.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from typing import Any
 
 import torch
 
+from generator_svc.joint import JointDecoder, joins
 from generator_svc.model import RagModel
-from generator_svc.passage_lm import DecodingStopped, Watch
+from generator_svc.passage_lm import DecodingStopped, PassageLM, Watch
 from generator_svc.requests import Request
 from rag import metrics
 from rag.errors import Cancelled, DeadlineExceeded
@@ -109,27 +113,33 @@ def batch_watch(jobs: list[Job]) -> Watch:
 
 
 class ModelWorker:
-    """The model's thread: takes the oldest job, and with it every waiting job of the same batch key."""
+    """The model's thread: admits jobs into the passes in flight (decoder-only), or takes the oldest job and with
+    it every waiting job of the same batch key. At most `max_batch` requests are decoded together."""
 
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
         self.model: RagModel | None = None
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._waiting: list[Job] = []  # taken from the queue but left for a later batch
+        self._joint: JointDecoder | None = None
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
 
-    def _next_batch(self) -> list[Job]:
-        if not self._waiting:
+    def _take(self, block: bool) -> None:
+        """Move what is queued to the waiting list (first waiting for one job, when `block`)."""
+        if block:
             self._waiting.append(self._jobs.get())
         while True:  # everything queued now is a candidate
             try:
                 self._waiting.append(self._jobs.get_nowait())
             except queue.Empty:
                 break
+
+    def _next_batch(self) -> list[Job]:
+        self._take(block=not self._waiting)
         first = self._waiting.pop(0)
         if first.key is None:
             return [first]
@@ -144,7 +154,41 @@ class ModelWorker:
 
     def _run(self) -> None:
         while True:
-            self._execute(self._next_batch())
+            if self._joint is None and self.model is not None and joins(self.model.lm):
+                self._joint = JointDecoder(self.model.lm)
+            if self._joint is not None:
+                self._advance(self._joint)
+            else:
+                self._execute(self._next_batch())
+
+    def _advance(self, joint: JointDecoder) -> None:
+        """Admit waiting jobs (while fewer than `max_batch` are in flight), then run one round of the passes."""
+        self._take(block=not joint.busy and not self._waiting)
+        while self._waiting and len(joint.members) < self.max_batch:
+            job = self._waiting.pop(0)
+            if job.expired():
+                job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
+                continue
+            joint.add(self._work(job), job.settle)
+        if joint.busy:
+            joint.advance()
+
+    def _work(self, job: Job) -> Callable[[PassageLM], Any]:
+        """What a joined job runs in its thread: its request through the RAG model, on the joined PassageLM."""
+        assert self.model is not None
+        draft_tokens, watch = self.model.draft_tokens, batch_watch([job])
+
+        def work(lm: PassageLM) -> Any:
+            model = RagModel(lm, draft_tokens)
+            try:
+                if isinstance(job.work, Call):
+                    return job.work.run(model, watch)
+                return model.generate([job.work.request], watch)[0]
+            except DecodingStopped:  # its caller went away: the rows it held leave the passes
+                metrics.DECODES_STOPPED.inc()
+                raise job.stopped() from None
+
+        return work
 
     def _execute(self, batch: list[Job]) -> None:
         live = []

@@ -71,7 +71,14 @@ ADMIN_AUTH_FAILURES = Counter(
 PASSAGES_SERVED = Counter("rag_passages_served_total", "Passages returned by the retriever.")
 GENERATOR_QUEUE = Gauge("rag_generator_queue_depth", "Generate/Score requests waiting for or using the model.")
 GENERATOR_BATCH_SIZE = Histogram(
-    "rag_generator_batch_size", "Generate requests decoded together.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
+    "rag_generator_batch_size",
+    "Generate requests decoded together: per decoding pass where requests join each other's (decoder-only), per "
+    "batch otherwise.",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
+GENERATOR_JOINED = Counter(
+    "rag_generator_joined_requests_total",
+    "Requests admitted while others were being decoded, joining their passes at a step boundary.",
 )
 GENERATED_TOKENS = Counter("rag_generated_tokens_total", "Tokens in returned hypotheses.")
 GENERATOR_PRECISION = Gauge(
@@ -119,7 +126,7 @@ RETRIEVER: tuple[Collector, ...] = (
     SEARCH_SECONDS, INDEX_INFO, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
-    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
     KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (

@@ -453,8 +453,11 @@ def test_concurrent_requests_are_batched_without_changing_answers(
         count, total = batches()
         futures = [stub.Generate.future(request(i), timeout=60) for i in range(len(questions))]
         together = [f.result() for f in futures]
-    new_count, new_total = batches()
-    assert new_total - total == len(questions) and new_count - count < len(questions)  # some shared a batch
+    passes, requests = batches()[0] - count, batches()[1] - total
+    if family == "encoder-decoder":  # whole requests batched: some shared a batch
+        assert requests == len(questions) and passes < len(questions)
+    else:  # counted per decoding pass (continuous batching): some passes decoded several requests
+        assert requests > passes
     for a, b in zip(alone, together, strict=True):
         assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
         assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
@@ -471,7 +474,10 @@ def test_streams_share_batches_with_each_other_and_with_unary_requests(launch: L
     passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
     unary = [generator_pb2.GenerateRequest(question=q, passages=passages, options=options) for q in questions]
     streamed = [generator_pb2.GenerateStreamRequest(question=q, passages=passages, options=options) for q in questions]
-    batches = lambda: REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0  # noqa: E731
+    batches = lambda: (  # noqa: E731
+        REGISTRY.get_sample_value("rag_generator_batch_size_count") or 0,
+        REGISTRY.get_sample_value("rag_generator_batch_size_sum") or 0,
+    )
     with grpc.insecure_channel(address(served)) as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         alone = [stub.Generate(r, timeout=60) for r in unary]
@@ -480,12 +486,62 @@ def test_streams_share_batches_with_each_other_and_with_unary_requests(launch: L
             streams = [pool.submit(lambda r: list(stub.GenerateStream(r, timeout=60)), r) for r in streamed]
             unaries = [pool.submit(stub.Generate, r, timeout=60) for r in unary]
             replies, together = [f.result() for f in streams], [f.result() for f in unaries]
-    assert batches() - before < 2 * len(questions)  # some shared a batch
+    after = batches()
+    assert after[1] - before[1] > after[0] - before[0]  # some decoding passes served several requests
     for reference, stream, answered in zip(alone, replies, together, strict=True):
         final = stream[-1].final
         assert [h.token_ids for h in final.hypotheses] == [h.token_ids for h in reference.hypotheses]
         assert [h.token_ids for h in answered.hypotheses] == [h.token_ids for h in reference.hypotheses]
         assert "".join(r.text_delta for r in stream[:-1]) == final.hypotheses[0].text
+
+
+def test_requests_join_the_decoding_passes_in_flight_and_answer_as_they_would_alone(
+    launch: Launcher, tiny: TinyModels
+) -> None:
+    """Continuous batching (decoder-only): a request admitted while another is decoding joins its passes at the next
+    step boundary, whatever its options (RAG-Token or RAG-Sequence, greedy with drafts or beams, the baselines),
+    and every answer is the one it gets alone."""
+    from prometheus_client import REGISTRY
+
+    served = launch.generator(tiny.causal_lm, max_batch=8)
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    token, sequence = generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE
+    long = generator_pb2.DecodingOptions(mode=token, max_new_tokens=160)
+    joiners = [
+        generator_pb2.GenerateRequest(question=q, passages=passages, options=options)
+        for q, options in [
+            ("Who discovered penicillin?", generator_pb2.DecodingOptions(mode=token, max_new_tokens=12)),
+            ("What is the capital of France?", generator_pb2.DecodingOptions(mode=sequence, max_new_tokens=12)),
+            ("Why?", generator_pb2.DecodingOptions(mode=sequence, num_beams=2, max_new_tokens=8,
+                                                   sequence_decoding=generator_pb2.SEQUENCE_DECODING_FAST)),
+            ("When was it built?", generator_pb2.DecodingOptions(mode=token, num_beams=2, max_new_tokens=8)),
+            ("Who?", generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CONCAT, max_new_tokens=12)),
+            ("How high?", generator_pb2.DecodingOptions(mode=generator_pb2.RAG_MODE_CLOSED_BOOK, max_new_tokens=12)),
+        ]
+    ]  # fmt: skip
+    joined = lambda: REGISTRY.get_sample_value("rag_generator_joined_requests_total") or 0.0  # noqa: E731
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        first = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages, options=long)
+        alone_first = stub.Generate(first, timeout=60)
+        # It decodes every token it may (the tiny model does not end it), so the others arrive while it decodes.
+        assert len(alone_first.hypotheses[0].token_ids) == long.max_new_tokens
+        alone = [stub.Generate(r, timeout=60) for r in joiners]
+        before = joined()
+        stream = stub.GenerateStream(
+            generator_pb2.GenerateStreamRequest(question=first.question, passages=passages, options=long), timeout=60
+        )
+        next(stream)  # it is decoding
+        futures = [stub.Generate.future(r, timeout=60) for r in joiners]
+        together = [f.result() for f in futures]
+        streamed = list(stream)
+    assert joined() - before >= 1  # joined at a step boundary, not after the first ended
+    assert streamed[-1].final.hypotheses[0].token_ids == alone_first.hypotheses[0].token_ids
+    for a, b in zip(alone, together, strict=True):
+        assert [h.token_ids for h in a.hypotheses] == [h.token_ids for h in b.hypotheses]
+        assert [h.log_prob for h in a.hypotheses] == pytest.approx([h.log_prob for h in b.hypotheses], abs=1e-3)
+        for ha, hb in zip(a.hypotheses, b.hypotheses, strict=True):
+            assert list(ha.passage_posteriors) == pytest.approx(list(hb.passage_posteriors), abs=1e-3)
 
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
