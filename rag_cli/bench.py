@@ -586,6 +586,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         index = index_built_from(corpus, encoder_spec, index_root, "latency", reuse_from=reuse)
 
     figures: list[Figure] = []
+    clients: list[Figure] = []  # answers per second with several clients
     retrieved: dict[str, list[Passage]] = {}  # the passages of each question (float32 run), for the references
     medians: dict[tuple[str, Mode], float] = {}
     answers: dict[str, str] = {}  # RAG-Token's float32 answers, for the decode steps of the floor
@@ -629,6 +630,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
                         note,
                     )  # fmt: skip
                 )
+            if dtype == dtypes[0]:  # requests in flight join each other's passes (continuous batching)
+                clients = _clients(stub, questions, medians[(dtype, Mode.TOKEN)], dtype, 4 if config.quick else 16)
         finally:
             launcher.close()
 
@@ -675,6 +678,40 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         figures.append(Figure("latency", f"first Ask after ready, RAG-Token, {dtype}", first, steady,
                               "the steady-state median", "<= 1.5x the median", first <= 1.5 * steady,
                               f"{first / steady:.2f}x the median"))  # fmt: skip
+    return figures + clients
+
+
+def _clients(stub: Any, questions: list[dict[str, Any]], alone_median: float, dtype: str, asks: int) -> list[Figure]:
+    """Answers per second with 1, 4 and 8 clients each asking RAG-Token questions in turn (`asks` in all), and the
+    lone client's median against the sequential one measured before (what continuous batching must not slow)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rag.types import AskRequest, DecodingOptions, Mode
+
+    def run(clients: int) -> tuple[float, float]:
+        def one(i: int) -> float:
+            started = time.perf_counter()
+            request = AskRequest(questions[i % len(questions)]["question"], LATENCY_K, DecodingOptions(mode=Mode.TOKEN))
+            stub.Ask(request.to_pb(), timeout=600)
+            return time.perf_counter() - started
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            seconds = list(pool.map(one, range(asks)))
+        return asks / (time.perf_counter() - started), statistics.median(seconds)
+
+    rates = {clients: run(clients) for clients in (1, 4, 8)}
+    single_rate, single_median = rates[1]
+    figures = [
+        Figure("latency", f"Ask RAG-Token, {dtype}: one client's median among 1", single_median, alone_median,
+               "the sequential median above", "<= 1.1x", single_median <= 1.1 * alone_median,
+               f"{single_median / alone_median:.2f}x")
+    ]  # fmt: skip
+    for clients in (4, 8):
+        rate, median = rates[clients]
+        figures.append(Figure("latency", f"Ask RAG-Token, {dtype}: answers/s with {clients} clients", 1 / rate,
+                              1 / single_rate, "1 client", "> 1 client", rate > single_rate,
+                              f"{rate:.2f} vs {single_rate:.2f} answers/s; each client's median {median:.2f} s"))  # fmt: skip
     return figures
 
 
