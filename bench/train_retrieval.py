@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--generate-sample", type=int, default=40, help="dev questions asked per generation mode")
+    parser.add_argument(
+        "--generate-sample", type=int, default=40, help="dev questions asked per generation mode (0: retrieval only)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "train-retrieval"))
@@ -82,7 +84,9 @@ def main() -> None:
         train = rng.sample(train, min(options.train_questions, len(train)))
     train_file = write_jsonl(work / f"train-{len(train)}.jsonl", train)
     dev_file = write_jsonl(work / "dev.jsonl", dev)
-    dev_sample = write_jsonl(work / "dev-sample.jsonl", rng.sample(dev, min(options.generate_sample, len(dev))))
+    # Its own generator: the same sample whatever the train sample, so every stage is paired with the untrained run.
+    sample = random.Random(options.seed + 1).sample(dev, min(options.generate_sample, len(dev)))
+    dev_sample = write_jsonl(work / f"dev-sample-{len(sample)}.jsonl", sample)
     corpus = paths.rag_home() / "bench" / "finetune" / "wiki+squad.jsonl"  # bench/finetune_squad.py's index
     if not corpus.exists():
         write_jsonl(corpus, read_jsonl(data / "wiki_vital_en.jsonl.gz") + squad)
@@ -93,7 +97,8 @@ def main() -> None:
     report: dict[str, Any] = {"stages": {}}
     started = time.perf_counter()
     before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
-    report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, MODES, None, "dense")
+    modes = MODES if options.generate_sample else ()  # 0: retrieval only (the gate needs no generation)
+    report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, modes, None, "dense")
     report["untrained"]["seconds"] = time.perf_counter() - started
     for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
         command = [

@@ -46,7 +46,9 @@ class GeneratorConfig(ServerConfig):
     )
     warm_up: bool = option(True, "run both RAG modes once on 5 passages before reporting SERVING (a fast first Ask)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")
-    max_batch: int = option(8, "Generate requests decoded together when they arrive together (1 = no batching)")
+    max_batch: int = option(
+        8, "requests decoded together at most: in flight at once (decoder-only) or in one batch (1 = none)"
+    )
     threads: int = option(0, "torch threads for the model; 0 = one per core")
     dtype: str = option(
         "auto",
