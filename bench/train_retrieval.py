@@ -4,6 +4,7 @@ likelihood table, on SQuAD-open, split by article.
     python bench/train_retrieval.py [--data ../shared/data] [--generator qwen2.5-coder-0.5b] [--stages gate,table]
                                     [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10]
                                     [--batch-size 16] [--lr 3e-5] [--generate-sample 40] [--device auto]
+                                    [--generator-dtype auto]
                                     [--out docs/train-retrieval]
 
 1. The public SQuAD dev questions split **by article** (bench/finetune_squad.split_by_article, seed 0): two thirds
@@ -66,6 +67,7 @@ def main() -> None:
         "--generate-sample", type=int, default=40, help="dev questions asked per generation mode (0: retrieval only)"
     )
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--generator-dtype", default="auto", help="precision the frozen generator scores in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "train-retrieval"))
     options = parser.parse_args()
@@ -107,6 +109,7 @@ def main() -> None:
             "--candidates", str(options.candidates), "--epochs", str(options.epochs),
             "--batch-size", str(options.batch_size), "--lr", str(options.lr), "--device", options.device,
             "--seed", str(options.seed), "--out", str(work / f"{stage}-{len(train)}"), "--no-progress",
+            "--generator-dtype", options.generator_dtype,
         ]  # fmt: skip
         if stage == "gate":
             command.append("--oracle-reader")

@@ -50,7 +50,7 @@ class Scorer(Protocol):
 class GeneratorScorer:
     """A frozen generator's scores, through the path it serves with."""
 
-    PAIRS_PER_PASS = 16  # (question, passage) rows encoded together: buckets and the KV cache work across them
+    PASSAGES_PER_PASS = 16  # one question's passages encoded together: its rows share the question's tokens
 
     def __init__(self, lm: PassageLM, spec: str) -> None:
         self.lm = lm
@@ -73,14 +73,21 @@ class GeneratorScorer:
 
     @torch.inference_mode()
     def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        for start in range(0, len(pairs), self.PAIRS_PER_PASS):
-            part = pairs[start : start + self.PAIRS_PER_PASS]
-            ctx = self.lm.encode([e.question for e, _ in part], [[(p,)] for _, p in part])  # one context per row
-            answers = [self.lm.answer_token_ids(e.answers[0]) for e, _ in part]
-            scores = rag_math.score_answers(self.lm, ctx, torch.zeros(len(part), 1), list(range(len(part))), answers)
-            for h, answer in enumerate(answers):
-                out.append(scores.token_logprobs[h, 0, : len(answer)].float().numpy())
+        """A question's passages as the rows of one request (as the generator serves it: the question's tokens run
+        once for all of them, after each passage's cached segment)."""
+        by_question: dict[tuple[str, str], list[int]] = {}
+        for i, (example, _) in enumerate(pairs):
+            by_question.setdefault((example.question, example.answers[0]), []).append(i)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(pairs)
+        for indices in by_question.values():
+            example = pairs[indices[0]][0]
+            answer = self.lm.answer_token_ids(example.answers[0])
+            for start in range(0, len(indices), self.PASSAGES_PER_PASS):
+                part = indices[start : start + self.PASSAGES_PER_PASS]
+                ctx = self.lm.encode([example.question], [[(pairs[i][1],) for i in part]])
+                scores = rag_math.score_answers(self.lm, ctx, torch.zeros(1, len(part)), [0], [answer])
+                for k, i in enumerate(part):
+                    out[i] = scores.token_logprobs[0, k].float().numpy().copy()
         return out
 
 
