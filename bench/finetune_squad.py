@@ -68,6 +68,26 @@ def split_by_article(
     return train, dev, sorted(train_articles)
 
 
+def public_split(
+    data: Path, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The SQuAD dev paragraphs, and the public questions split by article: train, dev, the train articles."""
+    squad = read_jsonl(data / "squad_v1.1_dev_paragraphs.jsonl.gz")
+    questions = read_jsonl(data / "squad_v1.1_dev_questions_public.jsonl.gz")
+    return squad, *split_by_article(questions, {p["id"]: p["title"] for p in squad}, seed)
+
+
+def squad_open_index(data: Path, squad: list[dict[str, Any]], encoder_spec: str) -> IndexRef:
+    """The SQuAD-open index (the Wikipedia leads and every SQuAD dev paragraph): one corpus, one index, built once
+    for every generator and benchmark (the leads' vectors taken from the demo's index when there is one)."""
+    corpus = paths.rag_home() / "bench" / "finetune" / "wiki+squad.jsonl"
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(corpus, read_jsonl(data / "wiki_vital_en.jsonl.gz") + squad)
+    reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
+    return index_built_from(corpus, encoder_spec, paths.index_root(), "squad-open", reuse_from=reuse)
+
+
 def evaluate(
     index: IndexRef,
     encoder: str,
@@ -143,20 +163,12 @@ def main() -> None:
 
     encoder_spec = f"sentence-transformer:{assets.minilm_encoder()}"
     generator = str(demo_generator(options.generator))
-    wiki = read_jsonl(data / "wiki_vital_en.jsonl.gz")
-    squad = read_jsonl(data / "squad_v1.1_dev_paragraphs.jsonl.gz")
-    questions = read_jsonl(data / "squad_v1.1_dev_questions_public.jsonl.gz")
-    article_of = {p["id"]: p["title"] for p in squad}
-    train, dev, train_articles = split_by_article(questions, article_of, options.seed)
+    squad, train, dev, train_articles = public_split(data, options.seed)
     rng = random.Random(options.seed)
     train_file = write_jsonl(work / "train.jsonl", rng.sample(train, min(options.train_questions, len(train))))
     dev_file = write_jsonl(work / "dev.jsonl", dev)
     dev_sample = write_jsonl(work / "dev-sample.jsonl", rng.sample(dev, min(options.generate_sample, len(dev))))
-    corpus = work.parent / "wiki+squad.jsonl"  # one corpus, one index, for every generator
-    if not corpus.exists():
-        write_jsonl(corpus, wiki + squad)
-    reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
-    index = index_built_from(corpus, encoder_spec, paths.index_root(), "squad-open", reuse_from=reuse)
+    index = squad_open_index(data, squad, encoder_spec)
     print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
 
     previous = out / "report.json"  # stages run before (rag eval's results are cached too: reruns are cheap)

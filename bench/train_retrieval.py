@@ -39,15 +39,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.finetune_squad import evaluate, read_jsonl, split_by_article, write_jsonl  # noqa: E402
+from bench.finetune_squad import evaluate, public_split, squad_open_index, write_jsonl  # noqa: E402
 from rag import paths  # noqa: E402
 from rag.files import write_atomically  # noqa: E402
-from rag.index_ref import IndexRef  # noqa: E402
 from rag.types import Mode  # noqa: E402
 from rag_cli import assets  # noqa: E402
 from rag_cli.bench import machine  # noqa: E402
 from rag_cli.demo import demo_generator  # noqa: E402
-from retriever_svc.build import index_built_from  # noqa: E402
 
 MODES = (Mode.CONCAT, Mode.SEQUENCE)
 
@@ -78,9 +76,7 @@ def main() -> None:
 
     encoder_spec = f"sentence-transformer:{assets.minilm_encoder()}"
     generator = str(demo_generator(options.generator))
-    squad = read_jsonl(data / "squad_v1.1_dev_paragraphs.jsonl.gz")
-    questions = read_jsonl(data / "squad_v1.1_dev_questions_public.jsonl.gz")
-    train, dev, train_articles = split_by_article(questions, {p["id"]: p["title"] for p in squad}, options.seed)
+    squad, train, dev, train_articles = public_split(data, options.seed)
     rng = random.Random(options.seed)
     if options.train_questions:
         train = rng.sample(train, min(options.train_questions, len(train)))
@@ -89,11 +85,7 @@ def main() -> None:
     # Its own generator: the same sample whatever the train sample, so every stage is paired with the untrained run.
     sample = random.Random(options.seed + 1).sample(dev, min(options.generate_sample, len(dev)))
     dev_sample = write_jsonl(work / f"dev-sample-{len(sample)}.jsonl", sample)
-    corpus = paths.rag_home() / "bench" / "finetune" / "wiki+squad.jsonl"  # bench/finetune_squad.py's index
-    if not corpus.exists():
-        write_jsonl(corpus, read_jsonl(data / "wiki_vital_en.jsonl.gz") + squad)
-    reuse = IndexRef(paths.DEMO_INDEX) if (paths.index_root() / paths.DEMO_INDEX).is_dir() else None
-    index = index_built_from(corpus, encoder_spec, paths.index_root(), "squad-open", reuse_from=reuse)
+    index = squad_open_index(data, squad, encoder_spec)
     print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
 
     report: dict[str, Any] = {"stages": {}}
