@@ -121,8 +121,9 @@ def main() -> None:
             dev_sample,
             options.k,
             out / f"{stage}-{len(train)}",
-            MODES,
+            modes,
             against=before,
+            retrieval="dense",
         )
         report["stages"][stage] = {"train": result, "train_seconds": train_seconds, "command": command[2:], **evaluated}
         print(json.dumps({m: {k: v for k, v in r.items() if not isinstance(v, dict)} for m, r in evaluated.items()}))
