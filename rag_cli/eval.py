@@ -285,7 +285,9 @@ def compare(before: dict[str, dict[str, Any]], after: list[dict[str, Any]]) -> d
         measures["recall_at_1"] = lambda r: float(rank(r) <= 1)
         measures["recall_at_k"] = lambda r: float(rank(r) <= r["k"])
         measures["gold_rank"] = lambda r: -rank(r)  # higher is better, as for the others
-    result: dict[str, Any] = {"n": len(pairs)}
+    served = lambda side: "+".join(sorted({pair[side].get("retrieval", "dense") for pair in pairs}))  # noqa: E731
+    # What each run retrieved with, so that a comparison across retrieval modes is not read as one within a mode.
+    result: dict[str, Any] = {"n": len(pairs), "retrieval": {"before": served(0), "after": served(1)}}
     for name, value in measures.items():
         wins = sum(1 for a, b in pairs if value(b) > value(a))
         losses = sum(1 for a, b in pairs if value(b) < value(a))
@@ -313,10 +315,12 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
         )
     for s in summaries:
         if "paired" in s:
-            lines += ["", f"Against the previous run, k = {s['k']}, {s['paired']['n']} questions in both:", "",
+            served = s["paired"]["retrieval"]
+            lines += ["", f"Against the previous run ({served['before']} retrieval, this run {served['after']}), k = "
+                      f"{s['k']}, {s['paired']['n']} questions in both:", "",
                       "| measure | before | after | wins | losses | ties | sign test p |", "|---|---|---|---|---|---|---|"]  # fmt: skip
             for name, m in s["paired"].items():
-                if name != "n":
+                if name not in ("n", "retrieval"):
                     before, after = (f"{m[key]:.3f}" if key in m else "-" for key in ("before", "after"))
                     lines.append(
                         f"| {name} | {before} | {after} | {m['wins']} | {m['losses']} | {m['ties']} | {m['sign_test_p']} |"

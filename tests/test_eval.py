@@ -253,6 +253,7 @@ def test_rag_eval_compares_two_runs_question_by_question(
     wins = sum(1 for q in after if rank(after[q]) < rank(before[q]))
     losses = sum(1 for q in after if rank(after[q]) > rank(before[q]))
     assert paired["n"] == 3 and (paired["gold_rank"]["wins"], paired["gold_rank"]["losses"]) == (wins, losses)
+    assert paired["retrieval"] == {"before": "dense", "after": "lexical"}  # what each side ran, said
     assert paired["recall_at_1"]["after"] == sum(rank(r) <= 1 for r in after.values()) / 3
     assert "exact_match" not in paired  # retrieval only
     assert sign_test(0, 0) == 1.0 and sign_test(5, 0) == pytest.approx(0.0625) and sign_test(3, 3) == 1.0
