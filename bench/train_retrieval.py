@@ -88,7 +88,8 @@ def main() -> None:
     index = squad_open_index(data, squad, encoder_spec)
     print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
 
-    report: dict[str, Any] = {"stages": {}}
+    previous = out / f"report-{len(train)}.json"  # stages run before on this train sample are kept
+    report: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {"stages": {}}
     started = time.perf_counter()
     before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
     modes = MODES if options.generate_sample else ()  # 0: retrieval only (the gate needs no generation)
