@@ -682,8 +682,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
 
 
 def _clients(stub: Any, questions: list[dict[str, Any]], alone_median: float, dtype: str, asks: int) -> list[Figure]:
-    """Answers per second with 1, 4 and 8 clients each asking RAG-Token questions in turn (`asks` in all), and the
-    lone client's median against the sequential one measured before (what continuous batching must not slow)."""
+    """Answers per second with 1, 4 and 8 clients each asking RAG-Token questions in turn (`asks` in all): what
+    continuous batching gains when requests arrive while others decode."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rag.types import AskRequest, DecodingOptions, Mode
@@ -702,10 +702,11 @@ def _clients(stub: Any, questions: list[dict[str, Any]], alone_median: float, dt
 
     rates = {clients: run(clients) for clients in (1, 4, 8)}
     single_rate, single_median = rates[1]
+    # The lone client's questions were asked above: their passages are cached, so its median is a warm one, the
+    # baseline of the 4- and 8-client runs (which ask the same questions), not a repeat of the sequential median.
     figures = [
-        Figure("latency", f"Ask RAG-Token, {dtype}: one client's median among 1", single_median, alone_median,
-               "the sequential median above", "<= 1.1x", single_median <= 1.1 * alone_median,
-               f"{single_median / alone_median:.2f}x")
+        Figure("latency", f"Ask RAG-Token, {dtype}: 1 client, passages cached", single_median, alone_median,
+               "the sequential median above (passages cold)", note=f"{1 / single_rate:.2f} s per answer")
     ]  # fmt: skip
     for clients in (4, 8):
         rate, median = rates[clients]

@@ -2,9 +2,10 @@
 
     rag train QUESTIONS --index NAME[@VERSION] [--index-root DIR] [--encoder SPEC] [--generator SPEC]
               [--train query-encoder|generator|both] [--mode sequence|token] [--k K] [--epochs N]
-              [--max-steps N] [--lr LR] [--batch-size B] [--lora-rank R] [--held-out F] [--eval-every N]
-              [--patience N] [--candidates N] [--likelihoods FILE] [--oracle-reader] [--dev QUESTIONS]
-              [--out DIR] [--device auto|cpu|cuda] [--seed S]
+              [--max-steps N] [--lr LR] [--batch-size B] [--lora-rank R] [--encoder-lora-rank R]
+              [--held-out F] [--eval-every N] [--patience N] [--candidates N] [--likelihoods FILE]
+              [--oracle-reader] [--dev QUESTIONS] [--out DIR] [--device auto|cpu|cuda] [--seed S]
+    torchrun --nproc-per-node N -m rag_cli train ...     (data-parallel: rag_cli.distributed)
 
 One step, for a batch of questions (their first gold answer is the target):
 1. retrieve: encode the questions with the *current* query encoder and take the top K passages of the fixed
