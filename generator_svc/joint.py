@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from generator_svc.context_attention import KV, SharedContext
 from generator_svc.families import DecoderOnlyLM
@@ -121,10 +122,10 @@ class Rows:
         """The rows' own cached keys and values, per layer (None before the first pass)."""
         if self.state is None:
             return None
-        layers = getattr(self.state.cache, "layers", [])
-        if not layers or getattr(layers[0], "keys", None) is None or not layers[0].is_initialized:
+        layers = [layer for layer in self.state.cache.layers if isinstance(layer, DynamicLayer)]  # all of them
+        if not layers or not layers[0].is_initialized:
             return None
-        return [(layer.keys, layer.values) for layer in layers]
+        return [(layer.keys, layer.values) for layer in layers if layer.keys is not None and layer.values is not None]
 
     def _rebuild(self, own: KV | None, positions: torch.Tensor) -> None:
         """The union's state from its parts: contexts side by side, rows renumbered, the own cache given."""
@@ -301,10 +302,8 @@ class JointDecoder:
         if not feeding:
             return
         metrics.GENERATOR_BATCH_SIZE.observe(len(feeding))
-        order = {id(part): i for i, part in enumerate(self.rows.parts)}
-        feeding.sort(key=lambda m: order[id(m.pending.part)])  # type: ignore[union-attr]
         try:
-            results = self.rows.feed([(m.pending.part, m.pending.tokens) for m in feeding])  # type: ignore[union-attr,misc]
+            results = self.rows.feed([_feed_of(m) for m in feeding])
         except BaseException as err:
             for member in feeding:
                 member.answer(error=err)
@@ -320,6 +319,13 @@ class JointDecoder:
     @property
     def busy(self) -> bool:
         return bool(self.members)
+
+
+def _feed_of(member: Member) -> tuple[Part, torch.Tensor]:
+    """What a member waiting for the pass feeds: its rows, its tokens."""
+    op = member.pending
+    assert op is not None and op.part is not None and op.tokens is not None
+    return op.part, op.tokens
 
 
 @dataclass

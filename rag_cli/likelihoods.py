@@ -164,17 +164,15 @@ class LikelihoodTable:
         missing = self.missing(pairs)
         for start in range(0, len(missing), per_commit):
             part = missing[start : start + per_commit]
-            scores = self.scorer.score(part)
+            scored = {
+                self._key(e, p): s.astype(np.float32) for (e, p), s in zip(part, self.scorer.score(part), strict=True)
+            }
             with self._db:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO likelihood VALUES (?, ?, ?, ?)",
-                    [
-                        (*self._key(e, p), s.astype(np.float32).tobytes())
-                        for (e, p), s in zip(part, scores, strict=True)
-                    ],
+                    [(*key, values.tobytes()) for key, values in scored.items()],
                 )
-            for (e, p), s in zip(part, scores, strict=True):
-                self._known[self._key(e, p)] = s.astype(np.float32)
+            self._known.update(scored)
             self.scored += len(part)
             if progress is not None:
                 progress(len(part))
