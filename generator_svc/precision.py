@@ -111,7 +111,9 @@ def with_precision(model: PreTrainedModel, dtype: Dtype) -> PreTrainedModel:
     per output channel, activations quantised on the fly, so the matrix products, most of the time on a CPU, run in
     int8; the layers named in KEEP_FLOAT stay float32). Log-probabilities are always computed in float32."""
     if dtype is Dtype.BFLOAT16:
-        return torch.nn.Module.to(model, torch.bfloat16)
+        model = torch.nn.Module.to(model, torch.bfloat16)
+        float32_logits(model)
+        return model
     if dtype is Dtype.INT8:
         import warnings
 
@@ -126,6 +128,29 @@ def with_precision(model: PreTrainedModel, dtype: Dtype) -> PreTrainedModel:
             warnings.simplefilter("ignore")
             return quantize_dynamic(model, layers, dtype=torch.qint8)
     return model
+
+
+class Float32Logits(torch.nn.Linear):
+    """The vocabulary projection of a bfloat16 model, computed in float32 (weights and product).
+
+    A bfloat16 logit keeps 8 significant bits: a step of 0.125 at the top logits' magnitudes (16-32), which turns
+    near-ties between answer tokens, and the sums of log-probabilities RAG-Sequence compares across passages, into
+    coin flips. In float32 the projection costs one more read of its weights per step (the rest stays bfloat16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+def float32_logits(model: PreTrainedModel) -> None:
+    """Make the model's vocabulary projection Float32Logits: a float32 copy of its weights (untied from the
+    bfloat16 input embeddings, which only look rows up)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=head.weight.requires_grad)
+    if head.bias is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=head.bias.requires_grad)
+    head.__class__ = Float32Logits
 
 
 class FewRowLinear(torch.nn.Linear):

@@ -250,6 +250,9 @@ def test_lower_precision_agrees_with_float32_where_the_choice_is_clear(
     assert clear.sum() >= 2
     assert torch.equal(exact.argmax(-1)[clear], approximate.argmax(-1)[clear])
     assert not torch.equal(exact, approximate)  # the weights really are in another precision
+    if dtype == "bfloat16":  # its logits are not rounded to 8 bits: the vocabulary projection runs in float32
+        assert lowered.model.get_output_embeddings().weight.dtype == torch.float32
+        assert lowered.model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
