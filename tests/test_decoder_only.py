@@ -273,9 +273,8 @@ def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
 @pytest.mark.parametrize(
     ("flags", "dtype", "basis"),
     [
-        # Native bfloat16 (Intel Xeon from Sapphire Rapids, AMD Zen 4), which does not keep the quality rule yet
-        ({"avx2", "amx_bf16", "avx512_bf16"}, "float32", "bfloat16_below_quality_rule"),
-        ({"avx2", "avx512_bf16"}, "float32", "bfloat16_below_quality_rule"),
+        ({"avx2", "amx_bf16", "avx512_bf16"}, "bfloat16", "native_bfloat16"),  # Intel Xeon from Sapphire Rapids
+        ({"avx2", "avx512_bf16"}, "bfloat16", "native_bfloat16"),  # AMD EPYC from Zen 4
         ({"avx2", "avx512f"}, "float32", "no_native_bfloat16"),  # AMD EPYC before Zen 4, older Xeons
         (set(), "float32", "no_native_bfloat16"),
     ],
@@ -285,9 +284,10 @@ def test_auto_precision_follows_the_cpus_flags_and_the_quality_rule(
 ) -> None:
     chosen = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)
     assert (chosen.dtype.value, chosen.basis) == (dtype, basis)
-    monkeypatch.setattr(precision, "BFLOAT16_KEEPS_QUALITY", {"RAG-Token": True, "RAG-Sequence": True})
-    kept = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)  # once bfloat16 keeps the rule in both modes
-    assert kept.dtype is (Dtype.FLOAT32 if basis == "no_native_bfloat16" else Dtype.BFLOAT16)
+    monkeypatch.setattr(precision, "BFLOAT16_KEEPS_QUALITY", {"RAG-Token": True, "RAG-Sequence": False})
+    failing = choose_precision(Dtype.AUTO, torch.device("cpu"), flags)  # were bfloat16 to fail the rule in a mode
+    assert failing.dtype is Dtype.FLOAT32
+    assert failing.basis == ("no_native_bfloat16" if dtype == "float32" else "bfloat16_below_quality_rule")
     assert choose_precision(Dtype.INT8, torch.device("cpu"), flags).basis == "asked"
     with pytest.raises(InvalidArgument, match="dtype must be one of auto, float32, bfloat16, int8"):
         Dtype.parse("float16")
@@ -298,8 +298,8 @@ def test_the_generator_says_which_precision_auto_chose_and_why(
 ) -> None:
     from prometheus_client import REGISTRY
 
-    expected = "float32"  # bfloat16 does not keep the quality rule yet, where it is native too
-    basis = "bfloat16_below_quality_rule" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "no_native_bfloat16"
+    native = bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    expected, basis = ("bfloat16", "native_bfloat16") if native else ("float32", "no_native_bfloat16")
     with caplog.at_level(logging.INFO, logger="generator_svc.server"):
         served = launch.generator(tiny.causal_lm, dtype="auto")
     assert REGISTRY.get_sample_value("rag_generator_precision_info", {"dtype": expected, "basis": basis}) == 1
