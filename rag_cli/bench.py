@@ -15,10 +15,14 @@
 - concurrency: queries/s with 8 concurrent clients against 1 (the generator batches concurrent requests);
 - build: `rag index build` passages/s against the encoder's forward pass alone;
 - latency: Ask (streamed) on the demo models, 20 public SQuAD questions at k = 5, RAG-Token and RAG-Sequence, per
-  weights precision: median and p90 seconds, time to first token, EM/F1; against transformers' `generate` of the
-  same model with the k passages in one prompt, and against the floor of the same work on this machine (prompt
-  FLOPs at the measured matrix-multiply rate plus the weights read once per decoded token at the measured memory
-  read bandwidth). Skipped, with a message, when the demo models are not fetched (`rag fetch`).
+  weights precision, each mode on a new generator: cold (every passage new to it), then warm (the questions
+  reworded: mostly the same passages, their work reused, every answer decoded again); median and p90 seconds, time
+  to first token, passage segments cached, EM/F1; against transformers' `generate` of the same model with the k
+  passages in one prompt (in its faster precision here), as the issue's goals (RAG-Token cold <= 1.0x its time,
+  warm <= 0.35x, warm first token <= 0.15x; RAG-Sequence cold <= 1.5x), and against the floor of the same work on
+  this machine (prompt FLOPs at the measured matrix-multiply rate plus the weights read once per decoded token at
+  the measured memory read bandwidth); answers per second with 1, 4 and 8 clients. Skipped, with a message, when
+  the demo models are not fetched (`rag fetch`).
 `--quick` shrinks every size (seconds instead of minutes) so CI can run it; its ratios say little.
 """
 
@@ -490,6 +494,7 @@ def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
 LATENCY_QUESTIONS = Path(__file__).parent / "data" / "squad20.jsonl"  # SQuAD v1.1 dev (CC BY-SA 4.0)
 LATENCY_GOAL_S = 2.5
 LATENCY_K = 5  # passages per question in the latency section
+LATENCY_FIRST_QUESTION = "Which planet is closest to the Sun?"  # the first Ask after ready: none of the 20
 
 
 def matmul_rate(size: int = 1024) -> float:
@@ -540,9 +545,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     from generator_svc.families import DecoderOnlyLM, shared_prefix_length
     from generator_svc.loading import load_passage_lm
     from rag import paths
-    from rag.types import AskRequest, DecodingOptions, Mode
+    from rag.types import Mode
     from rag.v1 import gateway_pb2_grpc
-    from rag_cli.eval import exact_match, f1_score
     from rag_cli.testing.random_models import save_causal_lm, save_sentence_encoder
     from rag_cli.testing.stack import Launcher
     from retriever_svc.build import build_index, index_built_from
@@ -587,66 +591,63 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
 
     figures: list[Figure] = []
     clients: list[Figure] = []  # answers per second with several clients
-    retrieved: dict[str, list[Passage]] = {}  # the passages of each question (float32 run), for the references
-    medians: dict[tuple[str, Mode], float] = {}
-    answers: dict[str, str] = {}  # RAG-Token's float32 answers, for the decode steps of the floor
-    first_ask: dict[str, float] = {}  # the first RAG-Token Ask after the stack reported ready, per precision
+    runs: dict[tuple[str, Mode], tuple[AskRun, AskRun]] = {}  # (cold, warm) per precision and mode
+    first_ask: dict[str, float] = {}  # the first Ask after the stack reported ready, per precision
     for dtype in dtypes:
-        launcher = Launcher()
-        try:
-            stack = launcher.stack(index_root, str(index), generator, dtype=dtype, max_new_tokens=new_tokens)
-            stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
-            for mode in (Mode.TOKEN, Mode.SEQUENCE):
-                request = lambda q: AskRequest(q["question"], LATENCY_K, DecodingOptions(mode=mode)).to_stream_pb()  # noqa: E731
-                started = time.perf_counter()
-                list(stub.AskStream(request(questions[0]), timeout=600))  # the first Ask after ready
-                first_ask.setdefault(dtype, time.perf_counter() - started)
-                seconds, first_token, em, f1 = [], [], [], []
-                for q in questions:
-                    started, first = time.perf_counter(), None
-                    for reply in stub.AskStream(request(q), timeout=600):
-                        first = first if first is not None else time.perf_counter() - started
-                        final = reply.final
-                    seconds.append(time.perf_counter() - started)
-                    first_token.append(first or 0.0)
-                    answer = final.answers[0].text if final.answers else ""
-                    em.append(exact_match(answer, q["answers"]))
-                    f1.append(f1_score(answer, q["answers"]))
-                    if dtype == "float32" and mode is Mode.TOKEN:
-                        retrieved[q["id"]] = [Passage.from_pb(s.passage) for s in final.sources]
-                        answers[q["id"]] = answer
-                medians[(dtype, mode)] = statistics.median(seconds)
-                note = (f"p90 {_percentile(seconds, 0.9):.2f} s; first token {statistics.median(first_token):.2f} s; "
-                        f"EM {np.mean(em):.3f}, F1 {np.mean(f1):.3f} over {len(questions)} questions")  # fmt: skip
-                figures.append(
-                    Figure(
-                        "latency",
-                        f"Ask {mode.label}, {dtype}, k={LATENCY_K}: median",
-                        medians[(dtype, mode)],
-                        0.0,
-                        "transformers generate, k passages in one prompt",
-                        f"<= {LATENCY_GOAL_S} s",
-                        medians[(dtype, mode)] <= LATENCY_GOAL_S,
-                        note,
-                    )  # fmt: skip
+        for mode in (Mode.TOKEN, Mode.SEQUENCE):
+            launcher = Launcher()  # a new generator per mode: every passage is new to it (cold)
+            try:
+                stack = launcher.stack(index_root, str(index), generator, dtype=dtype, max_new_tokens=new_tokens)
+                stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
+                opening = _ask_all(stub, [{"question": LATENCY_FIRST_QUESTION, "answers": []}], mode, "question")
+                if mode is Mode.TOKEN:
+                    first_ask[dtype] = opening.median
+                runs[(dtype, mode)] = (
+                    _ask_all(stub, questions, mode, "question"),
+                    _ask_all(stub, questions, mode, "reworded"),
                 )
-            if dtype == dtypes[0]:  # requests in flight join each other's passes (continuous batching)
-                clients = _clients(stub, questions, medians[(dtype, Mode.TOKEN)], dtype, 4 if config.quick else 16)
-        finally:
-            launcher.close()
+                if dtype == dtypes[0] and mode is Mode.TOKEN:  # requests in flight join each other's passes
+                    warm_median = runs[(dtype, mode)][1].median
+                    clients = _clients(stub, questions, warm_median, dtype, 4 if config.quick else 16)
+            finally:
+                launcher.close()
 
-    # (a) What a user would run instead: transformers' generate, the k passages in one prompt, float32.
+    # (a) What a user would run instead: transformers' generate, the k passages in one prompt (the passages our
+    # first run retrieved), in its faster precision here.
     lm = load_passage_lm(str(generator))
     assert isinstance(lm, DecoderOnlyLM)
-    model = AutoModelForCausalLM.from_pretrained(generator).eval()
-    prompts = [lm.prompt_ids(q["question"], tuple(retrieved[q["id"]])) for q in questions]
+    cold_token = runs[(dtypes[0], Mode.TOKEN)][0]
+    prompts = [
+        lm.prompt_ids(q["question"], tuple(sources)) for q, sources in zip(questions, cold_token.sources, strict=True)
+    ]
+    reference_s, reference_dtype = float("inf"), ""
+    for reference_precision in ("float32", "bfloat16") if native_bfloat16() else ("float32",):
+        model = AutoModelForCausalLM.from_pretrained(generator, dtype=getattr(torch, reference_precision)).eval()
 
-    def concatenated() -> None:
-        with torch.no_grad():
-            for prompt in prompts:
-                model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+        def concatenated() -> None:
+            with torch.no_grad():
+                for prompt in prompts:
+                    model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
 
-    reference_s = median_time(concatenated, 1) / len(prompts)
+        seconds = median_time(concatenated, 1) / len(prompts)
+        if seconds < reference_s:
+            reference_s, reference_dtype = seconds, reference_precision
+    reference = f"transformers generate, k passages in one prompt, {reference_dtype}"
+    for (dtype, mode), (cold, warm) in runs.items():
+        # The goals, as shares of the reference's time: never slower cold (RAG-Sequence: 1.5x, it decodes each
+        # passage); warm, passage work reused and every answer decoded again, 0.35x, its first token 0.15x.
+        goals = (
+            (f"Ask {mode.label}, {dtype}, k={LATENCY_K}: median, passages cold", cold.median,
+             1.0 if mode is Mode.TOKEN else 1.5, cold.note),
+            (f"Ask {mode.label}, {dtype}, k={LATENCY_K}: median, passages warm (questions reworded)", warm.median,
+             0.35 if mode is Mode.TOKEN else None, warm.note),
+            (f"Ask {mode.label}, {dtype}: first token, passages warm", warm.first_token,
+             0.15 if mode is Mode.TOKEN else None, f"{warm.hit_rate:.0%} of passage segments cached"),
+        )  # fmt: skip
+        for name, ours, share, note in goals:
+            goal, met = (f"<= {share}x the reference", ours <= share * reference_s) if share else ("", None)
+            figures.append(Figure("latency", name, ours, reference_s, reference, goal, met,
+                                  f"{ours / reference_s:.2f}x the reference; {note}"))  # fmt: skip
     # (b) The floor of RAG-Token's work: every passage's prompt once through the transformer blocks (what the
     # prompts share, once) and each row's last position through the vocabulary projection; then every weight
     # read once per decoded token. The input embedding is a lookup, not arithmetic, and not read in full.
@@ -654,34 +655,93 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     parameters = sum(p.numel() for p in model.parameters())
     blocks = parameters - embedding.numel() - (0 if head is embedding else head.numel())
 
-    def prompt_work(question: dict[str, Any]) -> int:
-        prompts = [lm.prompt_ids(question["question"], (p,)) for p in retrieved[question["id"]]]
+    def prompt_work(question: str, sources: list[Passage]) -> int:
+        prompts = [lm.prompt_ids(question, (p,)) for p in sources]
         shared = shared_prefix_length(prompts)
         return shared + sum(len(p) - shared for p in prompts)
 
-    prompt_tokens = statistics.median(prompt_work(q) for q in questions)
+    prompt_tokens = statistics.median(
+        prompt_work(q["question"], sources) for q, sources in zip(questions, cold_token.sources, strict=True)
+    )
     prompt_flops = 2 * blocks * prompt_tokens + 2 * head.numel() * LATENCY_K
     flops, bandwidth = matmul_rate(), read_bandwidth()
-    decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in answers.values())
-    for figure in list(figures):
-        figure.reference_s = reference_s
-        dtype = next(d for d in dtypes if f", {d}," in figure.name)
-        if "RAG-Token" in figure.name:
-            weight_bytes = (blocks + head.numel()) * {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
-            floor = prompt_flops / flops + decode_steps * weight_bytes / bandwidth
-            figures.append(Figure("latency", f"Ask RAG-Token, {dtype}: against the floor", figure.ours_s, floor,
-                                  "compute and bandwidth floor", "<= 1.5x the floor", figure.ours_s <= 1.5 * floor,
-                                  f"{figure.ours_s / floor:.2f}x the floor ({prompt_tokens:.0f} prompt tokens, "
-                                  f"{decode_steps:.0f} decode steps)"))  # fmt: skip
+    decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in cold_token.answers)
+    for dtype in dtypes:
+        ours = runs[(dtype, Mode.TOKEN)][0].median
+        weight_bytes = (blocks + head.numel()) * {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
+        floor = prompt_flops / flops + decode_steps * weight_bytes / bandwidth
+        figures.append(Figure("latency", f"Ask RAG-Token, {dtype}: against the floor (passages cold)", ours, floor,
+                              "compute and bandwidth floor", "<= 1.5x the floor", ours <= 1.5 * floor,
+                              f"{ours / floor:.2f}x the floor ({prompt_tokens:.0f} prompt tokens, "
+                              f"{decode_steps:.0f} decode steps)"))  # fmt: skip
     for dtype, first in first_ask.items():  # the generator warms up before it reports SERVING
-        steady = medians[(dtype, Mode.TOKEN)]
+        steady = runs[(dtype, Mode.TOKEN)][0].median
         figures.append(Figure("latency", f"first Ask after ready, RAG-Token, {dtype}", first, steady,
-                              "the steady-state median", "<= 1.5x the median", first <= 1.5 * steady,
+                              "the median, passages cold", "<= 1.5x the median", first <= 1.5 * steady,
                               f"{first / steady:.2f}x the median"))  # fmt: skip
     return figures + clients
 
 
-def _clients(stub: Any, questions: list[dict[str, Any]], alone_median: float, dtype: str, asks: int) -> list[Figure]:
+@dataclass
+class AskRun:
+    """Streamed Asks of a list of questions, one after another."""
+
+    seconds: list[float]
+    first_tokens: list[float]
+    answers: list[str]
+    sources: list[list[Passage]]
+    exact_match: float
+    f1: float
+    hit_rate: float  # of the passage segments the generator looked up, the share its KV cache held
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def first_token(self) -> float:
+        return statistics.median(self.first_tokens)
+
+    @property
+    def note(self) -> str:
+        return (f"p90 {_percentile(self.seconds, 0.9):.2f} s; first token {self.first_token:.2f} s; "
+                f"{self.hit_rate:.0%} of passage segments cached; EM {self.exact_match:.3f}, F1 {self.f1:.3f} "
+                f"over {len(self.seconds)} questions")  # fmt: skip
+
+
+def _ask_all(stub: Any, questions: list[dict[str, Any]], mode: Any, field: str) -> AskRun:
+    """Ask each question's `field` (its wording) in turn, streamed, at k = LATENCY_K."""
+    from prometheus_client import REGISTRY
+
+    from rag.types import AskRequest
+    from rag_cli.eval import exact_match, f1_score
+
+    def lookups(outcome: str) -> float:  # the generator runs in this process: its counters are ours to read
+        return REGISTRY.get_sample_value("rag_generator_kv_cache_lookups_total", {"outcome": outcome}) or 0.0
+
+    hits, misses = lookups("hit"), lookups("miss")
+    run = AskRun([], [], [], [], 0.0, 0.0, 0.0)
+    for q in questions:
+        request = AskRequest(q[field], LATENCY_K, DecodingOptions(mode=mode)).to_stream_pb()
+        started, first = time.perf_counter(), None
+        for reply in stub.AskStream(request, timeout=600):
+            first = first if first is not None else time.perf_counter() - started
+            final = reply.final
+        run.seconds.append(time.perf_counter() - started)
+        run.first_tokens.append(first or 0.0)
+        run.answers.append(final.answers[0].text if final.answers else "")
+        run.sources.append([Passage.from_pb(s.passage) for s in final.sources])
+    if any(q["answers"] for q in questions):
+        run.exact_match = float(
+            np.mean([exact_match(a, q["answers"]) for a, q in zip(run.answers, questions, strict=True)])
+        )
+        run.f1 = float(np.mean([f1_score(a, q["answers"]) for a, q in zip(run.answers, questions, strict=True)]))
+    hits, misses = lookups("hit") - hits, lookups("miss") - misses
+    run.hit_rate = hits / (hits + misses) if hits + misses else 0.0
+    return run
+
+
+def _clients(stub: Any, questions: list[dict[str, Any]], warm_median: float, dtype: str, asks: int) -> list[Figure]:
     """Answers per second with 1, 4 and 8 clients each asking RAG-Token questions in turn (`asks` in all): what
     continuous batching gains when requests arrive while others decode."""
     from concurrent.futures import ThreadPoolExecutor
@@ -702,11 +762,12 @@ def _clients(stub: Any, questions: list[dict[str, Any]], alone_median: float, dt
 
     rates = {clients: run(clients) for clients in (1, 4, 8)}
     single_rate, single_median = rates[1]
-    # The lone client's questions were asked above: their passages are cached, so its median is a warm one, the
-    # baseline of the 4- and 8-client runs (which ask the same questions), not a repeat of the sequential median.
+    # The clients' questions were asked above: their passages are cached, so the lone client's median is a warm
+    # one, to compare with the warm sequential (streamed) median: batching must not slow a lone request down.
     figures = [
-        Figure("latency", f"Ask RAG-Token, {dtype}: 1 client, passages cached", single_median, alone_median,
-               "the sequential median above (passages cold)", note=f"{1 / single_rate:.2f} s per answer")
+        Figure("latency", f"Ask RAG-Token, {dtype}: 1 client, passages cached", single_median, warm_median,
+               "the median, passages warm", "<= 1.1x", single_median <= 1.1 * warm_median,
+               f"{single_median / warm_median:.2f}x; {1 / single_rate:.2f} s per answer")
     ]  # fmt: skip
     for clients in (4, 8):
         rate, median = rates[clients]

@@ -29,7 +29,8 @@ def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]
     names = " | ".join(f["name"] for f in figures)
     for expected in ("RAG-Token greedy", "RAG-Token beam 4", "RAG-Sequence thorough, beam 1", "RAG-Sequence thorough, beam 4",
                      "RAG-Sequence fast", "1 query", "64 queries", "HNSW", "lexical index build", "hybrid search", "Ask end to end", "8 concurrent clients", "index build",
-                     "Ask RAG-Token, float32, k=5", "Ask RAG-Sequence, int8, k=5", "RAG-Token, int8: against the floor",
+                     "Ask RAG-Token, float32, k=5: median, passages cold", "Ask RAG-Sequence, int8, k=5: median, passages warm",
+                     "RAG-Token, float32: first token, passages warm", "RAG-Token, int8: against the floor",
                      "answers/s with 8 clients", "1 client, passages cached"):  # fmt: skip
         assert expected in names
     for figure in figures:
