@@ -131,29 +131,6 @@ def with_precision(model: PreTrainedModel, dtype: Dtype) -> PreTrainedModel:
     return model
 
 
-class Float32Logits(torch.nn.Linear):
-    """The vocabulary projection of a bfloat16 model, computed in float32 (weights and product).
-
-    A bfloat16 logit keeps 8 significant bits: a step of 0.125 at the top logits' magnitudes (16-32), which turns
-    near-ties between answer tokens, and the sums of log-probabilities RAG-Sequence compares across passages, into
-    coin flips. In float32 the projection costs one more read of its weights per step (the rest stays bfloat16)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float())
-
-
-def float32_logits(model: PreTrainedModel) -> None:
-    """Make the model's vocabulary projection Float32Logits: a float32 copy of its weights (untied from the
-    bfloat16 input embeddings, which only look rows up)."""
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        return
-    head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=head.weight.requires_grad)
-    if head.bias is not None:
-        head.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=head.bias.requires_grad)
-    head.__class__ = Float32Logits
-
-
 class FewRowLinear(torch.nn.Linear):
     """A Linear layer that computes the product of a few rows (a decode step's) as W.x^T, not x.W^T.
 
@@ -170,6 +147,30 @@ class FewRowLinear(torch.nn.Linear):
         flat = x.reshape(rows, x.shape[-1]).T
         out = self.weight @ flat if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat)
         return out.T.reshape(*x.shape[:-1], self.out_features)
+
+
+class Float32Logits(FewRowLinear):
+    """The vocabulary projection of a bfloat16 model, computed in float32 (weights and product).
+
+    A bfloat16 logit keeps 8 significant bits: a step of 0.125 at the top logits' magnitudes (16-32), which turns
+    near-ties between answer tokens, and the sums of log-probabilities RAG-Sequence compares across passages, into
+    coin flips. In float32 the projection reads twice the bytes of bfloat16 per step (the rest stays bfloat16);
+    a few rows' product runs as W.x^T, as FewRowLinear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+def float32_logits(model: PreTrainedModel) -> None:
+    """Make the model's vocabulary projection Float32Logits: a float32 copy of its weights (untied from the
+    bfloat16 input embeddings, which only look rows up)."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=head.weight.requires_grad)
+    if head.bias is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=head.bias.requires_grad)
+    head.__class__ = Float32Logits
 
 
 def few_row_products(model: torch.nn.Module) -> None:
