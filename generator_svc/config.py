@@ -42,7 +42,9 @@ class GeneratorConfig(ServerConfig):
         "off, -1 sizes it from the machine (a tenth of its memory, at most 4 GiB)",
     )
     draft_tokens: int = option(
-        8, "tokens drafted from the passages and question that greedy RAG-Token verifies per pass (0: none)"
+        -1,
+        "tokens drafted from the passages and question that greedy search verifies per pass (0: none); -1 by device "
+        "(8 on a GPU, none on a CPU)",
     )
     warm_up: bool = option(True, "run both RAG modes once on 5 passages before reporting SERVING (a fast first Ask)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")

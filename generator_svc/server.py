@@ -18,7 +18,7 @@ import torch
 
 from generator_svc.config import Device, GeneratorConfig
 from generator_svc.families import DecoderOnlyLM
-from generator_svc.loading import load_passage_lm, resolve_device
+from generator_svc.loading import draft_tokens_for, load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
 from generator_svc.passage_cache import auto_budget_bytes
 from generator_svc.precision import Dtype, choose_precision
@@ -164,7 +164,10 @@ async def create_server(config: GeneratorConfig) -> Served:
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)
-        model = RagModel(lm, config.draft_tokens)
+        drafts = config.draft_tokens if config.draft_tokens >= 0 else draft_tokens_for(lm.device)
+        log.info("greedy search verifies %d drafted tokens per pass (%s)", drafts,
+                 "--draft-tokens" if config.draft_tokens >= 0 else f"by device: {lm.device.type}")  # fmt: skip
+        model = RagModel(lm, drafts)
         if config.warm_up:
             started = time.perf_counter()
             model.warm_up()

@@ -503,7 +503,7 @@ def test_requests_join_the_decoding_passes_in_flight_and_answer_as_they_would_al
     and every answer is the one it gets alone."""
     from prometheus_client import REGISTRY
 
-    served = launch.generator(tiny.causal_lm, max_batch=8)
+    served = launch.generator(tiny.causal_lm, max_batch=8, draft_tokens=8)
     passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
     token, sequence = generator_pb2.RAG_MODE_TOKEN, generator_pb2.RAG_MODE_SEQUENCE
     long = generator_pb2.DecodingOptions(mode=token, max_new_tokens=160)
