@@ -68,6 +68,8 @@ class GeneratorScorer:
             "generator": self.spec,
             "model": lm.name,
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+            # bfloat16 weights have had a float32 vocabulary projection since 2026-12-07: older tables differ
+            "logits_dtype": str(lm.model.get_output_embeddings().weight.dtype).removeprefix("torch."),
             "prompt": json.dumps(prompt, sort_keys=True),
         }
 
