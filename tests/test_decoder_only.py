@@ -305,6 +305,8 @@ def test_the_generator_says_which_precision_auto_chose_and_why(
     assert REGISTRY.get_sample_value("rag_generator_precision_info", {"dtype": expected, "basis": basis}) == 1
     [loaded] = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
     assert f"{expected} on cpu: auto: " in loaded, loaded
+    # Drafting, too, is chosen by the device when not asked for: none on a CPU, where it measured slower
+    assert "greedy search verifies 0 drafted tokens per pass (by device: cpu)" in caplog.messages
     with grpc.insecure_channel(address(served)) as channel:
         reply = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
             generator_pb2.GenerateRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES]), timeout=60
