@@ -44,7 +44,7 @@ import numpy as np
 
 from rag.config import option
 from rag.index_ref import IndexRef
-from rag.types import DecodingOptions, Passage
+from rag.types import DecodingOptions, Mode, Passage
 
 if TYPE_CHECKING:  # the services load torch: `rag bench` imports them only in the sections that run them
     from rag_cli.testing.random_models import BartShape
@@ -101,7 +101,7 @@ def bench_generator(config: BenchConfig, work: Path) -> list[Figure]:
     from generator_svc import rag_math
     from generator_svc.loading import load_passage_lm
     from generator_svc.passage_lm import one_each
-    from rag.types import Mode, SequenceDecoding
+    from rag.types import SequenceDecoding
     from rag_cli.testing import random_models
     from rag_cli.testing.hf_reference import generated_tokens, mask_rag_sequence_padding
 
@@ -492,7 +492,6 @@ def bench_build(config: BenchConfig, work: Path) -> list[Figure]:
 # ------------------------------------------------------------------------------------------------ latency
 
 LATENCY_QUESTIONS = Path(__file__).parent / "data" / "squad20.jsonl"  # SQuAD v1.1 dev (CC BY-SA 4.0)
-LATENCY_GOAL_S = 2.5
 LATENCY_K = 5  # passages per question in the latency section
 LATENCY_FIRST_QUESTION = "Which planet is closest to the Sun?"  # the first Ask after ready: none of the 20
 
@@ -545,7 +544,6 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     from generator_svc.families import DecoderOnlyLM, shared_prefix_length
     from generator_svc.loading import load_passage_lm
     from rag import paths
-    from rag.types import Mode
     from rag.v1 import gateway_pb2_grpc
     from rag_cli.testing.random_models import save_causal_lm, save_sentence_encoder
     from rag_cli.testing.stack import Launcher
@@ -709,7 +707,7 @@ class AskRun:
                 f"over {len(self.seconds)} questions")  # fmt: skip
 
 
-def _ask_all(stub: Any, questions: list[dict[str, Any]], mode: Any, field: str) -> AskRun:
+def _ask_all(stub: Any, questions: list[dict[str, Any]], mode: Mode, field: str) -> AskRun:
     """Ask each question's `field` (its wording) in turn, streamed, at k = LATENCY_K."""
     from prometheus_client import REGISTRY
 
@@ -720,25 +718,29 @@ def _ask_all(stub: Any, questions: list[dict[str, Any]], mode: Any, field: str) 
         return REGISTRY.get_sample_value("rag_generator_kv_cache_lookups_total", {"outcome": outcome}) or 0.0
 
     hits, misses = lookups("hit"), lookups("miss")
-    run = AskRun([], [], [], [], 0.0, 0.0, 0.0)
+    seconds, first_tokens, answers, sources = [], [], [], []
     for q in questions:
         request = AskRequest(q[field], LATENCY_K, DecodingOptions(mode=mode)).to_stream_pb()
         started, first = time.perf_counter(), None
         for reply in stub.AskStream(request, timeout=600):
             first = first if first is not None else time.perf_counter() - started
             final = reply.final
-        run.seconds.append(time.perf_counter() - started)
-        run.first_tokens.append(first or 0.0)
-        run.answers.append(final.answers[0].text if final.answers else "")
-        run.sources.append([Passage.from_pb(s.passage) for s in final.sources])
-    if any(q["answers"] for q in questions):
-        run.exact_match = float(
-            np.mean([exact_match(a, q["answers"]) for a, q in zip(run.answers, questions, strict=True)])
-        )
-        run.f1 = float(np.mean([f1_score(a, q["answers"]) for a, q in zip(run.answers, questions, strict=True)]))
+        seconds.append(time.perf_counter() - started)
+        first_tokens.append(first or 0.0)
+        answers.append(final.answers[0].text if final.answers else "")
+        sources.append([Passage.from_pb(s.passage) for s in final.sources])
+    golds = [q["answers"] for q in questions]
+    scored = any(golds)  # the opening question has no gold answers
     hits, misses = lookups("hit") - hits, lookups("miss") - misses
-    run.hit_rate = hits / (hits + misses) if hits + misses else 0.0
-    return run
+    return AskRun(
+        seconds,
+        first_tokens,
+        answers,
+        sources,
+        exact_match=float(np.mean([exact_match(a, g) for a, g in zip(answers, golds, strict=True)])) if scored else 0.0,
+        f1=float(np.mean([f1_score(a, g) for a, g in zip(answers, golds, strict=True)])) if scored else 0.0,
+        hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+    )
 
 
 def _clients(stub: Any, questions: list[dict[str, Any]], warm_median: float, dtype: str, asks: int) -> list[Figure]:
@@ -746,7 +748,7 @@ def _clients(stub: Any, questions: list[dict[str, Any]], warm_median: float, dty
     continuous batching gains when requests arrive while others decode."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rag.types import AskRequest, DecodingOptions, Mode
+    from rag.types import AskRequest
 
     def run(clients: int) -> tuple[float, float]:
         def one(i: int) -> float:
