@@ -26,6 +26,7 @@ import torch
 
 from generator_svc import rag_math
 from generator_svc.passage_lm import PassageLM
+from generator_svc.precision import logits_precision
 from rag.errors import FailedPrecondition
 from rag.types import Passage
 from rag_cli.eval import Example, normalize_answer
@@ -68,8 +69,8 @@ class GeneratorScorer:
             "generator": self.spec,
             "model": lm.name,
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-            # bfloat16 weights have had a float32 vocabulary projection since 2026-12-07: older tables differ
-            "logits_dtype": str(lm.model.get_output_embeddings().weight.dtype).removeprefix("torch."),
+            # a bfloat16 model's logits were bfloat16, then float32, then float32 near the top: its tables differ
+            "logits_dtype": logits_precision(lm.model),
             "prompt": json.dumps(prompt, sort_keys=True),
         }
 

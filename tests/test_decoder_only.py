@@ -25,7 +25,7 @@ from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
-from generator_svc.precision import Dtype, FewRowLinear, choose_precision, cpu_flags
+from generator_svc.precision import Dtype, FewRowLinear, NearTopFloat32Logits, choose_precision, cpu_flags
 from generator_svc.requests import Request
 from rag.errors import FailedPrecondition, InvalidArgument
 from rag.serving import ServerThread
@@ -250,9 +250,31 @@ def test_lower_precision_agrees_with_float32_where_the_choice_is_clear(
     assert clear.sum() >= 2
     assert torch.equal(exact.argmax(-1)[clear], approximate.argmax(-1)[clear])
     assert not torch.equal(exact, approximate)  # the weights really are in another precision
-    if dtype == "bfloat16":  # its logits are not rounded to 8 bits: the vocabulary projection runs in float32
-        assert lowered.model.get_output_embeddings().weight.dtype == torch.float32
-        assert lowered.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    if dtype == "bfloat16":  # the logits that decide are not rounded to 8 bits (see the test below)
+        assert isinstance(lowered.model.get_output_embeddings(), NearTopFloat32Logits)
+        assert lowered.model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12])
+def test_bfloat16_logits_are_float32s_wherever_they_can_decide(rows: int) -> None:
+    """A bfloat16 model's vocabulary projection runs in bfloat16, then recomputes in float32 every token within
+    ln(rows) of a row's top (any token a row's or a mixture of rows' argmax can pick), for all rows."""
+    torch.manual_seed(rows)
+    head = torch.nn.Linear(64, 4000, bias=False).to(torch.bfloat16)
+    torch.nn.init.normal_(head.weight, std=0.5)  # logits of 10-40, where bfloat16's step is 0.0625-0.25
+    exact_head = torch.nn.Linear(64, 4000, bias=False).to(torch.bfloat16)
+    exact_head.weight = head.weight
+    head.__class__ = NearTopFloat32Logits
+    x = torch.randn(rows, 1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        served, rounded = head(x), exact_head(x).float()
+    exact = x.float() @ head.weight.float().T  # float32 arithmetic on the same bfloat16 numbers
+    assert served.dtype == torch.float32 and served.shape == exact.shape
+    near_top = (exact >= exact.amax(-1, keepdim=True) - math.log(rows)).any(1).any(0)  # any row's, for every row
+    assert torch.allclose(served[..., near_top], exact[..., near_top], rtol=0, atol=1e-5)
+    assert not torch.allclose(rounded[..., near_top], exact[..., near_top], rtol=0, atol=1e-5)  # rounding mattered
+    assert torch.equal(served.argmax(-1), exact.argmax(-1))
+    assert (served - exact).abs().max() <= exact.abs().max() * 2.0**-8  # the rest: bfloat16's rounding at most
 
 
 def test_the_generator_serves_int8(launch: Launcher, tiny: TinyModels) -> None:
