@@ -8,7 +8,6 @@ to their first answer token (`encode`) and how one more chunk of tokens runs (`_
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from generator_svc.passage_lm import (
     PassageLM,
     Watch,
     holding,
+    length_buckets,
     log_softmax,
     select_rows,
     watched,
@@ -294,7 +294,7 @@ class DecoderOnlyLM(PassageLM):
         mask[:, :shared] = 1
         kv: KV = []
         first_logprobs = torch.empty(0)
-        for bucket in _buckets([len(p) for p in own], self.padding_slack, self.chunk_tokens):
+        for bucket in length_buckets([len(p) for p in own], self.padding_slack, self.chunk_tokens):
             bucket_kv, bucket_mask, logits = self._prefill([own[r] for r in bucket], prefix, shared, watch)
             rows, start = torch.tensor(bucket), width - bucket_mask.shape[1]
             if not kv:  # the shapes are known now: heads and head size of every layer
@@ -441,7 +441,7 @@ class DecoderOnlyLM(PassageLM):
                 found[key] = hit
         missing = list({key: r for r, key in reversed(list(enumerate(keys))) if key not in found}.values())
         lengths = [len(own[r]) for r in missing]
-        for bucket in _buckets(lengths, self.padding_slack, self.chunk_tokens):
+        for bucket in length_buckets(lengths, self.padding_slack, self.chunk_tokens):
             rows = [missing[i] for i in bucket]
             bucket_kv, bucket_mask, _ = self._prefill([own[r] for r in rows], fixed_kv, offset, watch)
             for i, r in enumerate(rows):
@@ -450,12 +450,6 @@ class DecoderOnlyLM(PassageLM):
                 found[keys[r]] = entry
                 self.passage_cache.put(keys[r], entry)
         return [found[key] for key in keys]
-
-    @property
-    def padding_slack(self) -> float:
-        """How much padding a bucket may add to its tokens: on a CPU padding costs like tokens; a GPU has
-        arithmetic to spare and pays per forward pass instead."""
-        return 0.1 if self.device.type == "cpu" else math.inf
 
     def _prefill(
         self, rows: Sequence[Sequence[int]], prefix: KV, offset: int, watch: Watch | None
@@ -561,23 +555,6 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     while length < shortest - 1 and all(p[length] == prompts[0][length] for p in prompts):
         length += 1
     return length
-
-
-def _buckets(lengths: Sequence[int], slack: float, max_tokens: int) -> list[list[int]]:
-    """Row indices grouped by length, shortest first, so that padding each group to its longest row adds at
-    most `slack` of the group's tokens, and the group holds at most `max_tokens` (or is one row)."""
-    buckets: list[list[int]] = []
-    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
-        padded = lengths[r] * (len(buckets[-1]) + 1) if buckets else 0
-        if (
-            buckets
-            and padded <= max_tokens
-            and padded <= (1 + slack) * (sum(lengths[i] for i in buckets[-1]) + lengths[r])
-        ):
-            buckets[-1].append(r)
-        else:
-            buckets.append([r])
-    return buckets
 
 
 def _concat_rows(passes: Sequence[KV]) -> KV:

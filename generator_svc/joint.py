@@ -359,9 +359,14 @@ class JoinedLM(PassageLM):
         return self._alone(lambda: self.inner.encode(questions, contexts, watch))
 
     def token_logprobs(
-        self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor, watch: Watch | None = None
+        self,
+        ctx: Contexts,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        lengths: Sequence[int] | None = None,
+        watch: Watch | None = None,
     ) -> torch.Tensor:
-        return self._alone(lambda: self.inner.token_logprobs(ctx, rows, targets, watch))
+        return self._alone(lambda: self.inner.token_logprobs(ctx, rows, targets, lengths, watch))
 
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         return self.inner.prompt_tokens(question, contexts)

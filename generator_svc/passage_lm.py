@@ -16,6 +16,7 @@ The two families that implement it live in generator_svc.families; generator_svc
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -113,6 +114,23 @@ def holding(kv: KV) -> DynamicCache:
     return cache
 
 
+def length_buckets(lengths: Sequence[int], slack: float, max_tokens: int) -> list[list[int]]:
+    """Row indices grouped by length, shortest first, so that padding each group to its longest row adds at
+    most `slack` of the group's tokens, and the group holds at most `max_tokens` (or is one row)."""
+    buckets: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
+        padded = lengths[r] * (len(buckets[-1]) + 1) if buckets else 0
+        if (
+            buckets
+            and padded <= max_tokens
+            and padded <= (1 + slack) * (sum(lengths[i] for i in buckets[-1]) + lengths[r])
+        ):
+            buckets[-1].append(r)
+        else:
+            buckets.append([r])
+    return buckets
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
@@ -197,6 +215,12 @@ class PassageLM(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def padding_slack(self) -> float:
+        """How much padding a bucket may add to its tokens: on a CPU padding costs like tokens; a GPU has
+        arithmetic to spare and pays per forward pass instead."""
+        return 0.1 if self.device.type == "cpu" else math.inf
+
     def question_tokens(self, question: str) -> int:
         return len(self._encoded(question, add_special_tokens=False)["input_ids"])
 
@@ -249,24 +273,31 @@ class PassageLM(ABC):
 
     @torch.inference_mode()
     def token_logprobs(
-        self, ctx: Contexts, rows: torch.Tensor, targets: torch.Tensor, watch: Watch | None = None
+        self,
+        ctx: Contexts,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        lengths: Sequence[int] | None = None,
+        watch: Watch | None = None,
     ) -> torch.Tensor:
-        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T]; positions past an answer are junk.
-        Rows run in passes of at most `chunk_tokens` tokens (which also bounds the [rows, T, V] distributions
-        held at once), `watch` called after each."""
-        first = ctx.first_logprobs[rows].gather(1, targets[:, :1])
-        if targets.shape[1] == 1:
-            return first
-        inputs, predicted = targets[:, :-1], targets[:, 1:]
-        per_pass = max(1, self.chunk_tokens // inputs.shape[1])
-        rest = []
-        for start in range(0, len(rows), per_pass):
-            part = slice(start, start + per_pass)
-            logits = self._forward(self.start(ctx, rows[part]), inputs[part])
-            rest.append(log_softmax(logits).gather(-1, predicted[part, :, None].to(logits.device)).squeeze(-1).cpu())
-            metrics.MODEL_TOKENS.labels("scored").inc(inputs[part].numel())
+        """log p(targets[r, t] | context rows[r], targets[r, <t]) as [R, T], 0 past each row's length (`lengths`,
+        default T). Rows run in buckets of like length (see `padding_slack`), of at most `chunk_tokens` tokens
+        (which also bounds the [rows, T, V] distributions held at once), `watch` called after each."""
+        lengths = [targets.shape[1]] * len(rows) if lengths is None else lengths
+        out = torch.zeros(targets.shape)
+        out[:, :1] = ctx.first_logprobs[rows].gather(1, targets[:, :1])
+        for bucket in length_buckets([length - 1 for length in lengths], self.padding_slack, self.chunk_tokens):
+            part, fed = torch.tensor(bucket), max(lengths[r] for r in bucket) - 1
+            if fed == 0:
+                continue
+            inputs, predicted = targets[part, :fed], targets[part, 1 : fed + 1]
+            logits = self._forward(self.start(ctx, rows[part]), inputs)
+            scored = log_softmax(logits).gather(-1, predicted[:, :, None].to(logits.device)).squeeze(-1).cpu()
+            real = torch.arange(1, fed + 1) < torch.tensor(lengths)[part, None]
+            out[part, 1 : fed + 1] = torch.where(real, scored, 0.0)
+            metrics.MODEL_TOKENS.labels("scored").inc(inputs.numel())
             watched(watch)(None)
-        return torch.cat([first, torch.cat(rest)], dim=1)
+        return out
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True)).strip()

@@ -21,6 +21,7 @@ and RAG-Sequence "thorough" matches `RagSequenceForGeneration.generate` token fo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -273,6 +274,11 @@ class AnswerScores:
         """p(z_k|x,y): which passages the answer rests on. [H, K]"""
         return torch.softmax(self.prior + self.passage_loglik(), dim=-1)
 
+    def rows(self, index: Sequence[int]) -> AnswerScores:
+        """The scores of the answers at `index`."""
+        at = torch.tensor(index, dtype=torch.long)
+        return AnswerScores(self.token_logprobs[at], self.mask[at], self.prior[at])
+
 
 def answer_targets(answers: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Answers as right-padded targets [H, T], and the mask [H, T] of their real tokens."""
@@ -291,26 +297,32 @@ def score_answers(
     prior: torch.Tensor,
     questions: Sequence[int],
     answers: Sequence[Sequence[int]],
-    skip_leading_bos: bool = False,
     watch: Watch | None = None,
 ) -> AnswerScores:
-    """Teacher-force answer h (of question questions[h]) under each of that question's K passages.
-
-    `skip_leading_bos` leaves the first token unscored when every answer of a question starts with BOS, as
-    transformers decides when it ranks RAG-Sequence hypotheses (per question: a forced BOS says nothing about
-    the answer, but where some candidates lack it, it tells them apart).
-    """
+    """Teacher-force answer h (of question questions[h]) under each of that question's K passages."""
     K = ctx.contexts_per_question
     targets, mask = answer_targets(answers, lm.rules.pad_token_id)
-    if skip_leading_bos and lm.bos_token_id is not None:
-        starts = (targets[:, 0] == lm.bos_token_id).tolist()
-        every = {b: all(s for s, q in zip(starts, questions, strict=True) if q == b) for b in set(questions)}
-        mask[:, 0] &= torch.tensor([not every[b] for b in questions])
     question_index = torch.tensor(questions, dtype=torch.long)
     rows = (question_index[:, None] * K + torch.arange(K)).view(-1)  # (answer h, passage k) -> context row
-    logprobs = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0), watch).view(len(answers), K, -1)
-    logprobs = torch.where(mask[:, None, :], logprobs, 0.0)
+    lengths = [len(answer) for answer in answers for _ in range(K)]  # rows of like length run together
+    per_row = lm.token_logprobs(ctx, rows, targets.repeat_interleave(K, dim=0), lengths, watch)
+    logprobs = torch.where(mask[:, None, :], per_row.view(len(answers), K, -1), 0.0)
     return AnswerScores(logprobs, mask, prior[question_index])
+
+
+def without_forced_bos(
+    scores: AnswerScores, questions: Sequence[int], answers: Sequence[Sequence[int]], bos_token_id: int | None
+) -> AnswerScores:
+    """The scores transformers ranks RAG-Sequence hypotheses by: the first token unscored when every answer of a
+    question starts with BOS (a forced BOS says nothing about the answer, but where some candidates lack it, it
+    tells them apart)."""
+    if bos_token_id is None:
+        return scores
+    starts = [answer[0] == bos_token_id for answer in answers]
+    every = {b: all(s for s, q in zip(starts, questions, strict=True) if q == b) for b in set(questions)}
+    mask = scores.mask.clone()
+    mask[:, 0] &= torch.tensor([not every[b] for b in questions])
+    return AnswerScores(torch.where(mask[:, None, :], scores.token_logprobs, 0.0), mask, scores.prior)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -340,7 +352,7 @@ def generate(
     scores: AnswerScores | None = None
     passes = None if watch is None else lambda _: watch(None)  # what is decoded is not the answer's yet
     if options.mode is Mode.SEQUENCE:  # each passage's own beams: no token is the answer's until the end
-        chosen = _rag_sequence_search(lm, ctx, prior, options, passes, draft_tokens)
+        chosen, scores = _rag_sequence_search(lm, ctx, prior, options, passes, draft_tokens)
     elif options.num_beams == 1 and draft_tokens and ctx.source_ids:
         chosen, scores = _drafted_rag_token_search(lm, ctx, prior, options, watch, draft_tokens)
     else:  # RAG-Token, or a baseline's single context (where RAG-Token is plain decoding)
@@ -489,8 +501,9 @@ def _rag_sequence_search(
     options: DecodingOptions,
     watch: Watch | None,
     draft_tokens: int = 0,
-) -> list[list[tuple[int, ...]]]:
-    """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal."""
+) -> tuple[list[list[tuple[int, ...]]], AnswerScores | None]:
+    """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal. Thorough
+    decoding also returns the chosen answers' scores: it has scored every hypothesis under every passage."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
     if N == 1 and draft_tokens and ctx.source_ids:  # greedy per passage: each row is a question of one context
         rows = ctx.rows_as_questions()
@@ -520,16 +533,21 @@ def _rag_sequence_search(
         pools.append(list(pool))
         beam_loglik.append(loglik)
 
+    questions = [b for b, pool in enumerate(pools) for _ in pool]
+    flat = [tokens for pool in pools for tokens in pool]
+    scored = None
     if options.thorough:  # score every hypothesis under every passage, in one batched pass
-        questions = [b for b, pool in enumerate(pools) for _ in pool]
-        flat = [tokens for pool in pools for tokens in pool]
-        scores = score_answers(lm, ctx, prior, questions, flat, skip_leading_bos=True, watch=watch).rag_sequence()
-        marginals = list(torch.split(scores, [len(pool) for pool in pools]))
+        scored = score_answers(lm, ctx, prior, questions, flat, watch=watch)
+        marginals = without_forced_bos(scored, questions, flat, lm.bos_token_id).rag_sequence()
     else:
-        marginals = [torch.logsumexp(prior[b] + beam_loglik[b], dim=-1) for b in range(B)]
-
-    n = options.num_return_sequences
-    return [[pools[b][i] for i in torch.topk(marginals[b], min(n, len(pools[b]))).indices.tolist()] for b in range(B)]
+        marginals = torch.cat([torch.logsumexp(prior[b] + beam_loglik[b], dim=-1) for b in range(B)])
+    starts = [0, *itertools.accumulate(len(pool) for pool in pools)]
+    best = [
+        marginals[starts[b] : starts[b + 1]].topk(min(options.num_return_sequences, len(pools[b]))) for b in range(B)
+    ]
+    picked = [[starts[b] + i for i in best[b].indices.tolist()] for b in range(B)]
+    chosen = [[flat[h] for h in group] for group in picked]
+    return chosen, None if scored is None else scored.rows([h for group in picked for h in group])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -210,6 +210,8 @@ def test_rag_sequence_leaves_bos_unscored_only_when_every_candidate_of_the_quest
         b = 0
         ctx = lm.encode([QUESTIONS[b]], [one_each(passages_for(b))])
         prior = rag_math.log_prior(SCORES[b : b + 1])
-        ours = rag_math.score_answers(lm, ctx, prior, [0] * len(candidates), candidates, skip_leading_bos=True)
+        questions = [0] * len(candidates)
+        scored = rag_math.score_answers(lm, ctx, prior, questions, candidates)
+        ours = rag_math.without_forced_bos(scored, questions, candidates, lm.bos_token_id)
         nll = reference.hf_nll(hf, b, candidates, exclude_bos_score=True)
         torch.testing.assert_close(ours.rag_sequence(), -nll, atol=1e-5, rtol=0)
