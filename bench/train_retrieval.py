@@ -5,7 +5,7 @@ likelihood table, on SQuAD-open, split by article.
                                     [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10]
                                     [--batch-size 16] [--lr 3e-5] [--generate-sample 40] [--device auto]
                                     [--generator-dtype auto]
-                                    [--out docs/train-retrieval]
+                                    [--out docs/train-retrieval] [--tag=-lr1e-4]
 
 1. The public SQuAD dev questions split **by article** (bench/finetune_squad.split_by_article, seed 0): two thirds
    of the articles train (a held-out tenth of those, whole paragraphs, picks the checkpoint), the rest is dev.
@@ -19,7 +19,7 @@ likelihood table, on SQuAD-open, split by article.
           would teach the encoder, the bound;
    table: the demo's generator frozen, its likelihood table scored through the serving path, then many steps.
    After each, the same evaluation, compared question by question with the untrained run (wins, losses, sign test).
-Results: OUT/untrained, OUT/<stage>-<train questions>/ (rag eval's runs), OUT/report-<train questions>.json.
+Results: OUT/untrained, OUT/<stage>-<train questions><tag>/ (rag eval's runs), OUT/report-<train questions><tag>.json.
 Everything is resumable: rag eval's results and rag train's table and checkpoints are kept under $RAG_HOME/bench.
 """
 
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--generator-dtype", default="auto", help="precision the frozen generator scores in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "train-retrieval"))
+    parser.add_argument("--tag", default="", help="appended to the runs' names (another setting on the same sample)")
     options = parser.parse_args()
     data, out = Path(options.data), Path(options.out)
     work = paths.rag_home() / "bench" / "train-retrieval"
@@ -88,7 +89,8 @@ def main() -> None:
     index = squad_open_index(data, squad, encoder_spec)
     print(f"split: {len(train)} train questions ({len(train_articles)} articles), {len(dev)} dev; index {index}")
 
-    previous = out / f"report-{len(train)}.json"  # stages run before on this train sample are kept
+    run = f"{len(train)}{options.tag}"  # names this train sample's runs (and, with --tag, their setting)
+    previous = out / f"report-{run}.json"  # stages run before on this train sample are kept
     report: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {"stages": {}}
     started = time.perf_counter()
     before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
@@ -101,7 +103,7 @@ def main() -> None:
             "--train", "query-encoder", "--mode", "sequence", "--k", str(options.k),
             "--candidates", str(options.candidates), "--epochs", str(options.epochs),
             "--batch-size", str(options.batch_size), "--lr", str(options.lr), "--device", options.device,
-            "--seed", str(options.seed), "--out", str(work / f"{stage}-{len(train)}"), "--no-progress",
+            "--seed", str(options.seed), "--out", str(work / f"{stage}-{run}"), "--no-progress",
             "--generator-dtype", options.generator_dtype,
         ]  # fmt: skip
         if stage == "gate":
@@ -121,7 +123,7 @@ def main() -> None:
             dev_file,
             dev_sample,
             options.k,
-            out / f"{stage}-{len(train)}",
+            out / f"{stage}-{run}",
             modes,
             against=before,
             retrieval="dense",
@@ -133,7 +135,7 @@ def main() -> None:
         "train_questions": len(train), "dev_questions": len(dev), "train_articles": train_articles,
         "index": str(index), "machine": machine(), "python": platform.python_version(),
     }  # fmt: skip
-    write_atomically(out / f"report-{len(train)}.json", json.dumps(report, indent=2))
+    write_atomically(out / f"report-{run}.json", json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
