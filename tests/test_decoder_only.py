@@ -192,6 +192,13 @@ def test_beams_read_their_passages_in_place(family: str, tiny: TinyModels) -> No
         [QUESTION, "Where is Paris?", "Where is Paris?"], [one_each(PASSAGES)] * 3, answers[::K]
     )
     assert scored.tolist() == [[pytest.approx(r, abs=1e-4) for r in row] for row in forced2.tolist()]
+    # Answers of other lengths (run in buckets of like length): their own positions the same, 0 past them.
+    T = answers.shape[1]
+    lengths = [1 + r % T for r in range(len(rows))]
+    short = lm.token_logprobs(ctx2, rows, answers, lengths)
+    real = torch.arange(T) < torch.tensor(lengths)[:, None]
+    assert torch.equal(short[~real], torch.zeros(int((~real).sum())))
+    assert short[real].tolist() == pytest.approx(scored.view(len(rows), T)[real].tolist(), abs=1e-4)
 
 
 def test_a_model_whose_attention_skips_the_shared_context_is_refused(tiny: TinyModels) -> None:
