@@ -38,9 +38,9 @@ class Dtype(enum.Enum):
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Whether bfloat16 keeps the quality rule, per RAG mode (bench/precision_check.py --answers 100 on a CPU with native
-# bfloat16, 2026-12-07, docs/precision-check-epyc.json: first-token KL 0.0009, argmax kept 199 of 200; EM 0.27 vs
-# 0.27 RAG-Token, 0.36 vs 0.38 RAG-Sequence, F1 within 0.012). One model serves both modes, so auto picks bfloat16
-# only when it keeps the rule in all of them.
+# bfloat16, 2026-12-07, docs/precision-check-epyc-neartop.json, the logits near the top in float32: first-token KL
+# 0.0010, argmax kept 199 of 200; EM 0.27 vs 0.27 RAG-Token, 0.36 vs 0.38 RAG-Sequence, F1 within 0.012). One model
+# serves both modes, so auto picks bfloat16 only when it keeps the rule in all of them.
 BFLOAT16_KEEPS_QUALITY = {"RAG-Token": True, "RAG-Sequence": True}
 
 
