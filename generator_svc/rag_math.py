@@ -274,7 +274,7 @@ class AnswerScores:
         """p(z_k|x,y): which passages the answer rests on. [H, K]"""
         return torch.softmax(self.prior + self.passage_loglik(), dim=-1)
 
-    def rows(self, index: Sequence[int]) -> AnswerScores:
+    def select(self, index: Sequence[int]) -> AnswerScores:
         """The scores of the answers at `index`."""
         at = torch.tensor(index, dtype=torch.long)
         return AnswerScores(self.token_logprobs[at], self.mask[at], self.prior[at])
@@ -547,7 +547,7 @@ def _rag_sequence_search(
     ]
     picked = [[starts[b] + i for i in best[b].indices.tolist()] for b in range(B)]
     chosen = [[flat[h] for h in group] for group in picked]
-    return chosen, None if scored is None else scored.rows([h for group in picked for h in group])
+    return chosen, None if scored is None else scored.select([h for group in picked for h in group])
 
 
 # --------------------------------------------------------------------------------------------------------
