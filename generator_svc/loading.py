@@ -63,9 +63,9 @@ def chunk_tokens_for(device: torch.device) -> int:
 def draft_tokens_for(device: torch.device) -> int:
     """Drafted tokens greedy search verifies per pass by default. On a GPU a decoding step is bound by reading
     the weights, so a pass over 9 positions a row costs about what one over 1 does and every accepted draft is a
-    step saved. On a CPU it is bound by arithmetic (a bfloat16 model's float32 vocabulary projection takes 147 ms
-    over 45 rows, 31 ms over 5): drafting 4, 3 or 2 tokens made warm RAG-Token requests slower than none (median
-    1.56, 1.49, 1.31 s against 1.27 s; AMD EPYC with AVX512-BF16, bfloat16, k = 5), so none."""
+    step saved. On a CPU a pass over more positions costs more (the vocabulary projection above all): drafting 2, 3
+    or 5 tokens made warm RAG-Token requests slower than none (median 1.12, 1.10, 1.13 s against 1.00 s, the same
+    answers; AMD EPYC with AVX512-BF16, bfloat16, k = 5), so none."""
     return 8 if device.type == "cuda" else 0
 
 
