@@ -433,7 +433,7 @@ class DecoderOnlyLM(PassageLM):
         """Each row's segment keys and values [1, kv_heads, length, head_dim] per layer: from the cache, or run
         (after the fixed prefix, in buckets) and cached."""
         assert self.passage_cache is not None
-        keys = [self.passage_cache.key(segment) for segment in segments]
+        keys = [self.passage_cache.key(segment, offset) for segment in segments]
         found: dict[bytes, KV] = {}
         for key in dict.fromkeys(keys):
             hit = self.passage_cache.get(key)

@@ -58,9 +58,12 @@ class PassageKVCache:
         self._bytes = 0
         self._lock = threading.Lock()  # the model thread uses it; /metrics reads the sizes
 
-    def key(self, token_ids: Sequence[int]) -> bytes:
+    def key(self, token_ids: Sequence[int], start: int) -> bytes:
+        """The key of the keys and values of token_ids[start:] computed after token_ids[:start]: the same segment
+        after a shorter fixed prefix (a request whose template merged a token into one passage's) is another
+        entry, of another length."""
         digest = hashlib.sha256(self.namespace)
-        digest.update(b"\0" + b",".join(str(t).encode() for t in token_ids))
+        digest.update(f"\0{start}\0".encode() + b",".join(str(t).encode() for t in token_ids))
         return digest.digest()
 
     def get(self, key: bytes) -> KV | None:

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, EncoderDecoderCache
 from transformers.cache_utils import DynamicLayer
 
 from generator_svc import precision, rag_math
-from generator_svc.families import DecoderOnlyLM
+from generator_svc.families import DecoderOnlyLM, shared_prefix_length
 from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import PassageKVCache
@@ -418,12 +418,32 @@ def test_the_passage_kv_cache_serves_batches_of_questions_exactly(peaked_lm: Pat
     assert len(cached.lm.passage_cache) >= len(PASSAGES)
 
 
+def test_a_segment_cached_after_a_longer_fixed_prefix_is_another_entry(tiny: TinyModels) -> None:
+    """Where a passage's first characters merge with the template's last token ("Everest" here), the prompts of a
+    request holding it share fewer tokens, so every segment of that request starts a token earlier: a segment
+    cached by a request without it is another entry there (it was misread, a token short, before)."""
+    plain = RagModel(load_passage_lm(str(tiny.causal_lm)))
+    cached_lm = load_passage_lm(str(tiny.causal_lm), kv_cache_bytes=2**26)
+    cached = RagModel(cached_lm)
+    prompts = [cached_lm.prompt_ids(QUESTION, (p,)) for p in PASSAGES]
+    assert shared_prefix_length(prompts[:2]) > shared_prefix_length(prompts)
+    options = DecodingOptions(mode=Mode.SEQUENCE, max_new_tokens=8).with_defaults(8, 1.0)
+    cached.generate([Request(QUESTION, PASSAGES[:2], options)])  # caches two segments after the longer prefix
+    request = [Request(QUESTION, PASSAGES, options)]
+    ((expected,), (got,)) = plain.generate(request), cached.generate(request)
+    assert [h.token_ids for h in got.hypotheses] == [h.token_ids for h in expected.hypotheses]
+    for a, b in zip(expected.hypotheses, got.hypotheses, strict=True):
+        assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+        assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+
+
 def test_the_passage_kv_cache_keeps_to_its_budget() -> None:
     cache = PassageKVCache(budget_bytes=3 * 2 * 4 * 10, namespace="m|float32")  # three entries of 10 floats a side
     entry = lambda: [(torch.zeros(1, 1, 10, 1), torch.zeros(1, 1, 10, 1))]  # noqa: E731
-    keys = [cache.key([1, 2, i]) for i in range(4)]
-    assert len(set(keys)) == 4 and cache.key([1, 2, 0]) == keys[0]
-    assert PassageKVCache(1, "other|float32").key([1, 2, 0]) != keys[0]  # the namespace is part of the key
+    keys = [cache.key([1, 2, i], 1) for i in range(4)]
+    assert len(set(keys)) == 4 and cache.key([1, 2, 0], 1) == keys[0]
+    assert cache.key([1, 2, 0], 2) != keys[0]  # where the cached part begins is part of the key
+    assert PassageKVCache(1, "other|float32").key([1, 2, 0], 1) != keys[0]  # the namespace is part of the key
     for key in keys[:3]:
         cache.put(key, entry())
     assert cache.get(keys[0]) is not None  # now the most recently used
