@@ -100,15 +100,26 @@ class Rows:
 
     def leave(self, part: Part) -> None:
         keep = torch.cat([self.rows_of(p) for p in self.parts if p is not part] or [torch.zeros(0, dtype=torch.long)])
-        assert self.state is not None
-        positions = self.state.next_position[keep]
-        own = self._own()
         self.parts.remove(part)
         if not self.parts:
             self.state, self.valid = None, torch.zeros(0, 0, dtype=torch.bool)
             return
+        self._select(keep)
+
+    def keep(self, part: Part, index: torch.Tensor) -> None:
+        """Only the part's rows `index` decode on (its row i is its old row index[i])."""
+        keep = torch.cat([self.rows_of(p)[index] if p is part else self.rows_of(p) for p in self.parts])
+        part.context_rows = part.context_rows[index]
+        self._select(keep)
+
+    def _select(self, keep: torch.Tensor) -> None:
+        """The union of the rows `keep` (renumbered in that order), its parts already updated; own-cache slots
+        no row left needs are dropped."""
+        assert self.state is not None
+        positions = self.state.next_position[keep]
+        own = self._own()
         self.valid = self.valid[keep]
-        columns = self.valid.any(0)  # slots no remaining row needs are dropped
+        columns = self.valid.any(0)
         renumber = torch.cumsum(columns, 0) - 1
         for p in self.parts:
             p.slots = [int(renumber[s]) for s in p.slots]
@@ -413,6 +424,12 @@ class JoinedLM(PassageLM):
         assert isinstance(state, JoinedState) and state.part is not None
         part = state.part
         self.member.call(_Op("rows", run=lambda: self.member.joint.rows.reorder(part, index)))
+
+    def keep(self, state: DecodingState, index: torch.Tensor) -> None:
+        assert isinstance(state, JoinedState) and state.part is not None
+        part = state.part
+        self.member.call(_Op("rows", run=lambda: self.member.joint.rows.keep(part, index)))
+        state.rows, state.attention_mask = state.rows[index], state.attention_mask[index]
 
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:
         raise NotImplementedError("a joined request's rows live in the union (JoinedLM.start)")

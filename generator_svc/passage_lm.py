@@ -4,7 +4,7 @@
 - `encode` turns B questions x K contexts into per-row encoded inputs, computed once per request
   (encoder states for BART/T5, a prompt KV cache for decoder-only LMs). A context is what one row reads:
   one passage for RAG, none (closed book) or all of them (concatenation) for the baselines;
-- `start` / `step` / `reorder` decode rows incrementally with a KV cache;
+- `start` / `step` / `reorder` / `keep` decode rows incrementally with a KV cache;
 - `token_logprobs` teacher-forces given answers, reusing the contexts;
 - `rules`: what the checkpoint's generation config imposes on every decode.
 
@@ -270,6 +270,15 @@ class PassageLM(ABC):
         the tokens they decoded move; prompts, encoder states and cross-attention stay put."""
         cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
         cache.reorder_cache(index)  # type: ignore[arg-type]  # a LongTensor; torch types it as Tensor
+
+    def keep(self, state: DecodingState, index: torch.Tensor) -> None:
+        """Only rows `index` of the state decode on (row i is the old row index[i]); the others have ended, and
+        passes no longer compute them."""
+        cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
+        cache.reorder_cache(index)  # type: ignore[arg-type]  # selects the kept rows' own tokens
+        state.rows, state.attention_mask = state.rows[index], state.attention_mask[index]
+        state.next_position = state.next_position[index]
+        _, state.shared = self._cache(state.ctx, state.rows)  # what they read, for the rows left
 
     @torch.inference_mode()
     def token_logprobs(

@@ -504,8 +504,49 @@ def _rag_sequence_search(
 ) -> tuple[list[list[tuple[int, ...]]], AnswerScores | None]:
     """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal. Thorough
     decoding also returns the chosen answers' scores: it has scored every hypothesis under every passage."""
+    B, N = ctx.num_questions, options.num_beams
+    drafted = N == 1 and bool(draft_tokens) and bool(ctx.source_ids)
+    scored: AnswerScores | None
+    if N == 1 and options.thorough and not drafted:
+        pools, scored = _greedy_hypotheses_scored(lm, ctx, prior, options, watch)
+    else:
+        pools, scored = _pooled_hypotheses(lm, ctx, prior, options, watch, draft_tokens if drafted else 0)
+    questions = [b for b, pool in enumerate(pools) for _ in pool.hypotheses]
+    flat = [tokens for pool in pools for tokens in pool.hypotheses]
+    if scored is not None:  # thorough: the exact marginal (with transformers' BOS rule for ranking)
+        marginals = without_forced_bos(scored, questions, flat, lm.bos_token_id).rag_sequence()
+    else:  # fast: each hypothesis scored under the passages whose own beams found it
+        fast = [pool.beam_loglik for pool in pools if pool.beam_loglik is not None]
+        assert len(fast) == B
+        marginals = torch.cat([torch.logsumexp(prior[b] + loglik, dim=-1) for b, loglik in enumerate(fast)])
+    starts = [0, *itertools.accumulate(len(pool) for pool in pools)]
+    best = [
+        marginals[starts[b] : starts[b + 1]].topk(min(options.num_return_sequences, len(pools[b]))) for b in range(B)
+    ]
+    picked = [[starts[b] + i for i in best[b].indices.tolist()] for b in range(B)]
+    chosen = [[flat[h] for h in group] for group in picked]
+    return chosen, None if scored is None else scored.select([h for group in picked for h in group])
+
+
+@dataclass
+class _Pool:
+    """A question's distinct hypotheses, in first-seen order (as transformers deduplicates)."""
+
+    hypotheses: list[tuple[int, ...]]
+    # Fast decoding's scores: log p(y|x,z_k) under the passages whose own beams found y, -inf elsewhere. [H, K]
+    beam_loglik: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.hypotheses)
+
+
+def _pooled_hypotheses(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None, draft_tokens: int
+) -> tuple[list[_Pool], AnswerScores | None]:
+    """Each passage's own beams (or drafted greedy answer), pooled per question; thorough decoding then scores
+    every hypothesis under every passage in one teacher-forced pass."""
     B, K, N = ctx.num_questions, ctx.contexts_per_question, options.num_beams
-    if N == 1 and draft_tokens and ctx.source_ids:  # greedy per passage: each row is a question of one context
+    if draft_tokens:  # greedy per passage: each row is a question of one context
         rows = ctx.rows_as_questions()
         answers, drafted = _drafted_rag_token_search(lm, rows, torch.zeros(B * K, 1), options, watch, draft_tokens)
         own = drafted.passage_loglik()[:, 0].tolist()  # log p(y|x,z) of each row's answer under its own passage
@@ -520,34 +561,99 @@ def _rag_sequence_search(
 
         per_passage = search(next_logprobs, B * K, options, lm.rules, num_return=N, watch=watch)
 
-    pools: list[list[tuple[int, ...]]] = []
-    beam_loglik: list[torch.Tensor] = []  # fast decoding: log p(y|x,z_k) from passage k's own beams, else -inf
+    pools: list[_Pool] = []
     for b in range(B):
-        pool: dict[tuple[int, ...], int] = {}  # first-seen order, as transformers deduplicates
+        seen: dict[tuple[int, ...], int] = {}
         found = [(k, c) for k in range(K) for c in per_passage[b * K + k]]
         for _, c in found:
-            pool.setdefault(c.tokens, len(pool))
-        loglik = torch.full((len(pool), K), float("-inf"))
+            seen.setdefault(c.tokens, len(seen))
+        loglik = torch.full((len(seen), K), float("-inf"))
         for k, c in found:
-            loglik[pool[c.tokens], k] = c.log_prob
-        pools.append(list(pool))
-        beam_loglik.append(loglik)
+            loglik[seen[c.tokens], k] = c.log_prob
+        pools.append(_Pool(list(seen), loglik))
+    if not options.thorough:
+        return pools, None
+    questions = [b for b, pool in enumerate(pools) for _ in pool.hypotheses]
+    flat = [tokens for pool in pools for tokens in pool.hypotheses]
+    return pools, score_answers(lm, ctx, prior, questions, flat, watch=watch)
 
-    questions = [b for b, pool in enumerate(pools) for _ in pool]
-    flat = [tokens for pool in pools for tokens in pool]
-    scored = None
-    if options.thorough:  # score every hypothesis under every passage, in one batched pass
-        scored = score_answers(lm, ctx, prior, questions, flat, watch=watch)
-        marginals = without_forced_bos(scored, questions, flat, lm.bos_token_id).rag_sequence()
-    else:
-        marginals = torch.cat([torch.logsumexp(prior[b] + beam_loglik[b], dim=-1) for b in range(B)])
-    starts = [0, *itertools.accumulate(len(pool) for pool in pools)]
-    best = [
-        marginals[starts[b] : starts[b + 1]].topk(min(options.num_return_sequences, len(pools[b]))) for b in range(B)
-    ]
-    picked = [[starts[b] + i for i in best[b].indices.tolist()] for b in range(B)]
-    chosen = [[flat[h] for h in group] for group in picked]
-    return chosen, None if scored is None else scored.select([h for group in picked for h in group])
+
+def _greedy_hypotheses_scored(
+    lm: PassageLM, ctx: Contexts, prior: torch.Tensor, options: DecodingOptions, watch: Watch | None
+) -> tuple[list[_Pool], AnswerScores]:
+    """Thorough RAG-Sequence with one beam, as one search. Hypothesis h of a question is passage h's greedy
+    answer; each token it chooses is fed to a row of every passage of the question, so its log-likelihood under
+    every passage is known when it ends, no second pass teacher-forces the hypotheses, and its rows stop. A
+    hypothesis is ruled out before its end once no answer starting with it can win: log p(y<t|x,z_j) only falls
+    as tokens are added, so logsumexp_j [log p(z_j|x) + log p(y<t|x,z_j)] bounds the marginal of every answer
+    that starts with y<t, and an ended answer already ranks above the bound (one beam returns one answer). The
+    answers and their scores are those of searching each passage and then scoring every hypothesis."""
+    B, K, rules = ctx.num_questions, ctx.contexts_per_question, lm.rules
+    H, max_new = B * K, options.max_new_tokens  # hypotheses, question-major
+    question = torch.arange(H) // K
+    state = lm.start(ctx, (question[:, None] * K + torch.arange(K)).view(-1))  # row (h, j) reads passage j
+    own = torch.arange(H) % K  # hypothesis h of a question follows its own passage's row
+    eos = torch.tensor(rules.eos_token_ids)
+    generated = torch.empty(H, 0, dtype=torch.long)
+    running = torch.ones(H, dtype=torch.bool)  # neither ended nor ruled out
+    ended = torch.zeros(H, dtype=torch.bool)
+    picked: list[torch.Tensor] = []  # per step, log p(y_t|x,z_j,y<t) of each hypothesis's token [H, K]
+    ranked = torch.zeros(H, K)  # log p(y<t|x,z_j) as the ranking counts it (transformers' BOS rule)
+    hypothesis_prior = prior[question]
+    alive = torch.arange(H)  # the hypotheses whose rows the state holds (the running ones), in its order
+    tokens: torch.Tensor | None = None
+    for t in range(max_new):
+        per_passage = lm.step(state, tokens).view(len(alive), K, -1)
+        rows = torch.arange(len(alive))
+        choice = _greedy_choice(per_passage[rows, own[alive]], generated[alive], running[alive], max_new, rules)
+        chosen = torch.full((H,), rules.pad_token_id).index_copy(0, alive, choice)
+        logprobs = torch.zeros(H, K).index_copy(0, alive, _log_prob_of(per_passage, choice))
+        picked.append(logprobs)
+        if t == 0:  # the ranking leaves a first BOS unscored when every hypothesis of the question has it
+            starts_with_bos = (chosen == (lm.bos_token_id if lm.bos_token_id is not None else -1)).view(B, K)
+            every, some = starts_with_bos.all(1), starts_with_bos.any(1)
+            # Ruling out is exact where it cannot change that rule for the hypotheses left: none or all start so.
+            prunable = (every | ~some)[question]
+            ranked += torch.where(every[question, None], 0.0, logprobs)
+        else:
+            ranked += logprobs
+        generated = torch.cat([generated, chosen[:, None]], dim=1)
+        ending = running & (torch.isin(chosen, eos) | (t == max_new - 1))
+        ended |= ending
+        running &= ~ending
+        bound = torch.logsumexp(hypothesis_prior + ranked, dim=-1)  # exact for the ended ones
+        best_ended = torch.where(ended, bound, float("-inf")).view(B, K).amax(1)  # one answer is returned
+        ruled_out = running & (bound < best_ended[question]) & prunable
+        metrics.HYPOTHESES_RULED_OUT.inc(int(ruled_out.sum()))
+        running &= ~ruled_out
+        if watch is not None:
+            watch(chosen)
+        if not running.any():
+            break
+        if not running[alive].all():  # the rows of hypotheses that ended or were ruled out stop
+            going_on = running[alive].nonzero().squeeze(1)
+            lm.keep(state, (going_on[:, None] * K + torch.arange(K)).view(-1))
+            alive = alive[going_on]
+        tokens = chosen[alive].repeat_interleave(K)
+
+    lengths = _lengths(generated, rules.eos_token_ids)
+    token_logprobs = torch.stack(picked, dim=-1)  # [H, K, T]
+    pools: list[_Pool] = []
+    kept: list[int] = []  # the first hypothesis of each distinct ended answer, question-major
+    for b in range(B):
+        seen: dict[tuple[int, ...], int] = {}
+        for h in range(b * K, (b + 1) * K):
+            answer = tuple(generated[h, : lengths[h]].tolist())
+            if ended[h] and answer not in seen:
+                seen[answer] = h
+        kept += seen.values()
+        pools.append(_Pool(list(seen)))
+    answers = [hypothesis for pool in pools for hypothesis in pool.hypotheses]
+    _, mask = answer_targets(answers, rules.pad_token_id)
+    index = torch.tensor(kept, dtype=torch.long)
+    scores = AnswerScores(torch.where(mask[:, None, :], token_logprobs[index, :, : mask.shape[1]], 0.0), mask,
+                          hypothesis_prior[index])  # fmt: skip
+    return pools, scores
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ copies of one passage it is unchanged; and the cached decoding path agrees with 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from generator_svc import precision, rag_math
 from generator_svc.families import DecoderOnlyLM, shared_prefix_length
+from generator_svc.joint import JointDecoder, Part
 from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import PassageKVCache
@@ -128,6 +131,81 @@ def test_copies_of_one_passage_change_nothing(
     assert [h.token_ids for h in three.hypotheses] == [h.token_ids for h in one.hypotheses]
     assert [h.log_prob for h in three.hypotheses] == pytest.approx([h.log_prob for h in one.hypotheses], abs=1e-4)
     assert list(three.hypotheses[0].passage_posteriors) == pytest.approx([1 / 3] * 3, abs=1e-4)
+
+
+def test_greedy_rag_sequence_is_each_passages_answer_ranked_by_its_marginal(
+    stub: generator_pb2_grpc.GeneratorServiceStub, lm: DecoderOnlyLM
+) -> None:
+    """Greedy thorough RAG-Sequence runs as one search (each passage's answer fed under every passage as it is
+    chosen): it returns what searching each passage alone and then scoring every answer under every passage
+    returns, the same answer, marginal and posterior."""
+    passages = [Passage(p.id, p.title, p.text, 1.0) for p in PASSAGES]  # equal scores: a uniform prior
+    options = DecodingOptions(Mode.SEQUENCE, num_beams=1, max_new_tokens=10)
+    reply = stub.Generate(
+        generator_pb2.GenerateRequest(
+            question=QUESTION, passages=[p.to_pb() for p in passages], options=options.to_pb()
+        ),
+        timeout=60,
+    )
+    ctx = lm.encode([QUESTION], [one_each(passages)])
+    state = lm.start(ctx, torch.arange(len(passages)))
+    found = rag_math.greedy_search(lambda tokens, _: lm.step(state, tokens), len(passages), 10, lm.rules)
+    answers = list(dict.fromkeys(candidates[0].tokens for candidates in found))
+    prior = torch.full((1, len(passages)), -math.log(len(passages)))
+    scored = rag_math.score_answers(lm, ctx, prior, [0] * len(answers), answers)
+    best = int(scored.rag_sequence().argmax())
+    (hypothesis,) = reply.hypotheses
+    assert tuple(hypothesis.token_ids) == answers[best]
+    assert hypothesis.log_prob == pytest.approx(float(scored.rag_sequence()[best]), abs=1e-4)
+    assert list(hypothesis.passage_posteriors) == pytest.approx(scored.posterior()[best].tolist(), abs=1e-4)
+
+
+def test_rows_of_ended_hypotheses_leave_the_passes_they_share(tiny: TinyModels, tmp_path: Path) -> None:
+    """Greedy RAG-Sequence stops computing the rows of hypotheses that ended, also in the decoding passes it
+    shares with other requests (continuous batching): every request answers what it answers alone."""
+    model = tmp_path / "lm"
+    shutil.copytree(tiny.causal_lm, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    # A second end-of-sequence token, which these weights choose after a step or two from some passages.
+    generation["eos_token_id"] = [generation["eos_token_id"], 209]
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    lm = load_passage_lm(str(model))
+    passages = [Passage(p.id, p.title, p.text, 1.0) for p in PASSAGES]
+    requests = [
+        ("When was it built?", DecodingOptions(Mode.SEQUENCE, max_new_tokens=10)),
+        ("What is the capital of France?", DecodingOptions(Mode.TOKEN, max_new_tokens=10)),
+        ("Who?", DecodingOptions(Mode.SEQUENCE, max_new_tokens=10)),
+    ]
+
+    def work(question: str, options: DecodingOptions) -> Callable[[PassageLM], Any]:
+        def run(model: PassageLM) -> list[rag_math.Generated]:
+            ctx = model.encode([question], [one_each(passages)])
+            return rag_math.generate(model, ctx, torch.zeros(1, len(passages)), options)[0]
+
+        return run
+
+    alone = [work(q, options)(lm) for q, options in requests]
+    joint, kept = JointDecoder(lm), []
+    answers: dict[int, tuple[Any, BaseException | None]] = {}
+    keep = joint.rows.keep
+
+    def counted(part: Part, index: torch.Tensor) -> None:
+        kept.append(len(index))
+        keep(part, index)
+
+    joint.rows.keep = counted  # type: ignore[method-assign]
+    for i, (q, options) in enumerate(requests):
+        joint.add(work(q, options), lambda result=None, error=None, i=i: answers.__setitem__(i, (result, error)))
+    while joint.busy:
+        joint.advance()
+    assert kept  # rows left the union while the others decoded on
+    for i, expected in enumerate(alone):
+        got, error = answers[i]
+        assert error is None
+        assert [g.tokens for g in got] == [g.tokens for g in expected]
+        assert [g.log_prob for g in got] == pytest.approx([g.log_prob for g in expected], abs=1e-4)
+        for a, b in zip(got, expected, strict=True):
+            assert a.posterior == pytest.approx(b.posterior, abs=1e-4)
 
 
 @pytest.mark.parametrize("family", ["decoder-only", "encoder-decoder"])
@@ -424,6 +502,7 @@ def test_a_segment_cached_after_a_longer_fixed_prefix_is_another_entry(tiny: Tin
     cached by a request without it is another entry there (it was misread, a token short, before)."""
     plain = RagModel(load_passage_lm(str(tiny.causal_lm)))
     cached_lm = load_passage_lm(str(tiny.causal_lm), kv_cache_bytes=2**26)
+    assert isinstance(cached_lm, DecoderOnlyLM)
     cached = RagModel(cached_lm)
     prompts = [cached_lm.prompt_ids(QUESTION, (p,)) for p in PASSAGES]
     assert shared_prefix_length(prompts[:2]) > shared_prefix_length(prompts)

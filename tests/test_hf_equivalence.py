@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from transformers import AutoTokenizer, RagSequenceForGeneration, RagTokenForGeneration
 
 from generator_svc import rag_math
@@ -32,7 +33,7 @@ MAX_NEW_TOKENS = 12
 QUESTIONS = ["who discovered penicillin?", "what is the capital of france?"]
 SCORES = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.5, 2.5, 1.5, 2.0]])
 # Generation rules facebook/rag-* checkpoints carry (BART-large's), to prove we honour them as transformers does.
-RULES = {
+RULES: dict[str, dict[str, object]] = {
     "default": {},
     "bart-large-like": {
         "num_beams": 4,
@@ -41,6 +42,9 @@ RULES = {
         "length_penalty": 0.6,
         "forced_bos_token_id": 0,
     },
+    # A second end-of-sequence token, one these weights choose after a few steps from some passages: greedy
+    # RAG-Sequence's hypotheses end at different steps, and those that cannot win are ruled out before their end.
+    "early-ends": {"eos_token_id": [2, 325]},
 }
 
 
@@ -57,6 +61,7 @@ class Reference:
     """transformers' implementation over one checkpoint, plus our GeneratorService over the same one."""
 
     def __init__(self, checkpoint: Path, rules: Mapping[str, object], address: str) -> None:
+        self.rules = rules
         self.rag_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
         self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
         for key, value in rules.items():  # RagSequence decodes with the generator's own generation config
@@ -159,6 +164,18 @@ def test_generate_matches_transformers_token_for_token(
         lm, ctx, rag_math.log_prior(SCORES), DecodingOptions(mode, decoding, num_beams, num_return, MAX_NEW_TOKENS)
     )
     assert [g.tokens for question in batched for g in question] == expected
+
+
+def test_greedy_rag_sequence_rules_out_hypotheses_that_cannot_win(reference: Reference) -> None:
+    """Guards the RAG-Sequence cases above where hypotheses end at different steps: some are stopped before their
+    end (no answer starting with them could rank among those returned), and not a token changes."""
+    if reference.rules is not RULES["early-ends"]:
+        pytest.skip("with these rules every hypothesis runs to the length limit")
+    ruled_out = lambda: REGISTRY.get_sample_value("rag_generator_hypotheses_ruled_out_total") or 0.0  # noqa: E731
+    before = ruled_out()
+    options = DecodingOptions(Mode.SEQUENCE, THOROUGH, 1, 1, MAX_NEW_TOKENS).to_pb()
+    assert reference.ours_over_grpc(options) == reference.hf_generate(Mode.SEQUENCE, 1, 1)
+    assert ruled_out() > before
 
 
 def test_hypotheses_differ_between_passages(reference: Reference) -> None:
