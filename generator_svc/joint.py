@@ -107,7 +107,7 @@ class Rows:
         self._select(keep)
 
     def keep(self, part: Part, index: torch.Tensor) -> None:
-        """Only the part's rows `index` decode on (its row i is its old row index[i])."""
+        """Only the part's rows `index` decode on (its row i continues its old row index[i]; see PassageLM.keep)."""
         keep = torch.cat([self.rows_of(p)[index] if p is part else self.rows_of(p) for p in self.parts])
         part.context_rows = part.context_rows[index]
         self._select(keep)

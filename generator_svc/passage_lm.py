@@ -272,8 +272,8 @@ class PassageLM(ABC):
         cache.reorder_cache(index)  # type: ignore[arg-type]  # a LongTensor; torch types it as Tensor
 
     def keep(self, state: DecodingState, index: torch.Tensor) -> None:
-        """Only rows `index` of the state decode on (row i is the old row index[i]); the others have ended, and
-        passes no longer compute them."""
+        """Only rows `index` of the state decode on: row i continues old row index[i] (a row may go on as several,
+        whose histories part from here); the rows left out have ended, and passes no longer compute them."""
         cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
         cache.reorder_cache(index)  # type: ignore[arg-type]  # selects the kept rows' own tokens
         state.rows, state.attention_mask = state.rows[index], state.attention_mask[index]

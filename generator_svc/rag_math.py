@@ -583,16 +583,17 @@ def _greedy_hypotheses_scored(
 ) -> tuple[list[_Pool], AnswerScores]:
     """Thorough RAG-Sequence with one beam, as one search. Hypothesis h of a question is passage h's greedy
     answer; each token it chooses is fed to a row of every passage of the question, so its log-likelihood under
-    every passage is known when it ends, no second pass teacher-forces the hypotheses, and its rows stop. A
-    hypothesis is ruled out before its end once no answer starting with it can win: log p(y<t|x,z_j) only falls
-    as tokens are added, so logsumexp_j [log p(z_j|x) + log p(y<t|x,z_j)] bounds the marginal of every answer
-    that starts with y<t, and an ended answer already ranks above the bound (one beam returns one answer). The
-    answers and their scores are those of searching each passage and then scoring every hypothesis."""
+    every passage is known when it ends and no second pass teacher-forces the hypotheses. Hypotheses with the
+    same tokens so far share those rows (they read the same passages after the same tokens), and part when they
+    choose differently; rows stop when their hypotheses have ended. A hypothesis is ruled out before its end once
+    no answer starting with it can win: log p(y<t|x,z_j) only falls as tokens are added, so
+    logsumexp_j [log p(z_j|x) + log p(y<t|x,z_j)] bounds the marginal of every answer that starts with y<t, and an
+    ended answer already ranks above the bound (one beam returns one answer). The answers and their scores are
+    those of searching each passage and then scoring every hypothesis."""
     B, K, rules = ctx.num_questions, ctx.contexts_per_question, lm.rules
     H, max_new = B * K, options.max_new_tokens  # hypotheses, question-major
     question = torch.arange(H) // K
-    state = lm.start(ctx, (question[:, None] * K + torch.arange(K)).view(-1))  # row (h, j) reads passage j
-    own = torch.arange(H) % K  # hypothesis h of a question follows its own passage's row
+    own = torch.arange(H) % K  # hypothesis h of a question chooses from its own passage's row
     eos = torch.tensor(rules.eos_token_ids)
     generated = torch.empty(H, 0, dtype=torch.long)
     running = torch.ones(H, dtype=torch.bool)  # neither ended nor ruled out
@@ -600,14 +601,19 @@ def _greedy_hypotheses_scored(
     picked: list[torch.Tensor] = []  # per step, log p(y_t|x,z_j,y<t) of each hypothesis's token [H, K]
     ranked = torch.zeros(H, K)  # log p(y<t|x,z_j) as the ranking counts it (transformers' BOS rule)
     hypothesis_prior = prior[question]
-    alive = torch.arange(H)  # the hypotheses whose rows the state holds (the running ones), in its order
+    # The state's rows come in groups of K, one per distinct prefix: group g reads every passage of its question.
+    # `alive` are the running hypotheses, `group_of` their groups; at first a question's hypotheses share one.
+    state = lm.start(ctx, torch.arange(B * K))
+    alive, group_of = torch.arange(H), question.clone()
+    passages = torch.arange(K)
     tokens: torch.Tensor | None = None
     for t in range(max_new):
-        per_passage = lm.step(state, tokens).view(len(alive), K, -1)
-        rows = torch.arange(len(alive))
-        choice = _greedy_choice(per_passage[rows, own[alive]], generated[alive], running[alive], max_new, rules)
+        step = lm.step(state, tokens)
+        per_group = step.view(-1, K, step.shape[-1])  # [groups, K, V]
+        choice = _greedy_choice(per_group[group_of, own[alive]], generated[alive], running[alive], max_new, rules)
         chosen = torch.full((H,), rules.pad_token_id).index_copy(0, alive, choice)
-        logprobs = torch.zeros(H, K).index_copy(0, alive, _log_prob_of(per_passage, choice))
+        scored = per_group[group_of[:, None], passages, choice[:, None]]  # [alive, K]
+        logprobs = torch.zeros(H, K).index_copy(0, alive, scored)
         picked.append(logprobs)
         if t == 0:  # the ranking leaves a first BOS unscored when every hypothesis of the question has it
             starts_with_bos = (chosen == (lm.bos_token_id if lm.bos_token_id is not None else -1)).view(B, K)
@@ -630,11 +636,13 @@ def _greedy_hypotheses_scored(
             watch(chosen)
         if not running.any():
             break
-        if not running[alive].all():  # the rows of hypotheses that ended or were ruled out stop
-            going_on = running[alive].nonzero().squeeze(1)
-            lm.keep(state, (going_on[:, None] * K + torch.arange(K)).view(-1))
-            alive = alive[going_on]
-        tokens = chosen[alive].repeat_interleave(K)
+        # Regroup: the running hypotheses of a group that chose the same token go on in one group.
+        going_on = running[alive]
+        alive = alive[going_on]
+        groups, group_of = torch.unique(torch.stack([group_of, choice], 1)[going_on], dim=0, return_inverse=True)
+        if len(groups) != len(per_group) or not bool((groups[:, 0] == torch.arange(len(groups))).all()):
+            lm.keep(state, (groups[:, :1] * K + passages).view(-1))  # groups that parted fork their rows
+        tokens = groups[:, 1].repeat_interleave(K)
 
     lengths = _lengths(generated, rules.eos_token_ids)
     token_logprobs = torch.stack(picked, dim=-1)  # [H, K, T]
