@@ -502,8 +502,9 @@ def _rag_sequence_search(
     watch: Watch | None,
     draft_tokens: int = 0,
 ) -> tuple[list[list[tuple[int, ...]]], AnswerScores | None]:
-    """Beam-search each passage on its own, pool each question's hypotheses, rank them by the marginal. Thorough
-    decoding also returns the chosen answers' scores: it has scored every hypothesis under every passage."""
+    """Each passage's own hypotheses (its beams, or its greedy answer), pooled per question and ranked by the
+    marginal. Thorough decoding also returns the chosen answers' scores: it has scored every hypothesis under every
+    passage (greedy and undrafted, while searching: `_greedy_hypotheses_scored`)."""
     B, N = ctx.num_questions, options.num_beams
     drafted = N == 1 and bool(draft_tokens) and bool(ctx.source_ids)
     scored: AnswerScores | None
@@ -612,8 +613,8 @@ def _greedy_hypotheses_scored(
         per_group = step.view(-1, K, step.shape[-1])  # [groups, K, V]
         choice = _greedy_choice(per_group[group_of, own[alive]], generated[alive], running[alive], max_new, rules)
         chosen = torch.full((H,), rules.pad_token_id).index_copy(0, alive, choice)
-        scored = per_group[group_of[:, None], passages, choice[:, None]]  # [alive, K]
-        logprobs = torch.zeros(H, K).index_copy(0, alive, scored)
+        under_each = per_group[group_of[:, None], passages, choice[:, None]]  # [alive, K]
+        logprobs = torch.zeros(H, K).index_copy(0, alive, under_each)
         picked.append(logprobs)
         if t == 0:  # the ranking leaves a first BOS unscored when every hypothesis of the question has it
             starts_with_bos = (chosen == (lm.bos_token_id if lm.bos_token_id is not None else -1)).view(B, K)
