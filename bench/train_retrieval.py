@@ -4,7 +4,7 @@ likelihood table, on SQuAD-open, split by article.
     python bench/train_retrieval.py [--data ../shared/data] [--generator qwen2.5-coder-0.5b] [--stages gate,table]
                                     [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10]
                                     [--batch-size 16] [--lr 3e-5] [--generate-sample 40] [--device auto]
-                                    [--generator-dtype auto]
+                                    [--generator-dtype auto] [--encoder-lora-rank 0]
                                     [--out docs/train-retrieval] [--tag=-lr1e-4]
 
 1. The public SQuAD dev questions split **by article** (bench/finetune_squad.split_by_article, seed 0): two thirds
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--encoder-lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: all)")
     parser.add_argument(
         "--generate-sample", type=int, default=40, help="dev questions asked per generation mode (0: retrieval only)"
     )
@@ -104,7 +105,7 @@ def main() -> None:
             "--candidates", str(options.candidates), "--epochs", str(options.epochs),
             "--batch-size", str(options.batch_size), "--lr", str(options.lr), "--device", options.device,
             "--seed", str(options.seed), "--out", str(work / f"{stage}-{run}"), "--no-progress",
-            "--generator-dtype", options.generator_dtype,
+            "--generator-dtype", options.generator_dtype, "--encoder-lora-rank", str(options.encoder_lora_rank),
         ]  # fmt: skip
         if stage == "gate":
             command.append("--oracle-reader")
@@ -115,7 +116,7 @@ def main() -> None:
             raise SystemExit(f"stage {stage} failed:\n{trained.stderr[-3000:]}")
         result = json.loads(trained.stdout.strip().splitlines()[-1])
         train_seconds = time.perf_counter() - started
-        encoder = f"sentence-transformer:{result['query_encoder']}"
+        encoder = json.loads((Path(result["out"]) / "summary.json").read_text())["query_encoder_spec"]
         evaluated = evaluate(
             index,
             encoder,
