@@ -61,7 +61,6 @@ class Reference:
     """transformers' implementation over one checkpoint, plus our GeneratorService over the same one."""
 
     def __init__(self, checkpoint: Path, rules: Mapping[str, object], address: str) -> None:
-        self.rules = rules
         self.rag_token = RagTokenForGeneration.from_pretrained(checkpoint).eval()
         self.rag_sequence = RagSequenceForGeneration.from_pretrained(checkpoint).eval()
         for key, value in rules.items():  # RagSequence decodes with the generator's own generation config
@@ -166,11 +165,10 @@ def test_generate_matches_transformers_token_for_token(
     assert [g.tokens for question in batched for g in question] == expected
 
 
+@pytest.mark.parametrize("reference", ["early-ends"], indirect=True)  # elsewhere every hypothesis runs to the limit
 def test_greedy_rag_sequence_rules_out_hypotheses_that_cannot_win(reference: Reference) -> None:
     """Guards the RAG-Sequence cases above where hypotheses end at different steps: some are stopped before their
     end (no answer starting with them could rank among those returned), and not a token changes."""
-    if reference.rules is not RULES["early-ends"]:
-        pytest.skip("with these rules every hypothesis runs to the length limit")
     ruled_out = lambda: REGISTRY.get_sample_value("rag_generator_hypotheses_ruled_out_total") or 0.0  # noqa: E731
     before = ruled_out()
     options = DecodingOptions(Mode.SEQUENCE, THOROUGH, 1, 1, MAX_NEW_TOKENS).to_pb()
