@@ -274,8 +274,7 @@ class PassageLM(ABC):
     def keep(self, state: DecodingState, index: torch.Tensor) -> None:
         """Only rows `index` of the state decode on: row i continues old row index[i] (a row may go on as several,
         whose histories part from here); the rows left out have ended, and passes no longer compute them."""
-        cache = state.cache.self_attention_cache if isinstance(state.cache, EncoderDecoderCache) else state.cache
-        cache.reorder_cache(index)  # type: ignore[arg-type]  # selects the kept rows' own tokens
+        self.reorder(state, index)  # the kept rows' own tokens
         state.rows, state.attention_mask = state.rows[index], state.attention_mask[index]
         state.next_position = state.next_position[index]
         _, state.shared = self._cache(state.ctx, state.rows)  # what they read, for the rows left

@@ -512,8 +512,7 @@ def _rag_sequence_search(
         pools, scored = _greedy_hypotheses_scored(lm, ctx, prior, options, watch)
     else:
         pools, scored = _pooled_hypotheses(lm, ctx, prior, options, watch, draft_tokens if drafted else 0)
-    questions = [b for b, pool in enumerate(pools) for _ in pool.hypotheses]
-    flat = [tokens for pool in pools for tokens in pool.hypotheses]
+    questions, flat = _flattened(pools)
     if scored is not None:  # thorough: the exact marginal (with transformers' BOS rule for ranking)
         marginals = without_forced_bos(scored, questions, flat, lm.bos_token_id).rag_sequence()
     else:  # fast: each hypothesis scored under the passages whose own beams found it
@@ -539,6 +538,11 @@ class _Pool:
 
     def __len__(self) -> int:
         return len(self.hypotheses)
+
+
+def _flattened(pools: Sequence[_Pool]) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Every pool's hypotheses in one list, question-major, and the question of each."""
+    return [b for b, pool in enumerate(pools) for _ in pool.hypotheses], [h for pool in pools for h in pool.hypotheses]
 
 
 def _pooled_hypotheses(
@@ -574,8 +578,7 @@ def _pooled_hypotheses(
         pools.append(_Pool(list(seen), loglik))
     if not options.thorough:
         return pools, None
-    questions = [b for b, pool in enumerate(pools) for _ in pool.hypotheses]
-    flat = [tokens for pool in pools for tokens in pool.hypotheses]
+    questions, flat = _flattened(pools)
     return pools, score_answers(lm, ctx, prior, questions, flat, watch=watch)
 
 
@@ -646,7 +649,6 @@ def _greedy_hypotheses_scored(
         tokens = groups[:, 1].repeat_interleave(K)
 
     lengths = _lengths(generated, rules.eos_token_ids)
-    token_logprobs = torch.stack(picked, dim=-1)  # [H, K, T]
     pools: list[_Pool] = []
     kept: list[int] = []  # the first hypothesis of each distinct ended answer, question-major
     for b in range(B):
@@ -657,11 +659,8 @@ def _greedy_hypotheses_scored(
                 seen[answer] = h
         kept += seen.values()
         pools.append(_Pool(list(seen)))
-    answers = [hypothesis for pool in pools for hypothesis in pool.hypotheses]
-    _, mask = answer_targets(answers, rules.pad_token_id)
-    index = torch.tensor(kept, dtype=torch.long)
-    scores = AnswerScores(torch.where(mask[:, None, :], token_logprobs[index, :, : mask.shape[1]], 0.0), mask,
-                          hypothesis_prior[index])  # fmt: skip
+    _, answers = _flattened(pools)
+    scores = _picked_scores(answers, [at_t[kept] for at_t in picked], hypothesis_prior[kept], rules.pad_token_id)
     return pools, scores
 
 
