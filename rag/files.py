@@ -46,6 +46,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_identity(path: Path) -> str:
+    """sha256 over a model's files (name and content; a single file's content), so a copied or renamed model keeps
+    its identity and one changed in place does not."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if relative.startswith(".") or "/." in relative or file.name.lower() == "readme.md":
+            continue
+        digest.update(relative.encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 @contextmanager
 def publishing(target: Path) -> Iterator[Path]:
     """Yield a fresh temp path beside `target` (make it a file or a directory); it is renamed onto `target`

@@ -5,8 +5,9 @@ With the generator frozen, the only thing a training step needs from it is p(y|x
 query encoder retrieves; those do not change as the encoder learns, only *which* passages are retrieved does. The
 table holds them in SQLite (one row per question, answer and passage; each committed as it is scored, so an
 interrupted run loses nothing and a rerun resumes), filled up front for each question's top-N candidates and
-lazily for any passage that enters a top-k later. A table records who scored it (the generator, its precision and
-prompt, or the oracle reader) and over which index; a run with other ones refuses it rather than mixing scores.
+lazily for any passage that enters a top-k later. A table records who scored it (the generator's weights by
+content, its precision and prompt, or the oracle reader) and over which index; a run with other ones refuses it
+rather than mixing scores (a generator moved or copied keeps its table; one changed in place does not).
 
 Scores come through the serving path (`PassageLM.encode` and `rag_math.score_answers`: the shared prefix, length
 buckets, the passage KV cache and the precision the generator serves in), so the table holds what the service
@@ -28,6 +29,7 @@ from generator_svc import rag_math
 from generator_svc.passage_lm import PassageLM
 from generator_svc.precision import logits_precision
 from rag.errors import FailedPrecondition
+from rag.files import content_identity
 from rag.types import Passage
 from rag_cli.eval import Example, normalize_answer
 
@@ -55,7 +57,7 @@ class GeneratorScorer:
 
     def __init__(self, lm: PassageLM, spec: str) -> None:
         self.lm = lm
-        self.spec = spec
+        self.weights = content_identity(Path(spec))  # read once: hashing a model directory takes seconds
 
     @property
     def identity(self) -> dict[str, str]:
@@ -66,7 +68,7 @@ class GeneratorScorer:
         }
         return {
             "scorer": "generator",
-            "generator": self.spec,
+            "generator": self.weights,
             "model": lm.name,
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
             # a bfloat16 model's logits were bfloat16, then float32, then float32 near the top: its tables differ

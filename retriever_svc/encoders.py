@@ -42,23 +42,10 @@ from transformers import (
 )
 
 from rag.errors import FailedPrecondition, InvalidArgument
+from rag.files import content_identity
 from retriever_svc.layout import EncoderInfo
 
 BATCH_SIZE = 64
-
-
-def directory_identity(path: Path) -> str:
-    """sha256 over the model files (name and content), so a copied or renamed model keeps its identity."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path).as_posix()
-        if relative.startswith(".") or "/." in relative or file.name.lower() == "readme.md":
-            continue
-        digest.update(relative.encode() + b"\0")
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 QUESTION_TOWER = "question_tower.json"
@@ -127,11 +114,11 @@ class SentenceTransformerEncoder(Encoder):
         self.model = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32).eval()
         self.question_model = self.model  # one model for both sides, until a fine-tuned copy takes the questions
         self.max_length = _max_length(path)
-        identity = directory_identity(path)
+        identity = content_identity(path)
         self.document_encoder = _paired_document_encoder(path)
         if adapter is not None:  # the questions' copy, adapted; the base model stays the documents' encoder
             self.question_model = _adapted(self.model, adapter)
-            identity = hashlib.sha256(f"{identity}+{directory_identity(adapter)}".encode()).hexdigest()
+            identity = hashlib.sha256(f"{identity}+{content_identity(adapter)}".encode()).hexdigest()
             self.document_encoder = _paired_document_encoder(adapter)
         paired = self.document_encoder
         self.info = EncoderInfo(
@@ -218,8 +205,8 @@ class DPREncoder(Encoder):
         self.info = EncoderInfo(
             "dpr",
             spec,
-            directory_identity(question),
-            paired.passage_identity if paired else (directory_identity(context) if context else ""),
+            content_identity(question),
+            paired.passage_identity if paired else (content_identity(context) if context else ""),
             self.question_model.config.projection_dim or self.question_model.config.hidden_size,
             paired.score_temperature if paired else score_temperature,
         )

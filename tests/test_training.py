@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
@@ -129,13 +131,19 @@ def test_the_likelihood_table_holds_what_training_teacher_forces_so_loss_and_gra
         torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=0)
         torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=0)
 
-    # Reopened, it holds the same scores and scores nothing again; another generator's run refuses it.
+    # Reopened with the generator moved elsewhere, it holds the same scores and scores nothing again; once the
+    # generator's weights change, a run refuses it.
     table.close()
-    again = LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, spec), "tiny@v1")
+    moved = tmp_path / "moved-generator"
+    shutil.copytree(spec, moved)
+    again = LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, str(moved)), "tiny@v1")
     assert torch.equal(again.logprobs(examples, passages)[0], from_table) and again.scored == 0
     again.close()
+    weights = safetensors.torch.load_file(moved / "model.safetensors")
+    name = next(iter(weights))
+    safetensors.torch.save_file({**weights, name: weights[name] + 1}, moved / "model.safetensors")
     with pytest.raises(FailedPrecondition, match="another generator"):
-        LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, spec + "-other"), "tiny@v1")
+        LikelihoodTable(tmp_path / "table.sqlite", GeneratorScorer(lm, str(moved)), "tiny@v1")
 
 
 # ------------------------------------------------------------------------------------------------ rag train
