@@ -41,6 +41,14 @@ class GeneratorConfig(ServerConfig):
         "passage KV cache of a decoder-only generator, MiB (segments reused across requests, exactly); 0 turns it "
         "off, -1 sizes it from the machine (a tenth of its memory, at most 4 GiB)",
     )
+    kv_cache_dir: str = option(
+        "",
+        "a directory for the passage KV cache's disk tier (empty: memory only): segments written there are read "
+        "back after a restart, by replicas sharing the volume, and beyond the memory budget",
+    )
+    kv_cache_disk_mb: int = option(
+        -1, "the disk tier's budget, MiB; -1: half the space free on its filesystem when the generator starts"
+    )
     draft_tokens: int = option(
         -1,
         "tokens drafted from the passages and question that greedy search verifies per pass (0: none); -1 by device "

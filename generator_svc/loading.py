@@ -21,10 +21,11 @@ from transformers import (
 
 from generator_svc.config import Device
 from generator_svc.families import DecoderOnlyLM, EncoderDecoderLM
-from generator_svc.passage_cache import PassageKVCache
+from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM
 from generator_svc.precision import Dtype, choose_precision, few_row_products, with_precision
 from rag.errors import FailedPrecondition
+from rag.files import content_identity
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ def load_passage_lm(
     device: Device = Device.CPU,
     chunk_tokens: int = 0,
     kv_cache_bytes: int = 0,
+    kv_cache_dir: Path | None = None,
+    kv_cache_disk_bytes: int = 0,
 ) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
     directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `choose_precision`) on `device` (auto: CUDA when torch sees one), running prompts and scoring in passes of
-    `chunk_tokens` (0: by device), a decoder-only LM with a passage KV cache of `kv_cache_bytes` (0: none). Only
-    safetensors/GGUF weights are read; no remote code runs."""
+    `chunk_tokens` (0: by device), a decoder-only LM with a passage KV cache of `kv_cache_bytes` (0: none), over
+    a disk tier of `kv_cache_disk_bytes` in `kv_cache_dir` where one is given. Only safetensors/GGUF weights are
+    read; no remote code runs."""
     where = resolve_device(device)
     precision = choose_precision(dtype, where)
     lm = _load(spec)
@@ -50,7 +54,11 @@ def load_passage_lm(
     if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
         template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
         namespace = f"{lm.name}|{precision.dtype.value}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
-        lm.passage_cache = PassageKVCache(kv_cache_bytes, namespace)
+        disk = None
+        if kv_cache_dir is not None:  # files outlive the process: name the weights by content, and who computed
+            computed_by = f"{content_identity(Path(spec))}|{where.type}|torch {torch.__version__}"
+            disk = DiskTier(kv_cache_dir, kv_cache_disk_bytes, f"{namespace}|{computed_by}", where)
+        lm.passage_cache = PassageKVCache(kv_cache_bytes, namespace, disk)
     return lm
 
 

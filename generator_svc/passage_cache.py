@@ -9,21 +9,34 @@ then run per request.
 
 Entries are keyed by content: the model, its precision and template (the namespace), and the segment's token ids,
 fixed prefix included. The cache holds at most `budget_bytes`, least recently used out first.
+
+Below it, optionally, a disk tier (`--kv-cache-dir`): every segment run is also written there, one safetensors
+file per entry, so a restarted process, or another replica sharing the volume, reads segments instead of running
+them (a read is milliseconds; running a passage on a CPU is a tenth of a second or more). Its namespace adds the
+weights' content, the device kind and torch's version: a file is only ever read where it would have been computed
+bit for bit the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from generator_svc.context_attention import KV
 from rag import metrics
+from rag.files import publishing
+
+log = logging.getLogger(__name__)
 
 
 def auto_budget_bytes(device: torch.device) -> int:
@@ -48,12 +61,108 @@ def container_memory_limit() -> int | None:
     return None
 
 
-class PassageKVCache:
-    """Least-recently-used segment keys and values ([1, kv_heads, length, head_dim] per layer) within a budget."""
+def half_the_free_space(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(directory).free // 2
 
-    def __init__(self, budget_bytes: int, namespace: str) -> None:
+
+def _size(kv: KV) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+class DiskTier:
+    """Segment keys and values as files `<key>.safetensors` under `directory`/<namespace hash>, within a budget,
+    least recently read (file modification time) out first. Each file is written whole under a temporary name and
+    renamed, so readers (other replicas too) see a whole entry or none; a file that does not read back as one is
+    removed and counts as a miss."""
+
+    def __init__(self, directory: Path, budget_bytes: int, namespace: str, device: torch.device) -> None:
+        self.directory = directory / hashlib.sha256(namespace.encode()).hexdigest()[:16]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.budget_bytes = budget_bytes
+        self.device = device
+        for torn in self.directory.glob(".*.tmp"):  # a write killed midway, an hour ago or more (not one in flight)
+            try:
+                if time.time() - torn.stat().st_mtime > 3600:
+                    torn.unlink()
+            except FileNotFoundError:
+                pass
+        found = []
+        for file in self.directory.glob("*.safetensors"):
+            try:
+                stat = file.stat()
+            except FileNotFoundError:  # another replica evicted it
+                continue
+            found.append((stat.st_mtime, file.name, stat.st_size))
+        self._files: OrderedDict[str, int] = OrderedDict((name, size) for _, name, size in sorted(found))
+        self._bytes = sum(self._files.values())
+        self._lock = threading.Lock()
+        metrics.KV_CACHE_DISK_BYTES.set(self._bytes)
+
+    def _path(self, key: bytes) -> Path:
+        return self.directory / f"{key.hex()}.safetensors"
+
+    def get(self, key: bytes) -> KV | None:
+        path = self._path(key)
+        try:
+            tensors = safetensors.torch.load_file(path, device=str(self.device))
+            kv = [(tensors[f"k{i}"], tensors[f"v{i}"]) for i in range(len(tensors) // 2)]
+            if not kv or len(tensors) % 2:
+                raise ValueError(f"{len(tensors)} tensors, not keys and values of each layer")
+            os.utime(path)  # recently used: the last to go
+        except FileNotFoundError:  # never written, or evicted by another replica
+            self._forget(path.name)
+            return None
+        except Exception as error:  # noqa: BLE001 - a torn or foreign file is a miss, never a failed request
+            log.warning("passage KV cache: removing %s, which does not read as an entry (%s)", path, error)
+            self._forget(path.name)
+            path.unlink(missing_ok=True)
+            return None
+        with self._lock:
+            if path.name in self._files:
+                self._files.move_to_end(path.name)
+        return kv
+
+    def put(self, key: bytes, kv: KV) -> None:
+        path, size = self._path(key), _size(kv)
+        if size > self.budget_bytes or path.name in self._files:
+            return
+        tensors = {}
+        for i, (k, v) in enumerate(kv):
+            tensors[f"k{i}"], tensors[f"v{i}"] = k.contiguous().cpu(), v.contiguous().cpu()
+        try:
+            with publishing(path) as tmp:
+                safetensors.torch.save_file(tensors, tmp)
+                size = tmp.stat().st_size  # the budget counts files as a restart finds them
+        except OSError as error:  # a full or read-only volume: serve on from memory
+            log.warning("passage KV cache: cannot write to the disk tier (%s)", error)
+            return
+        with self._lock:
+            self._files[path.name] = size
+            self._bytes += size
+            while self._bytes > self.budget_bytes:
+                name, evicted = self._files.popitem(last=False)
+                self._bytes -= evicted
+                (self.directory / name).unlink(missing_ok=True)
+            metrics.KV_CACHE_DISK_BYTES.set(self._bytes)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._bytes -= self._files.pop(name, 0)
+            metrics.KV_CACHE_DISK_BYTES.set(self._bytes)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+class PassageKVCache:
+    """Least-recently-used segment keys and values ([1, kv_heads, length, head_dim] per layer) within a budget,
+    over an optional disk tier."""
+
+    def __init__(self, budget_bytes: int, namespace: str, disk: DiskTier | None = None) -> None:
         self.budget_bytes = budget_bytes
         self.namespace = namespace.encode()
+        self.disk = disk
         self._entries: OrderedDict[bytes, tuple[KV, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # the model thread uses it; /metrics reads the sizes
@@ -71,11 +180,23 @@ class PassageKVCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-        metrics.KV_CACHE_LOOKUPS.labels("hit" if entry is not None else "miss").inc()
-        return None if entry is None else entry[0]
+        if entry is not None:
+            metrics.KV_CACHE_LOOKUPS.labels("hit").inc()
+            return entry[0]
+        kv = self.disk.get(key) if self.disk is not None else None
+        metrics.KV_CACHE_LOOKUPS.labels("disk" if kv is not None else "miss").inc()
+        if kv is not None:
+            self._remember(key, kv)
+        return kv
 
     def put(self, key: bytes, kv: KV) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        """Keep a segment that was run: in memory, and on disk where there is a tier."""
+        self._remember(key, kv)
+        if self.disk is not None:
+            self.disk.put(key, kv)
+
+    def _remember(self, key: bytes, kv: KV) -> None:
+        size = _size(kv)
         if size > self.budget_bytes:
             return
         with self._lock:

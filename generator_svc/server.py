@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from generator_svc.config import Device, GeneratorConfig
 from generator_svc.families import DecoderOnlyLM
 from generator_svc.loading import draft_tokens_for, load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
-from generator_svc.passage_cache import auto_budget_bytes
+from generator_svc.passage_cache import auto_budget_bytes, half_the_free_space
 from generator_svc.precision import Dtype, choose_precision
 from generator_svc.requests import Limits, Request
 from generator_svc.worker import Call, Decode, Job, ModelWorker
@@ -152,7 +153,15 @@ async def create_server(config: GeneratorConfig) -> Served:
         where = resolve_device(device)
         precision = choose_precision(Dtype.parse(config.dtype), where)
         cache_bytes = auto_budget_bytes(where) if config.kv_cache_mb < 0 else config.kv_cache_mb * 2**20
-        lm = load_passage_lm(config.generator, precision.dtype, device, config.chunk_tokens, cache_bytes)
+        disk_dir = Path(config.kv_cache_dir) if config.kv_cache_dir and cache_bytes else None
+        disk_bytes = 0
+        if disk_dir is not None:
+            disk_bytes = (
+                half_the_free_space(disk_dir) if config.kv_cache_disk_mb < 0 else config.kv_cache_disk_mb * 2**20
+            )
+        lm = load_passage_lm(
+            config.generator, precision.dtype, device, config.chunk_tokens, cache_bytes, disk_dir, disk_bytes
+        )
         metrics.GENERATOR_PRECISION.labels(precision.dtype.value, precision.basis).set(1)
         log.info(
             "generator %s loaded (%s, %s on %s: %s)",
@@ -161,6 +170,13 @@ async def create_server(config: GeneratorConfig) -> Served:
         if isinstance(lm, DecoderOnlyLM) and lm.passage_cache is not None:
             log.info("passage KV cache: %d MiB (%s)", cache_bytes >> 20,
                      "--kv-cache-mb" if config.kv_cache_mb >= 0 else "auto: a tenth of the memory, at most 4 GiB")  # fmt: skip
+            if (disk := lm.passage_cache.disk) is not None:
+                log.info("passage KV cache disk tier: %s, %d MiB (%s), %d segments there", disk.directory,
+                         disk_bytes >> 20, "--kv-cache-disk-mb" if config.kv_cache_disk_mb >= 0 else
+                         "auto: half the free space", len(disk))  # fmt: skip
+        elif config.kv_cache_dir:
+            log.warning("--kv-cache-dir is ignored: %s", "the memory cache is off (--kv-cache-mb 0)" if not
+                        cache_bytes else "an encoder-decoder generator has no passage KV cache")  # fmt: skip
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)

@@ -95,10 +95,14 @@ MODEL_TOKENS = Counter(
 )
 KV_CACHE_LOOKUPS = Counter(
     "rag_generator_kv_cache_lookups_total",
-    "Passage segments looked up in the passage KV cache, by outcome.",
+    "Passage segments looked up in the passage KV cache, by outcome (hit: in memory, disk: read from the disk "
+    "tier, miss: run).",
     ["outcome"],
 )
 KV_CACHE_BYTES = Gauge("rag_generator_kv_cache_bytes", "Bytes of keys and values the passage KV cache holds.")
+KV_CACHE_DISK_BYTES = Gauge(
+    "rag_generator_kv_cache_disk_bytes", "Bytes of keys and values the passage KV cache's disk tier holds."
+)
 KV_CACHE_EVICTIONS = Counter(
     "rag_generator_kv_cache_evictions_total", "Passage segments evicted from the KV cache to stay within its budget."
 )
@@ -132,7 +136,7 @@ RETRIEVER: tuple[Collector, ...] = (
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
     GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
-    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, HYPOTHESES_RULED_OUT,
+    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_DISK_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, HYPOTHESES_RULED_OUT,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (
     INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES

@@ -36,6 +36,9 @@ class UpConfig:
     encoder: str = option("", "question encoder spec; default: the encoder recorded in the index")
     generator: str = option(paths.demo_generator_spec(), "generator model directory, RAG checkpoint or .gguf file")
     dtype: str = option("auto", "generator weights precision: auto (bfloat16 where native), float32, bfloat16 or int8")
+    kv_cache_dir: str = option(
+        "", "the generator's passage KV cache on disk: segments kept across restarts (empty: memory only)"
+    )
     host: str = option("127.0.0.1", "address every service listens on")
     port: int = option(50051, "gateway port (0 picks a free one)")
     shards: int = option(1, "retrievers to start, one per shard of the index")
@@ -142,7 +145,9 @@ class Stack:
     def start(self) -> str:
         """Start all three; returns the gateway address once every service is SERVING."""
         c = self.config
-        generator = self._spawn("generator", c.generator_port, 1, generator=c.generator, dtype=c.dtype)
+        generator = self._spawn(
+            "generator", c.generator_port, 1, generator=c.generator, dtype=c.dtype, kv_cache_dir=c.kv_cache_dir
+        )
         retrievers = [
             self._spawn(
                 "retriever",

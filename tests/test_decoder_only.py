@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from generator_svc.families import DecoderOnlyLM, shared_prefix_length
 from generator_svc.joint import JointDecoder, Part
 from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
-from generator_svc.passage_cache import PassageKVCache
+from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import Dtype, FewRowLinear, NearTopFloat32Logits, choose_precision, cpu_flags
 from generator_svc.requests import Request
@@ -436,18 +437,14 @@ def test_the_generator_warms_up_before_it_reports_serving(launch: Launcher, tiny
     assert ran() > before
 
 
-def test_the_passage_kv_cache_changes_no_token_score_or_posterior(launch: Launcher, peaked_lm: Path) -> None:
-    """RAG rows read their passage segments from the cache (the second round: every one a hit) and give what
-    the uncached path gives: the same tokens, log-probabilities, posteriors and Score results."""
+def kv_lookups(outcome: str) -> float:
     from prometheus_client import REGISTRY
 
-    lookups = lambda outcome: (
-        REGISTRY.get_sample_value(  # noqa: E731
-            "rag_generator_kv_cache_lookups_total", {"outcome": outcome}
-        )
-        or 0.0
-    )
-    plain, cached = launch.generator(peaked_lm, kv_cache_mb=0), launch.generator(peaked_lm, kv_cache_mb=64)
+    return REGISTRY.get_sample_value("rag_generator_kv_cache_lookups_total", {"outcome": outcome}) or 0.0
+
+
+def ask_cache_probes(served: Any) -> list[Any]:
+    """Nine decodes (both RAG modes, greedy and beams; passages in three orders and subsets) and a Score."""
     questions = [QUESTION, "What is the capital of France?", "How high is Mount Everest?"]
     requests = [
         generator_pb2.GenerateRequest(question=q, passages=[p.to_pb() for p in passages], options=options.to_pb())
@@ -459,25 +456,59 @@ def test_the_passage_kv_cache_changes_no_token_score_or_posterior(launch: Launch
         )
     ]
     score = generator_pb2.ScoreRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES], answers=["Fleming"])
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        return [stub.Generate(r, timeout=60) for r in requests] + [stub.Score(score, timeout=60)]
 
-    def run(served: Any) -> list[Any]:
-        with grpc.insecure_channel(address(served)) as channel:
-            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-            return [stub.Generate(r, timeout=60) for r in requests] + [stub.Score(score, timeout=60)]
 
-    reference, first = run(plain), run(cached)
-    after_first = lookups("hit"), lookups("miss")
-    second = run(cached)
-    assert lookups("miss") == after_first[1]  # the second round runs no segment: every one is cached
-    assert lookups("hit") - after_first[0] == 3 * (3 + 3 + 2) + 3  # every passage of 9 decodes and a Score
+def assert_same_replies(reference: list[Any], replies: list[Any]) -> None:
+    for ref, got in zip(reference[:-1], replies[:-1], strict=True):
+        assert [list(h.token_ids) for h in ref.hypotheses] == [list(h.token_ids) for h in got.hypotheses]
+        for a, b in zip(ref.hypotheses, got.hypotheses, strict=True):
+            assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+            assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+    assert replies[-1].scores[0].log_prob == pytest.approx(reference[-1].scores[0].log_prob, abs=1e-4)
+
+
+def test_the_passage_kv_cache_changes_no_token_score_or_posterior(launch: Launcher, peaked_lm: Path) -> None:
+    """RAG rows read their passage segments from the cache (the second round: every one a hit) and give what
+    the uncached path gives: the same tokens, log-probabilities, posteriors and Score results."""
+    from prometheus_client import REGISTRY
+
+    plain, cached = launch.generator(peaked_lm, kv_cache_mb=0), launch.generator(peaked_lm, kv_cache_mb=64)
+    reference, first = ask_cache_probes(plain), ask_cache_probes(cached)
+    after_first = kv_lookups("hit"), kv_lookups("miss")
+    second = ask_cache_probes(cached)
+    assert kv_lookups("miss") == after_first[1]  # the second round runs no segment: every one is cached
+    assert kv_lookups("hit") - after_first[0] == 3 * (3 + 3 + 2) + 3  # every passage of 9 decodes and a Score
     assert (REGISTRY.get_sample_value("rag_generator_kv_cache_bytes") or 0) > 0
     for replies in (first, second):
-        for ref, got in zip(reference[:-1], replies[:-1], strict=True):
-            assert [list(h.token_ids) for h in ref.hypotheses] == [list(h.token_ids) for h in got.hypotheses]
-            for a, b in zip(ref.hypotheses, got.hypotheses, strict=True):
-                assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
-                assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
-        assert replies[-1].scores[0].log_prob == pytest.approx(reference[-1].scores[0].log_prob, abs=1e-4)
+        assert_same_replies(reference, replies)
+
+
+def test_the_kv_cache_disk_tier_serves_a_restarted_generator_exactly(
+    launch: Launcher, peaked_lm: Path, tmp_path: Path
+) -> None:
+    """Segments one generator ran are read from its --kv-cache-dir by a new generator over the same directory (a
+    restart, or another replica on the volume): none runs again, and tokens, scores and posteriors are the
+    uncached path's. A torn file is a miss: removed, run and written whole again."""
+    settings = {"kv_cache_mb": 64, "kv_cache_dir": str(tmp_path), "warm_up": False}
+    reference = ask_cache_probes(launch.generator(peaked_lm, kv_cache_mb=0))
+    misses = kv_lookups("miss")
+    assert_same_replies(reference, ask_cache_probes(launch.generator(peaked_lm, **settings)))
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert files and len(files) == kv_lookups("miss") - misses  # every segment run, written once
+
+    misses, from_disk = kv_lookups("miss"), kv_lookups("disk")
+    assert_same_replies(reference, ask_cache_probes(launch.generator(peaked_lm, **settings)))
+    assert kv_lookups("miss") == misses  # the restarted generator ran no segment
+    assert kv_lookups("disk") - from_disk == len(files)  # each read from disk once, then from memory
+
+    whole = files[0].stat().st_size
+    files[0].write_bytes(files[0].read_bytes()[: whole // 2])
+    misses = kv_lookups("miss")
+    assert_same_replies(reference, ask_cache_probes(launch.generator(peaked_lm, **settings)))
+    assert kv_lookups("miss") == misses + 1 and files[0].stat().st_size == whole
 
 
 def test_the_passage_kv_cache_serves_batches_of_questions_exactly(peaked_lm: Path) -> None:
@@ -528,6 +559,22 @@ def test_the_passage_kv_cache_keeps_to_its_budget() -> None:
     assert cache.get(keys[0]) is not None  # now the most recently used
     cache.put(keys[3], entry())  # evicts the least recently used: keys[1]
     assert len(cache) == 3 and cache.get(keys[1]) is None and cache.get(keys[0]) is not None
+
+
+def test_the_kv_cache_disk_tier_keeps_to_its_budget_least_recently_read_out_first(tmp_path: Path) -> None:
+    entry = lambda i: [(torch.full((1, 1, 10, 1), float(i)), torch.zeros(1, 1, 10, 1))]  # noqa: E731
+    keys = [bytes([i]) * 32 for i in range(3)]
+    disk = DiskTier(tmp_path, budget_bytes=2**20, namespace="m|float32", device=torch.device("cpu"))
+    disk.put(keys[0], entry(0))
+    budget = 2 * next(disk.directory.glob("*.safetensors")).stat().st_size  # two entries' files
+    disk.put(keys[1], entry(1))
+    os.utime(disk.directory / f"{keys[1].hex()}.safetensors", (0, 0))  # as if read long ago
+    again = DiskTier(tmp_path, budget, namespace="m|float32", device=torch.device("cpu"))
+    assert len(again) == 2 and len(DiskTier(tmp_path, budget, "other|float32", torch.device("cpu"))) == 0
+    again.put(keys[2], entry(2))  # over budget: the least recently read goes, by its file's time
+    assert again.get(keys[1]) is None and len(list(again.directory.glob("*.safetensors"))) == 2
+    hit = again.get(keys[0])
+    assert hit is not None and torch.equal(hit[0][0], entry(0)[0][0])
 
 
 def test_few_row_products_compute_what_linear_layers_do(lm: DecoderOnlyLM) -> None:
