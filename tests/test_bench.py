@@ -31,8 +31,11 @@ def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]
                      "RAG-Sequence fast", "1 query", "64 queries", "HNSW", "lexical index build", "hybrid search", "Ask end to end", "8 concurrent clients", "index build",
                      "Ask RAG-Token, float32, k=5: median, passages cold", "Ask RAG-Sequence, int8, k=5: median, passages warm",
                      "RAG-Token, float32: first token, passages warm", "RAG-Token, int8: against the floor",
-                     "answers/s with 8 clients", "1 client, passages cached"):  # fmt: skip
+                     "answers/s with 8 clients", "1 client, passages cached",
+                     "Ask RAG-Token, float32, k=5: median, generator restarted, passages on disk"):  # fmt: skip
         assert expected in names
+    restarted = next(f for f in figures if "generator restarted" in f["name"])
+    assert "100% of passage segments cached" in restarted["note"]  # every segment read from the disk tier
     for figure in figures:
         assert figure["ours_s"] > 0 and figure["reference_s"] > 0 and figure["ratio"] > 0
         assert figure["met"] in (True, False, None) and (figure["met"] is None) == (figure["goal"] == "")
