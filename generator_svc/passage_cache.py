@@ -34,6 +34,7 @@ import torch
 
 from generator_svc.context_attention import KV
 from rag import metrics
+from rag.errors import FailedPrecondition
 from rag.files import publishing
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,19 @@ def container_memory_limit() -> int | None:
 
 
 def half_the_free_space(directory: Path) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_writable(directory)
     return shutil.disk_usage(directory).free // 2
+
+
+def _make_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as error:
+        raise FailedPrecondition(
+            f"--kv-cache-dir {directory}: {error}; give a directory this process may write, or none"
+        ) from error
 
 
 def _size(kv: KV) -> int:
@@ -78,7 +90,7 @@ class DiskTier:
 
     def __init__(self, directory: Path, budget_bytes: int, namespace: str, device: torch.device) -> None:
         self.directory = directory / hashlib.sha256(namespace.encode()).hexdigest()[:16]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        _make_writable(self.directory)
         self.budget_bytes = budget_bytes
         self.device = device
         for torn in self.directory.glob(".*.tmp"):  # a write killed midway, an hour ago or more (not one in flight)

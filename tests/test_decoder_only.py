@@ -510,6 +510,11 @@ def test_the_kv_cache_disk_tier_serves_a_restarted_generator_exactly(
     assert_same_replies(reference, ask_cache_probes(launch.generator(peaked_lm, **settings)))
     assert kv_lookups("miss") == misses + 1 and files[0].stat().st_size == whole
 
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    served = launch.generator(peaked_lm, **{**settings, "kv_cache_dir": str(not_a_directory / "kv")})
+    assert served.loading is not None and "--kv-cache-dir" in str(served.loading.exception())
+
 
 def test_the_passage_kv_cache_serves_batches_of_questions_exactly(peaked_lm: Path) -> None:
     """Questions decoded together (the worker's batches) read their segments from the cache, each row padded
