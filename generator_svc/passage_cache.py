@@ -13,8 +13,8 @@ fixed prefix included. The cache holds at most `budget_bytes`, least recently us
 Below it, optionally, a disk tier (`--kv-cache-dir`): every segment run is also written there, one safetensors
 file per entry, so a restarted process, or another replica sharing the volume, reads segments instead of running
 them (a read is milliseconds; running a passage on a CPU is a tenth of a second or more). Its namespace adds the
-weights' content, the device kind and torch's version: a file is only ever read where it would have been computed
-bit for bit the same.
+weights' content, the device kind and torch's version: a file is only read by the code, weights and kind of device
+that would compute it again.
 """
 
 from __future__ import annotations
