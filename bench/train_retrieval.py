@@ -109,6 +109,8 @@ def main() -> None:
         ]  # fmt: skip
         if stage == "gate":
             command.append("--oracle-reader")
+        else:  # every table stage's generator runs each passage once, whichever run and question retrieve it
+            command += ["--kv-cache-dir", str(work / "kv-cache")]
         print("$ " + " ".join(command[2:]).replace(sys.executable, "python"), flush=True)
         started = time.perf_counter()
         trained = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))

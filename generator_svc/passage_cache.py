@@ -25,7 +25,7 @@ import os
 import shutil
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -175,6 +175,7 @@ class PassageKVCache:
         self.budget_bytes = budget_bytes
         self.namespace = namespace.encode()
         self.disk = disk
+        self.lookups: Counter[str] = Counter()  # by outcome, as rag_generator_kv_cache_lookups_total (this cache's)
         self._entries: OrderedDict[bytes, tuple[KV, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # the model thread uses it; /metrics reads the sizes
@@ -193,13 +194,17 @@ class PassageKVCache:
             if entry is not None:
                 self._entries.move_to_end(key)
         if entry is not None:
-            metrics.KV_CACHE_LOOKUPS.labels("hit").inc()
+            self._count("hit")
             return entry[0]
         kv = self.disk.get(key) if self.disk is not None else None
-        metrics.KV_CACHE_LOOKUPS.labels("disk" if kv is not None else "miss").inc()
+        self._count("disk" if kv is not None else "miss")
         if kv is not None:
             self._remember(key, kv)
         return kv
+
+    def _count(self, outcome: str) -> None:
+        self.lookups[outcome] += 1
+        metrics.KV_CACHE_LOOKUPS.labels(outcome).inc()
 
     def put(self, key: bytes, kv: KV) -> None:
         """Keep a segment that was run: in memory, and on disk where there is a tier."""

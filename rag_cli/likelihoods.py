@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from generator_svc import rag_math
+from generator_svc.families import DecoderOnlyLM
 from generator_svc.passage_lm import PassageLM
 from generator_svc.precision import logits_precision
 from rag.errors import FailedPrecondition
@@ -47,6 +48,10 @@ class Scorer(Protocol):
 
     def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
         """log p(y_t|x,z,y<t) of each pair's target answer (the example's first), one value per answer token."""
+        ...
+
+    def work(self) -> dict[str, int]:
+        """What scoring has cost this process so far (passage segments run or read), for the run's summary."""
         ...
 
 
@@ -76,6 +81,10 @@ class GeneratorScorer:
             "prompt": json.dumps(prompt, sort_keys=True),
         }
 
+    def work(self) -> dict[str, int]:
+        cache = self.lm.passage_cache if isinstance(self.lm, DecoderOnlyLM) else None  # BART/T5 have none
+        return {f"passage_segments_{o}": cache.lookups[o] for o in ("miss", "hit", "disk")} if cache is not None else {}
+
     @torch.inference_mode()
     def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
         """A question's passages as the rows of one request (as the generator serves it: the question's tokens run
@@ -102,6 +111,9 @@ class OracleReader:
     when the reader is perfect, without running a generator: the most the real recipe can gain."""
 
     identity = {"scorer": "oracle-reader"}
+
+    def work(self) -> dict[str, int]:
+        return {}
 
     def score(self, pairs: Sequence[Pair]) -> list[np.ndarray]:
         return [np.array([ORACLE_HIT if holds_answer(p, e.answers) else ORACLE_MISS], np.float32) for e, p in pairs]
@@ -156,7 +168,13 @@ class LikelihoodTable:
         return example.question, example.answers[0], passage.id
 
     def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "pairs": len(self), "scored_by_this_run": self.scored, **self.identity}
+        return {
+            "path": str(self.path),
+            "pairs": len(self),
+            "scored_by_this_run": self.scored,
+            **self.scorer.work(),
+            **self.identity,
+        }
 
     def missing(self, pairs: Sequence[Pair]) -> list[Pair]:
         """The pairs the table lacks, each once."""

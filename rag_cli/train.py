@@ -58,7 +58,7 @@ from tqdm import tqdm
 from generator_svc import rag_math
 from generator_svc.config import Device
 from generator_svc.loading import load_passage_lm, resolve_device, save_passage_lm
-from generator_svc.passage_cache import auto_budget_bytes
+from generator_svc.passage_cache import auto_budget_bytes, half_the_free_space
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import Dtype
 from rag import paths
@@ -257,11 +257,14 @@ def _run(p: Plan, config: TrainConfig, ranks: Ranks) -> Outputs | None:
             return _train(p, config, ranks, encoder, Learner(lm, lm.teacher_forced), retrieval)
         scorer: Scorer = OracleReader()
         if not config.oracle_reader:  # its log-likelihoods are constants of the loss: served precision is enough
+            disk = Path(config.kv_cache_dir) if config.kv_cache_dir else None
             served = load_passage_lm(
                 config.generator,
                 Dtype.parse(config.generator_dtype),
                 Device(config.device),
                 kv_cache_bytes=auto_budget_bytes(p.device),  # questions on one paragraph share its passage's work
+                kv_cache_dir=disk,
+                kv_cache_disk_bytes=half_the_free_space(disk) if disk else 0,
             )
             scorer = GeneratorScorer(served, config.generator)
         if not ranks.main:
@@ -297,7 +300,8 @@ Likelihoods = Learner | LikelihoodTable
 
 def _fingerprint(p: Plan, config: TrainConfig) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    free = ("max_steps", "epochs", "progress", "dev", "out", "device", "checkpoint_every", "likelihoods", "patience")
+    free = ("max_steps", "epochs", "progress", "dev", "out", "device", "checkpoint_every", "likelihoods", "patience",
+            "kv_cache_dir")  # fmt: skip
     settings = {k: v for k, v in asdict(config).items() if k not in free}
     return {"questions_sha256": sha256_file(p.questions), "index": str(p.index), **settings}
 

@@ -38,6 +38,12 @@ class TrainConfig:
         "frozen generator: the likelihood table (SQLite) to read and extend; default OUT/likelihoods.sqlite. Reusable "
         "by any run with the same generator, precision and index",
     )
+    kv_cache_dir: str = option(
+        "",
+        "frozen generator: a directory for its passage KV cache's disk tier (at most half the free space), so each "
+        "passage runs once for the whole table, its lazy scoring and later runs, however many questions retrieve "
+        "it; empty: memory only",
+    )
     oracle_reader: bool = option(
         False,
         "diagnostic (--train query-encoder): instead of a generator, log p(y|x,z) = 0 when an answer occurs in the "

@@ -385,6 +385,34 @@ def test_rag_train_scores_its_likelihood_table_once_and_later_runs_reuse_and_ext
     assert other.returncode == 1 and "holds likelihoods scored with another generator" in other.stderr
 
 
+def test_rag_train_with_a_kv_cache_disk_tier_runs_each_passage_once_across_runs_and_scores_the_same(
+    tmp_path: Path, tiny: TinyModels, index_root: Path, questions: Path
+) -> None:
+    common = ["--index", "tiny", "--index-root", str(index_root), "--generator", str(tiny.causal_lm),
+              "--train", "query-encoder", "--k", "2", "--candidates", "4", "--max-steps", "2"]  # fmt: skip
+    plain, _ = train(questions, *common, "--out", str(tmp_path / "plain"))
+    disk = ["--kv-cache-dir", str(tmp_path / "kv")]
+    first, _ = train(questions, *common, *disk, "--out", str(tmp_path / "a"))
+    second, _ = train(questions, *common, *disk, "--out", str(tmp_path / "b"))  # a new table: every pair scored again
+    ran = first["likelihoods"]["passage_segments_miss"]
+    assert ran > 0 and len(list((tmp_path / "kv").rglob("*.safetensors"))) == ran
+    assert second["likelihoods"]["passage_segments_miss"] == 0  # every passage read from disk instead
+    assert second["likelihoods"]["passage_segments_disk"] == ran
+
+    def scores(run: dict[str, Any]) -> dict[tuple[str, str, str], np.ndarray]:
+        with sqlite3.connect(run["likelihoods"]["path"]) as db:
+            rows = db.execute("SELECT * FROM likelihood").fetchall()
+        return {(q, a, p): np.frombuffer(blob, np.float32) for q, a, p, blob in rows}
+
+    reference = scores(plain)
+    for run in (first, second):
+        table = scores(run)
+        assert table.keys() == reference.keys() and len(table) >= 4 * len(TRAIN_QUESTIONS)
+        for key, values in reference.items():
+            np.testing.assert_allclose(table[key], values, atol=1e-5, rtol=0)
+    assert second["loss_last"] == pytest.approx(plain["loss_last"], abs=1e-5)
+
+
 def test_rag_train_oracle_reader_scores_a_passage_by_whether_it_holds_the_answer(
     tmp_path: Path, index_root: Path, questions: Path
 ) -> None:
