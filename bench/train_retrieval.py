@@ -17,7 +17,10 @@ likelihood table, on SQuAD-open, split by article.
 4. Stages, each `rag train --train query-encoder --mode sequence --k K` (the commands are printed and reported):
    gate:  `--oracle-reader` (log p(y|x,z) = 0 if the passage holds an answer, else -10): what a perfect reader
           would teach the encoder, the bound;
-   table: the demo's generator frozen, its likelihood table scored through the serving path, then many steps.
+   table: the demo's generator frozen, its likelihood table scored through the serving path, then many steps;
+          it starts from OUT/likelihoods-<run>.sqlite.gz where $RAG_HOME has no table yet;
+   snapshot: writes that file from the table as scored so far (a run may be writing it): the scoring of hours,
+          carried to another machine (a few hundred KiB per 10,000 pairs).
    After each, the same evaluation, compared question by question with the untrained run (wins, losses, sign test).
 Results: OUT/untrained, OUT/<stage>-<train questions><tag>/ (rag eval's runs), OUT/report-<train questions><tag>.json.
 Everything is resumable: rag eval's results and rag train's table and checkpoints are kept under $RAG_HOME/bench.
@@ -26,13 +29,17 @@ Everything is resumable: rag eval's results and rag train's table and checkpoint
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
 import random
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.finetune_squad import evaluate, public_split, squad_open_index, write_jsonl  # noqa: E402
 from rag import paths  # noqa: E402
-from rag.files import write_atomically  # noqa: E402
+from rag.files import publishing, write_atomically  # noqa: E402
 from rag.types import Mode  # noqa: E402
 from rag_cli import assets  # noqa: E402
 from rag_cli.bench import machine  # noqa: E402
@@ -93,12 +100,21 @@ def main() -> None:
     run = f"{len(train)}{options.tag}"  # names this train sample's runs (and, with --tag, their setting)
     previous = out / f"report-{run}.json"  # stages run before on this train sample are kept
     report: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {"stages": {}}
+    stages = [s.strip() for s in options.stages.split(",") if s.strip()]
+    table, snapshot = work / f"table-{run}" / "likelihoods.sqlite", out / f"likelihoods-{run}.sqlite.gz"
+    if "snapshot" in stages:  # the table as scored so far, beside the reports: another machine resumes from it
+        save_snapshot(table, snapshot)
+        stages.remove("snapshot")
+        if not stages:
+            return
     started = time.perf_counter()
     before = out / "untrained"  # shared by runs on other train samples: the dev side is the same
     modes = MODES if options.generate_sample else ()  # 0: retrieval only (the gate needs no generation)
     report["untrained"] = evaluate(index, "", generator, dev_file, dev_sample, options.k, before, modes, None, "dense")
     report["untrained"]["seconds"] = time.perf_counter() - started
-    for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
+    for stage in stages:
+        if stage == "table" and not table.exists() and snapshot.exists():
+            restore_snapshot(snapshot, table)
         command = [
             sys.executable, "-m", "rag_cli", "train", str(train_file), "--index", str(index), "--generator", generator,
             "--train", "query-encoder", "--mode", "sequence", "--k", str(options.k),
@@ -139,6 +155,26 @@ def main() -> None:
         "index": str(index), "machine": machine(), "python": platform.python_version(),
     }  # fmt: skip
     write_atomically(out / f"report-{run}.json", json.dumps(report, indent=2))
+
+
+def save_snapshot(table: Path, snapshot: Path) -> None:
+    """A consistent copy of the SQLite table (while a run may still be writing it), compacted and gzipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "likelihoods.sqlite"
+        with closing(sqlite3.connect(table)) as source, closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+            target.execute("VACUUM")
+            pairs = target.execute("SELECT COUNT(*) FROM likelihood").fetchone()[0]
+        with publishing(snapshot) as out, gzip.open(out, "wb", compresslevel=9) as packed:
+            packed.write(copy.read_bytes())
+    print(f"snapshot: {pairs} pairs of {table} in {snapshot} ({snapshot.stat().st_size >> 10} KiB)")
+
+
+def restore_snapshot(snapshot: Path, table: Path) -> None:
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with publishing(table) as out:
+        out.write_bytes(gzip.decompress(snapshot.read_bytes()))
+    print(f"table: resumed from {snapshot}")
 
 
 if __name__ == "__main__":
