@@ -340,6 +340,29 @@ class DecoderOnlyLM(PassageLM):
         a, b = self.prompt_ids("Alpha?", (passage,)), self.prompt_ids("Beta?", (passage,))
         return prompt[: shared_prefix_length([prompt, a, b])]
 
+    # Where a segment ends depends on the question's first characters (a tokenizer may merge them with the
+    # template's last ones), so a passage is cached as split before the usual first words of a question.
+    QUESTION_STARTS = ("What", "Who", "When", "Where", "Which", "How", "Why", "In")
+
+    def cache_passages(self, passages: Sequence[Passage], watch: Watch | None = None) -> tuple[int, int]:
+        """Run and keep the segments of `passages` the cache lacks (filling its disk tier ahead of requests), split
+        as requests split them; how many segments ran and how many were there already. A passage whose first
+        characters merge into the template is left out: a request holding it splits elsewhere."""
+        assert self.passage_cache is not None
+        others = [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]
+        fixed = others[0][: shared_prefix_length(others)]
+        splits = {
+            tuple(self._segment_ids(p, self.prompt_ids(f"{start} is it?", (p,))))
+            for p in passages
+            for start in self.QUESTION_STARTS
+        }
+        segments = [list(s) for s in splits if list(s[: len(fixed)]) == fixed and len(s) > len(fixed)]
+        lacking = [s for s in segments if not self.passage_cache.holds(self.passage_cache.key(s, len(fixed)))]
+        if lacking:
+            own = [s[len(fixed) :] for s in lacking]
+            self._segments_kv(own, lacking, self._fixed_prefix(fixed), len(fixed), watch)
+        return len(lacking), len(segments) - len(lacking)
+
     def _encode_cached(
         self, num_questions: int, passages: Sequence[Passage], prompts: Sequence[list[int]], watch: Watch | None
     ) -> Contexts | None:

@@ -114,6 +114,9 @@ class DiskTier:
     def _path(self, key: bytes) -> Path:
         return self.directory / f"{key.hex()}.safetensors"
 
+    def holds(self, key: bytes) -> bool:
+        return self._path(key).exists()
+
     def get(self, key: bytes) -> KV | None:
         path = self._path(key)
         try:
@@ -201,6 +204,13 @@ class PassageKVCache:
         if kv is not None:
             self._remember(key, kv)
         return kv
+
+    def holds(self, key: bytes) -> bool:
+        """Whether the entry is here, in memory or on disk (not read, not counted as a lookup)."""
+        with self._lock:
+            if key in self._entries:
+                return True
+        return self.disk is not None and self.disk.holds(key)
 
     def _count(self, outcome: str) -> None:
         self.lookups[outcome] += 1

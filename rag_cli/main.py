@@ -78,6 +78,13 @@ class BuildConfig:
         "", "reuse embeddings from this index (NAME[@VERSION]) instead of the newest version of --name"
     )
     lexical: bool = option(True, "build a lexical (BM25) index beside the dense one, for lexical and hybrid retrieval")
+    kv_cache: str = option(
+        "",
+        "also run every passage through --generator's passage KV cache into this directory (the disk tier that "
+        "generators serving with --kv-cache-dir DIR read: no passage's prompt work at request time); empty: none",
+    )
+    generator: str = option(paths.demo_generator_spec(), "with --kv-cache: the generator that will serve the index")
+    generator_dtype: str = option("auto", "with --kv-cache: the precision it will serve in (auto, float32, bfloat16)")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -118,6 +125,16 @@ def _index_build(config: BuildConfig) -> int:
         + (f"; lexical index of {lexical['vocabulary']} terms in {lexical['build_seconds']:.2f} s" if lexical else ""),
         file=sys.stderr,
     )
+    if config.kv_cache:
+        from rag_cli.kv_fill import fill_kv_cache
+
+        version_dir = Path(config.index_root) / manifest.name / manifest.version
+        ran, there = fill_kv_cache(
+            version_dir, manifest, Path(config.kv_cache), config.generator, config.generator_dtype, config.progress
+        )
+        print(
+            f"passage KV cache in {config.kv_cache}: {ran} passage segments run, {there} there already", file=sys.stderr
+        )
     print(manifest.version)
     return 0
 

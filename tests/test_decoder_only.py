@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
 from rag_cli.testing import random_models
 from rag_cli.testing.stack import Launcher, address
-from tests.conftest import TinyModels
+from tests.conftest import TinyModels, index_build_args, rag
 
 QUESTION = "Who discovered penicillin?"
 PASSAGES = [
@@ -564,6 +566,49 @@ def test_the_passage_kv_cache_keeps_to_its_budget() -> None:
     assert cache.get(keys[0]) is not None  # now the most recently used
     cache.put(keys[3], entry())  # evicts the least recently used: keys[1]
     assert len(cache) == 3 and cache.get(keys[1]) is None and cache.get(keys[0]) is not None
+
+
+def test_rag_index_build_kv_cache_fills_the_disk_tier_so_a_new_generator_runs_no_passage(
+    launch: Launcher, tiny: TinyModels, corpus: Path, tmp_path: Path
+) -> None:
+    """`rag index build --kv-cache DIR` runs every passage of the new version into DIR; a generator that has never
+    seen them, serving over DIR, reads each instead of running it and answers what an uncached generator does. A
+    second build of the same passages runs none."""
+    kv, root = tmp_path / "kv", tmp_path / "indexes"
+    fill = ["--no-progress", "--kv-cache", str(kv), "--generator", str(tiny.causal_lm), "--generator-dtype", "float32"]
+    built = rag(*index_build_args(corpus, root, "kb", tiny.encoder_spec, *fill))
+    assert built.returncode == 0, built.stderr[-2000:]
+    said = re.search(r"passage KV cache in \S+: (\d+) passage segments run, 0 there already", built.stderr)
+    assert said, built.stderr[-2000:]
+    ran = int(said.group(1))
+    assert ran > 0 and len(list(kv.rglob("*.safetensors"))) == ran
+    with sqlite3.connect(root / "kb" / "v1" / "shard-0" / "passages.sqlite") as db:
+        rows = db.execute("SELECT id, title, text FROM passages WHERE title IN ('Topic 3', 'Topic 7', 'Topic 12')")
+        passages = [Passage(*row) for row in rows]
+    assert len(passages) == 3
+    request = generator_pb2.GenerateRequest(
+        question=QUESTION,
+        passages=[p.to_pb() for p in passages],
+        options=DecodingOptions(mode=Mode.SEQUENCE, num_beams=2, max_new_tokens=6).to_pb(),
+    )
+
+    def generate(served: Any) -> Any:
+        with grpc.insecure_channel(address(served)) as channel:
+            return generator_pb2_grpc.GeneratorServiceStub(channel).Generate(request, timeout=60)
+
+    reference = generate(launch.generator(tiny.causal_lm, kv_cache_mb=0))
+    misses, from_disk = kv_lookups("miss"), kv_lookups("disk")
+    filled = generate(launch.generator(tiny.causal_lm, kv_cache_mb=64, kv_cache_dir=str(kv), warm_up=False))
+    assert kv_lookups("miss") == misses and kv_lookups("disk") - from_disk == 3
+    assert [list(h.token_ids) for h in filled.hypotheses] == [list(h.token_ids) for h in reference.hypotheses]
+    for a, b in zip(reference.hypotheses, filled.hypotheses, strict=True):
+        assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+        assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+
+    again = rag(*index_build_args(corpus, root, "kb", tiny.encoder_spec, *fill))
+    assert again.returncode == 0 and f"0 passage segments run, {ran} there already" in again.stderr, again.stderr[
+        -2000:
+    ]
 
 
 def test_the_kv_cache_disk_tier_keeps_to_its_budget_least_recently_read_out_first(tmp_path: Path) -> None:
