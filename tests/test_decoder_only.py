@@ -463,12 +463,18 @@ def ask_cache_probes(served: Any) -> list[Any]:
         return [stub.Generate(r, timeout=60) for r in requests] + [stub.Score(score, timeout=60)]
 
 
+def assert_same_hypotheses(reference: Any, reply: Any) -> None:
+    """Two replies (GenerateReply or Answered): the same tokens, log-probabilities and posteriors within float
+    error."""
+    assert [list(h.token_ids) for h in reference.hypotheses] == [list(h.token_ids) for h in reply.hypotheses]
+    for a, b in zip(reference.hypotheses, reply.hypotheses, strict=True):
+        assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+        assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+
+
 def assert_same_replies(reference: list[Any], replies: list[Any]) -> None:
     for ref, got in zip(reference[:-1], replies[:-1], strict=True):
-        assert [list(h.token_ids) for h in ref.hypotheses] == [list(h.token_ids) for h in got.hypotheses]
-        for a, b in zip(ref.hypotheses, got.hypotheses, strict=True):
-            assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
-            assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+        assert_same_hypotheses(ref, got)
     assert replies[-1].scores[0].log_prob == pytest.approx(reference[-1].scores[0].log_prob, abs=1e-4)
 
 
@@ -548,10 +554,7 @@ def test_a_segment_cached_after_a_longer_fixed_prefix_is_another_entry(tiny: Tin
     cached.generate([Request(QUESTION, PASSAGES[:2], options)])  # caches two segments after the longer prefix
     request = [Request(QUESTION, PASSAGES, options)]
     ((expected,), (got,)) = plain.generate(request), cached.generate(request)
-    assert [h.token_ids for h in got.hypotheses] == [h.token_ids for h in expected.hypotheses]
-    for a, b in zip(expected.hypotheses, got.hypotheses, strict=True):
-        assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
-        assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+    assert_same_hypotheses(expected, got)
 
 
 def test_the_passage_kv_cache_keeps_to_its_budget() -> None:
@@ -600,15 +603,11 @@ def test_rag_index_build_kv_cache_fills_the_disk_tier_so_a_new_generator_runs_no
     misses, from_disk = kv_lookups("miss"), kv_lookups("disk")
     filled = generate(launch.generator(tiny.causal_lm, kv_cache_mb=64, kv_cache_dir=str(kv), warm_up=False))
     assert kv_lookups("miss") == misses and kv_lookups("disk") - from_disk == 3
-    assert [list(h.token_ids) for h in filled.hypotheses] == [list(h.token_ids) for h in reference.hypotheses]
-    for a, b in zip(reference.hypotheses, filled.hypotheses, strict=True):
-        assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
-        assert list(a.passage_posteriors) == pytest.approx(list(b.passage_posteriors), abs=1e-4)
+    assert_same_hypotheses(reference, filled)
 
     again = rag(*index_build_args(corpus, root, "kb", tiny.encoder_spec, *fill))
-    assert again.returncode == 0 and f"0 passage segments run, {ran} there already" in again.stderr, again.stderr[
-        -2000:
-    ]
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"0 passage segments run, {ran} there already" in again.stderr
 
 
 def test_the_kv_cache_disk_tier_keeps_to_its_budget_least_recently_read_out_first(tmp_path: Path) -> None:
