@@ -340,6 +340,11 @@ class DecoderOnlyLM(PassageLM):
         a, b = self.prompt_ids("Alpha?", (passage,)), self.prompt_ids("Beta?", (passage,))
         return prompt[: shared_prefix_length([prompt, a, b])]
 
+    def _passage_start_probes(self) -> list[list[int]]:
+        """Two prompts that part where their passages begin: what a request's prompts share with both is at most
+        the fixed prefix (system turn, template)."""
+        return [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]
+
     # Where a segment ends depends on the question's first characters (a tokenizer may merge them with the
     # template's last ones), so a passage is cached as split before the usual first words of a question.
     QUESTION_STARTS = ("What", "Who", "When", "Where", "Which", "How", "Why", "In")
@@ -349,8 +354,8 @@ class DecoderOnlyLM(PassageLM):
         as requests split them; how many segments ran and how many were there already. A passage whose first
         characters merge into the template is left out: a request holding it splits elsewhere."""
         assert self.passage_cache is not None
-        others = [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]
-        fixed = others[0][: shared_prefix_length(others)]
+        probes = self._passage_start_probes()
+        fixed = probes[0][: shared_prefix_length(probes)]
         splits = {
             tuple(self._segment_ids(p, self.prompt_ids(f"{start} is it?", (p,))))
             for p in passages
@@ -371,8 +376,7 @@ class DecoderOnlyLM(PassageLM):
         split alike (the token-id guard: a segment not starting with the fixed prefix, or a question's rows
         whose question tokens differ)."""
         assert self.passage_cache is not None
-        others = [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]  # where passages begin
-        fixed = prompts[0][: shared_prefix_length([*prompts, *others])]
+        fixed = prompts[0][: shared_prefix_length([*prompts, *self._passage_start_probes()])]
         segments = [self._segment_ids(p, prompt) for p, prompt in zip(passages, prompts, strict=True)]
         K = len(prompts) // num_questions
         tails = [prompt[len(segment) :] for prompt, segment in zip(prompts, segments, strict=True)]
