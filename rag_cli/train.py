@@ -71,7 +71,7 @@ from rag_cli import distributed
 from rag_cli.distributed import Ranks
 from rag_cli.eval import EvalConfig, Example, read_examples, run_eval
 from rag_cli.likelihoods import GeneratorScorer, LikelihoodTable, OracleReader, Pair, Scorer
-from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, WHAT, TrainConfig
+from rag_cli.train_config import MODES, TRAIN_RETRIEVAL, Learns, TrainConfig
 from rag_cli.up import Stack, UpConfig
 from retriever_svc.encoders import Encoder, load_encoder, with_question_adapter
 from retriever_svc.layout import MANIFEST, Manifest, resolve
@@ -103,7 +103,7 @@ class Plan:
 
 
 def plan(questions: Path, config: TrainConfig) -> Plan:
-    require(config.train in WHAT, f"--train must be one of {', '.join(WHAT)}, got {config.train!r}")
+    learns = Learns.parse(config.train)
     require(config.mode in MODES, f"--mode must be token or sequence, got {config.mode!r}")
     require(
         config.retrieval in TRAIN_RETRIEVAL,
@@ -120,7 +120,7 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
         "--max-steps, --lora-rank and --encoder-lora-rank must be >= 0",
     )
     require(
-        not config.encoder_lora_rank or config.train in ("query-encoder", "both"),
+        not config.encoder_lora_rank or learns.encoder,
         "--encoder-lora-rank trains the query encoder: give --train query-encoder or both",
     )
     require(
@@ -130,8 +130,13 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
     require(0 <= config.held_out < 1, f"--held-out must be a fraction in [0, 1), got {config.held_out}")
     require(config.eval_every >= 0 and config.patience >= 1, "--eval-every must be >= 0 and --patience >= 1")
     require(
-        not config.oracle_reader or config.train == "query-encoder",
+        not config.oracle_reader or learns is Learns.QUERY_ENCODER,
         "--oracle-reader replaces the generator, so only the query encoder can learn: give --train query-encoder",
+    )
+    require(
+        not config.kv_cache_dir or not learns.generator,
+        "--kv-cache-dir caches a frozen generator's passages, and this generator learns: give --train query-encoder "
+        "or drop --kv-cache-dir",
     )
     require(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
     examples = [e for e in read_examples(questions, config.questions_format) if e.answers and e.answers[0].strip()]
@@ -157,8 +162,8 @@ def plan(questions: Path, config: TrainConfig) -> Plan:
         manifest,
         held_out,
         Mode.parse(config.mode),
-        config.train in ("query-encoder", "both"),
-        config.train in ("generator", "both"),
+        learns.encoder,
+        learns.generator,
         out,
         Path(config.likelihoods).resolve() if config.likelihoods else out / "likelihoods.sqlite",
         min(config.candidates or 2 * config.k, manifest.count),

@@ -3,14 +3,36 @@ itself is rag_cli.train)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from generator_svc.config import Device
 from rag import paths
 from rag.config import option
-from rag.types import Mode, RetrievalMode
+from rag.types import Mode, RetrievalMode, from_word
 
-WHAT = ("query-encoder", "generator", "both")
+
+class Learns(enum.Enum):
+    """What `rag train` trains: the query encoder (the document encoder and index stay fixed), the generator, or
+    both, as the paper does."""
+
+    QUERY_ENCODER = "query-encoder"
+    GENERATOR = "generator"
+    BOTH = "both"
+
+    @property
+    def encoder(self) -> bool:
+        return self is not Learns.GENERATOR
+
+    @property
+    def generator(self) -> bool:
+        return self is not Learns.QUERY_ENCODER
+
+    @classmethod
+    def parse(cls, text: str) -> Learns:
+        return from_word(cls, text, "--train")
+
+
 MODES = (Mode.TOKEN.value, Mode.SEQUENCE.value)
 TRAIN_RETRIEVAL = (RetrievalMode.DENSE.value, RetrievalMode.HYBRID.value)
 
@@ -21,7 +43,7 @@ class TrainConfig:
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
     encoder: str = option("", "query encoder spec; default: the encoder that built the index")
     generator: str = option(paths.demo_generator_spec(), "generator: model directory, RAG checkpoint or .gguf")
-    train: str = option("both", f"what learns: {', '.join(WHAT)}")
+    train: str = option("both", f"what learns: {', '.join(w.value for w in Learns)}")
     mode: str = option(
         "sequence",
         "the marginal the loss uses: sequence (RAG-Sequence: one sharp posterior per passage, the stronger signal "

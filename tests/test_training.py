@@ -307,6 +307,7 @@ def test_rag_train_resumes_from_its_checkpoint(
         ("k beyond the index", "is more than the", 2),
         ("unknown mode", "--mode must be token or sequence", 2),
         ("unknown part", "--train must be one of", 2),
+        ("cache of a generator that learns", "and this generator learns", 2),
     ],
 )
 def test_rag_train_refuses_bad_input_and_writes_nothing(
@@ -334,6 +335,8 @@ def test_rag_train_refuses_bad_input_and_writes_nothing(
         args += ["--k", "100000"]
     elif setup == "unknown mode":
         args += ["--mode", "closed-book"]
+    elif setup == "cache of a generator that learns":
+        args += ["--train", "both", "--kv-cache-dir", str(tmp_path / "kv")]
     else:
         args += ["--train", "everything"]
     result = rag("train", str(given), *args)
