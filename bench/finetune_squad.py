@@ -99,15 +99,18 @@ def evaluate(
     modes: tuple[Mode, ...],
     against: Path | None = None,
     retrieval: str = "",
+    kv_cache_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """rag eval through rag up: retrieval on every dev question, generation on the sample; with `against` (an
     earlier evaluate's `out`), each run compared question by question with that one's; `retrieval` the mode
-    (dense, lexical, hybrid; empty: the gateway's default)."""
+    (dense, lexical, hybrid; empty: the gateway's default); `kv_cache_dir` the generator's disk tier, so a later
+    evaluation reads the passages an earlier one ran."""
 
     def paired(run: str) -> str:
         return str(against / run) if against is not None and (against / run).is_dir() else ""
 
-    stack = Stack(UpConfig.on_free_ports(index=str(index), encoder=encoder, generator=generator))
+    cache = {"kv_cache_dir": str(kv_cache_dir)} if kv_cache_dir else {}
+    stack = Stack(UpConfig.on_free_ports(index=str(index), encoder=encoder, generator=generator, **cache))
     results: dict[str, dict[str, Any]] = {}
     try:
         gateway = stack.start()
