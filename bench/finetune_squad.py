@@ -102,9 +102,9 @@ def evaluate(
     kv_cache_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """rag eval through rag up: retrieval on every dev question, generation on the sample; with `against` (an
-    earlier evaluate's `out`), each run compared question by question with that one's; `retrieval` the mode
-    (dense, lexical, hybrid; empty: the gateway's default); `kv_cache_dir` the generator's disk tier, so a later
-    evaluation reads the passages an earlier one ran."""
+    earlier evaluate's `out`), each run compared question by question with that one's; `retrieval` the mode every
+    run retrieves in, generation included (dense, lexical, hybrid; empty: the gateway's default); `kv_cache_dir`
+    the generator's disk tier, so a later evaluation reads the passages an earlier one ran."""
 
     def paired(run: str) -> str:
         return str(against / run) if against is not None and (against / run).is_dir() else ""
@@ -135,6 +135,7 @@ def evaluate(
                 out=str(out / mode.value),
                 progress=False,
                 against=paired(mode.value),
+                retrieval=retrieval,
             )
             results[mode.value] = run_eval(dev_sample, config)[0]
             print(markdown_table([results[mode.value]]).splitlines()[-1], flush=True)
