@@ -2,7 +2,7 @@
 likelihood table, on SQuAD-open, split by article.
 
     python bench/train_retrieval.py [--data ../shared/data] [--generator qwen2.5-coder-0.5b] [--stages gate,table]
-                                    [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10]
+                                    [--train-questions 0] [--k 10] [--candidates 20] [--epochs 10] [--max-steps 0]
                                     [--batch-size 16] [--lr 3e-5] [--generate-sample 40] [--device auto]
                                     [--generator-dtype auto] [--encoder-lora-rank 0]
                                     [--out docs/train-retrieval] [--tag=-lr1e-4]
@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--max-steps", type=int, default=0, help="stop training here (a run resumed with it finishes at once); 0: off"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--encoder-lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0: all)")
@@ -127,6 +130,7 @@ def main() -> None:
             "--batch-size", str(options.batch_size), "--lr", str(options.lr), "--device", options.device,
             "--seed", str(options.seed), "--out", str(work / f"{stage}-{run}"), "--no-progress",
             "--generator-dtype", options.generator_dtype, "--encoder-lora-rank", str(options.encoder_lora_rank),
+            "--max-steps", str(options.max_steps),
         ]  # fmt: skip
         if stage == "gate":
             command.append("--oracle-reader")
