@@ -59,7 +59,7 @@ class GeneratorConfig(ServerConfig):
     max_batch: int = option(
         8, "requests decoded together at most: in flight at once (decoder-only) or in one batch (1 = none)"
     )
-    threads: int = option(0, "torch threads for the model; 0 = one per core")
+    threads: int = option(0, "torch threads for the model; 0 = the container's CPU limit, else one per core")
     dtype: str = option(
         "auto",
         "weights precision: auto (bfloat16 where the GPU or CPU computes in it natively and it keeps the quality "

@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 
 from generator_svc.context_attention import KV
-from rag import metrics
+from rag import host, metrics
 from rag.errors import FailedPrecondition
 from rag.files import publishing
 
@@ -46,20 +46,8 @@ def auto_budget_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     else:
-        total = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), container_memory_limit() or 2**63)
+        total = min(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), host.container_memory_limit() or 2**63)
     return int(min(total // 10, 4 * 2**30))
-
-
-def container_memory_limit() -> int | None:
-    """The cgroup's memory limit in bytes (v2, then v1), or None where there is none or it cannot be read."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:  # "max", or v1's near-2**63 "unlimited"
-            return int(text)
-    return None
 
 
 def half_the_free_space(directory: Path) -> int:

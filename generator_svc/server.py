@@ -27,7 +27,7 @@ from generator_svc.requests import Limits, Request
 from generator_svc.worker import Call, Decode, Job, ModelWorker
 from rag import metrics
 from rag.errors import ResourceExhausted, Unavailable
-from rag.serving import Served, new_server, start_loading
+from rag.serving import Served, new_server, start_loading, use_compute_threads
 from rag.types import Answered, Mode
 from rag.v1 import generator_pb2, generator_pb2_grpc
 
@@ -147,8 +147,7 @@ async def create_server(config: GeneratorConfig) -> Served:
     )
 
     def load() -> RagModel:
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        threads = use_compute_threads(config.threads, torch.set_num_threads)
         device = Device.parse(config.device)
         where = resolve_device(device)
         precision = choose_precision(Dtype.parse(config.dtype), where)
@@ -164,8 +163,9 @@ async def create_server(config: GeneratorConfig) -> Served:
         )
         metrics.GENERATOR_PRECISION.labels(precision.dtype.value, precision.basis).set(1)
         log.info(
-            "generator %s loaded (%s, %s on %s: %s)",
-            lm.name, type(lm).__name__, precision.dtype.value, lm.device, precision.reason,
+            "generator %s loaded (%s, %s on %s: %s; %d threads: %s)",
+            lm.name, type(lm).__name__, precision.dtype.value, lm.device, precision.reason, threads.count,
+            threads.reason,
         )  # fmt: skip
         if isinstance(lm, DecoderOnlyLM) and lm.passage_cache is not None:
             log.info("passage KV cache: %d MiB (%s)", cache_bytes >> 20,

@@ -41,6 +41,12 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
+COMPUTE_THREADS = Gauge(
+    "rag_compute_threads",
+    "Threads the service's model and index work runs on (torch, FAISS), and their basis: asked (--threads), "
+    "cpu_limit (the container's CPU limit, rounded up) or cores (one per core the process may run on).",
+    ["basis"],
+)
 SEARCH_SECONDS = Histogram(
     "rag_search_duration_seconds",
     "Retriever time per Search request (encoding and search), by retrieval mode: dense, lexical or hybrid.",
@@ -132,10 +138,10 @@ COMMON: tuple[Collector, ...] = (
     REQUESTS, REQUEST_SECONDS, STAGE_SECONDS, PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR
 )  # fmt: skip
 RETRIEVER: tuple[Collector, ...] = (
-    SEARCH_SECONDS, INDEX_INFO, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
+    SEARCH_SECONDS, INDEX_INFO, COMPUTE_THREADS, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
-    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION,
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION, COMPUTE_THREADS,
     KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_DISK_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, HYPOTHESES_RULED_OUT,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (

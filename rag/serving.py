@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from rag import metrics
 from rag.config import option
 from rag.errors import InvalidArgument, RagError
+from rag.host import Threads, compute_threads
 from rag.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,17 @@ async def run_forever(served: Served, config: ServerConfig, name: str) -> None:
     await served.stop(config.grace_seconds)
     if failed:
         sys.exit(1)
+
+
+def use_compute_threads(asked: int, *pools: Callable[[int], None]) -> Threads:
+    """Sizes the service's compute thread pools (torch's, FAISS's setters) by `compute_threads`, and says so in
+    /metrics."""
+    threads = compute_threads(asked)
+    for set_size in pools:
+        set_size(threads.count)
+    metrics.COMPUTE_THREADS.clear()  # the setting now, not every one this process had
+    metrics.COMPUTE_THREADS.labels(threads.basis).set(threads.count)
+    return threads
 
 
 def setup_logging(level: str = "INFO") -> None:

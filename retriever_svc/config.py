@@ -36,7 +36,10 @@ class RetrieverConfig(ServerConfig):
         "memory-map the embeddings and faiss indexes instead of reading them into RAM (for indexes larger than RAM; "
         "a served file then truncated on disk kills the process with SIGBUS)",
     )
-    threads: int = option(0, "torch threads for the question encoder; 0 = one per core")
+    threads: int = option(
+        0,
+        "torch and FAISS threads for the question encoder and search; 0 = the container's CPU limit, else one per core",
+    )
     admin_token: str = option("", "token for the IndexAdminService RPCs; prefer the env mirror or a token file")
     admin_token_file: str = option("", "file holding the admin token (a mounted Kubernetes Secret)")
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import faiss
 import grpc
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from rag.auth import AdminAuth, load_admin_token
 from rag.errors import FailedPrecondition, Unavailable, require
 from rag.fusion import Fusion
 from rag.index_ref import IndexRef
-from rag.serving import Served, new_server, start_loading
+from rag.serving import Served, new_server, start_loading, use_compute_threads
 from rag.types import Passage, RetrievalMode, parse_question
 from rag.v1 import index_admin_pb2, index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig
@@ -111,15 +112,15 @@ def shard_of(config: RetrieverConfig) -> int:
 def load_retriever(config: RetrieverConfig) -> Retriever:
     """The encoder named by the config (or recorded by the first index), then that index, loaded and active."""
     root = Path(config.index_root)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = use_compute_threads(config.threads, torch.set_num_threads, faiss.omp_set_num_threads)
     wanted = IndexRef.parse(config.index, version_required=False) if config.index else None
     first = Manifest.from_file(resolve(root, wanted) / MANIFEST)
     encoder = load_encoder(config.encoder or first.encoder.spec)
     indexes = ResidentIndexes(encoder, root, shard_of(config), config.verify_checksums, config.mmap)
     indexes.load(first.ref)
     indexes.activate(first.ref)
-    log.info("serving %s shard %d/%d with %s", first.ref, indexes.shard, first.num_shards, encoder.info.spec)
+    log.info("serving %s shard %d/%d with %s on %d threads (%s)", first.ref, indexes.shard, first.num_shards,
+             encoder.info.spec, threads.count, threads.reason)  # fmt: skip
     mode = config.default_retrieval()
     if mode.uses_lexical and not first.lexical:
         log.warning(

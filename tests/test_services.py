@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 import urllib.error
@@ -14,12 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import faiss
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from rag import metrics
+from rag import host, metrics
 from rag.serving import ServerConfig, ServerThread, new_server
 from rag.types import AskRequest, DecodingOptions, Mode
 from rag.v1 import gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc, passage_pb2
@@ -286,6 +289,53 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
     for stage in ("encode", "search", "generate", "retrieve", "end_to_end"):
         assert f'rag_stage_duration_seconds_count{{stage="{stage}"}}' in page
     assert 'rag_index_info{name="tiny",version="v1"} 1.0' in page
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # v1
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 without a limit
+        ({}, None),  # no cgroup files (not Linux, or not mounted)
+    ],
+)
+def test_the_cpu_limit_is_read_from_cgroup_v2_then_v1(tmp_path: Path, files: dict[str, str], limit: float) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert host.container_cpu_limit(tmp_path) == limit
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 1-CPU limit only shows on 2 cores or more")
+def test_services_size_their_thread_pools_by_the_containers_cpu_limit_not_the_nodes_cores(
+    launch: Launcher, index_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container sees every core of its node; torch and FAISS would start one spinning thread per core."""
+    (tmp_path / "cpu.max").write_text("100000 100000\n")  # 1 CPU
+    monkeypatch.setattr(host, "CGROUP", tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    port = metrics.serve_metrics("127.0.0.1", 0, families=metrics.RETRIEVER)
+    try:
+        launch.retriever(index_root, "tiny")
+        assert pool_sizes_of_a_new_thread() == (1, 1)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'rag_compute_threads{basis="cpu_limit"} 1.0' in page
+        launch.retriever(index_root, "tiny", threads=2)  # --threads wins over the limit
+        assert pool_sizes_of_a_new_thread() == (2, 2)
+    finally:  # the services of this test process share torch's and FAISS's pools
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
+def pool_sizes_of_a_new_thread() -> tuple[int, int]:
+    """torch's and FAISS's thread counts as a thread that serves requests sees them: OpenMP keeps a count per
+    thread, and a thread takes the process's setting when it first runs parallel work."""
+    with ThreadPoolExecutor(1) as fresh:
+        return fresh.submit(lambda: (torch.get_num_threads(), faiss.omp_get_max_threads())).result()
 
 
 class LoopBlockingGenerator(SlowGenerator):
