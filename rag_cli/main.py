@@ -39,7 +39,7 @@ from rag import __version__, paths
 from rag.config import add_config_flags, config_from_args, option
 from rag.errors import RagError
 from rag.index_ref import IndexRef
-from rag.serving import Served, ServerConfig, run_forever, setup_logging
+from rag.serving import Served, ServerConfig, run_forever, setup_logging, use_compute_threads
 from rag_cli.admin import (
     AdminConfig,
     SwapConfig,
@@ -95,11 +95,21 @@ class ListConfig(AdminConfig):
     index_root: str = option(str(paths.index_root()), "directory holding the versioned indexes")
 
 
+def _size_thread_pools() -> None:
+    """For the commands that compute here (index builds, training): torch's and FAISS's pools as a service sizes
+    them, by the container's CPU limit rather than the node's cores (an index-build Job under `limits.cpu`)."""
+    import faiss
+    import torch
+
+    use_compute_threads(0, torch.set_num_threads, faiss.omp_set_num_threads)
+
+
 def _index_build(config: BuildConfig) -> int:
     from retriever_svc.build import build_index
     from retriever_svc.corpus import guess_format
     from retriever_svc.encoders import load_encoder
 
+    _size_thread_pools()
     corpus = Path(config.corpus)
     reuse_from = IndexRef.parse(config.reuse_from, version_required=False) if config.reuse_from else None
     encoder = load_encoder(config.encoder or paths.demo_encoder_spec())
@@ -340,6 +350,7 @@ def _train(args: argparse.Namespace) -> int:
     from rag_cli.train import run_train  # loads torch and the models
 
     setup_logging()
+    _size_thread_pools()
     outputs = run_train(Path(args.questions), config_from_args(TrainConfig, args))
     if outputs is not None:  # rank 0 of data-parallel training (or the only process) reports
         print(outputs.to_json(), flush=True)
