@@ -516,17 +516,20 @@ def native_bfloat16() -> bool:
 
 
 def machine() -> dict[str, object]:
-    """What every figure was measured on: the CPU model, its cores and the flags that decide the precision."""
+    """What every figure was measured on: the CPU model, its cores (and the threads the services run: a container's
+    CPU limit may allow fewer) and the flags that decide the precision."""
     import os
 
     import torch
 
     from generator_svc.precision import cpu_flags, cpu_model
+    from rag.host import compute_threads
 
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "threads": compute_threads().count,
         "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"}),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
         "torch": torch.__version__,
@@ -818,7 +821,7 @@ def run_bench(config: BenchConfig) -> list[Figure]:
 def markdown(figures: list[Figure]) -> str:
     m = machine()
     lines = [
-        f"Measured on {m['cpu']} ({m['cores']} cores; {', '.join(m['flags']) or 'no AVX2'}"  # type: ignore[arg-type]
+        f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} threads; {', '.join(m['flags']) or 'no AVX2'}"  # type: ignore[arg-type]
         f"{'; ' + str(m['gpu']) if m['gpu'] else ''}), torch {m['torch']}.",
         "",
         "| section | figure | ours (s) | reference | reference (s) | speed-up | goal | met |",

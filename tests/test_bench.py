@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 def test_rag_bench_quick_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
     assert rag_cli(["bench", "--quick", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)  # --json: stdout is one JSON document, nothing else
-    assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1  # every figure names its machine
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["threads"] >= 1  # every figure names its machine
     figures = report["figures"]
     assert {f["section"] for f in figures} == {
         "generator",
