@@ -23,7 +23,7 @@ from generator_svc.config import Device
 from generator_svc.families import DecoderOnlyLM, EncoderDecoderLM
 from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM
-from generator_svc.precision import Dtype, choose_precision, few_row_products, with_precision
+from generator_svc.precision import Dtype, choose_precision, packed_products, with_precision
 from rag.errors import FailedPrecondition
 from rag.files import content_identity
 
@@ -38,22 +38,25 @@ def load_passage_lm(
     kv_cache_bytes: int = 0,
     kv_cache_dir: Path | None = None,
     kv_cache_disk_bytes: int = 0,
+    packed: bool = True,
 ) -> PassageLM:
     """Load a generator from a local path: a RAG checkpoint (`facebook/rag-*` layout), a BART/T5 or causal-LM
     directory (safetensors), or a `.gguf` file, with its weights in `dtype` (see `choose_precision`) on `device` (auto: CUDA when torch sees one), running prompts and scoring in passes of
     `chunk_tokens` (0: by device), a decoder-only LM with a passage KV cache of `kv_cache_bytes` (0: none), over
-    a disk tier of `kv_cache_disk_bytes` in `kv_cache_dir` where one is given. Only safetensors/GGUF weights are
-    read; no remote code runs."""
+    a disk tier of `kv_cache_disk_bytes` in `kv_cache_dir` where one is given. On a CPU in float32 or bfloat16
+    the weights are `packed` for serving (PackedLinear); a generator that learns, or whose weights are read back,
+    is loaded with packed=False. Only safetensors/GGUF weights are read; no remote code runs."""
     where = resolve_device(device)
     precision = choose_precision(dtype, where)
     lm = _load(spec)
     lm.model = with_precision(torch.nn.Module.to(lm.model, where), precision.dtype)
     lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
-    if where.type == "cpu" and precision.dtype is Dtype.FLOAT32:
-        few_row_products(lm.model)
+    packed = packed and where.type == "cpu" and precision.dtype in (Dtype.FLOAT32, Dtype.BFLOAT16)
+    packed = packed and packed_products(lm.model)
     if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
         template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
-        namespace = f"{lm.name}|{precision.dtype.value}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
+        layout = "|packed" if packed else ""  # packed float32 products round otherwise: their segments apart
+        namespace = f"{lm.name}|{precision.dtype.value}{layout}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
         disk = None
         if kv_cache_dir is not None:  # files outlive the process: name the weights by content, and who computed
             computed_by = f"{content_identity(Path(spec))}|{where.type}|torch {torch.__version__}"

@@ -258,7 +258,7 @@ def _run(p: Plan, config: TrainConfig, ranks: Ranks) -> Outputs | None:
         for shard in retrieval.shards:
             check_compatible(encoder, shard)
         if p.train_generator:
-            lm = load_passage_lm(config.generator, Dtype.FLOAT32, Device(config.device))
+            lm = load_passage_lm(config.generator, Dtype.FLOAT32, Device(config.device), packed=False)  # it learns
             return _train(p, config, ranks, encoder, Learner(lm, lm.teacher_forced), retrieval)
         scorer: Scorer = OracleReader()
         if not config.oracle_reader:  # its log-likelihoods are constants of the loss: served precision is enough

@@ -31,7 +31,7 @@ from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
-from generator_svc.precision import Dtype, FewRowLinear, NearTopFloat32Logits, choose_precision, cpu_flags
+from generator_svc.precision import Dtype, NearTopFloat32Logits, PackedLinear, choose_precision, cpu_flags
 from generator_svc.requests import Request
 from rag.errors import FailedPrecondition, InvalidArgument
 from rag.serving import ServerThread
@@ -626,13 +626,27 @@ def test_the_kv_cache_disk_tier_keeps_to_its_budget_least_recently_read_out_firs
     assert hit is not None and torch.equal(hit[0][0], entry(0)[0][0])
 
 
-def test_few_row_products_compute_what_linear_layers_do(lm: DecoderOnlyLM) -> None:
-    """Served in float32 on a CPU, wide layers multiply a few rows in the order the CPU runs fast; the
-    results are the Linear layer's."""
-    wide = [m for m in lm.model.modules() if isinstance(m, FewRowLinear)]
-    assert wide and all(m.out_features > m.in_features for m in wide)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_products_compute_what_linear_layers_do(tiny: TinyModels, dtype: str) -> None:
+    """Served on a CPU, every Linear layer multiplies by its weight packed in oneDNN's layout, and the vocabulary
+    projection by a packed copy beside its tied weight: the Linear layers' results, for any number of rows, and the
+    same logits as the unpacked model."""
+    packed = load_passage_lm(str(tiny.causal_lm), Dtype.parse(dtype))
+    plain = load_passage_lm(str(tiny.causal_lm), Dtype.parse(dtype), packed=False)
+    layers = [m for m in packed.model.modules() if isinstance(m, PackedLinear)]
+    linears = [m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)]  # the head included
+    assert len(layers) == len(linears) and not any(type(m) is torch.nn.Linear for m in packed.model.modules())
+    head = packed.model.get_output_embeddings()
+    assert isinstance(head.packed, PackedLinear) and head.weight is packed.model.get_input_embeddings().weight
     torch.manual_seed(0)
-    for rows in (1, 2, 5, 10, 11):
-        x = torch.randn(rows, 1, wide[0].in_features)
-        expected = torch.nn.functional.linear(x, wide[0].weight, wide[0].bias)
-        assert torch.allclose(wide[0](x), expected, atol=1e-5)
+    weight, bias = linears[0].weight, linears[0].bias
+    for rows in (1, 2, 5, 11, 40):
+        x = torch.randn(rows, 1, weight.shape[1]).to(weight.dtype)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        torch.testing.assert_close(PackedLinear(weight, bias)(x), expected, atol=1e-5, rtol=1e-5)
+    questions = [QUESTION, "How high is Mount Everest?"]
+    contexts = [one_each(PASSAGES), one_each(PASSAGES[::-1])]
+    torch.testing.assert_close(
+        packed.encode(questions, contexts).first_logprobs, plain.encode(questions, contexts).first_logprobs,
+        atol=1e-4, rtol=0,
+    )  # fmt: skip

@@ -222,7 +222,7 @@ def test_rag_train_encoder_decoder_with_lora_in_rag_sequence(
     assert summary["loss_last"] < summary["loss_first"]
     generator = Path(summary["generator"])
     assert json.loads((generator / "config.json").read_text())["model_type"] == "rag"  # the checkpoint's layout
-    tuned, base = load_passage_lm(str(generator)), load_passage_lm(str(tiny.rag_checkpoint))
+    tuned, base = load_passage_lm(str(generator), packed=False), load_passage_lm(str(tiny.rag_checkpoint), packed=False)
     tuned_weights, base_weights = tuned.model.state_dict(), base.model.state_dict()
     assert set(tuned_weights) == set(base_weights)  # LoRA merged: a plain checkpoint, no adapter weights
     assert any(not torch.equal(tuned_weights[n], base_weights[n]) for n in base_weights)
@@ -489,7 +489,7 @@ def test_rag_train_data_parallel_over_two_processes_trains_what_one_process_does
     for name, weight in towers[0].items():
         torch.testing.assert_close(towers[1][name], weight, atol=1e-5, rtol=0, msg=name)
     if what == "both":
-        generators = [load_passage_lm(s["generator"]).model.state_dict() for s in (one, summary)]
+        generators = [load_passage_lm(s["generator"], packed=False).model.state_dict() for s in (one, summary)]
         for name, weight in generators[0].items():
             torch.testing.assert_close(generators[1][name], weight, atol=1e-5, rtol=0, msg=name)
     else:
