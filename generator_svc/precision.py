@@ -218,13 +218,15 @@ def packed_products(model: PreTrainedModel) -> bool:
         return False
     head = model.get_output_embeddings()
     linears = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is torch.nn.Linear and child is not head
     ]
-    for parent, name, child in linears:
+    for parent, name in linears:  # one at a time, so each layer's stored weight is freed before the next is packed
+        child = getattr(parent, name)
         setattr(parent, name, PackedLinear(child.weight, child.bias))
+        del child
     if type(head) is torch.nn.Linear:
         head.__class__ = PackedHead
     if isinstance(head, PackedHead | NearTopFloat32Logits):
