@@ -138,7 +138,8 @@ class PackedLinear(torch.nn.Module):
     torch's CPU products against a Linear weight as stored read it far below the memory's bandwidth for the few rows
     of a decode step: on an AMD EPYC (2 cores, ~29 GB/s), 5 rows against Qwen2.5-0.5B's block weights ran at
     12 GB/s in bfloat16 and 8 GB/s in float32; packed, at 23-24 GB/s in both, and a 5-row decoding step of the
-    whole model fell from 140 to 85 ms (bfloat16) and from 325 to 100 ms (float32). The same arithmetic as the
+    whole model fell from 140 to 85 ms (bfloat16) and from 325 (185 with W.x^T for the wide layers, the float32
+    path before this one) to 90 ms (float32). The same arithmetic as the
     Linear layer in another order (bfloat16: the same numbers; float32: within rounding). No gradient flows
     through it: a generator that learns is loaded unpacked."""
 
