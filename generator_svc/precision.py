@@ -132,16 +132,19 @@ def with_precision(model: PreTrainedModel, dtype: Dtype) -> PreTrainedModel:
     return model
 
 
+# oneDNN picks its blocking for this many rows, a decode step's at k = 5; other row counts run on it as fast.
+PACKED_FOR_ROWS = 5
+
+
 class PackedLinear(torch.nn.Module):
     """A Linear layer whose weight is held in oneDNN's blocked layout, packed once at load, for serving on a CPU.
 
     torch's CPU products against a Linear weight as stored read it far below the memory's bandwidth for the few rows
     of a decode step: on an AMD EPYC (2 cores, ~29 GB/s), 5 rows against Qwen2.5-0.5B's block weights ran at
-    12 GB/s in bfloat16 and 8 GB/s in float32; packed, at 23-24 GB/s in both, and a 5-row decoding step of the
-    whole model fell from 140 to 85 ms (bfloat16) and from 325 (185 with W.x^T for the wide layers, the float32
-    path before this one) to 90 ms (float32). The same arithmetic as the
-    Linear layer in another order (bfloat16: the same numbers; float32: within rounding). No gradient flows
-    through it: a generator that learns is loaded unpacked."""
+    12 GB/s in bfloat16 and 8 GB/s in float32; packed, at 23-24 GB/s in both. A 5-row decoding step of the whole
+    model fell from 140 to 85 ms in bfloat16, and in float32 from 185 ms (W.x^T for the wide layers, the path
+    before this one) to 90 ms. The same arithmetic as the Linear layer in another order (bfloat16: the same
+    numbers; float32: within rounding). No gradient flows through it: a generator that learns is loaded unpacked."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -150,11 +153,11 @@ class PackedLinear(torch.nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # a loss would silently miss this layer's weight
+            raise RuntimeError(
+                "a packed Linear layer passes no gradient: load a generator that learns with packed=False"
+            )
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-# oneDNN picks its blocking for this many rows, a decode step's at k = 5; other row counts run on it as fast.
-PACKED_FOR_ROWS = 5
 
 
 class PackedHead(torch.nn.Linear):
@@ -214,8 +217,10 @@ def logits_precision(model: PreTrainedModel) -> str:
 def packed_products(model: PreTrainedModel) -> bool:
     """For serving on a CPU in float32 or bfloat16: every Linear layer of the model a PackedLinear (its weight
     packed, the stored layout freed), and the vocabulary projection a packed copy beside its tied weight. False,
-    and the model as it was, where this torch build cannot pack (no oneDNN)."""
-    if not torch.backends.mkldnn.is_available():
+    and the model as it was, where this torch build cannot pack (no oneDNN, or none for this CPU or dtype)."""
+    try:
+        PackedLinear(torch.zeros(8, 8, dtype=model.dtype), None)
+    except RuntimeError:
         return False
     head = model.get_output_embeddings()
     linears = [
@@ -232,4 +237,5 @@ def packed_products(model: PreTrainedModel) -> bool:
         head.__class__ = PackedHead
     if isinstance(head, PackedHead | NearTopFloat32Logits):
         head.packed = PackedLinear(head.weight, head.bias)
+    model.requires_grad_(False)  # served, not trained: a caller that turns gradients back on meets PackedLinear's error
     return True

@@ -650,3 +650,6 @@ def test_packed_products_compute_what_linear_layers_do(tiny: TinyModels, dtype: 
         packed.encode(questions, contexts).first_logprobs, plain.encode(questions, contexts).first_logprobs,
         atol=1e-4, rtol=0,
     )  # fmt: skip
+    packed.model.requires_grad_(True)  # as a trainer would: a packed weight cannot learn, and says so
+    with pytest.raises(RuntimeError, match="packed=False"):
+        packed.teacher_forced(questions, contexts, torch.tensor([[5, 6], [7, 8]]))
