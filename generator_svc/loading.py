@@ -51,8 +51,8 @@ def load_passage_lm(
     lm = _load(spec)
     lm.model = with_precision(torch.nn.Module.to(lm.model, where), precision.dtype)
     lm.chunk_tokens = chunk_tokens or chunk_tokens_for(where)
-    packed = packed and where.type == "cpu" and precision.dtype in (Dtype.FLOAT32, Dtype.BFLOAT16)
-    packed = packed and packed_products(lm.model)
+    packable = where.type == "cpu" and precision.dtype in (Dtype.FLOAT32, Dtype.BFLOAT16)
+    packed = packed and packable and packed_products(lm.model)
     if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
         template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
         layout = "|packed" if packed else ""  # packed float32 products round otherwise: their segments apart

@@ -50,7 +50,7 @@ class Threads:
     reason: str
 
 
-def compute_threads(asked: int = 0, root: Path | None = None) -> Threads:
+def compute_threads(asked: int = 0) -> Threads:
     """`asked` (--threads) where given, then OpenMP's own OMP_NUM_THREADS (torchrun sets it per process); else the
     container's CPU limit, rounded up, where it is below the cores this process may run on; else one per such core."""
     if asked > 0:
@@ -59,7 +59,7 @@ def compute_threads(asked: int = 0, root: Path | None = None) -> Threads:
     if omp.isdigit() and int(omp) > 0:
         return Threads(int(omp), "asked", f"OMP_NUM_THREADS={omp}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = container_cpu_limit(root)
+    limit = container_cpu_limit()
     if limit is not None and math.ceil(limit) < cores:
         return Threads(math.ceil(limit), "cpu_limit", f"the container's CPU limit, {limit:g} of {cores} cores")
     return Threads(cores, "cores", f"one per core this process may run on ({cores})")
