@@ -204,8 +204,12 @@ def save_sentence_encoder(out_dir: Path, seed: int = 0, hidden: int = 32) -> Pat
     return out_dir
 
 
-def save_causal_lm(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, init_std: float = 0.2) -> Path:
-    """A small Qwen2-style chat LM (grouped-query attention, rotary positions, a chat template)."""
+def save_causal_lm(
+    out_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, init_std: float = 0.2, tied: bool = True
+) -> Path:
+    """A small Qwen2-style chat LM (grouped-query attention, rotary positions, a chat template); `tied`: the
+    vocabulary projection is the input embeddings (Qwen2.5-0.5B's own checkpoint), or its own weight (the demo's
+    conversion of its GGUF)."""
     torch.manual_seed(seed)
     tokenizer = chat_tokenizer()
     config = Qwen2Config(
@@ -219,7 +223,7 @@ def save_causal_lm(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int =
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         initializer_range=init_std,
     )
     model = Qwen2ForCausalLM(config).eval()
