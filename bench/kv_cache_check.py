@@ -28,9 +28,10 @@ from generator_svc.families import DecoderOnlyLM  # noqa: E402
 from generator_svc.loading import load_passage_lm, resolve_device  # noqa: E402
 from generator_svc.model import RagModel  # noqa: E402
 from generator_svc.passage_cache import auto_budget_bytes  # noqa: E402
-from generator_svc.precision import Dtype, choose_precision, cpu_flags, cpu_model  # noqa: E402
+from generator_svc.precision import Dtype, choose_precision  # noqa: E402
 from generator_svc.requests import Request  # noqa: E402
 from rag import paths  # noqa: E402
+from rag.host import cpu_flags, cpu_model  # noqa: E402
 from rag.types import DecodingOptions, Mode, Passage  # noqa: E402
 
 QUESTIONS = ROOT / "rag_cli" / "data" / "squad20.jsonl"

@@ -30,9 +30,10 @@ from bench.finetune_squad import split_by_article  # noqa: E402
 from generator_svc.loading import load_passage_lm  # noqa: E402
 from generator_svc.model import RagModel  # noqa: E402
 from generator_svc.passage_lm import one_each  # noqa: E402
-from generator_svc.precision import Dtype, cpu_flags, cpu_model  # noqa: E402
+from generator_svc.precision import Dtype  # noqa: E402
 from generator_svc.requests import Request  # noqa: E402
 from rag import paths  # noqa: E402
+from rag.host import cpu_flags, cpu_model  # noqa: E402
 from rag.types import DecodingOptions, Mode, Passage  # noqa: E402
 from rag_cli.eval import exact_match, f1_score  # noqa: E402
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
 from rag.errors import FailedPrecondition
+from rag.host import cpu_flags
 from rag.types import from_word
 
 
@@ -51,25 +51,6 @@ class Precision:
     dtype: Dtype  # never AUTO
     basis: str  # asked | native_bfloat16 | no_native_bfloat16 | bfloat16_below_quality_rule
     reason: str
-
-
-def _cpuinfo(field: str) -> str:
-    """The first value of `field` in /proc/cpuinfo (Linux); empty where it cannot be read."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags; empty where they cannot be read."""
-    return set(_cpuinfo("flags").split())
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as every latency figure must say ("unknown" where it cannot be read)."""
-    return _cpuinfo("model name") or "unknown"
 
 
 def choose_precision(requested: Dtype, device: torch.device, flags: set[str] | None = None) -> Precision:

@@ -1,4 +1,5 @@
-"""What this process may use of the machine it runs on: the container's limits (cgroup v2, then v1), not the node's.
+"""The machine this process runs on: its CPU (model and feature flags, which choose the precision and name every
+latency figure), and what the process may use of it: the container's limits (cgroup v2, then v1), not the node's.
 
 torch and FAISS size their thread pools by the cores they see, and a container sees all of the node's: on a 64-core
 node a container limited to 2 CPUs would run 64 spinning OpenMP threads in 2 CPUs' worth of time slices, many times
@@ -12,6 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as every latency figure must say ("unknown" where it cannot be read)."""
+    return _cpuinfo("model name") or "unknown"
+
+
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo (Linux); empty where it cannot be read."""
+    lines = _read(CPUINFO).splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
 
 
 def container_memory_limit(root: Path | None = None) -> int | None:

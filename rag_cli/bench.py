@@ -522,8 +522,7 @@ def machine() -> dict[str, object]:
 
     import torch
 
-    from generator_svc.precision import cpu_flags, cpu_model
-    from rag.host import compute_threads
+    from rag.host import compute_threads, cpu_flags, cpu_model
 
     flags = cpu_flags()
     return {

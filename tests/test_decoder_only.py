@@ -31,9 +31,10 @@ from generator_svc.loading import load_passage_lm
 from generator_svc.model import RagModel
 from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
-from generator_svc.precision import Dtype, NearTopFloat32Logits, PackedLinear, choose_precision, cpu_flags
+from generator_svc.precision import Dtype, NearTopFloat32Logits, PackedLinear, choose_precision
 from generator_svc.requests import Request
 from rag.errors import FailedPrecondition, InvalidArgument
+from rag.host import cpu_flags
 from rag.serving import ServerThread
 from rag.types import DecodingOptions, Mode, Passage
 from rag.v1 import generator_pb2, generator_pb2_grpc
