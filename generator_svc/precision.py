@@ -230,7 +230,7 @@ def packed_products(model: PreTrainedModel) -> bool:
 def _out_of_the_file(model: PreTrainedModel) -> None:
     """Copy the tensors packing leaves as loaded (embeddings, norms, biases) into the process's own memory, tensors
     sharing storage (tied weights) still sharing it. Loaded in float32 from safetensors they are views of the file's
-    mapping, which keeps resident every page packing read, the Linear weights' too, never read again: 1.9 GB of the
+    mapping, which keeps resident every page packing read, the Linear weights' too, never read again: 1.9 GiB of the
     demo model, counted in the process's memory until the kernel reclaims it. Copied, the mapping is released."""
     tensors = {
         id(t): t for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()] if t is not None
