@@ -232,11 +232,8 @@ def _out_of_the_file(model: PreTrainedModel) -> None:
     sharing storage (tied weights) still sharing it. Loaded in float32 from safetensors they are views of the file's
     mapping, which keeps resident every page packing read, the Linear weights' too, never read again: 1.9 GiB of the
     demo model, counted in the process's memory until the kernel reclaims it. Copied, the mapping is released."""
-    tensors = {
-        id(t): t for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()] if t is not None
-    }
     copies: dict[int, torch.UntypedStorage] = {}  # by the loaded storage's address
-    for tensor in tensors.values():
+    for tensor in [*model.parameters(), *model.buffers()]:  # each once
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in copies:
             copies[storage.data_ptr()] = storage.clone()
