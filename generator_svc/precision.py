@@ -228,13 +228,17 @@ def packed_products(model: PreTrainedModel) -> bool:
 
 
 def _out_of_the_file(model: PreTrainedModel) -> None:
-    """Copy the tensors packing leaves as loaded (embeddings, norms, biases) into the process's own memory, tensors
-    sharing storage (tied weights) still sharing it. Loaded in float32 from safetensors they are views of the file's
-    mapping, which keeps resident every page packing read, the Linear weights' too, never read again: 1.9 GiB of the
-    demo model, counted in the process's memory until the kernel reclaims it. Copied, the mapping is released."""
+    """Copy the tensors packing leaves as loaded (embeddings, norms, biases) into the process's own memory where they
+    are not there already, tensors sharing storage (tied weights) still sharing it. Loaded in float32 from
+    safetensors they are views of the file's mapping (storage torch did not allocate, so not resizable), which keeps
+    resident every page packing read, the Linear weights' too, never read again: 1.9 GiB of the demo model, counted
+    in the process's memory until the kernel reclaims it. Copied, the mapping is released. Converted on load
+    (bfloat16), they are torch's own already: nothing to copy."""
     copies: dict[int, torch.UntypedStorage] = {}  # by the loaded storage's address
     for tensor in [*model.parameters(), *model.buffers()]:  # each once
         storage = tensor.untyped_storage()
+        if storage.resizable():
+            continue
         if storage.data_ptr() not in copies:
             copies[storage.data_ptr()] = storage.clone()
         own = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
