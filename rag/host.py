@@ -32,23 +32,21 @@ def _cpuinfo(field: str) -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), "")
 
 
-def container_memory_limit(root: Path | None = None) -> int | None:
+def container_memory_limit() -> int | None:
     """The cgroup's memory limit in bytes (v2, then v1), or None where there is none or it cannot be read."""
-    root = root or CGROUP
-    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+    for path in (CGROUP / "memory.max", CGROUP / "memory" / "memory.limit_in_bytes"):
         text = _read(path)
         if text.isdigit() and int(text) < 2**60:  # "max", or v1's near-2**63 "unlimited"
             return int(text)
     return None
 
 
-def container_cpu_limit(root: Path | None = None) -> float | None:
+def container_cpu_limit() -> float | None:
     """The cgroup's CPU limit in CPUs (v2 `cpu.max`, then v1's CFS quota over its period), or None where there is
     none or it cannot be read."""
-    root = root or CGROUP
-    quota_period = _read(root / "cpu.max").split()
+    quota_period = _read(CGROUP / "cpu.max").split()
     if len(quota_period) != 2:
-        for v1 in (root / "cpu", root / "cpu,cpuacct"):
+        for v1 in (CGROUP / "cpu", CGROUP / "cpu,cpuacct"):
             quota_period = [_read(v1 / "cpu.cfs_quota_us"), _read(v1 / "cpu.cfs_period_us")]
             if all(quota_period):
                 break

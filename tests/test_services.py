@@ -302,11 +302,14 @@ def test_metrics_count_requests_by_method_and_code(services: Services) -> None:
         ({}, None),  # no cgroup files (not Linux, or not mounted)
     ],
 )
-def test_the_cpu_limit_is_read_from_cgroup_v2_then_v1(tmp_path: Path, files: dict[str, str], limit: float) -> None:
+def test_the_cpu_limit_is_read_from_cgroup_v2_then_v1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], limit: float
+) -> None:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert host.container_cpu_limit(tmp_path) == limit
+    monkeypatch.setattr(host, "CGROUP", tmp_path)
+    assert host.container_cpu_limit() == limit
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a 1-CPU limit only shows on 2 cores or more")
