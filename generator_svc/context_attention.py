@@ -114,8 +114,10 @@ class SharedContext:
             own_keys, own_values = own
             S = own_keys.shape[2]
             own_scores = query.reshape(R, kv_heads, -1, D) @ own_keys.transpose(-1, -2)  # GQA without copying keys
-            future = torch.ones(T, S, dtype=torch.bool, device=query.device).triu(S - T + 1)
-            own_scores = own_scores.view(R, H, T, S).float().mul(scaling).masked_fill(future, float("-inf"))
+            own_scores = own_scores.view(R, H, T, S).float().mul(scaling)
+            if T > 1:  # one query (a plain decoding step) is the row's last token: nothing of its own is ahead
+                future = torch.ones(T, S, dtype=torch.bool, device=query.device).triu(S - T + 1)
+                own_scores = own_scores.masked_fill(future, float("-inf"))
             if self.own_valid is not None:
                 own_scores = own_scores.masked_fill(~self.own_valid[:, None, None, :S], float("-inf"))
             scores = torch.cat([scores, self._grouped(own_scores, C, kv_heads)], dim=-1)
