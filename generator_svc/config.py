@@ -51,8 +51,9 @@ class GeneratorConfig(ServerConfig):
     )
     draft_tokens: int = option(
         -1,
-        "tokens drafted from the passages and question that greedy search verifies per pass (0: none); -1 by device "
-        "(8 on a GPU, none on a CPU)",
+        "tokens drafted from the passages and question that greedy search verifies per pass (0: none); -1 measures "
+        "in the warm-up which count answers fastest on this machine (none where a pass over more positions costs "
+        "much more, as on a CPU computing at its limit)",
     )
     warm_up: bool = option(True, "run both RAG modes once on 5 passages before reporting SERVING (a fast first Ask)")
     max_queue: int = option(16, "requests waiting for the model before new ones get RESOURCE_EXHAUSTED")

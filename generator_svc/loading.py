@@ -71,17 +71,6 @@ def chunk_tokens_for(device: torch.device) -> int:
     return 512 if device.type == "cpu" else 16384
 
 
-def draft_tokens_for(device: torch.device) -> int:
-    """Drafted tokens greedy search verifies per pass by default. On a GPU a decoding step is bound by reading
-    the weights, so a pass over 9 positions a row costs about what one over 1 does and every accepted draft is a
-    step saved. On a CPU a pass over more positions costs more: with the weights packed, 5 rows of the demo model
-    take 67 ms a pass over 1 position each and 85, 107, 113, 139 ms over 2, 3, 4, 6 (2 cores are compute-bound
-    from about 10 rows), while 1, 2, 3 or 5 drafted tokens cut the passes of a warm RAG-Token answer only from
-    11.6 to 8.7, 7.8, 7.5, 7.1: mean answer 1.06 s undrafted, 1.05, 1.14, 1.11, 1.23 s drafted, the same answers
-    (AMD EPYC with AVX512-BF16, bfloat16, k = 5, 20 questions, passages cached), so none."""
-    return 8 if device.type == "cuda" else 0
-
-
 def resolve_device(device: Device) -> torch.device:
     """The torch device (auto: CUDA when torch sees one)."""
     if device is Device.CUDA and not torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 
 from generator_svc.config import Device, GeneratorConfig
 from generator_svc.families import DecoderOnlyLM
-from generator_svc.loading import draft_tokens_for, load_passage_lm, resolve_device
+from generator_svc.loading import load_passage_lm, resolve_device
 from generator_svc.model import RagModel, TextDeltas
 from generator_svc.passage_cache import auto_budget_bytes, half_the_free_space
 from generator_svc.precision import Dtype, choose_precision
@@ -180,14 +180,15 @@ async def create_server(config: GeneratorConfig) -> Served:
         if lm.max_answer_tokens is not None and lm.max_answer_tokens < servicer.limits.max_new_tokens:
             log.warning("answers are limited to %d tokens: the model has no more positions", lm.max_answer_tokens)
             servicer.limits = replace(servicer.limits, max_new_tokens=lm.max_answer_tokens)
-        drafts = config.draft_tokens if config.draft_tokens >= 0 else draft_tokens_for(lm.device)
-        log.info("greedy search verifies %d drafted tokens per pass (%s)", drafts,
-                 "--draft-tokens" if config.draft_tokens >= 0 else f"by device: {lm.device.type}")  # fmt: skip
-        model = RagModel(lm, drafts)
+        model = RagModel(lm, max(config.draft_tokens, 0))
+        drafting = "--draft-tokens" if config.draft_tokens >= 0 else "none: measured in the warm-up, which is off"
         if config.warm_up:
             started = time.perf_counter()
             model.warm_up()
+            if config.draft_tokens < 0:
+                model.draft_tokens, drafting = model.measure_drafting()
             log.info("generator warmed up in %.1fs (both RAG modes, 5 passages)", time.perf_counter() - started)
+        log.info("greedy search verifies %d drafted tokens per pass (%s)", model.draft_tokens, drafting)
         return model
 
     async def load_in_background() -> None:

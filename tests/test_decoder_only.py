@@ -28,7 +28,7 @@ from generator_svc import precision, rag_math
 from generator_svc.families import DecoderOnlyLM, shared_prefix_length
 from generator_svc.joint import JointDecoder, Part
 from generator_svc.loading import load_passage_lm
-from generator_svc.model import RagModel
+from generator_svc.model import DRAFT_CHOICES, RagModel, drafts_for, tokens_per_pass
 from generator_svc.passage_cache import DiskTier, PassageKVCache
 from generator_svc.passage_lm import PassageLM, one_each
 from generator_svc.precision import Dtype, NearTopFloat32Logits, PackedLinear, choose_precision
@@ -412,17 +412,33 @@ def test_the_generator_says_which_precision_auto_chose_and_why(
     native = bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
     expected, basis = ("bfloat16", "native_bfloat16") if native else ("float32", "no_native_bfloat16")
     with caplog.at_level(logging.INFO, logger="generator_svc.server"):
-        served = launch.generator(tiny.causal_lm, dtype="auto")
+        served = launch.generator(tiny.causal_lm, dtype="auto", draft_tokens=-1)
     assert REGISTRY.get_sample_value("rag_generator_precision_info", {"dtype": expected, "basis": basis}) == 1
     [loaded] = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
     assert f"{expected} on cpu: auto: " in loaded, loaded
-    # Drafting, too, is chosen by the device when not asked for: none on a CPU, where it measured slower
-    assert "greedy search verifies 0 drafted tokens per pass (by device: cpu)" in caplog.messages
+    # Drafting, too, is chosen here when not asked for: by timing passes over more positions in the warm-up
+    [drafting] = [m for m in caplog.messages if m.startswith("greedy search verifies")]
+    measured = r"greedy search verifies (\d+) drafted tokens per pass \(measured: 5 rows over 1, 2, .* ms a pass\)"
+    assert re.fullmatch(measured, drafting), drafting
     with grpc.insecure_channel(address(served)) as channel:
         reply = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
             generator_pb2.GenerateRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES]), timeout=60
         )
     assert reply.hypotheses
+
+
+def test_drafting_pays_where_more_positions_cost_little_and_not_where_they_cost_their_arithmetic() -> None:
+    """What the warm-up's timings choose: as many drafts as yield most where a pass costs the same over 9
+    positions as over 1 (a weight-bound GPU step); a few where each position adds 5%; none where passes grow as
+    the demo model's did on 2 cores of an AMD EPYC (68, 87, 113, 127, 177, 227 ms over 1, 2, 3, 4, 6, 9 positions),
+    nor where drafting would save less than a tenth."""
+    flat = dict.fromkeys(DRAFT_CHOICES, 0.05)
+    assert drafts_for(flat) == max(DRAFT_CHOICES)
+    assert 0 < drafts_for({d: 0.05 * (1 + 0.05 * d) for d in DRAFT_CHOICES}) < max(DRAFT_CHOICES)
+    epyc = dict(zip(DRAFT_CHOICES, (0.068, 0.087, 0.113, 0.127, 0.177, 0.227), strict=True))
+    assert drafts_for(epyc) == 0
+    assert drafts_for({0: 0.068, 1: 0.068 * tokens_per_pass(1) / 1.05}) == 0  # 5% faster a token: not worth it
+    assert tokens_per_pass(0) == 1 and tokens_per_pass(1) == pytest.approx(11.6 / 8.7, rel=0.02)
 
 
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
