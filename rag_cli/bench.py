@@ -600,7 +600,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     for dtype in dtypes:
         for mode in (Mode.TOKEN, Mode.SEQUENCE):
             launcher = Launcher()  # a new generator per mode: every passage is new to it (cold)
-            fields: dict[str, Any] = {"dtype": dtype, "max_new_tokens": new_tokens}
+            # Drafting as served by default (measured in the warm-up), not the test launcher's none.
+            fields: dict[str, Any] = {"dtype": dtype, "max_new_tokens": new_tokens, "draft_tokens": -1}
             if dtype == dtypes[0] and mode is Mode.TOKEN:
                 fields["kv_cache_dir"] = str(disk)
             try:
@@ -621,7 +622,13 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     launcher = Launcher()  # that generator restarted: its passages are on disk, none in memory
     try:
         stack = launcher.stack(
-            index_root, str(index), generator, dtype=dtypes[0], max_new_tokens=new_tokens, kv_cache_dir=str(disk)
+            index_root,
+            str(index),
+            generator,
+            dtype=dtypes[0],
+            max_new_tokens=new_tokens,
+            kv_cache_dir=str(disk),
+            draft_tokens=-1,
         )
         stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
         restarted = _ask_all(stub, questions, Mode.TOKEN, "question")
