@@ -189,6 +189,7 @@ async def create_server(config: GeneratorConfig) -> Served:
                 model.draft_tokens, drafting = model.measure_drafting()
             log.info("generator warmed up in %.1fs (both RAG modes, 5 passages)", time.perf_counter() - started)
         log.info("greedy search verifies %d drafted tokens per pass (%s)", model.draft_tokens, drafting)
+        metrics.DRAFT_TOKENS.set(model.draft_tokens)
         return model
 
     async def load_in_background() -> None:

@@ -122,6 +122,10 @@ DRAFT_ACCEPTED = Histogram(
     "Drafted tokens accepted per verification pass of greedy RAG-Token (each pass also yields one token of its own).",
     buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16),
 )
+DRAFT_TOKENS = Gauge(
+    "rag_generator_draft_tokens",
+    "Drafted tokens greedy search verifies per pass (--draft-tokens, or what the warm-up measured to be fastest).",
+)
 HYPOTHESES_RULED_OUT = Counter(
     "rag_generator_hypotheses_ruled_out_total",
     "Greedy thorough RAG-Sequence hypotheses stopped before their end: no answer starting with them could rank "
@@ -142,7 +146,8 @@ RETRIEVER: tuple[Collector, ...] = (
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
     GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION, COMPUTE_THREADS,
-    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_DISK_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, HYPOTHESES_RULED_OUT,
+    KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_DISK_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, DRAFT_TOKENS,
+    HYPOTHESES_RULED_OUT,
 )  # fmt: skip
 GATEWAY: tuple[Collector, ...] = (
     INDEX_SWAPS, INDEX_SWAP_SECONDS, INDEX_ACTIVATION_SECONDS, ASKS_SHED, ADMIN_AUTH_FAILURES

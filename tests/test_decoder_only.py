@@ -419,7 +419,9 @@ def test_the_generator_says_which_precision_auto_chose_and_why(
     # Drafting, too, is chosen here when not asked for: by timing passes over more positions in the warm-up
     [drafting] = [m for m in caplog.messages if m.startswith("greedy search verifies")]
     measured = r"greedy search verifies (\d+) drafted tokens per pass \(measured: 5 rows over 1, 2, .* ms a pass\)"
-    assert re.fullmatch(measured, drafting), drafting
+    chosen = re.fullmatch(measured, drafting)
+    assert chosen, drafting
+    assert REGISTRY.get_sample_value("rag_generator_draft_tokens") == int(chosen.group(1))
     with grpc.insecure_channel(address(served)) as channel:
         reply = generator_pb2_grpc.GeneratorServiceStub(channel).Generate(
             generator_pb2.GenerateRequest(question=QUESTION, passages=[p.to_pb() for p in PASSAGES]), timeout=60
