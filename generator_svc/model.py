@@ -7,7 +7,7 @@ worker thread only (generator_svc.worker).
 from __future__ import annotations
 
 import logging
-import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 
@@ -69,13 +69,17 @@ def tokens_per_pass(drafts: int, first: float = 1 / 3, then: float = 0.46) -> fl
     return 1 + first * (1 - then**drafts) / (1 - then)
 
 
-def drafts_for(pass_seconds: Mapping[int, float]) -> int:
+# Drafting must save a tenth of the time per token: a drafted pass also looks its drafts up and rewinds what was not
+# kept, which a pass's time leaves out.
+WORTH_DRAFTING = 0.9
+
+
+def drafts_for(pass_cost: Mapping[int, float]) -> int:
     """The drafted tokens per pass with the least expected time per token, given what a pass verifying each count
-    took (`pass_seconds[0]`: a plain step); none unless that saves a tenth, since a drafted pass also looks its
-    drafts up and rewinds what was not kept, which a pass's time leaves out."""
-    per_token = {drafts: seconds / tokens_per_pass(drafts) for drafts, seconds in pass_seconds.items()}
+    costs (`pass_cost[0]`: a plain step's); none unless that is under WORTH_DRAFTING of a plain step's."""
+    per_token = {drafts: cost / tokens_per_pass(drafts) for drafts, cost in pass_cost.items()}
     best = min(per_token, key=per_token.__getitem__)
-    return best if per_token[best] < 0.9 * per_token[0] else 0
+    return best if per_token[best] < WORTH_DRAFTING * per_token[0] else 0
 
 
 class RagModel:
@@ -97,34 +101,43 @@ class RagModel:
                 return
 
     def measure_drafting(self, passages: int = 5, rounds: int = 3) -> tuple[int, str]:
-        """Drafted tokens per pass for this machine and model (`drafts_for`), and why: a decoding pass over 1 + d
-        positions of `passages` rows is timed for each d of DRAFT_CHOICES (the fastest of `rounds`), up to the
-        first count whose pass takes so long that no pass over more positions can beat the best so far. Where
-        arithmetic is cheap next to reading the weights (a GPU, a CPU with AMX, a small model's passes, which
-        are mostly overhead), more positions cost little and drafting pays; 2 cores of an AMD EPYC, compute-
-        bound from about 10 rows (68, 87, 113 ms a pass of the demo model over 1, 2, 3 positions), keep none."""
+        """Drafted tokens per pass for this machine and model (`drafts_for`), and why. Each count d of DRAFT_CHOICES
+        is timed as a pass over 1 + d positions against a plain pass right after it (the median ratio of `rounds`
+        pairs: a shared machine's speed drifts by a fifth within minutes, and a pair sees one speed), up to the
+        first count so slow that no count above it can beat the best so far. The rows are those of the widest
+        drafted pass a request runs: thorough greedy RAG-Sequence feeds each of its `passages` answers under every
+        passage. Where arithmetic is cheap next to reading the weights (a GPU; a small model, whose passes are
+        mostly overhead) more positions cost little and drafting pays; 2 cores of an AMD EPYC are compute-bound
+        at these rows and keep none."""
         most = tokens_per_pass(max(DRAFT_CHOICES))
         try:
             ctx = self.lm.encode([WARM_UP_QUESTION], [one_each(warm_up_passages(passages))])
-            rows, longest = torch.arange(passages), 1 + max(DRAFT_CHOICES)
+            rows, longest = torch.arange(passages).repeat(passages), 1 + max(DRAFT_CHOICES)
             tokens = (self.lm.answer_token_ids(" ".join(["subject"] * longest)) * longest)[:longest]
-            fed = torch.tensor(tokens).expand(passages, -1)
-            seconds: dict[int, float] = {}
-            for drafts in DRAFT_CHOICES:
-                seconds[drafts] = math.inf
-                for _ in range(rounds):  # the fastest: the first of a shape builds its kernels
-                    state = self.lm.start(ctx, rows)
-                    started = time.perf_counter()
-                    self.lm.feed(state, fed[:, : 1 + drafts])  # log-probabilities back on the CPU: synchronised
-                    seconds[drafts] = min(seconds[drafts], time.perf_counter() - started)
-                if seconds[drafts] / most >= min(s / tokens_per_pass(d) for d, s in seconds.items()):
-                    break  # passes over more positions take longer still
+            fed = torch.tensor(tokens).expand(len(rows), -1)
+
+            def seconds(positions: int) -> float:
+                state = self.lm.start(ctx, rows)
+                started = time.perf_counter()
+                self.lm.feed(state, fed[:, :positions])  # log-probabilities back on the CPU: synchronised
+                return time.perf_counter() - started
+
+            cost = {0: 1.0}  # a pass's time over a plain pass's
+            seconds(1)  # the first pass of a shape builds its kernels
+            for drafts in DRAFT_CHOICES[1:]:
+                seconds(1 + drafts)
+                cost[drafts] = statistics.median(seconds(1 + drafts) / seconds(1) for _ in range(rounds))
+                if cost[drafts] / most >= min(WORTH_DRAFTING, *(c / tokens_per_pass(d) for d, c in cost.items() if d)):
+                    break  # no pass over more positions (longer still) can be worth it, nor beat the best so far
         except Exception as err:  # an optimisation, as the warm-up is
             log.warning("measuring drafted passes failed, drafting none: %s", err)
             return 0, f"measuring failed: {err}"
-        took = ", ".join(f"{1000 * s:.1f}" for s in seconds.values())
-        positions = ", ".join(str(1 + d) for d in seconds)
-        return drafts_for(seconds), f"measured: {passages} rows over {positions} positions took {took} ms a pass"
+        measured = {d: c for d, c in cost.items() if d}
+        positions = ", ".join(str(1 + d) for d in measured)
+        costs = ", ".join(f"{c:.2f}x" for c in measured.values())
+        return drafts_for(
+            cost
+        ), f"measured: passes over {positions} positions of {len(rows)} rows took {costs} a plain one"
 
     def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
         """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""
