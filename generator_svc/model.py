@@ -127,7 +127,8 @@ class RagModel:
             for drafts in DRAFT_CHOICES[1:]:
                 seconds(1 + drafts)
                 cost[drafts] = statistics.median(seconds(1 + drafts) / seconds(1) for _ in range(rounds))
-                if cost[drafts] / most >= min(WORTH_DRAFTING, *(c / tokens_per_pass(d) for d, c in cost.items() if d)):
+                best = min(WORTH_DRAFTING, *(c / tokens_per_pass(d) for d, c in cost.items() if d))
+                if cost[drafts] / most >= best:
                     break  # no pass over more positions (longer still) can be worth it, nor beat the best so far
         except Exception as err:  # an optimisation, as the warm-up is
             log.warning("measuring drafted passes failed, drafting none: %s", err)
@@ -135,9 +136,8 @@ class RagModel:
         measured = {d: c for d, c in cost.items() if d}
         positions = ", ".join(str(1 + d) for d in measured)
         costs = ", ".join(f"{c:.2f}x" for c in measured.values())
-        return drafts_for(
-            cost
-        ), f"measured: passes over {positions} positions of {len(rows)} rows took {costs} a plain one"
+        why = f"measured: passes over {positions} positions of {len(rows)} rows took {costs} a plain one"
+        return drafts_for(cost), why
 
     def _contexts(self, request: Request) -> tuple[list[Context], torch.Tensor, torch.Tensor]:
         """What each row reads, the prior the math uses over the rows, and p(z|x) over the passages."""
