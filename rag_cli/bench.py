@@ -589,6 +589,8 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         index = index_built_from(corpus, encoder_spec, index_root, "latency", reuse_from=reuse)
 
     reference = _Reference(generator, new_tokens)
+    # Drafting as served by default (measured in the warm-up), not the test launcher's none.
+    served: dict[str, Any] = {"max_new_tokens": new_tokens, "draft_tokens": -1}
     figures: list[Figure] = []
     clients: list[Figure] = []  # answers per second with several clients
     runs: dict[tuple[str, Mode], tuple[AskRun, AskRun]] = {}  # (cold, warm) per precision and mode
@@ -598,8 +600,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     for dtype in dtypes:
         for mode in (Mode.TOKEN, Mode.SEQUENCE):
             launcher = Launcher()  # a new generator per mode: every passage is new to it (cold)
-            # Drafting as served by default (measured in the warm-up), not the test launcher's none.
-            fields: dict[str, Any] = {"dtype": dtype, "max_new_tokens": new_tokens, "draft_tokens": -1}
+            fields: dict[str, Any] = {"dtype": dtype, **served}
             if dtype == dtypes[0] and mode is Mode.TOKEN:
                 fields["kv_cache_dir"] = str(disk)
             try:
@@ -621,15 +622,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
                 launcher.close()
     launcher = Launcher()  # that generator restarted: its passages are on disk, none in memory
     try:
-        stack = launcher.stack(
-            index_root,
-            str(index),
-            generator,
-            dtype=dtypes[0],
-            max_new_tokens=new_tokens,
-            kv_cache_dir=str(disk),
-            draft_tokens=-1,
-        )
+        stack = launcher.stack(index_root, str(index), generator, dtype=dtypes[0], kv_cache_dir=str(disk), **served)
         stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
         restarted = _ask_all(stub, questions, Mode.TOKEN, "question", reference)
     finally:
