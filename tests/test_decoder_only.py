@@ -167,19 +167,28 @@ def test_greedy_rag_sequence_is_each_passages_answer_ranked_by_its_marginal(
 def test_rows_of_ended_hypotheses_leave_the_passes_they_share(tiny: TinyModels, tmp_path: Path) -> None:
     """Greedy RAG-Sequence stops computing the rows of hypotheses that ended, also in the decoding passes it
     shares with other requests (continuous batching): every request answers what it answers alone."""
-    model = tmp_path / "lm"
-    shutil.copytree(tiny.causal_lm, model)
-    generation = json.loads((model / "generation_config.json").read_text())
-    # A second end-of-sequence token, which these weights choose after a step or two from some passages.
-    generation["eos_token_id"] = [generation["eos_token_id"], 209]
-    (model / "generation_config.json").write_text(json.dumps(generation))
-    lm = load_passage_lm(str(model))
     passages = [Passage(p.id, p.title, p.text, 1.0) for p in PASSAGES]
     requests = [
         ("When was it built?", DecodingOptions(Mode.SEQUENCE, max_new_tokens=10)),
         ("What is the capital of France?", DecodingOptions(Mode.TOKEN, max_new_tokens=10)),
         ("Who?", DecodingOptions(Mode.SEQUENCE, max_new_tokens=10)),
     ]
+    # A second end-of-sequence token: the second token of one passage's answer to the first question that the
+    # other passages' answers do not start with, so that its hypothesis ends while theirs decode on.
+    plain, first = load_passage_lm(str(tiny.causal_lm)), requests[0]
+    alone_answers = [
+        rag_math.generate(plain, plain.encode([first[0]], [[(p,)]]), torch.zeros(1, 1), first[1])[0][0].tokens
+        for p in passages
+    ]
+    ending = next(
+        a[1] for a in alone_answers if len(a) > 2 and all(a[1] not in b[:2] for b in alone_answers if b is not a)
+    )
+    model = tmp_path / "lm"
+    shutil.copytree(tiny.causal_lm, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation["eos_token_id"] = [generation["eos_token_id"], ending]
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    lm = load_passage_lm(str(model))
 
     def work(question: str, options: DecodingOptions) -> Callable[[PassageLM], Any]:
         def run(model: PassageLM) -> list[rag_math.Generated]:
