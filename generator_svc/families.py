@@ -258,6 +258,9 @@ class DecoderOnlyLM(PassageLM):
     def prompt_ids(self, question: str, context: Context) -> list[int]:
         return list(self._rendered(question, tuple((p.title, p.text) for p in context)))
 
+    def input_text(self, question: str, context: Context) -> str:
+        return str(self.tokenizer.decode(self.prompt_ids(question, context)))
+
     def _render(self, question: str, context: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
         """The prompt's token ids for a question and the (title, text) of the passages it reads."""
         if not context:

@@ -379,6 +379,9 @@ class JoinedLM(PassageLM):
     ) -> torch.Tensor:
         return self._alone(lambda: self.inner.token_logprobs(ctx, rows, targets, lengths, watch))
 
+    def input_text(self, question: str, context: Context) -> str:
+        return self.inner.input_text(question, context)
+
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         return self.inner.prompt_tokens(question, contexts)
 

@@ -174,6 +174,11 @@ class PassageLM(ABC):
         passes of at most `chunk_tokens` tokens, `watch` called after each."""
 
     @abstractmethod
+    def input_text(self, question: str, context: Context) -> str:
+        """What one row reads, as text (the prompt, or the encoder input): how the model is asked, which its
+        scores depend on besides its weights."""
+
+    @abstractmethod
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         """How many tokens `encode` runs for the question's rows (what a request's prompt costs)."""
 

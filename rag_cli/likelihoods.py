@@ -70,6 +70,8 @@ class GeneratorScorer:
         prompt = {
             "max_passage_tokens": getattr(lm, "max_passage_tokens", None),
             "system": getattr(lm, "system_prompt", None),
+            # the wording around the passage and question (a table scored under another is refused, not mixed)
+            "layout": lm.input_text("QUESTION", (Passage("passage", "TITLE", "TEXT", 0.0),)),
         }
         return {
             "scorer": "generator",
