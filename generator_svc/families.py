@@ -215,8 +215,11 @@ class EncoderDecoderLM(PassageLM):
 # Decoder-only (chat LMs)
 # --------------------------------------------------------------------------------------------------------
 
-# The passage first and the question last, so the answer is generated right after the question. Chat models
-# keep their template's own system prompt: instruct LMs follow it best (tried on the demo questions).
+# The instruction first, the passages next and the question last, so the answer is generated right after the
+# question. The instruction is the same for every row, so before the passage it is part of the fixed prefix that a
+# request's rows share (run once per process); after it, it ran once per passage, and RAG runs k prompts where a
+# one-prompt reader runs one. Chat models keep their template's own system prompt: instruct LMs follow it best
+# (tried on the demo questions).
 INSTRUCTION = "Using the passage, answer the question with a short phrase."
 INSTRUCTION_SEVERAL = "Using the passages, answer the question with a short phrase."
 INSTRUCTION_CLOSED_BOOK = "Answer the question with a short phrase."
@@ -267,12 +270,12 @@ class DecoderOnlyLM(PassageLM):
             user = f"{INSTRUCTION_CLOSED_BOOK}\nQuestion: {question}"
         elif len(context) == 1:
             title, text = context[0]
-            user = f"Passage: {title}\n{self._truncate(text)}\n\n{INSTRUCTION}\nQuestion: {question}"
+            user = f"{INSTRUCTION}\n\nPassage: {title}\n{self._truncate(text)}\n\nQuestion: {question}"
         else:
             passages = "\n\n".join(
                 f"Passage {i}: {title}\n{self._truncate(text)}" for i, (title, text) in enumerate(context, 1)
             )
-            user = f"{passages}\n\n{INSTRUCTION_SEVERAL}\nQuestion: {question}"
+            user = f"{INSTRUCTION_SEVERAL}\n\n{passages}\n\nQuestion: {question}"
         if self.tokenizer.chat_template:
             system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
             messages = [*system, {"role": "user", "content": user}]
@@ -334,8 +337,8 @@ class DecoderOnlyLM(PassageLM):
         )
 
     def _fixed_prefix(self, ids: list[int]) -> KV:
-        """The keys and values of what every RAG prompt starts with (system turn, template, up to the passage),
-        run once per process (kept for a few distinct prefixes)."""
+        """The keys and values of what every RAG prompt starts with (system turn, template and instruction, up to the
+        passage), run once per process (kept for a few distinct prefixes)."""
         key = tuple(ids)
         if key not in self._fixed:
             if len(self._fixed) >= 4:
@@ -354,7 +357,7 @@ class DecoderOnlyLM(PassageLM):
 
     def _passage_start_probes(self) -> list[list[int]]:
         """Two prompts that part where their passages begin: what a request's prompts share with both is at most
-        the fixed prefix (system turn, template)."""
+        the fixed prefix (system turn, template, instruction)."""
         return [self.prompt_ids(q, (Passage(q, q, q),)) for q in ("Alpha?", "Beta?")]
 
     # Where a segment ends depends on the question's first characters (a tokenizer may merge them with the

@@ -1,8 +1,8 @@
 """An exact cache of passage segments' keys and values, for decoder-only generators.
 
-A decoder-only row is `[fixed prefix][passage segment][question and the template's end]`: the system turn and the
-template's start, then `Passage: title / text / instruction / Question:`, then the question. Causal attention and
-absolute (rotary) positions make a segment's keys and values a function of the fixed prefix and the segment's own
+A decoder-only row is `[fixed prefix][passage segment][question and the template's end]`: the system turn, the
+template's start and the instruction, then `Passage: title / text / Question:`, then the question. Causal attention
+and absolute (rotary) positions make a segment's keys and values a function of the fixed prefix and the segment's own
 tokens only, so they can be computed once and reused by every request that reads the passage, exactly (Prompt
 Cache, Gim et al. 2023; vLLM's automatic prefix caching; RAGCache, Jin et al. 2024). Only the question's tokens
 then run per request.
