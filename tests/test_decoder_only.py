@@ -173,15 +173,18 @@ def test_rows_of_ended_hypotheses_leave_the_passes_they_share(tiny: TinyModels, 
         ("What is the capital of France?", DecodingOptions(Mode.TOKEN, max_new_tokens=10)),
         ("Who?", DecodingOptions(Mode.SEQUENCE, max_new_tokens=10)),
     ]
-    # A second end-of-sequence token: the second token of one passage's answer to the first question that the
-    # other passages' answers do not start with, so that its hypothesis ends while theirs decode on.
+    # A second end-of-sequence token: the second token of one passage's answer to the first question that neither
+    # it nor the other passages' answers start with, so that its hypothesis ends at its second step while theirs
+    # decode on.
     plain, first = load_passage_lm(str(tiny.causal_lm)), requests[0]
     alone_answers = [
         rag_math.generate(plain, plain.encode([first[0]], [[(p,)]]), torch.zeros(1, 1), first[1])[0][0].tokens
         for p in passages
     ]
     ending = next(
-        a[1] for a in alone_answers if len(a) > 2 and all(a[1] not in b[:2] for b in alone_answers if b is not a)
+        a[1]
+        for a in alone_answers
+        if len(a) > 2 and a[0] != a[1] and all(a[1] not in b[:2] for b in alone_answers if b is not a)
     )
     model = tmp_path / "lm"
     shutil.copytree(tiny.causal_lm, model)
