@@ -386,6 +386,16 @@ def test_rag_train_scores_its_likelihood_table_once_and_later_runs_reuse_and_ext
     other = rag("train", str(questions), *common, "--likelihoods", table["path"], "--generator", str(checkpoint),
                 "--out", str(tmp_path / "d"))  # fmt: skip
     assert other.returncode == 1 and "holds likelihoods scored with another generator" in other.stderr
+    # So is a table that does not record the prompt's wording (scored before it was recorded, under another).
+    unworded = tmp_path / "unworded.sqlite"
+    shutil.copy(table["path"], unworded)
+    with sqlite3.connect(unworded) as db:
+        identity = json.loads(db.execute("SELECT value FROM meta WHERE key = 'identity'").fetchone()[0])
+        identity["prompt"] = json.dumps({k: v for k, v in json.loads(identity["prompt"]).items() if k != "layout"})
+        db.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (json.dumps(identity),))
+    reworded = rag("train", str(questions), *common, "--candidates", "2", "--likelihoods", str(unworded),
+                   "--out", str(tmp_path / "e"))  # fmt: skip
+    assert reworded.returncode == 1 and "holds likelihoods scored with another prompt" in reworded.stderr
 
 
 def test_rag_train_with_a_kv_cache_disk_tier_runs_each_passage_once_across_runs_and_scores_the_same(
