@@ -7,7 +7,6 @@ to their first answer token (`encode`) and how one more chunk of tokens runs (`_
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from generator_svc.passage_lm import (
     select_rows,
     watched,
 )
+from generator_svc.prompts import ChatPrompt
 from rag import metrics
 from rag.errors import FailedPrecondition
 from rag.types import Passage
@@ -215,18 +215,10 @@ class EncoderDecoderLM(PassageLM):
 # Decoder-only (chat LMs)
 # --------------------------------------------------------------------------------------------------------
 
-# The instruction first, the passages next and the question last, so the answer is generated right after the
-# question. The instruction is the same for every row, so before the passage it is part of the fixed prefix that a
-# request's rows share (run once per process); after it, it ran once per passage, and RAG runs k prompts where a
-# one-prompt reader runs one. Chat models keep their template's own system prompt: instruct LMs follow it best
-# (tried on the demo questions).
-INSTRUCTION = "Using the passage, answer the question with a short phrase."
-INSTRUCTION_SEVERAL = "Using the passages, answer the question with a short phrase."
-INSTRUCTION_CLOSED_BOOK = "Answer the question with a short phrase."
-
 
 class DecoderOnlyLM(PassageLM):
-    """A causal LM prompted with one passage and the question (through its chat template when it has one)."""
+    """A causal LM prompted with one passage and the question (through its chat template when it has one; see
+    generator_svc.prompts)."""
 
     def __init__(
         self,
@@ -241,48 +233,17 @@ class DecoderOnlyLM(PassageLM):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.max_passage_tokens = max_passage_tokens
-        self.system_prompt = system_prompt
+        self.prompt = ChatPrompt(tokenizer, max_passage_tokens, system_prompt)
         self.rules = _rules_from(generation_config, tokenizer, ())
         self.bos_token_id = None  # decoder-only answers carry no BOS of their own
         self.passage_cache: PassageKVCache | None = None  # set at loading (--kv-cache-mb)
         self._fixed: dict[tuple[int, ...], KV] = {}  # the fixed prefix's keys and values, by its ids
-        # A request renders and tokenizes each of its prompts twice (counted against the token limit, then run)
-        # and two probe prompts per passage (where its segment ends), ~20 chat-template renderings at ~0.6 ms,
-        # redone for every request over the same passages: kept by (question, passages).
-        self._rendered = functools.lru_cache(maxsize=4096)(self._render)
-
-    def _truncate(self, text: str) -> str:
-        ids = self._encoded(text, add_special_tokens=False)["input_ids"]
-        return (
-            text if len(ids) <= self.max_passage_tokens else str(self.tokenizer.decode(ids[: self.max_passage_tokens]))
-        )
 
     def prompt_ids(self, question: str, context: Context) -> list[int]:
-        return list(self._rendered(question, tuple((p.title, p.text) for p in context)))
+        return self.prompt.ids(question, [(p.title, p.text) for p in context])
 
     def input_text(self, question: str, context: Context) -> str:
-        return str(self.tokenizer.decode(self.prompt_ids(question, context)))
-
-    def _render(self, question: str, context: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
-        """The prompt's token ids for a question and the (title, text) of the passages it reads."""
-        if not context:
-            user = f"{INSTRUCTION_CLOSED_BOOK}\nQuestion: {question}"
-        elif len(context) == 1:
-            title, text = context[0]
-            user = f"{INSTRUCTION}\n\nPassage: {title}\n{self._truncate(text)}\n\nQuestion: {question}"
-        else:
-            passages = "\n\n".join(
-                f"Passage {i}: {title}\n{self._truncate(text)}" for i, (title, text) in enumerate(context, 1)
-            )
-            user = f"{INSTRUCTION_SEVERAL}\n\n{passages}\n\nQuestion: {question}"
-        if self.tokenizer.chat_template:
-            system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages = [*system, {"role": "user", "content": user}]
-            text = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        else:
-            text = f"{user}\nAnswer:"
-        return tuple(self._encoded(text, add_special_tokens=False)["input_ids"])
+        return self.prompt.text(question, [(p.title, p.text) for p in context])
 
     def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
         return sum(len(self.prompt_ids(question, c)) for c in contexts)
@@ -561,7 +522,7 @@ class DecoderOnlyLM(PassageLM):
         }
 
     def answer_token_ids(self, answer: str) -> list[int]:
-        return self._encoded(answer, add_special_tokens=False)["input_ids"] + [self.rules.eos_token_ids[0]]
+        return self.prompt.answer_ids(answer) + [self.rules.eos_token_ids[0]]
 
     def teacher_forced(
         self, questions: Sequence[str], contexts: Sequence[Sequence[Context]], targets: torch.Tensor

@@ -3,7 +3,6 @@ on its device and in its precision; and saving one (fine-tuned) in the layout it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -54,9 +53,9 @@ def load_passage_lm(
     packable = where.type == "cpu" and precision.dtype in (Dtype.FLOAT32, Dtype.BFLOAT16)
     packed = packed and packable and packed_products(lm.model)
     if kv_cache_bytes and isinstance(lm, DecoderOnlyLM):
-        template = hashlib.sha256(str(lm.tokenizer.chat_template).encode()).hexdigest()[:16]
         layout = "|packed" if packed else ""  # packed float32 products round otherwise: their segments apart
-        namespace = f"{lm.name}|{precision.dtype.value}{layout}|{template}|{lm.max_passage_tokens}|{lm.system_prompt}"
+        prompt = lm.prompt
+        namespace = f"{lm.name}|{precision.dtype.value}{layout}|{prompt.template}|{prompt.max_passage_tokens}|{prompt.system_prompt}"
         disk = None
         if kv_cache_dir is not None:  # files outlive the process: name the weights by content, and who computed
             computed_by = f"{content_identity(Path(spec))}|{where.type}|torch {torch.__version__}"

@@ -17,7 +17,6 @@ The two families that implement it live in generator_svc.families; generator_svc
 from __future__ import annotations
 
 import math
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from transformers import Cache, DynamicCache, EncoderDecoderCache, PreTrainedTok
 from transformers.cache_utils import DynamicLayer
 
 from generator_svc.context_attention import KV, SharedContext
+from generator_svc.prompts import tokenized
 from rag import metrics
 from rag.types import Passage
 
@@ -229,16 +229,9 @@ class PassageLM(ABC):
     def question_tokens(self, question: str) -> int:
         return len(self._encoded(question, add_special_tokens=False)["input_ids"])
 
-    # One tokenizer call at a time, in every generator of the process: requests are counted in tokens on the
-    # serving thread while the model's thread encodes, and a fast tokenizer keeps its truncation and padding
-    # settings in shared state that a concurrent call with other settings changes under it (concurrent Generates
-    # to a BART failed with "Unable to create tensor ... padding").
-    _tokenizer_lock = threading.Lock()
-
     def _encoded(self, text: str | list[str], **options: Any) -> Any:
-        """The tokenizer's encoding of `text` (a BatchEncoding), made under the tokenizer lock."""
-        with self._tokenizer_lock:
-            return self.tokenizer(text, **options)
+        """The tokenizer's encoding of `text` (a BatchEncoding), made under the process's tokenizer lock."""
+        return tokenized(self.tokenizer, text, **options)
 
     def start(self, ctx: Contexts, rows: torch.Tensor) -> DecodingState:
         """A decoding state with one row per entry of `rows` (indices into the context rows)."""

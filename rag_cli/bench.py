@@ -629,7 +629,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
         launcher.close()
 
     # (a) Against what a user would run instead, timed beside each run (`_Reference`).
-    lm, model = reference.lm, reference.model
+    prompt, model = reference.prompt, reference.model
     assert model is not None
     cold_token = runs[(dtypes[0], Mode.TOKEN)][0]
     described = f"transformers generate, k passages in one prompt, {reference.dtype}, timed beside these Asks"
@@ -663,7 +663,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     blocks = parameters - embedding.numel() - (0 if head is embedding else head.numel())
 
     def prompt_work(question: str, sources: list[Passage]) -> int:
-        prompts = [lm.prompt_ids(question, (p,)) for p in sources]
+        prompts = [prompt.ids(question, [(p.title, p.text)]) for p in sources]
         shared = shared_prefix_length(prompts)
         return shared + sum(len(p) - shared for p in prompts)
 
@@ -672,7 +672,7 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     )
     prompt_flops = 2 * blocks * prompt_tokens + 2 * head.numel() * LATENCY_K
     flops, bandwidth = matmul_rate(), read_bandwidth()
-    decode_steps = statistics.median(len(lm.answer_token_ids(a)) for a in cold_token.answers)
+    decode_steps = statistics.median(len(prompt.answer_ids(a)) + 1 for a in cold_token.answers)  # and the end
     for dtype in dtypes:
         ours = runs[(dtype, Mode.TOKEN)][0].median
         weight_bytes = (blocks + head.numel()) * {"float32": 4, "bfloat16": 2, "int8": 1}[dtype]
@@ -774,12 +774,12 @@ class _Reference:
     puts into every ratio."""
 
     def __init__(self, generator: Path, new_tokens: int) -> None:
-        from generator_svc.families import DecoderOnlyLM
-        from generator_svc.loading import load_passage_lm
+        from transformers import AutoTokenizer
 
-        lm = load_passage_lm(str(generator))
-        assert isinstance(lm, DecoderOnlyLM)
-        self.lm, self.generator, self.new_tokens = lm, generator, new_tokens
+        from generator_svc.prompts import ChatPrompt
+
+        self.prompt = ChatPrompt(AutoTokenizer.from_pretrained(generator))  # as our generator words it
+        self.generator, self.new_tokens = generator, new_tokens
         self.model: Any = None
         self.dtype = ""
         self.passages: dict[str, list[Passage]] = {}  # per question: the passages our first Ask of it retrieved
@@ -801,7 +801,8 @@ class _Reference:
         """Seconds to answer `question` over the passages first given with it."""
         import torch
 
-        prompt = self.lm.prompt_ids(question, tuple(self.passages.setdefault(question, passages)))
+        passages = self.passages.setdefault(question, passages)
+        prompt = self.prompt.ids(question, [(p.title, p.text) for p in passages])
         started = time.perf_counter()
         with torch.no_grad():
             self.model.generate(torch.tensor([prompt]), max_new_tokens=self.new_tokens, do_sample=False)

@@ -67,9 +67,10 @@ class GeneratorScorer:
     @property
     def identity(self) -> dict[str, str]:
         lm = self.lm
+        chat = lm.prompt if isinstance(lm, DecoderOnlyLM) else None  # BART/T5 read title / text // question
         prompt = {
-            "max_passage_tokens": getattr(lm, "max_passage_tokens", None),
-            "system": getattr(lm, "system_prompt", None),
+            "max_passage_tokens": chat.max_passage_tokens if chat else None,
+            "system": chat.system_prompt if chat else None,
             # the wording around the passage and question (a table scored under another is refused, not mixed)
             "layout": lm.input_text("QUESTION", (Passage("passage", "TITLE", "TEXT", 0.0),)),
         }
