@@ -92,42 +92,50 @@ class Rows:
                 )
                 for k, v in own
             ]
-        self.valid = torch.cat([self.valid, torch.zeros(part.size, S, dtype=torch.bool)])
+        valid = torch.cat([self.valid, torch.zeros(part.size, S, dtype=torch.bool)])
         previous = self.state.next_position if self.state is not None else torch.zeros(0, dtype=torch.long)
-        self.parts.append(part)
-        self._rebuild(own if S else None, torch.cat([previous, positions]))
+        parts = [*self.parts, part]
+        self._commit(parts, valid, self._state(parts, own if S else None, torch.cat([previous, positions])))
         return part
 
     def leave(self, part: Part) -> None:
-        keep = torch.cat([self.rows_of(p) for p in self.parts if p is not part] or [torch.zeros(0, dtype=torch.long)])
-        self.parts.remove(part)
-        if not self.parts:
-            self.state, self.valid = None, torch.zeros(0, 0, dtype=torch.bool)
+        parts = [p for p in self.parts if p is not part]
+        if not parts:
+            self._commit([], torch.zeros(0, 0, dtype=torch.bool), None)
             return
-        self._select(keep)
+        self._select(parts, torch.cat([self.rows_of(p) for p in parts]))
 
     def keep(self, part: Part, index: torch.Tensor) -> None:
         """Only the part's rows `index` decode on (its row i continues its old row index[i]; see PassageLM.keep)."""
         keep = torch.cat([self.rows_of(p)[index] if p is part else self.rows_of(p) for p in self.parts])
-        part.context_rows = part.context_rows[index]
-        self._select(keep)
+        self._select(self.parts, keep, {part: part.context_rows[index]})
 
-    def _select(self, keep: torch.Tensor) -> None:
-        """The union of the rows `keep` (renumbered in that order), its parts already updated; own-cache slots
-        no row left needs are dropped."""
+    def _select(
+        self, parts: list[Part], keep: torch.Tensor, context_rows: dict[Part, torch.Tensor] | None = None
+    ) -> None:
+        """The union of `parts` made of the rows `keep` (renumbered in that order; a part's new context rows in
+        `context_rows`); own-cache slots no row left needs are dropped."""
         assert self.state is not None
         positions = self.state.next_position[keep]
         own = self._own()
-        self.valid = self.valid[keep]
-        columns = self.valid.any(0)
+        valid = self.valid[keep]
+        columns = valid.any(0)
         renumber = torch.cumsum(columns, 0) - 1
-        for p in self.parts:
-            p.slots = [int(renumber[s]) for s in p.slots]
-        self.valid = self.valid[:, columns]
+        valid = valid[:, columns]
         if own is not None:
             device_keep, device_columns = keep.to(self.lm.device), columns.to(self.lm.device)
             own = [(k[device_keep][:, :, device_columns], v[device_keep][:, :, device_columns]) for k, v in own]
-        self._rebuild(own if self.valid.shape[1] else None, positions)
+        changed = context_rows or {}
+        state = self._state(parts, own if valid.shape[1] else None, positions, changed)
+        self._commit(parts, valid, state)
+        for p in parts:
+            p.slots = [int(renumber[s]) for s in p.slots]
+            p.context_rows = changed.get(p, p.context_rows)
+
+    def _commit(self, parts: list[Part], valid: torch.Tensor, state: DecodingState | None) -> None:
+        """Make the union `parts`. Everything is built before this, so a change that fails (out of memory while the
+        union's tensors are joined) leaves the union as it was, and the requests in it go on."""
+        self.parts, self.valid, self.state = parts, valid, state
 
     def _own(self) -> KV | None:
         """The rows' own cached keys and values, per layer (None before the first pass)."""
@@ -138,15 +146,21 @@ class Rows:
             return None
         return [(layer.keys, layer.values) for layer in layers if layer.keys is not None and layer.values is not None]
 
-    def _rebuild(self, own: KV | None, positions: torch.Tensor) -> None:
-        """The union's state from its parts: contexts side by side, rows renumbered, the own cache given."""
-        width = max(p.ctx.attention_mask.shape[1] for p in self.parts)
+    def _state(
+        self,
+        parts: list[Part],
+        own: KV | None,
+        positions: torch.Tensor,
+        context_rows: dict[Part, torch.Tensor] | None = None,
+    ) -> DecodingState:
+        """The decoding state of a union of `parts`: contexts side by side, rows renumbered, the own cache given."""
+        width = max(p.ctx.attention_mask.shape[1] for p in parts)
         masks, prefix_parts, rows, base = [], [], [], 0
-        for p in self.parts:
+        for p in parts:
             mask, L = p.ctx.attention_mask, p.ctx.attention_mask.shape[1]
             masks.append(torch.nn.functional.pad(mask, (width - L, 0)))  # left: each prompt ends where it answers
             prefix_parts.append([(_left_pad(k, width), _left_pad(v, width)) for k, v in p.ctx.prefix])
-            rows.append(p.context_rows + base)
+            rows.append((context_rows or {}).get(p, p.context_rows) + base)
             base += len(mask)
         prefix = [
             (torch.cat([layers[i][0] for layers in prefix_parts]), torch.cat([layers[i][1] for layers in prefix_parts]))
@@ -157,7 +171,7 @@ class Rows:
         decoder_rows = torch.cat(rows)
         shared = SharedContext(decoder_rows, mask, len(prefix), self.lm.device, prompt=prefix)
         cache: Cache = holding(own) if own is not None else DynamicCache(config=self.lm.model.config)
-        self.state = DecodingState(ctx, decoder_rows, cache, shared, mask[decoder_rows], next_position=positions)
+        return DecodingState(ctx, decoder_rows, cache, shared, mask[decoder_rows], next_position=positions)
 
     def feed(self, feeds: Sequence[tuple[Part, torch.Tensor]]) -> list[torch.Tensor]:
         """One forward pass: each part's tokens [its rows, T_part] after what its rows hold; log p(next token) after
@@ -235,6 +249,7 @@ class Member:
         self.pending: _Op | None = None
         self.part: Part | None = None  # its rows in the union, while it decodes
         self.done = False
+        self.failed: BaseException | None = None  # the union it decoded in failed: it cannot go on
         self._answer: tuple[Any, BaseException | None] = (None, None)
         self._answered = threading.Event()
         self.lm = JoinedLM(joint.lm, self)
@@ -254,6 +269,8 @@ class Member:
     def call(self, op: _Op) -> Any:
         """From the request's thread: wait for the model thread to run `op`."""
         with self.joint.changed:
+            if self.failed is not None:
+                raise self.failed
             self.pending = op
             self.joint.changed.notify_all()
         self._answered.wait()
@@ -268,6 +285,13 @@ class Member:
         self.pending = None
         self._answer = (result, error)
         self._answered.set()
+
+    def fail(self, error: BaseException) -> None:
+        """From the model thread: what it waits for, and whatever it asks for next, fails with `error`."""
+        with self.joint.changed:
+            self.failed = error
+            self.part = None
+            self.answer(error=error)
 
 
 class JointDecoder:
@@ -289,21 +313,35 @@ class JointDecoder:
         member.thread.start()
 
     def advance(self) -> None:
-        """Run what every request in flight waits for: the calls of their own, then one pass for all."""
+        """Run what every request in flight waits for: the calls of their own, then one pass for all. Where the
+        union itself fails (a pass, or bookkeeping on its rows: out of memory, or a bug), its cache may be half
+        grown, so every request in it fails and it starts empty; a request whose own call fails (its prompts, or
+        joining the union, which changes nothing until it succeeds) fails alone."""
         with self.changed:
             self.changed.wait_for(lambda: all(m.done or m.pending is not None for m in self.members))
-        for member in [m for m in self.members if m.done]:
-            self._release(member)
-            self.members.remove(member)
+        try:
+            for member in [m for m in self.members if m.done]:
+                self._release(member)
+                self.members.remove(member)
+        except BaseException as err:
+            self.fail_all(err)
+            return
         waiting = [m for m in self.members if m.pending is not None and m.pending.kind != "feed"]
         for member in waiting:
             op = member.pending
             assert op is not None and op.run is not None
-            if op.kind == "alone":  # a new prompt or scoring: its decoding (if any) is over
-                self._release(member)
+            try:
+                if op.kind == "alone":  # a new prompt or scoring: its decoding (if any) is over
+                    self._release(member)
+            except BaseException as err:
+                self.fail_all(err)
+                return
             try:
                 result = op.run()
             except BaseException as err:
+                if op.kind == "rows" and member.part is not None:  # the union was changing in place
+                    self.fail_all(err)
+                    return
                 member.answer(error=err)
             else:
                 member.answer(result)
@@ -316,11 +354,17 @@ class JointDecoder:
         try:
             results = self.rows.feed([_feed_of(m) for m in feeding])
         except BaseException as err:
-            for member in feeding:
-                member.answer(error=err)
+            self.fail_all(err)
             return
         for member, result in zip(feeding, results, strict=True):
             member.answer(result)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Every request in flight fails with `error`; the union starts empty."""
+        for member in self.members:
+            member.fail(error)
+        self.members.clear()
+        self.rows = Rows(self.lm)
 
     def _release(self, member: Member) -> None:
         if member.part is not None:
@@ -397,6 +441,7 @@ class JoinedLM(PassageLM):
         def join() -> Part:
             if member.part is not None:
                 joint.rows.leave(member.part)
+                member.part = None
             member.part = joint.rows.join(ctx, rows)
             return member.part
 

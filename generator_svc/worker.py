@@ -10,6 +10,7 @@ A streamed request gets its question's tokens as they are chosen.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -24,7 +25,9 @@ from generator_svc.model import RagModel
 from generator_svc.passage_lm import DecodingStopped, PassageLM, Watch
 from generator_svc.requests import Request
 from rag import metrics
-from rag.errors import Cancelled, DeadlineExceeded
+from rag.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
 
 
 def batch_key(request: Request) -> tuple[Any, ...]:
@@ -70,6 +73,8 @@ class Job:
         return batch_key(self.work.request) if isinstance(self.work, Decode) else None
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        error = _as_status(error) if error is not None else None
+
         def done() -> None:
             if self.future.done():
                 return
@@ -93,6 +98,17 @@ class Job:
     def abandoned(self) -> bool:
         """Nobody waits for the result any more: cancelled, or past its deadline."""
         return self.cancelled.is_set() or self.expired()
+
+
+def _as_status(error: BaseException) -> BaseException:
+    """Running out of memory is load, not a bug: RESOURCE_EXHAUSTED (a client may retry), not INTERNAL. CUDA raises
+    torch.OutOfMemoryError; the CPU allocator a RuntimeError that says so."""
+    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        return ResourceExhausted(
+            f"the generator ran out of memory for this request ({str(error)[:200]}); retry later, or ask with fewer "
+            "passages or new tokens"
+        )
+    return error
 
 
 def batch_watch(jobs: list[Job]) -> Watch:
@@ -154,12 +170,18 @@ class ModelWorker:
 
     def _run(self) -> None:
         while True:
-            if self._joint is None and self.model is not None and joins(self.model.lm):
-                self._joint = JointDecoder(self.model.lm)
-            if self._joint is not None:
-                self._advance(self._joint)
-            else:
-                self._execute(self._next_batch())
+            try:
+                if self._joint is None and self.model is not None and joins(self.model.lm):
+                    self._joint = JointDecoder(self.model.lm)
+                if self._joint is not None:
+                    self._advance(self._joint)
+                else:
+                    self._execute(self._next_batch())
+            except Exception:  # a bug; the thread goes on, or every later request would wait for it forever
+                log.exception("the model thread's loop failed; the requests in flight were failed")
+                if self._joint is not None:
+                    self._joint.fail_all(Unavailable("the generator failed while decoding this request; retry"))
+                    self._joint = None
 
     def _advance(self, joint: JointDecoder) -> None:
         """Admit waiting jobs (while fewer than `max_batch` are in flight), then run one round of the passes."""

@@ -597,6 +597,96 @@ def test_requests_join_the_decoding_passes_in_flight_and_answer_as_they_would_al
             assert list(ha.passage_posteriors) == pytest.approx(list(hb.passage_posteriors), abs=1e-3)
 
 
+def _in_flight(stub: Any, request: generator_pb2.GenerateRequest) -> Any:
+    """A stream of `request`, decoding: its first reply has come."""
+    stream = stub.GenerateStream(
+        generator_pb2.GenerateStreamRequest(question=request.question, passages=request.passages,
+                                            options=request.options), timeout=60)  # fmt: skip
+    next(stream)
+    return stream
+
+
+def test_a_request_that_cannot_join_the_passes_in_flight_fails_alone_and_the_generator_serves_on(
+    launch: Launcher, tiny: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining the rows being decoded builds the union's tensors anew (a GPU may run out of memory there). Where that
+    fails, the request that joins gets RESOURCE_EXHAUSTED and the one in flight decodes on to its own answer. Before,
+    the failed join left its rows in the union: the request in flight failed, the model thread died, and every later
+    request waited for its deadline while the health check said SERVING."""
+    from generator_svc.joint import Rows
+
+    served = launch.generator(tiny.causal_lm, max_batch=8)
+    failed: list[int] = []
+    build = Rows._state
+
+    def state(self: Rows, parts: list[Any], *args: Any, **kwargs: Any) -> Any:
+        if len(parts) > 1 and not failed:  # a second request joins the first's passes
+            failed.append(len(parts))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.20 GiB (injected)")
+        return build(self, parts, *args, **kwargs)
+
+    monkeypatch.setattr(Rows, "_state", state)
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    long = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages,
+                                         options=generator_pb2.DecodingOptions(max_new_tokens=160))  # fmt: skip
+    short = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=passages,
+                                          options=generator_pb2.DecodingOptions(max_new_tokens=12))  # fmt: skip
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        long_alone, short_alone = stub.Generate(long, timeout=60), stub.Generate(short, timeout=60)
+        stream = _in_flight(stub, long)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(short, timeout=60)
+        streamed = list(stream)
+        after = stub.Generate(short, timeout=60)
+    assert failed == [2]
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in details(refused.value)
+    assert streamed[-1].final.hypotheses[0].token_ids == long_alone.hypotheses[0].token_ids
+    assert after.hypotheses[0].token_ids == short_alone.hypotheses[0].token_ids
+
+
+@pytest.mark.parametrize("where", ["feed", "leave"])
+def test_when_the_shared_passes_fail_the_requests_in_them_fail_and_the_generator_serves_on(
+    launch: Launcher, tiny: TinyModels, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A failing pass over the union (its cache may be half grown), or bookkeeping as a request leaves it, fails
+    every request in flight with a status, and the union starts empty: later requests are answered as before. Before,
+    a failure as a request left killed the model thread, and every later request waited for its deadline."""
+    from generator_svc.joint import Rows
+
+    served = launch.generator(tiny.causal_lm, max_batch=8)
+    failed: list[int] = []
+    original = getattr(Rows, where)
+
+    def failing(self: Rows, *args: Any, **kwargs: Any) -> Any:
+        if len(self.parts) > 1 and not failed:  # with two requests in flight
+            failed.append(len(self.parts))
+            raise RuntimeError(f"a bug in Rows.{where} (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Rows, where, failing)
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    long = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages,
+                                         options=generator_pb2.DecodingOptions(max_new_tokens=160))  # fmt: skip
+    short = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=passages,
+                                          options=generator_pb2.DecodingOptions(max_new_tokens=12))  # fmt: skip
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        short_alone = stub.Generate(short, timeout=60)
+        stream = _in_flight(stub, long)
+        joined = stub.Generate.future(short, timeout=60)
+        with pytest.raises(grpc.RpcError) as stopped:
+            list(stream)
+        try:
+            joined.result()  # it fails with the pass, or ended before the failure as it left
+        except grpc.RpcError as error:
+            assert where == "feed" and error.code() == grpc.StatusCode.INTERNAL
+        after = [stub.Generate(short, timeout=60), stub.Generate(short, timeout=60)]
+    assert failed == [2]
+    assert stopped.value.code() == grpc.StatusCode.INTERNAL
+    assert [a.hypotheses[0].token_ids for a in after] == [short_alone.hypotheses[0].token_ids] * 2
+
+
 @pytest.mark.parametrize("family", ["encoder-decoder", "decoder-only"])
 def test_drafted_greedy_decoding_gives_plain_greedys_tokens(launch: Launcher, tiny: TinyModels, family: str) -> None:
     """Greedy RAG-Token, RAG-Sequence (each passage) and the baselines verify tokens drafted from the inputs and the
