@@ -49,6 +49,7 @@ class Decode:
 
     request: Request
     on_token: Callable[[int], None] | None = None  # a stream's: each token chosen for its question (greedy)
+    streamed: list[int] = field(default_factory=list)  # the tokens `on_token` has had (a stream's text so far)
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,27 @@ def _as_status(error: BaseException) -> BaseException:
 
 def batch_watch(jobs: list[Job]) -> Watch:
     """A watch that ends the work between two model passes once every job of the batch is abandoned, and hands
-    each streamed job its question's token at every greedy step."""
-    streams = [
-        (i, job.work.on_token) for i, job in enumerate(jobs) if isinstance(job.work, Decode) and job.work.on_token
-    ]
+    each streamed job its question's token at every greedy step. A job decoded again (alone, after its batch
+    failed) gets the same tokens again: those its stream has sent are not sent twice."""
+    streams = [(i, job.work) for i, job in enumerate(jobs) if isinstance(job.work, Decode) and job.work.on_token]
+    steps = 0
 
     def watch(tokens: torch.Tensor | None) -> None:
+        nonlocal steps
         if all(job.abandoned() for job in jobs):
             raise DecodingStopped
-        if tokens is not None:
-            for i, on_token in streams:
-                on_token(int(tokens[i]))
+        if tokens is None:
+            return
+        for i, work in streams:
+            token = int(tokens[i])
+            if steps < len(work.streamed):
+                if token != work.streamed[steps]:
+                    raise Unavailable("decoding this streamed answer again gave other tokens than those sent; retry")
+                continue
+            work.streamed.append(token)
+            assert work.on_token is not None
+            work.on_token(token)
+        steps += 1
 
     return watch
 

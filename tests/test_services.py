@@ -785,6 +785,69 @@ def test_streaming_requests_are_their_unary_twins_on_the_wire(
     assert replies and replies[-1].HasField("final")
 
 
+def test_streams_decoded_again_after_their_batch_failed_send_each_token_once(
+    launch: Launcher, tiny: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder-decoder batches whole requests; where a batch fails (out of memory on the batch, not on one
+    request), each request is decoded again alone. Its stream has sent text already: the tokens come again and are
+    not sent twice, so the deltas still add up to the final answer. Before, the text so far was sent again."""
+    from generator_svc.families import EncoderDecoderLM
+    from generator_svc.passage_lm import PassageLM
+
+    served = launch.generator(tiny.rag_checkpoint, max_batch=8)
+    worker = served.servicers[0].worker
+    holding, release, queued = threading.Event(), threading.Event(), threading.Semaphore(0)
+    encode, feed, submit = EncoderDecoderLM.encode, PassageLM.feed, worker.submit
+    failed: list[int] = []
+
+    def held_encode(self: EncoderDecoderLM, questions: list[str], *args: Any, **kwargs: Any) -> Any:
+        if questions == ["Hold."]:  # keeps the model thread busy until both streams wait
+            holding.set()
+            assert release.wait(60)
+        return encode(self, questions, *args, **kwargs)
+
+    def failing_feed(self: PassageLM, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+        if state.ctx.num_questions == 2 and state.fed == 3 and not failed:  # the two streams' batch, text sent
+            failed.append(state.fed)
+            raise RuntimeError("a batched pass failed (injected)")
+        return feed(self, state, tokens)
+
+    def counted_submit(job: Any) -> None:
+        submit(job)
+        queued.release()
+
+    monkeypatch.setattr(EncoderDecoderLM, "encode", held_encode)
+    monkeypatch.setattr(PassageLM, "feed", failing_feed)
+    monkeypatch.setattr(worker, "submit", counted_submit)
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    options = generator_pb2.DecodingOptions(max_new_tokens=12)
+    questions = ["Who discovered penicillin?", "What is the capital of France?"]
+    with grpc.insecure_channel(address(served)) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        alone = [stub.Generate(generator_pb2.GenerateRequest(question=q, passages=passages, options=options),
+                               timeout=60) for q in questions]  # fmt: skip
+        hold = generator_pb2.GenerateRequest(question="Hold.", passages=passages,
+                                             options=generator_pb2.DecodingOptions(max_new_tokens=2))  # fmt: skip
+        held = stub.Generate.future(hold, timeout=60)
+        assert holding.wait(60) and queued.acquire(timeout=60)
+        with ThreadPoolExecutor(2) as pool:
+            streams = [
+                pool.submit(lambda q: list(stub.GenerateStream(generator_pb2.GenerateStreamRequest(
+                    question=q, passages=passages, options=options), timeout=60)), q)
+                for q in questions
+            ]  # fmt: skip
+            assert queued.acquire(timeout=60) and queued.acquire(timeout=60)  # both wait: they form one batch
+            release.set()
+            replies = [f.result() for f in streams]
+        held.result()
+    assert failed == [3]
+    for reference, stream in zip(alone, replies, strict=True):
+        final = stream[-1].final
+        assert final.hypotheses[0].token_ids == reference.hypotheses[0].token_ids
+        assert len(final.hypotheses[0].token_ids) > 4  # text was sent before the batch failed
+        assert "".join(r.text_delta for r in stream[:-1]) == final.hypotheses[0].text
+
+
 def test_rag_sequence_streams_its_answer_when_it_is_known(services: Services) -> None:
     options = DecodingOptions(mode=Mode.SEQUENCE, num_beams=2, max_new_tokens=8)
     deltas, final = ask_stream(services.gateway, AskRequest("Who discovered penicillin?", 3, options))
