@@ -116,10 +116,10 @@ class EncoderDecoderLM(PassageLM):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
 
-    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
+    def prompt_lengths(self, question: str, contexts: Sequence[Context]) -> list[int]:
         texts = [self.input_text(question, c) for c in contexts]
         ids = self._encoded(texts, max_length=self.max_input_tokens, truncation=True)["input_ids"]
-        return sum(len(row) for row in ids)
+        return [len(row) for row in ids]
 
     @torch.inference_mode()
     def encode(
@@ -234,6 +234,10 @@ class DecoderOnlyLM(PassageLM):
         self.tokenizer = tokenizer
         self.name = name
         self.prompt = ChatPrompt(tokenizer, max_passage_tokens, system_prompt)
+        config = model.config
+        self.max_positions = next(
+            (int(n) for n in (getattr(config, a, None) for a in ("max_position_embeddings", "n_positions")) if n), None
+        )
         self.rules = _rules_from(generation_config, tokenizer, ())
         self.bos_token_id = None  # decoder-only answers carry no BOS of their own
         self.passage_cache: PassageKVCache | None = None  # set at loading (--kv-cache-mb)
@@ -245,8 +249,8 @@ class DecoderOnlyLM(PassageLM):
     def input_text(self, question: str, context: Context) -> str:
         return self.prompt.text(question, [(p.title, p.text) for p in context])
 
-    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
-        return sum(len(self.prompt_ids(question, c)) for c in contexts)
+    def prompt_lengths(self, question: str, contexts: Sequence[Context]) -> list[int]:
+        return [len(self.prompt_ids(question, c)) for c in contexts]
 
     @torch.inference_mode()
     def encode(

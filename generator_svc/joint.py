@@ -403,6 +403,7 @@ class JoinedLM(PassageLM):
         self.bos_token_id = lm.bos_token_id
         self.name = lm.name
         self.max_answer_tokens = lm.max_answer_tokens
+        self.max_positions = lm.max_positions
         self.chunk_tokens = lm.chunk_tokens
 
     def _alone(self, run: Callable[[], Any]) -> Any:
@@ -426,8 +427,8 @@ class JoinedLM(PassageLM):
     def input_text(self, question: str, context: Context) -> str:
         return self.inner.input_text(question, context)
 
-    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
-        return self.inner.prompt_tokens(question, contexts)
+    def prompt_lengths(self, question: str, contexts: Sequence[Context]) -> list[int]:
+        return self.inner.prompt_lengths(question, contexts)
 
     def answer_token_ids(self, answer: str) -> list[int]:
         return self.inner.answer_token_ids(answer)

@@ -149,9 +149,9 @@ class RagModel:
         context: Context = () if options.mode is Mode.CLOSED_BOOK else tuple(passages)
         return [context], torch.zeros(1), prior
 
-    def prompt_tokens(self, request: Request) -> int:
-        """What the request's prompts cost in tokens (all its rows)."""
-        return self.lm.prompt_tokens(request.question, self._contexts(request)[0])
+    def prompt_lengths(self, request: Request) -> list[int]:
+        """Each of the request's prompts (its rows), in tokens."""
+        return self.lm.prompt_lengths(request.question, self._contexts(request)[0])
 
     def generate(self, batch: Sequence[Request], watch: Watch | None = None) -> list[Answered]:
         """Decode a batch of requests that share their decoding options and passage count; `watch` sees every

@@ -162,6 +162,8 @@ class PassageLM(ABC):
     name: str
     # The longest answer the model can hold (its decoder's positions), when it has such a limit.
     max_answer_tokens: int | None = None
+    # The most tokens one row may hold, prompt and answer together (a decoder-only model's positions), when known.
+    max_positions: int | None = None
     # The most tokens one pass of prompt or scoring work runs before the caller is checked on (set at loading
     # for the device: generator_svc.loading.chunk_tokens_for).
     chunk_tokens: int = 512
@@ -179,8 +181,8 @@ class PassageLM(ABC):
         scores depend on besides its weights."""
 
     @abstractmethod
-    def prompt_tokens(self, question: str, contexts: Sequence[Context]) -> int:
-        """How many tokens `encode` runs for the question's rows (what a request's prompt costs)."""
+    def prompt_lengths(self, question: str, contexts: Sequence[Context]) -> list[int]:
+        """Each of the question's rows' prompt, in tokens (their sum: what `encode` runs, a request's prompt cost)."""
 
     @abstractmethod
     def _cache(self, ctx: Contexts, rows: torch.Tensor) -> tuple[Cache, SharedContext]:

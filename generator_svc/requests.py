@@ -44,19 +44,34 @@ class Limits:
             options.n_docs <= self.max_passages, f"n_docs must be in [0, {self.max_passages}], got {options.n_docs}"
         )
 
-    def check_tokens(self, question_tokens: int, prompt_tokens: Callable[[], int]) -> None:
-        """The question's tokens, then (counted only for a question that passes) all the request's prompts'."""
+    def check_tokens(
+        self,
+        question_tokens: int,
+        prompt_lengths: Callable[[], list[int]],
+        answer_tokens: int,
+        max_positions: int | None,
+    ) -> None:
+        """The question's tokens, then (counted only for a question that passes) all the request's prompts', and
+        that each prompt with an answer of `answer_tokens` fits the model's `max_positions` (where it has them: a
+        decoder-only model would index past its position table, or read positions it was never trained on)."""
         require(
             question_tokens <= self.max_question_tokens,
             f"the question is {question_tokens} tokens; this generator takes {self.max_question_tokens} at most "
             "(--max-question-tokens)",
         )
-        tokens = prompt_tokens()
+        lengths = prompt_lengths()
         require(
-            tokens <= self.max_prompt_tokens,
-            f"the request's prompts are {tokens} tokens (the question is read once per passage); this generator "
-            f"takes {self.max_prompt_tokens} per request (--max-prompt-tokens): use fewer passages or a shorter "
-            "question",
+            sum(lengths) <= self.max_prompt_tokens,
+            f"the request's prompts are {sum(lengths)} tokens (the question is read once per passage); this "
+            f"generator takes {self.max_prompt_tokens} per request (--max-prompt-tokens): use fewer passages or a "
+            "shorter question",
+        )
+        longest = max(lengths, default=0)
+        require(
+            max_positions is None or longest + answer_tokens <= max_positions,
+            f"a prompt of {longest} tokens and an answer of up to {answer_tokens} do not fit the model's "
+            f"{max_positions} positions: use fewer passages (concatenation reads them all in one prompt), shorter "
+            "ones, or fewer new tokens",
         )
 
     def passages(self, pbs: Sequence[passage_pb2.Passage]) -> list[Passage]:

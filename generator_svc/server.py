@@ -74,13 +74,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return self.worker.model
 
     def _parse(
-        self, pb: generator_pb2.GenerateRequest | generator_pb2.GenerateStreamRequest | generator_pb2.ScoreRequest
+        self,
+        pb: generator_pb2.GenerateRequest | generator_pb2.GenerateStreamRequest | generator_pb2.ScoreRequest,
+        answer_tokens: int | None = None,
     ) -> Request:
-        """The request, checked against the limits (its cost in the model's tokens included) before any work."""
+        """The request, checked against the limits (its cost in the model's tokens included) before any work; its
+        answers take up to `answer_tokens` (default: as many as it may generate)."""
         default_max_new_tokens = min(self.config.max_new_tokens, self.limits.max_new_tokens)
         request = Request.from_pb(pb, self.limits, default_max_new_tokens, self.config.score_temperature)
         model = self._model()
-        self.limits.check_tokens(model.lm.question_tokens(request.question), lambda: model.prompt_tokens(request))
+        self.limits.check_tokens(
+            model.lm.question_tokens(request.question),
+            lambda: model.prompt_lengths(request),
+            request.options.max_new_tokens if answer_tokens is None else answer_tokens,
+            model.lm.max_positions,
+        )
         return request
 
     async def Generate(
@@ -132,7 +140,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.ScoreResponse:
         model = self._model()
-        parsed, answers = self._parse(request), self.limits.answers(request.answers, model.lm.answer_token_ids)
+        answers = self.limits.answers(request.answers, model.lm.answer_token_ids)
+        parsed = self._parse(request, max(len(model.lm.answer_token_ids(a)) for a in answers))
         scored = await self._submit(context, Call(lambda model, watch: model.score(parsed, answers, watch)))
         return scored.to_pb()
 

@@ -223,6 +223,40 @@ def test_huge_finite_scores_at_the_lowest_temperature_give_finite_priors(service
     assert all(math.isfinite(x) for h in reply.hypotheses for x in (h.log_prob, *h.passage_posteriors))
 
 
+def test_prompts_and_answers_beyond_the_models_positions_are_refused(launch: Launcher, tmp_path: Path) -> None:
+    """A decoder-only model reads a fixed number of positions (GPT-2's position table; the length a rotary model was
+    trained on). A request whose longest prompt with its answer would not fit is refused with INVALID_ARGUMENT that
+    says what to change, before any work: RAG's rows (one passage each) fit where the concatenation of every passage
+    does not. Before, a GPT-2 indexed past its table (INTERNAL) and a rotary model read on past its length."""
+    from transformers import AutoTokenizer
+
+    from generator_svc.prompts import ChatPrompt
+
+    chat = ChatPrompt(random_models.chat_tokenizer())
+    passages = [passage_pb2.Passage(id=f"p{i}", title=f"Title {i}", text="Fleming discovered penicillin. " * 3,
+                                    score=1.0) for i in range(4)]  # fmt: skip
+    question = "Who discovered penicillin?"
+    row = len(chat.ids(question, [(passages[0].title, passages[0].text)]))
+    every = len(chat.ids(question, [(p.title, p.text) for p in passages]))
+    assert row + 8 < every  # room for a RAG row and 8 answer tokens, not for the concatenated prompt
+    lm = random_models.save_causal_lm(tmp_path / "lm", positions=row + 8)
+    assert AutoTokenizer.from_pretrained(lm).chat_template == chat.tokenizer.chat_template
+    served = launch.generator(lm)
+
+    def generate(mode: generator_pb2.RagMode.ValueType, new_tokens: int) -> generator_pb2.GenerateResponse:
+        options = generator_pb2.DecodingOptions(mode=mode, max_new_tokens=new_tokens)
+        request = generator_pb2.GenerateRequest(question=question, passages=passages, options=options)
+        with grpc.insecure_channel(address(served)) as channel:
+            return generator_pb2_grpc.GeneratorServiceStub(channel).Generate(request, timeout=60)
+
+    assert generate(generator_pb2.RAG_MODE_TOKEN, 8).hypotheses
+    for mode, new_tokens in ((generator_pb2.RAG_MODE_CONCAT, 8), (generator_pb2.RAG_MODE_TOKEN, 9)):
+        with pytest.raises(grpc.RpcError) as refused:
+            generate(mode, new_tokens)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"do not fit the model's {row + 8} positions" in details(refused.value)
+
+
 def test_generator_refuses_work_beyond_its_queue(launch: Launcher, tiny: TinyModels) -> None:
     served = launch.generator(tiny.rag_checkpoint, max_queue=1)
     options = generator_pb2.DecodingOptions(num_beams=8, max_new_tokens=200)

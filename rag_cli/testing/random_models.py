@@ -205,11 +205,17 @@ def save_sentence_encoder(out_dir: Path, seed: int = 0, hidden: int = 32) -> Pat
 
 
 def save_causal_lm(
-    out_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2, init_std: float = 0.2, tied: bool = True
+    out_dir: Path,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    init_std: float = 0.2,
+    tied: bool = True,
+    positions: int = 32768,
 ) -> Path:
-    """A small Qwen2-style chat LM (grouped-query attention, rotary positions, a chat template); `tied`: the
-    vocabulary projection is the input embeddings (Qwen2.5-0.5B's own checkpoint), or its own weight (the demo's
-    conversion of its GGUF)."""
+    """A small Qwen2-style chat LM (grouped-query attention, rotary positions, a chat template, Qwen2.5-0.5B's
+    32,768 positions unless `positions` says otherwise); `tied`: the vocabulary projection is the input embeddings
+    (Qwen2.5-0.5B's own checkpoint), or its own weight (the demo's conversion of its GGUF)."""
     torch.manual_seed(seed)
     tokenizer = chat_tokenizer()
     config = Qwen2Config(
@@ -219,7 +225,7 @@ def save_causal_lm(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=positions,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
