@@ -144,12 +144,13 @@ class Request:
         return self.options.n_docs or len(self.passages)
 
     def doc_scores(self) -> torch.Tensor:
-        """Retrieval scores [n_docs]: the passages' own, or q . d recomputed from embeddings when q is given."""
+        """Retrieval scores [n_docs]: the passages' own, or q . d recomputed from embeddings when q is given, in
+        float64 (finite float32 embeddings can have a dot product past float32's range, and a prior of NaN)."""
         passages = self.passages[: self.n_docs]
         if not self.query_embedding:
-            return torch.tensor([p.score for p in passages], dtype=torch.float32)
-        q = torch.tensor(self.query_embedding, dtype=torch.float32)
-        return torch.tensor([p.embedding for p in passages], dtype=torch.float32) @ q
+            return torch.tensor([p.score for p in passages], dtype=torch.float64)
+        q = torch.tensor(self.query_embedding, dtype=torch.float64)
+        return torch.tensor([p.embedding for p in passages], dtype=torch.float64) @ q
 
 
 @dataclass(frozen=True)

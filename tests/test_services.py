@@ -223,6 +223,16 @@ def test_huge_finite_scores_at_the_lowest_temperature_give_finite_priors(service
     assert all(math.isfinite(x) for h in reply.hypotheses for x in (h.log_prob, *h.passage_posteriors))
 
 
+def test_embeddings_whose_dot_products_pass_float32s_range_give_finite_priors(services: Services) -> None:
+    # Each value is a finite float32, q . d = 1e40 is not: computed in float32 the prior was NaN, with status OK.
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, embedding=e)
+                for p, e in zip(PASSAGES, ([1e20, 0.0], [-1e20, 0.0], [0.0, 1e20]), strict=True)]  # fmt: skip
+    reply = generate(services, passages=passages, query_embedding=[1e20, 0.0],
+                     options=generator_pb2.DecodingOptions(max_new_tokens=2))  # fmt: skip
+    assert list(reply.passage_priors) == [1.0, 0.0, 0.0]
+    assert all(math.isfinite(x) for h in reply.hypotheses for x in (h.log_prob, *h.passage_posteriors))
+
+
 def test_prompts_and_answers_beyond_the_models_positions_are_refused(launch: Launcher, tmp_path: Path) -> None:
     """A decoder-only model reads a fixed number of positions (GPT-2's position table; the length a rotary model was
     trained on). A request whose longest prompt with its answer would not fit is refused with INVALID_ARGUMENT that
