@@ -217,10 +217,11 @@ def beam_search(
         if not improvable.any() or all_full or ends.all():
             break
 
-    return [
+    return [  # a slot no hypothesis ever filled is left out: with one step, a forced end leaves one hypothesis
         [
             Candidate(tuple(fin_seqs[g, i, : fin_lengths[g, i]].tolist()), float(fin_raw[g, i]))
             for i in range(num_return)
+            if fin_lengths[g, i] > 0
         ]
         for g in range(G)
     ]

@@ -186,6 +186,27 @@ def test_fast_and_thorough_rag_sequence_both_return_ranked_answers(services: Ser
             assert log_probs == sorted(log_probs, reverse=True)
 
 
+def test_beam_search_for_one_token_returns_only_the_answers_it_found(services: Services) -> None:
+    """With one new token and a checkpoint that forces the end-of-sequence token (BART's forced_eos_token_id), beam
+    search finds one hypothesis; the other beams' slots are empty and are not returned as empty answers. Before,
+    they were, and scoring an empty answer failed the request with INTERNAL."""
+    token, sequence, concat = (
+        generator_pb2.RAG_MODE_TOKEN,
+        generator_pb2.RAG_MODE_SEQUENCE,
+        generator_pb2.RAG_MODE_CONCAT,
+    )
+    for options in (
+        generator_pb2.DecodingOptions(mode=sequence, num_beams=2, num_return_sequences=2, max_new_tokens=1,
+                                      sequence_decoding=generator_pb2.SEQUENCE_DECODING_FAST),
+        generator_pb2.DecodingOptions(mode=sequence, num_beams=2, max_new_tokens=1),
+        generator_pb2.DecodingOptions(mode=token, num_beams=2, num_return_sequences=2, max_new_tokens=1),
+        generator_pb2.DecodingOptions(mode=concat, num_beams=3, num_return_sequences=3, max_new_tokens=1),
+    ):  # fmt: skip
+        reply = generate(services, options=options)
+        assert reply.hypotheses and all(len(h.token_ids) == 1 for h in reply.hypotheses), options
+        assert all(math.isfinite(h.log_prob) for h in reply.hypotheses)
+
+
 def test_doc_scores_can_come_from_embeddings(services: Services) -> None:
     query = [1.0, 0.0]
     with_embeddings = [
