@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -231,6 +232,18 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the requests
 
 
+def _serial_arithmetic() -> None:
+    """Run this thread's tensor arithmetic on this thread alone. A request's thread does little arithmetic (the
+    marginal over its rows' next-token distributions) while the model thread's passes use every core; run in
+    parallel, it would start an OpenMP team of its own, and with more OpenMP threads than cores libgomp stops
+    spinning between parallel regions, so each of a decoding pass's ~1,400 small operations waits for sleeping
+    threads to wake: served decoding steps took ~100 ms against ~66 ms on the model thread alone (2 cores, the demo
+    model). OpenMP keeps a count per thread; this sets this thread's only (torch.set_num_threads would also lower
+    the default every thread started later takes)."""
+    torch.get_num_threads()  # torch sets a thread's OpenMP count from the process's default at first use: now
+    threadpool_limits(1, user_api="openmp")
+
+
 @dataclass
 class _Op:
     """What a request's thread waits for the model thread to run."""
@@ -255,6 +268,7 @@ class Member:
         self.lm = JoinedLM(joint.lm, self)
 
         def run() -> None:
+            _serial_arithmetic()
             try:
                 settle(work(self.lm))
             except BaseException as err:  # handed to the waiting RPC, which reports it

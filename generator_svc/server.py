@@ -27,7 +27,7 @@ from generator_svc.requests import Limits, Request
 from generator_svc.worker import Call, Decode, Job, ModelWorker
 from rag import metrics
 from rag.errors import ResourceExhausted, Unavailable
-from rag.serving import Served, new_server, start_loading, use_compute_threads
+from rag.serving import ComputeThread, Served, new_server, start_loading, use_compute_threads
 from rag.types import Answered, Mode
 from rag.v1 import generator_pb2, generator_pb2_grpc
 
@@ -202,7 +202,12 @@ async def create_server(config: GeneratorConfig) -> Served:
         return model
 
     async def load_in_background() -> None:
-        servicer.worker.model = await asyncio.to_thread(load)
+        # On a thread that ends: the model thread is then the only one whose OpenMP team outlives loading.
+        loading = ComputeThread("generator-load")
+        try:
+            servicer.worker.model = await loading.run(load)
+        finally:
+            loading.close()
 
     served.servicers = (servicer,)
     start_loading(served, load_in_background)

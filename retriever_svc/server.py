@@ -20,7 +20,7 @@ from rag.auth import AdminAuth, load_admin_token
 from rag.errors import FailedPrecondition, Unavailable, require
 from rag.fusion import Fusion
 from rag.index_ref import IndexRef
-from rag.serving import Served, new_server, start_loading, use_compute_threads
+from rag.serving import ComputeThread, Served, new_server, start_loading, use_compute_threads
 from rag.types import Passage, RetrievalMode, parse_question
 from rag.v1 import index_admin_pb2, index_admin_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig
@@ -136,6 +136,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
     def __init__(self, config: RetrieverConfig) -> None:
         self.config = config
         self.retriever: Retriever | None = None
+        self.compute = ComputeThread("retriever")  # encodes questions and searches, one request at a time
 
     def ready(self) -> Retriever:
         if self.retriever is None:
@@ -155,8 +156,10 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServiceServicer):
         require(1 <= request.k <= self.config.max_k, f"k must be in [1, {self.config.max_k}], got {request.k}")
         pinned = IndexRef.parse(request.index_version) if request.index_version else None
         mode = RetrievalMode.from_pb(request.retrieval)
-        found = await asyncio.to_thread(
-            retriever.search, questions, request.k, request.include_embeddings, pinned, mode, request.fusion_candidates
+        found = await self.compute.run(
+            lambda: retriever.search(
+                questions, request.k, request.include_embeddings, pinned, mode, request.fusion_candidates
+            )
         )
         return found.to_pb(request.include_query_embeddings)
 
@@ -215,7 +218,7 @@ async def create_server(config: RetrieverConfig) -> Served:
     served = await new_server(config, (SERVICE_NAME, ADMIN_SERVICE_NAME), register, metrics.RETRIEVER)
 
     async def load() -> None:
-        servicer.retriever = await asyncio.to_thread(load_retriever, config)
+        servicer.retriever = await servicer.compute.run(lambda: load_retriever(config))
 
     served.servicers = (servicer, admin)
     start_loading(served, load)

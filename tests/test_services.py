@@ -399,6 +399,52 @@ def test_services_size_their_thread_pools_by_the_containers_cpu_limit_not_the_no
         faiss.omp_set_num_threads(before[1])
 
 
+def test_only_the_model_thread_and_the_retrievers_compute_thread_keep_openmp_teams(
+    launch: Launcher, tiny: TinyModels, index_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch keeps an OpenMP team of worker threads for every thread that has run parallel work, while the thread
+    lives; with more OpenMP threads than cores libgomp stops spinning between parallel regions, and a decoding
+    step of the demo model on 2 cores took ~78 ms beside one idle thread that had once computed, ~58 ms without.
+    So: the generator loads (and warms up) on a thread that then ends; a request's own thread computes serially
+    (its count is one, the process's default unchanged for threads started later); the retriever loads and
+    searches on one thread, whichever request asks."""
+    from generator_svc import loading, rag_math
+    from retriever_svc import server as retriever_server
+
+    seen: dict[str, list[Any]] = {"load": [], "request": [], "search": []}
+    load, generate, search = loading.load_passage_lm, rag_math.generate, retriever_server.Retriever.search
+
+    def loaded(*args: Any, **kwargs: Any) -> Any:
+        seen["load"].append(threading.current_thread())
+        return load(*args, **kwargs)
+
+    def generated(*args: Any, **kwargs: Any) -> Any:
+        seen["request"].append((threading.current_thread().name, torch.get_num_threads()))
+        return generate(*args, **kwargs)
+
+    def searched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["search"].append(threading.current_thread())
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr("generator_svc.server.load_passage_lm", loaded)
+    monkeypatch.setattr(rag_math, "generate", generated)
+    monkeypatch.setattr(retriever_server.Retriever, "search", searched)
+    default = torch.get_num_threads()
+    stack = launch.stack(index_root, "tiny", tiny.causal_lm)
+    seen["request"].clear()  # the warm-up's, on the loading thread
+    with grpc.insecure_channel(stack.gateway_address) as channel, ThreadPoolExecutor(3) as pool:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        questions = ["Who?", "What?", "When?"]
+        answers = list(pool.map(lambda q: stub.Ask(AskRequest(q, 2).to_pb(), timeout=60), questions))
+    assert all(a.answers for a in answers)
+    assert len(seen["load"]) == 1 and not seen["load"][0].is_alive()  # the loading thread ended
+    # (The first request after start may run on the model thread itself, before requests join each other's passes.)
+    assert len(seen["request"]) == 3 and set(seen["request"]) <= {("request", 1), ("model", default)}
+    assert ("request", 1) in seen["request"]
+    assert pool_sizes_of_a_new_thread()[0] == default  # what threads started later take, as before
+    assert len(set(seen["search"])) == 1 and len(seen["search"]) == 3
+
+
 def pool_sizes_of_a_new_thread() -> tuple[int, int]:
     """torch's and FAISS's thread counts as a thread that serves requests sees them: OpenMP keeps a count per
     thread, and a thread takes the process's setting when it first runs parallel work."""
