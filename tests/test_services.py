@@ -708,6 +708,16 @@ def test_requests_join_the_decoding_passes_in_flight_and_answer_as_they_would_al
             assert list(ha.passage_posteriors) == pytest.approx(list(hb.passage_posteriors), abs=1e-3)
 
 
+def _long_and_short() -> tuple[generator_pb2.GenerateRequest, generator_pb2.GenerateRequest]:
+    """A request that decodes every token it may (the tiny LM does not end it), and a short one."""
+    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
+    long = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages,
+                                         options=generator_pb2.DecodingOptions(max_new_tokens=160))  # fmt: skip
+    short = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=passages,
+                                          options=generator_pb2.DecodingOptions(max_new_tokens=12))  # fmt: skip
+    return long, short
+
+
 def _in_flight(stub: Any, request: generator_pb2.GenerateRequest) -> Any:
     """A stream of `request`, decoding: its first reply has come."""
     stream = stub.GenerateStream(
@@ -737,11 +747,7 @@ def test_a_request_that_cannot_join_the_passes_in_flight_fails_alone_and_the_gen
         return build(self, parts, *args, **kwargs)
 
     monkeypatch.setattr(Rows, "_state", state)
-    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
-    long = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages,
-                                         options=generator_pb2.DecodingOptions(max_new_tokens=160))  # fmt: skip
-    short = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=passages,
-                                          options=generator_pb2.DecodingOptions(max_new_tokens=12))  # fmt: skip
+    long, short = _long_and_short()
     with grpc.insecure_channel(address(served)) as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         long_alone, short_alone = stub.Generate(long, timeout=60), stub.Generate(short, timeout=60)
@@ -776,11 +782,7 @@ def test_when_the_shared_passes_fail_the_requests_in_them_fail_and_the_generator
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Rows, where, failing)
-    passages = [passage_pb2.Passage(id=p.id, title=p.title, text=p.text, score=p.score) for p in PASSAGES]
-    long = generator_pb2.GenerateRequest(question="Tell me everything.", passages=passages,
-                                         options=generator_pb2.DecodingOptions(max_new_tokens=160))  # fmt: skip
-    short = generator_pb2.GenerateRequest(question="Who discovered penicillin?", passages=passages,
-                                          options=generator_pb2.DecodingOptions(max_new_tokens=12))  # fmt: skip
+    long, short = _long_and_short()
     with grpc.insecure_channel(address(served)) as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         short_alone = stub.Generate(short, timeout=60)
