@@ -83,10 +83,11 @@ class Limits:
             require(problem is None, f"passage {i} ({p.id!r}) {problem}")
         return passages
 
-    def answers(self, answers: Sequence[str], token_ids: Callable[[str], list[int]]) -> list[str]:
-        """Score's answers: each one no longer, in the model's tokens, than an answer it may generate (checked on
-        characters first, so that a huge answer is refused before it is tokenized)."""
+    def answers(self, answers: Sequence[str], token_ids: Callable[[str], list[int]]) -> tuple[list[str], int]:
+        """Score's answers, each one no longer, in the model's tokens, than an answer it may generate (checked on
+        characters first, so that a huge answer is refused before it is tokenized); and the longest one's tokens."""
         require(0 < len(answers) <= self.max_answers, f"give 1 to {self.max_answers} answers, got {len(answers)}")
+        longest = 0
         for i, answer in enumerate(answers):
             require(bool(answer.strip()), f"answer {i} is empty")
             require(
@@ -98,7 +99,8 @@ class Limits:
                 tokens <= self.max_new_tokens + 2,  # + the BOS and EOS a checkpoint adds
                 f"answer {i} is {tokens} tokens; answers may be {self.max_new_tokens} tokens at most",
             )
-        return list(answers)
+            longest = max(longest, tokens)
+        return list(answers), longest
 
 
 @dataclass(frozen=True)

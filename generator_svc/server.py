@@ -140,8 +140,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.ScoreResponse:
         model = self._model()
-        answers = self.limits.answers(request.answers, model.lm.answer_token_ids)
-        parsed = self._parse(request, max(len(model.lm.answer_token_ids(a)) for a in answers))
+        answers, longest = self.limits.answers(request.answers, model.lm.answer_token_ids)
+        parsed = self._parse(request, longest)
         scored = await self._submit(context, Call(lambda model, watch: model.score(parsed, answers, watch)))
         return scored.to_pb()
 
