@@ -16,9 +16,12 @@ batch whole requests (generator_svc.worker).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -237,11 +240,27 @@ def _serial_arithmetic() -> None:
     marginal over its rows' next-token distributions) while the model thread's passes use every core; run in
     parallel, it would start an OpenMP team of its own, and with more OpenMP threads than cores libgomp stops
     spinning between parallel regions, so each of a decoding pass's ~1,400 small operations waits for sleeping
-    threads to wake: served decoding steps took ~100 ms against ~66 ms on the model thread alone (2 cores, the demo
-    model). OpenMP keeps a count per thread; this sets this thread's only (torch.set_num_threads would also lower
-    the default every thread started later takes)."""
+    threads to wake: served decoding steps took ~100 ms against ~68 ms on the model thread alone (2 cores, the demo
+    model). OpenMP keeps a count per thread, and so does MKL, whose vector math (torch's exp over a [rows, vocabulary]
+    tensor, in the marginal's logsumexp) opens a team of MKL's own size whatever OpenMP's count says. This sets
+    this thread's counts only (torch.set_num_threads would also lower the default every thread started later takes)."""
     torch.get_num_threads()  # torch sets a thread's OpenMP count from the process's default at first use: now
     threadpool_limits(1, user_api="openmp")
+    if (mkl := torch_mkl()) is not None:
+        mkl.MKL_Set_Num_Threads_Local(1)
+
+
+@functools.cache
+def torch_mkl() -> ctypes.CDLL | None:
+    """The MKL that x86 builds of torch link into libtorch_cpu (its C API); None where torch has none."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        mkl = ctypes.CDLL(str(library))  # already loaded: this is a handle to it, not a second copy
+        mkl.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
+        mkl.MKL_Get_Max_Threads.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return mkl
 
 
 @dataclass

@@ -406,9 +406,10 @@ def test_only_the_model_thread_and_the_retrievers_compute_thread_keep_openmp_tea
     lives; with more OpenMP threads than cores libgomp stops spinning between parallel regions, and a decoding
     step of the demo model on 2 cores took ~78 ms beside one idle thread that had once computed, ~58 ms without.
     So: the generator loads (and warms up) on a thread that then ends; a request's own thread computes serially
-    (its count is one, the process's default unchanged for threads started later); the retriever loads and
-    searches on one thread, whichever request asks."""
+    (OpenMP's count and MKL's are one there, whose vector math opens teams of its own size: the process's default
+    unchanged for threads started later); the retriever loads and searches on one thread, whichever request asks."""
     from generator_svc import loading, rag_math
+    from generator_svc.joint import torch_mkl
     from retriever_svc import server as retriever_server
 
     seen: dict[str, list[Any]] = {"load": [], "request": [], "search": []}
@@ -419,7 +420,7 @@ def test_only_the_model_thread_and_the_retrievers_compute_thread_keep_openmp_tea
         return load(*args, **kwargs)
 
     def generated(*args: Any, **kwargs: Any) -> Any:
-        seen["request"].append((threading.current_thread().name, torch.get_num_threads()))
+        seen["request"].append((threading.current_thread().name, torch.get_num_threads(), mkl_threads()))
         return generate(*args, **kwargs)
 
     def searched(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -429,8 +430,14 @@ def test_only_the_model_thread_and_the_retrievers_compute_thread_keep_openmp_tea
     monkeypatch.setattr("generator_svc.server.load_passage_lm", loaded)
     monkeypatch.setattr(rag_math, "generate", generated)
     monkeypatch.setattr(retriever_server.Retriever, "search", searched)
+
+    def mkl_threads() -> int:  # what MKL's vector math would use on this thread (1 where torch has no MKL)
+        mkl = torch_mkl()
+        return mkl.MKL_Get_Max_Threads() if mkl is not None else 1
+
     default = torch.get_num_threads()
     stack = launch.stack(index_root, "tiny", tiny.causal_lm)
+    mkl_default = default if torch_mkl() is not None else 1
     seen["request"].clear()  # the warm-up's, on the loading thread
     with grpc.insecure_channel(stack.gateway_address) as channel, ThreadPoolExecutor(3) as pool:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -439,8 +446,8 @@ def test_only_the_model_thread_and_the_retrievers_compute_thread_keep_openmp_tea
     assert all(a.answers for a in answers)
     assert len(seen["load"]) == 1 and not seen["load"][0].is_alive()  # the loading thread ended
     # (The first request after start may run on the model thread itself, before requests join each other's passes.)
-    assert len(seen["request"]) == 3 and set(seen["request"]) <= {("request", 1), ("model", default)}
-    assert ("request", 1) in seen["request"]
+    assert len(seen["request"]) == 3 and set(seen["request"]) <= {("request", 1, 1), ("model", default, mkl_default)}
+    assert ("request", 1, 1) in seen["request"]
     assert pool_sizes_of_a_new_thread()[0] == default  # what threads started later take, as before
     assert len(set(seen["search"])) == 1 and len(seen["search"]) == 3
 
