@@ -166,7 +166,7 @@ class Rows:
             prefix_parts.append([(_left_pad(k, width), _left_pad(v, width)) for k, v in p.ctx.prefix])
             rows.append((context_rows or {}).get(p, p.context_rows) + base)
             base += len(mask)
-        prefix = [
+        prefix = prefix_parts[0] if len(parts) == 1 else [  # a lone request's prompts are used as they are
             (torch.cat([layers[i][0] for layers in prefix_parts]), torch.cat([layers[i][1] for layers in prefix_parts]))
             for i in range(len(prefix_parts[0]))
         ]
@@ -228,8 +228,9 @@ class Rows:
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[C, heads, L, D] -> [C, heads, width, D], zeros before (masked by the context mask)."""
-    return torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))
+    """[C, heads, L, D] -> [C, heads, width, D], zeros before (masked by the context mask); `x` itself (not a copy:
+    prompts are only read) where it is that wide already."""
+    return x if x.shape[2] == width else torch.nn.functional.pad(x, (0, 0, width - x.shape[2], 0))
 
 
 # ------------------------------------------------------------------------------------------------ the requests
