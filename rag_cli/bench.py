@@ -540,14 +540,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
-
-    import grpc
-
     from generator_svc.families import shared_prefix_length
     from rag import paths
-    from rag.v1 import gateway_pb2_grpc
     from rag_cli.testing.random_models import save_causal_lm, save_sentence_encoder
-    from rag_cli.testing.stack import Launcher
     from retriever_svc.build import build_index, index_built_from
     from retriever_svc.encoders import load_encoder
 
@@ -598,35 +593,24 @@ def bench_latency(config: BenchConfig, work: Path) -> list[Figure]:
     disk = work / "latency-kv-disk"  # the first precision's RAG-Token generator writes its segments here
     shutil.rmtree(disk, ignore_errors=True)
     for dtype in dtypes:
-        for mode in (Mode.TOKEN, Mode.SEQUENCE):
-            launcher = Launcher()  # a new generator per mode: every passage is new to it (cold)
-            fields: dict[str, Any] = {"dtype": dtype, **served}
-            if dtype == dtypes[0] and mode is Mode.TOKEN:
-                fields["kv_cache_dir"] = str(disk)
-            try:
-                stack = launcher.stack(index_root, str(index), generator, **fields)
-                stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
-                opening = _ask_all(stub, [{"question": LATENCY_FIRST_QUESTION, "answers": []}], mode, "question")
+        for mode in (Mode.TOKEN, Mode.SEQUENCE):  # a new generator per mode: every passage is new to it (cold)
+            kv_cache_dir = str(disk) if dtype == dtypes[0] and mode is Mode.TOKEN else ""
+            with _served_stack(index_root, index, generator, dtype, kv_cache_dir, served) as stack:
+                opening = _ask_all(stack, [{"question": LATENCY_FIRST_QUESTION, "answers": []}], mode, "question")
                 if mode is Mode.TOKEN:
                     first_ask[dtype] = opening.median
                 if reference.model is None:
                     reference.choose(LATENCY_FIRST_QUESTION, opening.sources[0])
                 runs[(dtype, mode)] = (
-                    _ask_all(stub, questions, mode, "question", reference),
-                    _ask_all(stub, questions, mode, "reworded", reference),
+                    _ask_all(stack, questions, mode, "question", reference),
+                    _ask_all(stack, questions, mode, "reworded", reference),
                 )
                 if dtype == dtypes[0] and mode is Mode.TOKEN:  # requests in flight join each other's passes
                     warm_median = runs[(dtype, mode)][1].median
-                    clients = _clients(stub, questions, warm_median, dtype, 4 if config.quick else 16)
-            finally:
-                launcher.close()
-    launcher = Launcher()  # that generator restarted: its passages are on disk, none in memory
-    try:
-        stack = launcher.stack(index_root, str(index), generator, dtype=dtypes[0], kv_cache_dir=str(disk), **served)
-        stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(stack.gateway_address))
-        restarted = _ask_all(stub, questions, Mode.TOKEN, "question", reference)
-    finally:
-        launcher.close()
+                    clients = _clients(stack.stub, questions, warm_median, dtype, 4 if config.quick else 16)
+    # That generator restarted: its passages are on disk, none in memory.
+    with _served_stack(index_root, index, generator, dtypes[0], str(disk), served) as stack:
+        restarted = _ask_all(stack, questions, Mode.TOKEN, "question", reference)
 
     # (a) Against what a user would run instead, timed beside each run (`_Reference`).
     prompt, model = reference.prompt, reference.model
@@ -723,25 +707,77 @@ class AskRun:
                 f"over {len(self.seconds)} questions")  # fmt: skip
 
 
+class _ServedStack:
+    """A stack started as `rag up` starts it, and what its generator's /metrics says."""
+
+    def __init__(self, stub: Any, generator_metrics: str) -> None:
+        self.stub = stub
+        self.generator_metrics = generator_metrics  # its URL
+
+    def sample(self, name: str, **labels: str) -> float:
+        """The generator's sample `name` with `labels` (0 where it has none)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.generator_metrics, timeout=30) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+
+@contextmanager
+def _served_stack(
+    index_root: Path, index: IndexRef, generator: Path, dtype: str, kv_cache_dir: str, flags: dict[str, Any]
+) -> Iterator[_ServedStack]:
+    """The services as `rag up` runs them, each a process of its own: as users run them, and so that no process
+    holds more OpenMP teams than one. In one process, the retriever's, the generator's and the reference's teams
+    are more OpenMP threads than cores, and libgomp then stops spinning between parallel regions: every decoding
+    step, the reference's too, waits for sleeping threads (a step of the demo model: ~100 ms against ~68 ms on 2
+    cores)."""
+    import socket
+
+    import grpc
+
+    from rag.v1 import gateway_pb2_grpc
+    from rag_cli.up import Stack as UpStack
+    from rag_cli.up import UpConfig
+
+    with closing(socket.socket()) as probe:  # a free port for the generator's /metrics
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    config = UpConfig.on_free_ports(
+        index_root=str(index_root), index=str(index), generator=str(generator), dtype=dtype, kv_cache_dir=kv_cache_dir
+    )
+    stack = UpStack(config, {**flags, "metrics_port": metrics_port})
+    try:
+        with grpc.insecure_channel(stack.start()) as channel:
+            yield _ServedStack(gateway_pb2_grpc.GatewayServiceStub(channel), f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        stack.stop()
+
+
 def _ask_all(
-    stub: Any, questions: list[dict[str, Any]], mode: Mode, field: str, reference: _Reference | None = None
+    stack: _ServedStack, questions: list[dict[str, Any]], mode: Mode, field: str, reference: _Reference | None = None
 ) -> AskRun:
     """Ask each question's `field` (its wording) in turn, streamed, at k = LATENCY_K; after each, the `reference`
     answers the question too."""
-    from prometheus_client import REGISTRY
-
     from rag.types import AskRequest
     from rag_cli.eval import exact_match, f1_score
 
-    def lookups(outcome: str) -> float:  # the generator runs in this process: its counters are ours to read
-        return REGISTRY.get_sample_value("rag_generator_kv_cache_lookups_total", {"outcome": outcome}) or 0.0
+    def lookups() -> tuple[float, float]:  # passage segments found (in memory or on disk), and not found
+        found = (stack.sample("rag_generator_kv_cache_lookups_total", outcome=o) for o in ("hit", "disk"))
+        return sum(found), stack.sample("rag_generator_kv_cache_lookups_total", outcome="miss")
 
-    hits, misses = lookups("hit") + lookups("disk"), lookups("miss")
+    hits, misses = lookups()
     seconds, first_tokens, answers, sources, reference_seconds = [], [], [], [], []
     for q in questions:
         request = AskRequest(q[field], LATENCY_K, DecodingOptions(mode=mode)).to_stream_pb()
         started, first = time.perf_counter(), None
-        for reply in stub.AskStream(request, timeout=600):
+        for reply in stack.stub.AskStream(request, timeout=600):
             first = first if first is not None else time.perf_counter() - started
             final = reply.final
         seconds.append(time.perf_counter() - started)
@@ -752,7 +788,8 @@ def _ask_all(
             reference_seconds.append(reference.time(q["question"], sources[-1]))
     golds = [q["answers"] for q in questions]
     scored = any(golds)  # the opening question has no gold answers
-    hits, misses = lookups("hit") + lookups("disk") - hits, lookups("miss") - misses
+    hits_after, misses_after = lookups()
+    hits, misses = hits_after - hits, misses_after - misses
     return AskRun(
         seconds,
         first_tokens,
@@ -762,7 +799,7 @@ def _ask_all(
         f1=float(np.mean([f1_score(a, g) for a, g in zip(answers, golds, strict=True)])) if scored else 0.0,
         hit_rate=hits / (hits + misses) if hits + misses else 0.0,
         reference_seconds=reference_seconds,
-        draft_tokens=int(REGISTRY.get_sample_value("rag_generator_draft_tokens") or 0),
+        draft_tokens=int(stack.sample("rag_generator_draft_tokens")),
     )
 
 

@@ -125,8 +125,9 @@ def spawn(service: str, flags: dict[str, object], env: dict[str, str] | None = N
 
 
 class Stack:
-    def __init__(self, config: UpConfig) -> None:
+    def __init__(self, config: UpConfig, generator_flags: dict[str, object] | None = None) -> None:
         self.config = config
+        self.generator_flags = generator_flags or {}  # beyond UpConfig's (the latency bench's limits and metrics)
         self.children: list[Child] = []
 
     def _spawn(self, service: str, port: int, metrics_offset: int, **flags: object) -> Child:
@@ -138,7 +139,7 @@ class Stack:
             "metrics_port": metrics_port,
             "grace_seconds": config.grace_seconds,
         }
-        child = spawn(service, {**common, **flags})
+        child = spawn(service, {**common, **flags})  # flags may replace a common one (a metrics port)
         self.children.append(child)
         return child
 
@@ -146,7 +147,10 @@ class Stack:
         """Start all three; returns the gateway address once every service is SERVING."""
         c = self.config
         generator = self._spawn(
-            "generator", c.generator_port, 1, generator=c.generator, dtype=c.dtype, kv_cache_dir=c.kv_cache_dir
+            "generator",
+            c.generator_port,
+            1,
+            **{"generator": c.generator, "dtype": c.dtype, "kv_cache_dir": c.kv_cache_dir, **self.generator_flags},
         )
         retrievers = [
             self._spawn(
