@@ -15,15 +15,16 @@
 - concurrency: queries/s with 8 concurrent clients against 1 (the generator batches concurrent requests);
 - build: `rag index build` passages/s against the encoder's forward pass alone;
 - latency: Ask (streamed) on the demo models, 20 public SQuAD questions at k = 5, RAG-Token and RAG-Sequence, per
-  weights precision, each mode on a new generator: cold (every passage new to it), then warm (the questions
-  reworded: mostly the same passages, their work reused, every answer decoded again); median and p90 seconds, time
-  to first token, passage segments cached, EM/F1; against transformers' `generate` of the same model with the k
-  passages in one prompt (in its faster precision here), as the issue's goals (RAG-Token cold <= 1.0x its time,
-  warm <= 0.35x, warm first token <= 0.15x; RAG-Sequence cold <= 1.5x), and against the floor of the same work on
-  this machine (prompt FLOPs at the measured matrix-multiply rate plus the weights read once per decoded token at
-  the measured memory read bandwidth); answers per second with 1, 4 and 8 clients. Skipped, with a message, when
-  the demo models are not fetched (`rag fetch`). The first precision's RAG-Token generator keeps a disk tier of its
-  KV cache; restarted over it, it answers the cold questions again (no goal: what a restart costs with one).
+  weights precision, each mode on a new stack started as `rag up` starts it (each service a process): cold (every
+  passage new to it), then warm (the questions reworded: mostly the same passages, their work reused, every answer
+  decoded again); median and p90 seconds, time to first token, passage segments cached, EM/F1; against transformers'
+  `generate` of the same model with the k passages in one prompt (in its faster precision here), as the issue's goals
+  (RAG-Token cold <= 1.0x its time, warm <= 0.35x, warm first token <= 0.15x; RAG-Sequence cold <= 1.5x), and against
+  the floor of the same work on this machine (prompt FLOPs at the measured matrix-multiply rate plus the weights read
+  once per decoded token at the measured memory read bandwidth); answers per second with 1, 4 and 8 clients. Skipped,
+  with a message, when the demo models are not fetched (`rag fetch`). The first precision's RAG-Token generator keeps
+  a disk tier of its KV cache; restarted over it, it answers the cold questions again (no goal: what a restart costs
+  with one).
 `--quick` shrinks every size (seconds instead of minutes) so CI can run it; its ratios say little.
 """
 
