@@ -166,10 +166,12 @@ class Rows:
             prefix_parts.append([(_left_pad(k, width), _left_pad(v, width)) for k, v in p.ctx.prefix])
             rows.append((context_rows or {}).get(p, p.context_rows) + base)
             base += len(mask)
-        prefix = prefix_parts[0] if len(parts) == 1 else [  # a lone request's prompts are used as they are
-            (torch.cat([layers[i][0] for layers in prefix_parts]), torch.cat([layers[i][1] for layers in prefix_parts]))
-            for i in range(len(prefix_parts[0]))
-        ]
+        prefix = prefix_parts[0]  # a lone request's prompts, as they are
+        if len(parts) > 1:
+            prefix = [
+                (torch.cat([kv[i][0] for kv in prefix_parts]), torch.cat([kv[i][1] for kv in prefix_parts]))
+                for i in range(len(prefix))
+            ]
         mask = torch.cat(masks)
         ctx = Contexts(1, len(mask), mask, prefix, torch.empty(0))
         decoder_rows = torch.cat(rows)
