@@ -100,6 +100,21 @@ class Job:
         """Nobody waits for the result any more: cancelled, or past its deadline."""
         return self.cancelled.is_set() or self.expired()
 
+    def dropped(self) -> bool:
+        """Whether the job, taken from the queue, was settled there with no model work: nobody waits for it any
+        more. (A caller that went away while its request waited would otherwise cost its prompts' work.)"""
+        if not self.abandoned():
+            return False
+        expired = self.expired()
+        metrics.REQUESTS_DROPPED.labels("deadline" if expired else "cancelled").inc()
+        where = "while the request waited for the model"
+        self.settle(
+            error=DeadlineExceeded(f"the deadline passed {where}")
+            if expired
+            else Cancelled(f"the caller cancelled {where}")
+        )
+        return True
+
 
 def _as_status(error: BaseException) -> BaseException:
     """Running out of memory is load, not a bug: RESOURCE_EXHAUSTED (a client may retry), not INTERNAL. CUDA raises
@@ -187,7 +202,7 @@ class ModelWorker:
                 if self._joint is not None:
                     self._advance(self._joint)
                 else:
-                    self._execute(self._next_batch())
+                    self._execute([job for job in self._next_batch() if not job.dropped()])
             except Exception:  # a bug; the thread goes on, or every later request would wait for it forever
                 log.exception("the model thread's loop failed; the requests in flight were failed")
                 if self._joint is not None:
@@ -199,10 +214,8 @@ class ModelWorker:
         self._take(block=not joint.busy and not self._waiting)
         while self._waiting and len(joint.members) < self.max_batch:
             job = self._waiting.pop(0)
-            if job.expired():
-                job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
-                continue
-            joint.add(self._work(job), job.settle)
+            if not job.dropped():
+                joint.add(self._work(job), job.settle)
         if joint.busy:
             joint.advance()
 
@@ -224,32 +237,26 @@ class ModelWorker:
         return work
 
     def _execute(self, batch: list[Job]) -> None:
-        live = []
-        for job in batch:
-            if job.expired():
-                job.settle(error=DeadlineExceeded("the deadline passed while the request waited for the model"))
-            else:
-                live.append(job)
-        if not live:
+        if not batch:
             return
         model = self.model
         assert model is not None, "jobs are submitted only once the model has loaded"
         try:
-            if isinstance(live[0].work, Call):
-                live[0].settle(live[0].work.run(model, batch_watch(live)))
+            if isinstance(batch[0].work, Call):
+                batch[0].settle(batch[0].work.run(model, batch_watch(batch)))
                 return
-            metrics.GENERATOR_BATCH_SIZE.observe(len(live))
-            requests = [job.work.request for job in live if isinstance(job.work, Decode)]
-            results = model.generate(requests, batch_watch(live))
-            for job, result in zip(live, results, strict=True):
+            metrics.GENERATOR_BATCH_SIZE.observe(len(batch))
+            requests = [job.work.request for job in batch if isinstance(job.work, Decode)]
+            results = model.generate(requests, batch_watch(batch))
+            for job, result in zip(batch, results, strict=True):
                 job.settle(result)
         except DecodingStopped:  # every caller went away: the model is free for the next batch
             metrics.DECODES_STOPPED.inc()
-            for job in live:
+            for job in batch:
                 job.settle(error=job.stopped())
         except Exception as err:  # handed to the waiting RPCs, which report it
-            if len(live) == 1:
-                live[0].settle(error=err)
+            if len(batch) == 1:
+                batch[0].settle(error=err)
             else:  # one failing request must not fail the others: run each alone
-                for job in live:
+                for job in batch:
                     self._execute([job])

@@ -136,6 +136,12 @@ DECODES_STOPPED = Counter(
     "Requests whose model work stopped between two passes (prompt chunks, decoding steps, scoring chunks) because "
     "every caller went away.",
 )
+REQUESTS_DROPPED = Counter(
+    "rag_generator_requests_dropped_total",
+    "Requests taken from the queue with no model work done, nobody waiting for them any more: their caller went "
+    "away (cancelled), or their deadline passed (deadline).",
+    ["reason"],
+)
 
 
 COMMON: tuple[Collector, ...] = (
@@ -145,7 +151,7 @@ RETRIEVER: tuple[Collector, ...] = (
     SEARCH_SECONDS, INDEX_INFO, COMPUTE_THREADS, INDEX_LOAD_FAILURES, PASSAGES_SERVED, ADMIN_AUTH_FAILURES
 )  # fmt: skip
 GENERATOR: tuple[Collector, ...] = (
-    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, GENERATOR_PRECISION, COMPUTE_THREADS,
+    GENERATOR_QUEUE, GENERATOR_BATCH_SIZE, GENERATOR_JOINED, GENERATED_TOKENS, MODEL_TOKENS, DECODES_STOPPED, REQUESTS_DROPPED, GENERATOR_PRECISION, COMPUTE_THREADS,
     KV_CACHE_LOOKUPS, KV_CACHE_BYTES, KV_CACHE_DISK_BYTES, KV_CACHE_EVICTIONS, KV_CACHE_FALLBACKS, DRAFT_ACCEPTED, DRAFT_TOKENS,
     HYPOTHESES_RULED_OUT,
 )  # fmt: skip

@@ -35,6 +35,8 @@ def counter(name: str, **labels: str) -> Callable[[], float]:
 prompt_tokens = counter("rag_generator_model_tokens_total", **{"pass": "prompt"})
 scored_tokens = counter("rag_generator_model_tokens_total", **{"pass": "scored"})
 stopped = counter("rag_generator_decodes_stopped_total")
+dropped = counter("rag_generator_requests_dropped_total", reason="cancelled")
+queue_depth = counter("rag_generator_queue_depth")
 
 
 def passages(n: int) -> list[Passage]:
@@ -124,6 +126,32 @@ def test_a_cancelled_ask_frees_the_generator_within_one_pass(
     heavy_ran = prompt_tokens() - before - normal_cost
     if family == "decoder-only":
         assert heavy_ran < question_tokens * 40 / 10, "the prompt ran on after its caller cancelled"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_ask_cancelled_while_queued_costs_no_model_work(
+    launch: Launcher, tiny: TinyModels, index_root: Path, family: str
+) -> None:
+    """One request at a time: an Ask queued behind a heavy one, cancelled while it waits, is dropped when the model
+    comes to it (its prompts never run, so no work of it is stopped), and the Ask after it is answered."""
+    stack = launch.stack(
+        index_root, "tiny", model_of(tiny, family), max_batch=1, max_question_tokens=100_000, max_prompt_tokens=10**8
+    )
+    heavy = AskRequest(ASTRAL, 40, DecodingOptions(mode=Mode.SEQUENCE, num_beams=8, max_new_tokens=256))
+    before, stops, drops, depth = prompt_tokens(), stopped(), dropped(), queue_depth()
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        running = stub.Ask.future(heavy.to_pb(), timeout=600)
+        wait_for(lambda: prompt_tokens() > before, "the generator never started on the heavy Ask")
+        queued = stub.Ask.future(NORMAL.to_pb(), timeout=600)
+        wait_for(lambda: queue_depth() == depth + 2, "the second Ask never reached the generator's queue")
+        queued.cancel()
+        wait_for(lambda: queue_depth() == depth + 1, "the generator never saw the queued Ask's caller go")
+        running.cancel()
+        wait_for(lambda: stopped() > stops, "the heavy Ask's work ran on after its caller cancelled")
+        assert stub.Ask(NORMAL.to_pb(), timeout=60).answers  # behind the cancelled one in the queue
+    assert dropped() == drops + 1
+    assert stopped() == stops + 1, "the cancelled Ask's work started when the model came to it"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
