@@ -100,9 +100,9 @@ class Job:
         """Nobody waits for the result any more: cancelled, or past its deadline."""
         return self.cancelled.is_set() or self.expired()
 
-    def dropped(self) -> bool:
-        """Whether the job, taken from the queue, was settled there with no model work: nobody waits for it any
-        more. (A caller that went away while its request waited would otherwise cost its prompts' work.)"""
+    def drop_if_abandoned(self) -> bool:
+        """Settle the job, taken from the queue, with no model work where nobody waits for it any more (a caller
+        that went away while its request waited would otherwise cost its prompts' work); whether it was."""
         if not self.abandoned():
             return False
         expired = self.expired()
@@ -202,7 +202,7 @@ class ModelWorker:
                 if self._joint is not None:
                     self._advance(self._joint)
                 else:
-                    self._execute([job for job in self._next_batch() if not job.dropped()])
+                    self._execute([job for job in self._next_batch() if not job.drop_if_abandoned()])
             except Exception:  # a bug; the thread goes on, or every later request would wait for it forever
                 log.exception("the model thread's loop failed; the requests in flight were failed")
                 if self._joint is not None:
@@ -214,7 +214,7 @@ class ModelWorker:
         self._take(block=not joint.busy and not self._waiting)
         while self._waiting and len(joint.members) < self.max_batch:
             job = self._waiting.pop(0)
-            if not job.dropped():
+            if not job.drop_if_abandoned():
                 joint.add(self._work(job), job.settle)
         if joint.busy:
             joint.advance()
