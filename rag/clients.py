@@ -35,6 +35,10 @@ def channel_options(max_message_mb: int = 16) -> list[tuple[str, object]]:
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 5_000),
+        # Connections of its own: grpc shares them between a process's channels to the same address, so a new
+        # channel to a server started again where an old channel still backed off from the one that had gone
+        # failed with UNAVAILABLE until that backoff ended.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -999,6 +999,27 @@ def test_a_cancelled_stream_stops_the_generators_decode(services: Services, laun
     assert len(reply.answers) == 1  # the model is free again
 
 
+def test_a_new_client_reaches_a_service_started_again_where_an_old_client_saw_one_go(
+    services: Services, launch: Launcher, tiny: TinyModels
+) -> None:
+    """Each client channel keeps its own connections. grpc shares them between a process's channels to the same
+    address by default, so while an old channel backed off from a generator that had gone, a new gateway's channel
+    to a generator started again on that address failed with UNAVAILABLE ("connections to all backends failing")
+    until the backoff ended: a test failed so when its generator got a port a stopped one had used."""
+    question = AskRequest("Who discovered penicillin?", 2).to_pb()
+    gone = launch.generator(tiny.causal_lm)
+    old = launch.gateway(services.retriever, address(gone))
+    with grpc.insecure_channel(address(old)) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        assert stub.Ask(question, timeout=60).answers
+        launch.stop(gone)
+        assert status_of(lambda: stub.Ask(question, timeout=60)).code() == grpc.StatusCode.UNAVAILABLE
+    again = launch.generator(tiny.causal_lm, port=gone.port)
+    new = launch.gateway(services.retriever, address(again))
+    with grpc.insecure_channel(address(new)) as channel:
+        assert gateway_pb2_grpc.GatewayServiceStub(channel).Ask(question, timeout=60).answers
+
+
 def test_overload_is_shed_before_retrieval(services: Services, launch: Launcher, tmp_path: Path) -> None:
     from prometheus_client import REGISTRY
 
