@@ -89,12 +89,16 @@ class Job:
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def stopped(self) -> Exception:
-        """Why its work was stopped: its deadline passed (DEADLINE_EXCEEDED, even when the server notices it just
-        before the caller's own clock does), or its caller cancelled it."""
+    def stopped(self, started: bool = True) -> Exception:
+        """Why its work was stopped, or (not `started`) never began: its deadline passed (DEADLINE_EXCEEDED, even
+        when the server notices it just before the caller's own clock does), or its caller cancelled it."""
         if self.expired():
-            return DeadlineExceeded("the deadline passed while the model worked on the request; it was stopped")
-        return Cancelled("the caller cancelled the request; its work was stopped")
+            if started:
+                return DeadlineExceeded("the deadline passed while the model worked on the request; it was stopped")
+            return DeadlineExceeded("the deadline passed while the request waited for the model")
+        if started:
+            return Cancelled("the caller cancelled the request; its work was stopped")
+        return Cancelled("the caller cancelled the request while it waited for the model")
 
     def abandoned(self) -> bool:
         """Nobody waits for the result any more: cancelled, or past its deadline."""
@@ -105,14 +109,9 @@ class Job:
         that went away while its request waited would otherwise cost its prompts' work); whether it was."""
         if not self.abandoned():
             return False
-        expired = self.expired()
-        metrics.REQUESTS_DROPPED.labels("deadline" if expired else "cancelled").inc()
-        where = "while the request waited for the model"
-        self.settle(
-            error=DeadlineExceeded(f"the deadline passed {where}")
-            if expired
-            else Cancelled(f"the caller cancelled {where}")
-        )
+        error = self.stopped(started=False)
+        metrics.REQUESTS_DROPPED.labels("deadline" if isinstance(error, DeadlineExceeded) else "cancelled").inc()
+        self.settle(error=error)
         return True
 
 
